@@ -1,0 +1,33 @@
+"""Shared pytest configuration. Area-specific fixtures live in ``Testing/fixtures_*.py`` and are
+re-exported here so every test file sees them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Keep the 2-core CI machine responsive and results reproducible.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_real_cases() -> list[Path]:
+    """Real label maps under ``../shared/data/real/``; skips when there are none."""
+    real = SHARED_DATA_DIR / "real"
+    if not real.is_dir():
+        pytest.skip(f"no real label maps: {real} is absent (see ../shared/data/README.md)")
+    suffixes = (".nii", ".nii.gz", ".nrrd")
+    cases = sorted(p for p in real.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes))
+    if not cases:
+        pytest.skip(f"no real label maps found under {real}")
+    return cases

@@ -31,3 +31,10 @@ def shared_real_cases() -> list[Path]:
     if not cases:
         pytest.skip(f"no real label maps found under {real}")
     return cases
+
+
+# Area fixtures (one file per area, owned by that area's tests).
+if (Path(__file__).parent / "fixtures_data.py").exists():
+    from fixtures_data import *  # noqa: E402,F401,F403
+if (Path(__file__).parent / "fixtures_training.py").exists():
+    from fixtures_training import *  # noqa: E402,F401,F403

@@ -24,7 +24,8 @@ cheaply.
 >>> from HeartCompletionLib.model_configs import get_config
 >>> model = HeartVecSet(get_config("tiny", num_classes=10)).eval()
 >>> pts, onehot = torch.rand(2, 64, 3), torch.eye(10)[torch.randint(0, 10, (2, 64))]
->>> out = model(pts, onehot, torch.rand(2, 5, 3))
+>>> with torch.no_grad():
+...     out = model(pts, onehot, torch.rand(2, 5, 3))
 >>> tuple(out["sdf"].shape), float(out["sdf"].abs().max()), float(out["kl"])
 ((2, 5, 10), 0.0, 0.0)
 """

@@ -34,6 +34,17 @@ REQUIRED_KEYS = {
     "meta": (np.str_, "JSON string"),
 }
 
+#: Extra arrays ``heart-prepare`` writes (DESIGN.md: "more are welcome"); readers must not need them.
+#: ``near_labels`` is the structure index whose surface sample each near point was drawn around and
+#: ``near_offset_mm`` the length of its Gaussian offset, so ``|near_sdf[i, near_labels[i]]| <=
+#: near_offset_mm[i]`` (plus the surface sampling error) holds for correct data in mm.
+OPTIONAL_KEYS = {
+    "near_labels": (np.int8, "(Nn,)"),
+    "near_offset_mm": (np.float32, "(Nn,)"),
+}
+
+_DTYPES = {**{k: v[0] for k, v in REQUIRED_KEYS.items()}, **{k: v[0] for k, v in OPTIONAL_KEYS.items()}}
+
 
 class CaseFormatError(ValueError):
     """A prepared case that is missing keys or has the wrong dtypes/shapes (message names the file)."""
@@ -47,7 +58,7 @@ def save_case(path: str | Path, arrays: dict, meta: dict) -> Path:
     """
     path = Path(path)
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **meta}
-    data = {k: np.asarray(v, dtype=REQUIRED_KEYS[k][0]) if k in REQUIRED_KEYS else np.asarray(v) for k, v in arrays.items()}
+    data = {k: np.asarray(v, dtype=_DTYPES[k]) if k in _DTYPES else np.asarray(v) for k, v in arrays.items()}
     data["meta"] = np.array(json.dumps(meta))
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
@@ -68,11 +79,12 @@ def save_case(path: str | Path, arrays: dict, meta: dict) -> Path:
     return path
 
 
-def load_case(path: str | Path, keys=None) -> dict:
-    """Load a case (all keys, or only ``keys``) as a dict of arrays plus ``meta`` as a dict.
+def load_case(path: str | Path, keys=None, optional=()) -> dict:
+    """Load a case (all required keys, or only ``keys``) as a dict of arrays plus ``meta`` as a dict.
 
-    Raises :class:`CaseFormatError` naming the file when it is unreadable, lacks a key, or was
-    written by another format version.
+    ``optional`` keys (e.g. :data:`OPTIONAL_KEYS`) are added when the file has them. Raises
+    :class:`CaseFormatError` naming the file when it is unreadable, lacks a key, or was written by
+    another format version.
     """
     path = Path(path)
     wanted = list(REQUIRED_KEYS) if keys is None else list(dict.fromkeys([*keys, "meta"]))
@@ -81,7 +93,7 @@ def load_case(path: str | Path, keys=None) -> dict:
             missing = [k for k in wanted if k not in npz.files]
             if missing:
                 raise CaseFormatError(f"{path}: missing keys {missing}")
-            out = {k: npz[k] for k in wanted}
+            out = {k: npz[k] for k in [*wanted, *(k for k in optional if k in npz.files and k not in wanted)]}
     except CaseFormatError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
@@ -97,3 +109,84 @@ def load_case(path: str | Path, keys=None) -> dict:
         )
     out["meta"] = meta
     return out
+
+
+# --- the dataset manifest (manifest.json / manifest.csv beside the cases) ---------------------
+
+MANIFEST_JSON = "manifest.json"
+MANIFEST_CSV = "manifest.csv"
+#: one row per input label map; list columns are ``;``-joined structure names
+MANIFEST_COLUMNS = (
+    "case", "status", "reason", "present", "annotated", "truncated",
+    "num_surface", "num_volume", "num_near", "seconds", "resumed", "warnings", "source", "output",
+)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a text file through a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def write_manifest(output_dir: str | Path, input_dir: str | Path, options, entries) -> dict:
+    """Write ``manifest.json`` and ``manifest.csv`` (atomically) and return the manifest dict.
+
+    ``entries`` are per-case dicts (``heart-prepare``'s); ``output`` is stored relative to
+    ``output_dir`` so a prepared folder can be moved. ``options`` is a dataclass or a dict.
+    """
+    import csv
+    import dataclasses
+    import io
+
+    output_dir = Path(output_dir)
+    rows = []
+    for entry in sorted(entries, key=lambda e: (e["case"], e["source"])):
+        entry = dict(entry)
+        try:
+            entry["output"] = Path(entry["output"]).relative_to(output_dir).as_posix()
+        except ValueError:
+            pass
+        rows.append(entry)
+    failed = [e for e in rows if e["status"] != "ok"]
+    manifest = {
+        "format": FORMAT_NAME + "-manifest",
+        "format_version": FORMAT_VERSION,
+        "input_dir": str(input_dir),
+        "options": dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options or {}),
+        "summary": {"cases": len(rows), "ok": len(rows) - len(failed), "failed": len(failed),
+                    "with_warnings": sum(bool(e.get("warnings")) for e in rows)},
+        "cases": rows,
+    }
+    atomic_write_text(output_dir / MANIFEST_JSON, json.dumps(manifest, indent=1) + "\n")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for entry in rows:
+        writer.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else ("" if v is None else v)
+                         for k, v in entry.items()})
+    atomic_write_text(output_dir / MANIFEST_CSV, buffer.getvalue())
+    return manifest
+
+
+def read_manifest(data_dir: str | Path) -> dict | None:
+    """``manifest.json`` of a prepared folder as a dict, ``None`` when there is none."""
+    path = Path(data_dir) / MANIFEST_JSON
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CaseFormatError(f"{path}: unreadable manifest ({exc})") from exc

@@ -1,0 +1,406 @@
+"""Label-map files: ``.nii``/``.nii.gz`` (nibabel), ``.nrrd`` and Slicer ``.seg.nrrd`` (pynrrd).
+
+Reading returns a :class:`~HeartCompletionLib.labelmap.LabelMap` whose ``ijk_to_ras`` maps voxel
+indices to RAS millimetres exactly as the file says (NIfTI sform, else qform; NRRD ``space``,
+``space directions`` and ``space origin``, LPS converted to RAS). Values become table labels:
+
+- plain label maps: through ``label_conventions.apply_convention`` (the table's own values by
+  default); values the table/convention lacks are warned about and become background;
+- Slicer segmentations (3-D labelmap or 4-D layered ``.seg.nrrd``): each segment is matched to a
+  structure by its SNOMED CT terminology code first, then by its name or a synonym
+  (:func:`match_segment`, the rule the Slicer module uses too). Unmatched segments are warned
+  about and ignored. Where segments overlap, the segment listed *later* in the file wins (as
+  when Slicer paints segments into one label map), with a warning.
+
+A label map without any structure is **not** an error here (callers decide; ``heart-prepare``
+skips such cases): ``label_map.present_labels()`` is empty. Anything that is not a label map
+(float image with non-integer values, RGB/vector data, 4-D non-segmentation, negative values,
+missing, unreadable or corrupt file) raises :class:`LabelMapError`, whose message starts with the
+file path. Writing is atomic (temporary file in the same folder, then ``os.replace``); the input
+file is never modified.
+
+>>> suffix_of("case_001.seg.nrrd"), suffix_of("CASE.NII.GZ")
+('.seg.nrrd', '.nii.gz')
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .geometry import LPS_TO_RAS
+from .label_conventions import apply_convention, load_convention
+from .labelmap import LabelMap
+from .structures import SNOMED_CATEGORY_CODE, SNOMED_CATEGORY_MEANING, SNOMED_SCHEME, Structure, StructureTable
+
+SUPPORTED_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".seg.nrrd")
+
+#: Terminology context written into ``.seg.nrrd`` segments (the extension's own ``.term.json``).
+TERMINOLOGY_CONTEXT = "Segmentation category and type - HeartCompletion"
+ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+
+#: Largest label value accepted in a plain label map (beyond it, it is an intensity image).
+MAX_LABEL_VALUE = 65535
+
+_AXIS_SIGNS = {"right": (0, 1), "left": (0, -1), "anterior": (1, 1), "posterior": (1, -1),
+               "superior": (2, 1), "inferior": (2, -1)}
+_SPACE_ABBREVIATIONS = {"r": "right", "l": "left", "a": "anterior", "p": "posterior", "s": "superior",
+                        "i": "inferior"}
+
+
+class LabelMapError(ValueError):
+    """A file that cannot be read or written as a label map; the message starts with its path."""
+
+    def __init__(self, path, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = Path(path)
+        self.problem = problem
+
+
+def suffix_of(path) -> str:
+    """The label-map suffix of ``path`` (lower case), or :class:`LabelMapError` if unsupported."""
+    name = Path(path).name.lower()
+    for suffix in sorted(SUPPORTED_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return suffix
+    raise LabelMapError(path, f"unsupported file type; supported: {', '.join(SUPPORTED_SUFFIXES)}")
+
+
+# --- terminology ---------------------------------------------------------------------------
+def terminology_string(structure: Structure) -> str | None:
+    """Slicer terminology entry (``context~category~type~modifier~anatomic context~region~modifier``)."""
+    if not structure.snomed_code:
+        return None
+    meaning = structure.snomed_meaning or structure.name
+    return (f"{TERMINOLOGY_CONTEXT}~{SNOMED_SCHEME}^{SNOMED_CATEGORY_CODE}^{SNOMED_CATEGORY_MEANING}"
+            f"~{SNOMED_SCHEME}^{structure.snomed_code}^{meaning}~^^~{ANATOMIC_CONTEXT}~^^~^^")
+
+
+def parse_terminology(text: str | None) -> tuple[str | None, str | None]:
+    """``(type code, type modifier code)`` of a Slicer terminology entry string (or Nones)."""
+    if not text:
+        return None, None
+    items = text.split("~")
+
+    def code(i):
+        parts = items[i].split("^") if len(items) > i else []
+        return parts[1] if len(parts) > 1 and parts[1] else None
+
+    return code(2), code(3)
+
+
+def match_segment(table: StructureTable, name: str, terminology: str | None = None) -> Structure | None:
+    """The structure a segment means: terminology code first, then name/synonym; ``None`` if neither.
+
+    A name that points elsewhere than the terminology is warned about (the code wins: it is what
+    Slicer shows and what the user picked from a list).
+    """
+    by_code = table.match_terminology(*parse_terminology(terminology))
+    by_name = table.match_name(name) if name else None
+    if by_code is not None and by_name is not None and by_code is not by_name:
+        warnings.warn(f"segment {name!r}: terminology says {by_code.name!r}, name says {by_name.name!r}; "
+                      f"using {by_code.name!r}", UserWarning, stacklevel=2)
+    return by_code or by_name
+
+
+# --- reading -------------------------------------------------------------------------------
+def read_label_map(path, table=None, convention=None) -> LabelMap:
+    """Read a label map file into table labels (int16) and its exact IJK->RAS matrix (mm).
+
+    ``table``: a :class:`StructureTable`, a table JSON path or ``None`` (default ten structures).
+    ``convention``: another dataset's numbering (see :mod:`label_conventions`) for plain label
+    maps and for segments whose name/terminology match nothing.
+    """
+    path = Path(path)
+    suffix = suffix_of(path)
+    if not path.is_file():
+        raise LabelMapError(path, "file not found" if not path.exists() else "not a regular file")
+    table = StructureTable.from_spec(table)
+    try:
+        if suffix in (".nii", ".nii.gz"):
+            values, ijk_to_ras, meta = _read_nifti(path)
+            labels = _plain_labels(path, values, table, convention)
+        else:
+            labels, ijk_to_ras, meta = _read_nrrd(path, table, convention)
+        meta["format"] = suffix
+        return LabelMap(labels, ijk_to_ras, source=str(path), metadata=meta)
+    except LabelMapError:
+        raise
+    except (ValueError, TypeError, IndexError) as exc:  # geometry/convention problems
+        message = str(exc)
+        raise LabelMapError(path, message[len(str(path)) + 2:] if message.startswith(str(path)) else message) from exc
+
+
+def _read_nifti(path: Path):
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel/gzip/zlib raise many types for corrupt files
+        raise LabelMapError(path, f"cannot read NIfTI file ({type(exc).__name__}: {exc})") from exc
+    if data.dtype.names is not None:
+        raise LabelMapError(path, f"RGB/structured image ({data.dtype}) is not a label map")
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise LabelMapError(path, f"image is {data.ndim}-D with shape {data.shape}; a label map must be 3-D")
+    header = img.header
+    if header.get_sform(coded=True)[1] == 0 and header.get_qform(coded=True)[1] == 0:
+        warnings.warn(f"{path}: neither sform nor qform is set; orientation unknown, using voxel sizes only",
+                      UserWarning, stacklevel=3)
+    meta = {"original_dtype": str(data.dtype)}
+    return data, np.asarray(img.affine, dtype=np.float64), meta
+
+
+def _integer_values(path: Path, data: np.ndarray) -> np.ndarray:
+    """Integer label array, or :class:`LabelMapError` for intensity-like data."""
+    if data.dtype == bool:
+        return data.astype(np.int16)
+    if np.issubdtype(data.dtype, np.floating):
+        if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
+            raise LabelMapError(path, f"float image ({data.dtype}) with non-integer values is not a label map")
+        data = data.astype(np.int64)
+    elif not np.issubdtype(data.dtype, np.integer):
+        raise LabelMapError(path, f"voxel type {data.dtype} is not a label map")
+    if data.size and data.min() < 0:
+        raise LabelMapError(path, f"negative values (min {int(data.min())}): an intensity image, not a label map")
+    if data.size and data.max() > MAX_LABEL_VALUE:
+        raise LabelMapError(path, f"values up to {int(data.max())}: an intensity image, not a label map")
+    return data
+
+
+def _plain_labels(path, data, table, convention) -> np.ndarray:
+    data = _integer_values(path, data)
+    return apply_convention(data, table, convention, source=str(path)).astype(np.int16, copy=False)
+
+
+def _nrrd_space_to_ras(path: Path, header: dict) -> np.ndarray:
+    """4x4 diagonal matrix mapping the file's NRRD ``space`` to RAS."""
+    space = header.get("space")
+    if space is None:
+        warnings.warn(f"{path}: NRRD has no 'space' field; assuming left-posterior-superior (ITK default)",
+                      UserWarning, stacklevel=4)
+        space = "left-posterior-superior"
+    words = str(space).strip().lower().split("-")
+    if len(words) == 1 and len(words[0]) == 3:
+        words = [_SPACE_ABBREVIATIONS.get(c, c) for c in words[0]]
+    signs = np.ones(4)
+    seen = set()
+    for word in words:
+        if word not in _AXIS_SIGNS:
+            raise LabelMapError(path, f"unsupported NRRD space {space!r} (need an anatomical space such as "
+                                      "left-posterior-superior or right-anterior-superior)")
+        axis, sign = _AXIS_SIGNS[word]
+        seen.add(axis)
+        signs[axis] = sign
+    if len(words) != 3 or seen != {0, 1, 2}:
+        raise LabelMapError(path, f"unsupported NRRD space {space!r}")
+    return np.diag(signs)
+
+
+def _read_nrrd(path: Path, table, convention):
+    import nrrd
+
+    try:
+        data, header = nrrd.read(str(path), index_order="F")
+    except Exception as exc:  # NRRDError, gzip/zlib errors, truncated data
+        raise LabelMapError(path, f"cannot read NRRD file ({type(exc).__name__}: {exc})") from exc
+    kinds = [str(k).lower() for k in header.get("kinds", ["domain"] * data.ndim)]
+    is_segmentation = any(key.startswith("Segment0_") for key in header)
+    if any(k in ("rgb-color", "rgba-color", "hsv-color", "xyz-color") for k in kinds):
+        raise LabelMapError(path, f"colour image (kinds {kinds}) is not a label map")
+    directions = header.get("space directions")
+    if data.ndim == 4:
+        if not is_segmentation:
+            raise LabelMapError(path, f"4-D image {data.shape} without Slicer segment fields is not a label map")
+        list_axis = next((i for i, k in enumerate(kinds) if k not in ("domain", "space")), 0)
+        data = np.moveaxis(data, list_axis, 0)
+        if directions is not None:
+            directions = np.asarray(directions, dtype=np.float64)
+            directions = directions[np.all(np.isfinite(directions), axis=1)]
+    elif data.ndim != 3:
+        raise LabelMapError(path, f"image is {data.ndim}-D with shape {data.shape}; a label map must be 3-D")
+    space_to_ras = _nrrd_space_to_ras(path, header)
+    ijk_to_space = np.eye(4)
+    if directions is None:
+        spacings = np.asarray(header.get("spacings", [1.0, 1.0, 1.0]), dtype=np.float64)[-3:]
+        warnings.warn(f"{path}: NRRD has no 'space directions'; using spacings {spacings.tolist()} and no "
+                      "orientation", UserWarning, stacklevel=3)
+        ijk_to_space[:3, :3] = np.diag(spacings)
+    else:
+        directions = np.asarray(directions, dtype=np.float64)
+        if directions.shape != (3, 3) or not np.all(np.isfinite(directions)):
+            raise LabelMapError(path, f"invalid 'space directions' {directions.tolist()}")
+        ijk_to_space[:3, :3] = directions.T  # each row of the header is one voxel axis
+    ijk_to_space[:3, 3] = np.asarray(header.get("space origin", [0.0, 0.0, 0.0]), dtype=np.float64)
+    ijk_to_ras = space_to_ras @ ijk_to_space
+    meta = {"original_dtype": str(data.dtype), "nrrd_space": header.get("space")}
+    if is_segmentation:
+        labels, meta["segments"] = _segmentation_labels(path, data, header, table, convention)
+        meta["reference_extent_offset"] = header.get("Segmentation_ReferenceImageExtentOffset")
+    else:
+        labels = _plain_labels(path, data, table, convention)
+    return labels, ijk_to_ras, meta
+
+
+def _segment_fields(header: dict) -> list[dict]:
+    """Segment{i}_* header fields grouped per segment, in file order."""
+    segments: dict[int, dict] = {}
+    for key, value in header.items():
+        if key.startswith("Segment") and "_" in key:
+            head, _, field = key.partition("_")
+            if head[7:].isdigit():
+                segments.setdefault(int(head[7:]), {})[field] = str(value)
+    return [segments[i] for i in sorted(segments)]
+
+
+def _segmentation_labels(path, data, header, table, convention):
+    data = _integer_values(path, data)
+    layers = data[None] if data.ndim == 3 else data
+    mapping = load_convention(convention, table) or {}
+    labels = np.zeros(layers.shape[1:], dtype=np.int16)
+    described, unmapped, overlaps = [], [], []
+    for fields in _segment_fields(header):
+        name = fields.get("Name", fields.get("ID", ""))
+        tags = dict(t.split(":", 1) for t in fields.get("Tags", "").split("|") if ":" in t)
+        terminology = tags.get("TerminologyEntry")
+        try:
+            value, layer = int(fields.get("LabelValue", 1)), int(fields.get("Layer", 0))
+        except ValueError as exc:
+            raise LabelMapError(path, f"segment {name!r}: invalid LabelValue/Layer ({exc})") from exc
+        if not 0 <= layer < layers.shape[0]:
+            raise LabelMapError(path, f"segment {name!r}: layer {layer} but the file has {layers.shape[0]} layer(s)")
+        structure = match_segment(table, name, terminology)
+        if structure is None and value in mapping and mapping[value] > 0:
+            structure = table.by_label(mapping[value])
+        described.append({"name": name, "label_value": value, "layer": layer, "terminology": terminology,
+                          "structure": None if structure is None else structure.name})
+        if structure is None:
+            unmapped.append(name)
+            continue
+        mask = layers[layer] == value
+        clash = mask & (labels > 0) & (labels != structure.label)
+        if clash.any():
+            overlaps.append(f"{name!r} over {sorted(table.by_label(v).name for v in np.unique(labels[clash]))} "
+                            f"({int(clash.sum())} voxels)")
+        labels[mask] = structure.label
+    if unmapped:
+        warnings.warn(f"{path}: segments {unmapped} match no structure of table {table.name!r} and are ignored",
+                      UserWarning, stacklevel=4)
+    if overlaps:
+        warnings.warn(f"{path}: overlapping segments, the later one wins: {'; '.join(overlaps)}",
+                      UserWarning, stacklevel=4)
+    return labels, described
+
+
+# --- writing -------------------------------------------------------------------------------
+def write_label_map(label_map: LabelMap, path, table=None) -> Path:
+    """Write ``label_map`` by extension, atomically; returns the path.
+
+    NIfTI: uint8 (int16 above 255), sform and qform = ``ijk_to_ras`` with code 1, units mm.
+    NRRD: ``space: left-posterior-superior`` (what Slicer and ITK write), gzip.
+    ``.seg.nrrd``: a 3-D labelmap with one segment per structure present, carrying the table's
+    name, colour (0..1), label value and SNOMED CT terminology, readable by Slicer and slicerio.
+    """
+    path = Path(path)
+    suffix = suffix_of(path)
+    table = StructureTable.from_spec(table)
+    labels = np.asarray(label_map.labels)
+    if labels.size and labels.min() < 0:
+        raise LabelMapError(path, f"cannot write negative label values (min {int(labels.min())})")
+    top = int(labels.max()) if labels.size else 0
+    if top > 32767:
+        raise LabelMapError(path, f"label values up to {top} do not fit int16")
+    data = labels.astype(np.uint8 if top <= 255 else np.int16, copy=False)
+    if suffix == ".seg.nrrd":
+        unknown = [v for v in np.unique(data).tolist() if v > len(table)]
+        if unknown:
+            raise LabelMapError(path, f"label values {unknown} are not in structure table {table.name!r}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LabelMapError(path, f"cannot create the output folder ({exc})") from exc
+    tmp = path.with_name(f".{path.name[: -len(suffix)]}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+    try:
+        if suffix in (".nii", ".nii.gz"):
+            _write_nifti(tmp, data, label_map.ijk_to_ras)
+        else:
+            _write_nrrd(tmp, data, label_map.ijk_to_ras, table if suffix == ".seg.nrrd" else None)
+        os.replace(tmp, path)
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, LabelMapError):
+            raise
+        raise LabelMapError(path, f"cannot write ({type(exc).__name__}: {exc})") from exc
+    return path
+
+
+def _write_nifti(path: Path, data: np.ndarray, ijk_to_ras: np.ndarray) -> None:
+    import nibabel as nib
+
+    affine = np.asarray(ijk_to_ras, dtype=np.float64)
+    img = nib.Nifti1Image(data, affine)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    img.header.set_data_dtype(data.dtype)
+    nib.save(img, str(path))
+
+
+def _write_nrrd(path: Path, data: np.ndarray, ijk_to_ras: np.ndarray, table: StructureTable | None) -> None:
+    import nrrd
+
+    ijk_to_lps = LPS_TO_RAS @ np.asarray(ijk_to_ras, dtype=np.float64)
+    header = {
+        "type": "unsigned char" if data.dtype == np.uint8 else "short",
+        "dimension": 3,
+        "space": "left-posterior-superior",
+        "space directions": ijk_to_lps[:3, :3].T,
+        "kinds": ["domain", "domain", "domain"],
+        "endian": "little",
+        "encoding": "gzip",
+        "space origin": ijk_to_lps[:3, 3],
+    }
+    if table is not None:
+        header.update(_segmentation_header(data, ijk_to_ras, table))
+    nrrd.write(str(path), data, header, index_order="F", compression_level=6)
+
+
+def _segmentation_header(data: np.ndarray, ijk_to_ras: np.ndarray, table: StructureTable) -> dict:
+    """Slicer ``.seg.nrrd`` fields (as ``vtkMRMLSegmentationStorageNode`` writes them)."""
+    ni, nj, nk = data.shape
+    extent = f"0 {ni - 1} 0 {nj - 1} 0 {nk - 1}"
+    geometry = ";".join(f"{v:.17g}" for v in np.asarray(ijk_to_ras).ravel()) + f";{extent.replace(' ', ';')};"
+    fields = {
+        "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
+        "Segmentation_ConversionParameters": f"Reference image geometry|{geometry}|Image geometry description "
+                                             "string determining the geometry of the labelmap that is created in "
+                                             "course of conversion.&",
+        "Segmentation_MasterRepresentation": "Binary labelmap",
+        "Segmentation_SourceRepresentation": "Binary labelmap",
+        "Segmentation_ReferenceImageExtentOffset": "0 0 0",
+    }
+    present = [int(v) for v in np.unique(data) if v > 0]
+    for i, label in enumerate(present):
+        s = table.by_label(label)
+        tags = "Segmentation.Status:inprogress|"
+        term = terminology_string(s)
+        if term:
+            tags += f"TerminologyEntry:{term}|"
+        fields.update({
+            f"Segment{i}_Color": " ".join(f"{c:.6g}" for c in s.color_float),
+            f"Segment{i}_ColorAutoGenerated": "0",
+            f"Segment{i}_Extent": extent,
+            f"Segment{i}_ID": f"Segment_{label}",
+            f"Segment{i}_LabelValue": str(label),
+            f"Segment{i}_Layer": "0",
+            f"Segment{i}_Name": s.name,
+            f"Segment{i}_NameAutoGenerated": "0",
+            f"Segment{i}_Tags": tags,
+        })
+    return fields

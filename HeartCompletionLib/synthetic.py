@@ -1,0 +1,406 @@
+"""Synthetic hearts: analytic shapes in physical RAS millimetres, rasterised into any grid.
+
+A :class:`SyntheticHeart` is built from a seed: the ten structures of the table, placed roughly
+as in a real heart (LV half-ellipsoid inside a myocardium shell, RV crescent on the right and
+anterior side, LA posterior-superior, RA to the right, aorta arching up from the LV outflow, PA
+from the RV outflow up/left/back, a small LAA lobe off the LA, coronary tubes on the epicardium,
+four pulmonary veins into the LA). Sizes jitter by about +-10 %, shapes by a few mm, and the
+whole heart gets a random pose (rotations up to +-15 degrees, translations up to +-10 mm).
+
+The heart is defined in RAS mm, independent of any voxel grid, so the *same* heart can be
+rasterised into any geometry (isotropic RAS, LPS-like flipped axes, anisotropic, oblique):
+:meth:`SyntheticHeart.rasterize` evaluates voxel centres. Structures never overlap: one label
+per voxel, resolved by :data:`PRIORITY` (thin and enclosed structures first).
+
+>>> heart = synthetic_heart(seed=0)
+>>> labels = heart.inside(heart.structure_centre("LV")[None, :])
+>>> int(labels[0]) == heart.table.by_name("LV").label
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .geometry import make_ijk_to_ras, ras_to_ijk_points, rotation_matrix, spacing_of
+from .labelmap import LabelMap
+from .structures import StructureTable
+
+#: Who wins where analytic shapes overlap (first wins): thin vessels on the epicardium, then
+#: blood pools enclosed by walls, then the big vessels and chambers.
+PRIORITY = ("Coronary", "LV", "Myocardium", "Aorta", "PA", "LA", "LAA", "PV", "RV", "RA")
+
+#: Points evaluated per chunk while rasterising (bounds memory for CT-sized grids).
+_CHUNK_POINTS = 1_000_000
+
+
+@dataclass(frozen=True)
+class Ellipsoid:
+    """Solid ellipsoid in RAS mm; ``axes`` columns are its unit semi-axis directions.
+
+    ``clip_axis``: keep only the half with a non-positive local coordinate along that semi-axis
+    (the LV/RV/myocardium are half-ellipsoids open at the valve plane).
+    """
+
+    center: np.ndarray
+    axes: np.ndarray
+    radii: np.ndarray
+    clip_axis: int | None = None
+
+    def contains(self, points: np.ndarray) -> np.ndarray:
+        q = (points - self.center) @ (self.axes / self.radii[None, :])
+        inside = np.einsum("...i,...i->...", q, q) <= 1.0
+        if self.clip_axis is not None:
+            inside &= q[..., self.clip_axis] <= 0.0
+        return inside
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        half = np.sqrt(((self.axes * self.radii[None, :]) ** 2).sum(axis=1))
+        return self.center - half, self.center + half
+
+    def transformed(self, rotation: np.ndarray, translation: np.ndarray, scale: float) -> Ellipsoid:
+        return Ellipsoid(rotation @ self.center * scale + translation, rotation @ self.axes, self.radii * scale,
+                         self.clip_axis)
+
+
+@dataclass(frozen=True)
+class Capsule:
+    """Segment ``a``-``b`` (RAS mm) swept by a ball of ``radius`` mm; tubes are chains of these."""
+
+    a: np.ndarray
+    b: np.ndarray
+    radius: float
+
+    def contains(self, points: np.ndarray) -> np.ndarray:
+        d = self.b - self.a
+        rel = points - self.a
+        t = np.clip((rel @ d) / max(float(d @ d), 1e-12), 0.0, 1.0)
+        diff = rel - t[..., None] * d
+        return np.einsum("...i,...i->...", diff, diff) <= self.radius**2
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.minimum(self.a, self.b) - self.radius, np.maximum(self.a, self.b) + self.radius
+
+    def transformed(self, rotation: np.ndarray, translation: np.ndarray, scale: float) -> Capsule:
+        return Capsule(rotation @ self.a * scale + translation, rotation @ self.b * scale + translation,
+                       self.radius * scale)
+
+
+def _tube(control_points, radius: float, smooth_iterations: int = 2) -> list[Capsule]:
+    """A smooth tube through control points (Chaikin corner cutting, ends kept)."""
+    pts = np.asarray(control_points, dtype=np.float64)
+    for _ in range(smooth_iterations):
+        if len(pts) < 3:
+            break
+        q = 0.75 * pts[:-1] + 0.25 * pts[1:]
+        r = 0.25 * pts[:-1] + 0.75 * pts[1:]
+        pts = np.vstack([pts[:1], np.column_stack([q, r]).reshape(-1, 3), pts[-1:]])
+    return [Capsule(pts[i], pts[i + 1], float(radius)) for i in range(len(pts) - 1)]
+
+
+def _axes_along(direction) -> np.ndarray:
+    """Orthonormal columns whose first column is ``direction``."""
+    d = np.asarray(direction, dtype=np.float64)
+    d = d / np.linalg.norm(d)
+    helper = np.array([0.0, 0.0, 1.0]) if abs(d[2]) < 0.9 else np.array([1.0, 0.0, 0.0])
+    e1 = np.cross(d, helper)
+    e1 /= np.linalg.norm(e1)
+    return np.column_stack([d, e1, np.cross(d, e1)])
+
+
+def _canonical_structures(rng: np.random.Generator) -> dict[str, list]:
+    """The ten structures in an upright heart frame (x right, y anterior, z superior; origin at
+    the centre of the LV valve plane, apex towards -z), sizes and positions jittered."""
+
+    def jit(value, rel=0.08):
+        return np.asarray(value, dtype=np.float64) * rng.uniform(1 - rel, 1 + rel, np.shape(value))
+
+    def move(point, mm=3.0):
+        return np.asarray(point, dtype=np.float64) + rng.uniform(-mm, mm, 3)
+
+    eye = np.eye(3)
+    lv_r, lv_len = jit(24.0), jit(75.0)
+    wall = jit(10.0, 0.1)
+    myo_r, myo_len = lv_r + wall, lv_len + wall
+    s = {}
+    s["LV"] = [Ellipsoid(np.zeros(3), eye, np.array([lv_r, lv_r, lv_len]), clip_axis=2)]
+    s["Myocardium"] = [Ellipsoid(np.zeros(3), eye, np.array([myo_r, myo_r, myo_len]), clip_axis=2)]
+    # RV: a larger half-ellipsoid shifted right/anterior; where it meets the LV shell the
+    # myocardium wins (priority), which leaves a crescent wrapped around the septum.
+    rv_c = move([18.0, 10.0, 0.0], 2.0)
+    rv_c[2] = 0.0
+    rv_r = jit([44.0, 36.0, 68.0])
+    s["RV"] = [Ellipsoid(rv_c, eye, rv_r, clip_axis=2), *_tube([move([8, 30, -12]), move([2, 34, 8])], jit(13.0))]
+    la_c = move([-5.0, -32.0, 22.0])
+    s["LA"] = [Ellipsoid(la_c, eye, jit([30.0, 22.0, 22.0]))]
+    s["RA"] = [Ellipsoid(move([38.0, -12.0, 20.0]), eye, jit([24.0, 24.0, 28.0]))]
+    aorta_pts = [[6, 10, -8], [8, 12, 15], [6, 8, 42], [-2, -8, 62], [-18, -28, 68], [-28, -46, 56],
+                 [-30, -52, 36]]
+    s["Aorta"] = _tube([move(p, 2.0) for p in aorta_pts], jit(13.0, 0.1))
+    trunk = [move([2, 34, 6], 2.0), move([-2, 32, 30], 2.0), move([-12, 18, 48], 2.0)]
+    branch_r = jit(9.0, 0.1)
+    s["PA"] = (_tube(trunk, jit(13.0, 0.1))
+               + _tube([trunk[-1], move([-35, 5, 52]), move([-50, -12, 48])], branch_r)
+               + _tube([trunk[-1], move([5, -14, 50]), move([30, -20, 46])], branch_r))
+    laa_c = move([-36.0, -8.0, 30.0])
+    s["LAA"] = [Ellipsoid(laa_c, _axes_along(laa_c - la_c), jit([17.0, 8.0, 9.0], 0.1))]
+    pv_r = jit(7.0, 0.1)
+    s["PV"] = []
+    for start, end in (([-22, -42, 32], [-46, -54, 40]), ([-22, -44, 14], [-44, -56, 6]),
+                       ([12, -44, 32], [34, -56, 40]), ([12, -46, 14], [32, -58, 6])):
+        s["PV"] += _tube([move(start, 2.0), move(end, 3.0)], pv_r)
+    s["Coronary"] = _coronaries(rng, myo_r, myo_len, rv_c, rv_r)
+    return s
+
+
+def _coronaries(rng, myo_r: float, myo_len: float, rv_c: np.ndarray, rv_r: np.ndarray) -> list[Capsule]:
+    """Left main, LAD, LCx and RCA as 1.8 mm-radius tubes just outside the epicardium."""
+    radius = 1.8
+    offset = radius + 0.7  # centre line outside the myocardium, so the vessel sits on it
+
+    def on_epicardium(phi_deg, z):
+        r = myo_r * np.sqrt(max(0.0, 1.0 - (z / myo_len) ** 2)) + offset
+        phi = np.deg2rad(phi_deg)
+        return np.array([r * np.cos(phi), r * np.sin(phi), z])
+
+    phi_lad = 105.0 + rng.uniform(-5, 5)
+    lad = [on_epicardium(phi_lad + 10 * t, -4.0 - t * (myo_len - 12.0)) for t in np.linspace(0, 1, 9)]
+    lcx = [on_epicardium(phi, -4.0) for phi in np.linspace(phi_lad, 250.0 + rng.uniform(-10, 10), 9)]
+    left_main = [np.array([-3.0, 16.0, 4.0]), lad[0]]
+    rca = [np.array([20.0, 16.0, 4.0])]
+    for ang in np.linspace(60.0, -70.0 + rng.uniform(-10, 10), 9):
+        a = np.deg2rad(ang)
+        rca.append(np.array([rv_c[0] + (rv_r[0] + offset) * np.cos(a), rv_c[1] + (rv_r[1] + offset) * np.sin(a),
+                             -4.0]))
+    return (_tube(left_main, radius, 0) + _tube(lad, radius, 1) + _tube(lcx, radius, 1)
+            + _tube(rca, radius, 1))
+
+
+#: Upright frame -> anatomical orientation: the LV apex points left, anterior and inferior.
+_TILT = rotation_matrix([1.0, 0.0, 0.0], np.deg2rad(25.0)) @ rotation_matrix([0.0, 1.0, 0.0], np.deg2rad(35.0))
+
+
+@dataclass
+class SyntheticHeart:
+    """Ten analytic structures in RAS mm. ``primitives[name]`` is a union of shapes."""
+
+    primitives: dict[str, list]
+    table: StructureTable
+    seed: int = 0
+    params: dict = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n in self.table.names if n in self.primitives]
+
+    def _priority_order(self) -> list[str]:
+        known = [n for n in PRIORITY if n in self.primitives]
+        return known + [n for n in self.names if n not in known]
+
+    def structure_bounds(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Axis-aligned RAS box (mm) that contains the structure (conservative)."""
+        lows, highs = zip(*(p.bounds() for p in self.primitives[self.table.by_name(name).name]))
+        return np.min(lows, axis=0), np.max(highs, axis=0)
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """RAS box (mm) containing the whole heart."""
+        lows, highs = zip(*(self.structure_bounds(n) for n in self.names))
+        return np.min(lows, axis=0), np.max(highs, axis=0)
+
+    def structure_centre(self, name: str) -> np.ndarray:
+        """A point inside the structure (centre of its first primitive), RAS mm."""
+        first = self.primitives[self.table.by_name(name).name][0]
+        if isinstance(first, Ellipsoid) and first.clip_axis is not None:
+            return first.center - 0.5 * first.radii[first.clip_axis] * first.axes[:, first.clip_axis]
+        return first.center if isinstance(first, Ellipsoid) else 0.5 * (first.a + first.b)
+
+    def inside(self, points_ras) -> np.ndarray:
+        """Label value (int16, 0 = outside every structure) at each RAS point (N, 3) in mm."""
+        pts = np.asarray(points_ras, dtype=np.float64)
+        out = np.zeros(pts.shape[:-1], dtype=np.int16)
+        for name in reversed(self._priority_order()):  # higher priority painted last, so it wins
+            mask = np.zeros(out.shape, dtype=bool)
+            for prim in self.primitives[name]:
+                mask |= prim.contains(pts)
+            out[mask] = self.table.by_name(name).label
+        return out
+
+    def rasterize(self, shape, ijk_to_ras, source: str = "<synthetic>") -> LabelMap:
+        """Label map of this heart on a grid: a voxel gets the label at its centre.
+
+        Each shape is evaluated only inside its own bounding box, in chunks, so a 160^3 grid takes
+        well under a second and a CT-sized 512x512x256 grid stays within memory.
+        """
+        shape = tuple(int(n) for n in shape)
+        m = np.asarray(ijk_to_ras, dtype=np.float64)
+        labels = np.zeros(shape, dtype=np.int16)
+        for name in reversed(self._priority_order()):
+            value = self.table.by_name(name).label
+            for prim in self.primitives[name]:
+                box = _ijk_box(*prim.bounds(), m, shape)
+                if box is not None:
+                    _paint(labels, prim, box, m, value)
+        meta = {"synthetic": {"seed": self.seed, **self.params}}
+        return LabelMap(labels, m, source=source, metadata=meta)
+
+    def default_grid(self, spacing_mm=(1.0, 1.0, 1.0), direction=None, flip_axes=(), margin_mm: float = 10.0):
+        """``(shape, ijk_to_ras)`` of a grid covering the heart plus ``margin_mm``, centred on it.
+
+        ``direction``: 3x3, columns = unit voxel-axis directions in RAS (identity = RAS-aligned);
+        ``flip_axes``: voxel axes whose direction is negated (e.g. ``(0, 1)`` stores it as LPS).
+        """
+        direction = np.eye(3) if direction is None else np.array(direction, dtype=np.float64)
+        for axis in flip_axes:
+            direction[:, axis] = -direction[:, axis]
+        spacing = np.asarray(spacing_mm, dtype=np.float64) * np.ones(3)
+        low, high = self.bounds()
+        low, high = low - margin_mm, high + margin_mm
+        corners = np.array([[x, y, z] for x in (low[0], high[0]) for y in (low[1], high[1]) for z in (low[2], high[2])])
+        along = corners @ direction  # coordinates along each voxel axis, mm
+        extent = along.max(axis=0) - along.min(axis=0)
+        shape = tuple(int(np.ceil(e / s)) + 1 for e, s in zip(extent, spacing))
+        return shape, centred_grid(shape, spacing, 0.5 * (low + high), direction)
+
+
+def centred_grid(shape, spacing_mm, centre_ras, direction=None) -> np.ndarray:
+    """IJK->RAS of a grid of ``shape`` whose centre (mid-voxel) is at ``centre_ras`` (mm)."""
+    m = make_ijk_to_ras(spacing_mm, (0.0, 0.0, 0.0), direction)
+    mid = m[:3, :3] @ ((np.asarray(shape, dtype=np.float64) - 1.0) / 2.0)
+    m[:3, 3] = np.asarray(centre_ras, dtype=np.float64) - mid
+    return m
+
+
+def _ijk_box(low, high, ijk_to_ras, shape):
+    """Index ranges (inclusive start, exclusive stop) of voxels whose centres may lie in a RAS box."""
+    corners = np.array([[x, y, z] for x in (low[0], high[0]) for y in (low[1], high[1]) for z in (low[2], high[2])])
+    ijk = ras_to_ijk_points(corners, ijk_to_ras)
+    start = np.maximum(np.floor(ijk.min(axis=0)).astype(int), 0)
+    stop = np.minimum(np.ceil(ijk.max(axis=0)).astype(int) + 1, shape)
+    if np.any(stop <= start):
+        return None
+    return start, stop
+
+
+def _paint(labels, prim, box, ijk_to_ras, value) -> None:
+    start, stop = box
+    rot, origin = ijk_to_ras[:3, :3], ijk_to_ras[:3, 3]
+    jj = np.arange(start[1], stop[1], dtype=np.float64)
+    kk = np.arange(start[2], stop[2], dtype=np.float64)
+    plane = jj[:, None, None] * rot[:, 1] + kk[None, :, None] * rot[:, 2] + origin  # (nj, nk, 3)
+    step = max(1, _CHUNK_POINTS // max(1, plane.shape[0] * plane.shape[1]))
+    for i0 in range(start[0], stop[0], step):
+        ii = np.arange(i0, min(i0 + step, stop[0]), dtype=np.float64)
+        points = ii[:, None, None, None] * rot[:, 0] + plane[None]
+        inside = prim.contains(points)
+        block = labels[i0 : i0 + len(ii), start[1] : stop[1], start[2] : stop[2]]
+        block[inside] = value
+
+
+def synthetic_heart(seed: int = 0, table: StructureTable | None = None, scale: float | None = None,
+                    centre_ras=(0.0, 0.0, 0.0), max_rotation_deg: float = 15.0,
+                    max_translation_mm: float = 10.0) -> SyntheticHeart:
+    """A random heart from ``seed`` (same seed, same heart), in RAS mm.
+
+    ``scale``: overall size factor (default random in 0.9..1.1); the heart is rotated by up to
+    ``max_rotation_deg`` about each axis and its valve-plane centre placed within
+    ``max_translation_mm`` of ``centre_ras``. Structures of ``table`` that the generator does not
+    know (extended tables) are simply absent.
+    """
+    table = StructureTable.from_spec(table)
+    rng = np.random.default_rng(seed)
+    canonical = _canonical_structures(rng)
+    scale = float(rng.uniform(0.9, 1.1)) if scale is None else float(scale)
+    angles = np.deg2rad(rng.uniform(-max_rotation_deg, max_rotation_deg, 3))
+    pose = (rotation_matrix([0, 0, 1], angles[2]) @ rotation_matrix([0, 1, 0], angles[1])
+            @ rotation_matrix([1, 0, 0], angles[0]))
+    translation = np.asarray(centre_ras, dtype=np.float64) + rng.uniform(-max_translation_mm, max_translation_mm, 3)
+    rotation = pose @ _TILT
+    primitives = {}
+    for name, prims in canonical.items():
+        structure = table.match_name(name)
+        if structure is not None:
+            primitives[structure.name] = [p.transformed(rotation, translation, scale) for p in prims]
+    params = {"scale": scale, "rotation_deg": np.rad2deg(angles).round(3).tolist(),
+              "translation_mm": translation.round(3).tolist()}
+    return SyntheticHeart(primitives, table, seed=seed, params=params)
+
+
+def crop_label_map(label_map: LabelMap, start, stop) -> LabelMap:
+    """Sub-grid ``[start, stop)`` of a label map; the IJK->RAS origin moves so voxels stay put."""
+    start = np.asarray(start, dtype=int)
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+    m = label_map.ijk_to_ras.copy()
+    m[:3, 3] = m[:3, :3] @ start + m[:3, 3]
+    return LabelMap(label_map.labels[sl].copy(), m, source=label_map.source, metadata=dict(label_map.metadata))
+
+
+def structures_touching_border(label_map: LabelMap) -> list[int]:
+    """Label values present on any of the six faces of the grid."""
+    lab = label_map.labels
+    faces = [lab[0], lab[-1], lab[:, 0], lab[:, -1], lab[:, :, 0], lab[:, :, -1]]
+    return sorted({int(v) for f in faces for v in np.unique(f) if v > 0})
+
+
+def truncate_structure(label_map: LabelMap, label: int, depth: float = 0.4) -> LabelMap:
+    """Cut the field of view so that structure ``label`` touches the border.
+
+    The face of the grid nearest to the structure moves inwards until ``depth`` (0..1) of the
+    structure's extent along that axis lies outside, like a CT field of view that cuts the LAA.
+    """
+    if not 0.0 < depth < 1.0:
+        raise ValueError(f"truncation depth must be in (0, 1), got {depth}")
+    idx = np.argwhere(label_map.labels == label)
+    if idx.size == 0:
+        raise ValueError(f"{label_map.source}: label {label} is absent, cannot truncate it")
+    lo, hi = idx.min(axis=0), idx.max(axis=0)
+    shape = np.asarray(label_map.shape)
+    gaps = np.concatenate([lo, shape - 1 - hi])  # distance (voxels) from the structure to each face
+    face = int(np.argmin(gaps))
+    axis = face % 3
+    cut = int(round(depth * (hi[axis] - lo[axis] + 1)))
+    start, stop = np.zeros(3, dtype=int), shape.copy()
+    if face < 3:
+        start[axis] = lo[axis] + max(cut, 1)
+    else:
+        stop[axis] = hi[axis] + 1 - max(cut, 1)
+    return crop_label_map(label_map, start, stop)
+
+
+def synthetic_label_map(seed: int = 0, spacing_mm=(1.0, 1.0, 1.0), shape=None, direction=None, flip_axes=(),
+                        truncate=None, truncate_depth: float = 0.4, table=None, margin_mm: float = 10.0,
+                        heart: SyntheticHeart | None = None) -> LabelMap:
+    """A synthetic heart rasterised into a grid (labels = table values, int16).
+
+    - ``spacing_mm``: voxel size (a number or three); CT-like is ``(0.4, 0.4, 0.5)``.
+    - ``shape``: grid size; default covers the heart plus ``margin_mm``. The grid is centred on
+      the heart either way.
+    - ``direction`` / ``flip_axes``: voxel-axis directions in RAS (columns) and axes to negate.
+    - ``truncate``: a structure name/label whose side of the field of view is cut
+      (:func:`truncate_structure`, ``truncate_depth`` of its extent removed).
+    - ``heart``: rasterise this heart instead of ``synthetic_heart(seed, table)``.
+
+    ``metadata["synthetic"]`` records the seed, pose and the structures touching the border.
+
+    >>> lm = synthetic_label_map(seed=1, spacing_mm=3.0)
+    >>> len(lm.present_labels())
+    10
+    """
+    heart = heart if heart is not None else synthetic_heart(seed, table=table)
+    spacing = np.asarray(spacing_mm, dtype=np.float64) * np.ones(3)
+    grid_shape, m = heart.default_grid(spacing, direction, flip_axes, margin_mm)
+    if shape is not None:
+        low, high = heart.bounds()
+        grid_shape = tuple(int(n) for n in shape)
+        m = centred_grid(grid_shape, spacing_of(m), 0.5 * (low + high), m[:3, :3] / spacing_of(m)[None, :])
+    label_map = heart.rasterize(grid_shape, m, source=f"<synthetic seed={heart.seed}>")
+    info = label_map.metadata["synthetic"]
+    if truncate is not None:
+        structure = heart.table.by_label(truncate) if isinstance(truncate, (int, np.integer)) \
+            else heart.table.by_name(str(truncate))
+        label_map = truncate_structure(label_map, structure.label, truncate_depth)
+        info["truncated_structure"] = structure.name
+    info["touching_border"] = [heart.table.by_label(v).name for v in structures_touching_border(label_map)]
+    label_map.metadata["synthetic"] = info
+    return label_map

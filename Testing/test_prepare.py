@@ -1,0 +1,356 @@
+"""heart-prepare and heart-prepare --check on real files: synthetic hearts written as NIfTI/NRRD,
+converted through the CLI and the library, checked against the label maps they came from."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.spatial import cKDTree
+
+from HeartCompletionLib.geometry import ras_to_ijk_points, rotation_matrix, voxel_centers_ras
+from HeartCompletionLib.labelmap import LabelMap
+from HeartCompletionLib.labelmap_io import read_label_map, write_label_map
+from HeartCompletionLib.structures import StructureTable
+from HeartCompletionLib.synthetic import synthetic_heart, synthetic_label_map
+from heart_training import dataset_check, prepare
+from heart_training.case_format import REQUIRED_KEYS, load_case, save_case
+
+SPACING = 2.0
+SMALL = ["--num_surface", "6000", "--num_volume", "6000", "--num_near", "6000", "--min_surface_per_structure", "200"]
+SMALL_OPTIONS = prepare.PrepareOptions(num_surface=6000, num_volume=6000, num_near=6000, min_surface_per_structure=200)
+CHECK_SMALL = ["--min_surface", "1000", "--min_volume", "1000", "--min_near", "1000"]
+TABLE = StructureTable.default()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_synthetic_cases(folder: Path, count: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for seed in range(count):
+        truncate = "LAA" if seed == 1 else None
+        label_map = synthetic_label_map(seed=seed, spacing_mm=SPACING, truncate=truncate)
+        suffix = ".nrrd" if seed == 2 else ".nii.gz"
+        paths.append(write_label_map(label_map, folder / f"case_{seed:03d}{suffix}"))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("labelmaps")
+    _write_synthetic_cases(folder, 4)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prepared(synth_dir, tmp_path_factory) -> Path:
+    """The uninterrupted reference run (2 workers: the parallel path)."""
+    out = tmp_path_factory.mktemp("prepared")
+    assert prepare.main(["--input_dir", str(synth_dir), "--output_dir", str(out), "--workers", "2", "--quiet", *SMALL]) == 0
+    return out
+
+
+def test_case_has_the_design_keys_dtypes_and_manifest(prepared, synth_dir):
+    cases = sorted(prepared.glob("*.npz"))
+    assert [c.stem for c in cases] == ["case_000", "case_001", "case_002", "case_003"]
+    K = len(TABLE)
+    for path in cases:
+        case = load_case(path)
+        for key, (dtype, _) in REQUIRED_KEYS.items():
+            if key != "meta":
+                assert case[key].dtype == np.dtype(dtype), key
+        assert case["origin_mm"].shape == (3,)
+        assert case["surface_points"].shape == (6000, 3) and case["surface_labels"].shape == (6000,)
+        assert case["volume_sdf"].shape == (6000, K) and case["near_sdf"].shape == (6000, K)
+        assert case["annotated"].all() and np.isfinite(case["volume_sdf"]).all()
+        assert np.bincount(case["surface_labels"], minlength=K).min() >= 200  # the floor per structure
+        meta = case["meta"]
+        assert meta["table"] == TABLE.names and meta["spacing_mm"] == pytest.approx([SPACING] * 3)
+        assert meta["point_counts"] == {"surface": 6000, "volume": 6000, "near": 6000}
+        assert Path(meta["source"]).parent == synth_dir.resolve()
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    assert manifest["summary"] == {"cases": 4, "ok": 4, "failed": 0, "with_warnings": manifest["summary"]["with_warnings"]}
+    by_case = {e["case"]: e for e in manifest["cases"]}
+    assert "LAA" in by_case["case_001"]["truncated"] and "LAA" not in by_case["case_000"]["truncated"]
+    assert load_case(prepared / "case_001.npz")["truncated"][TABLE.by_name("LAA").index]
+    assert "case_001,ok" in (prepared / "manifest.csv").read_text()
+
+
+def test_points_are_mm_at_the_label_maps_physical_place(prepared, synth_dir):
+    """surface_points + origin_mm lie on the voxel boundary of their own structure (RAS mm)."""
+    case = load_case(prepared / "case_002.npz")  # the .nrrd (LPS on disk)
+    label_map = read_label_map(synth_dir / "case_002.nrrd")
+    surface = case["surface_points"] + case["origin_mm"]
+    centres = voxel_centers_ras(label_map.shape, label_map.ijk_to_ras)
+    for k in range(len(TABLE)):
+        tree = cKDTree(centres[label_map.labels == k + 1])
+        gap, _ = tree.query(surface[case["surface_labels"] == k])
+        # marching cubes at 0.5 puts samples between an inside and an outside voxel centre
+        assert gap.max() <= SPACING * 0.9, TABLE[k].name
+    own = np.abs(case["near_sdf"][np.arange(6000), case["near_labels"]])
+    assert 0.3 < np.median(own) < 4.0  # mm: offsets of sigma 1 and 4 mm, not voxels or metres
+    assert np.all(own <= case["near_offset_mm"] + SPACING / 2 + 0.05)
+
+
+def test_sign_agrees_with_the_label_map_at_volume_points(prepared, synth_dir):
+    case = load_case(prepared / "case_000.npz")
+    label_map = read_label_map(synth_dir / "case_000.nii.gz")
+    ijk = np.rint(ras_to_ijk_points(case["volume_points"] + case["origin_mm"], label_map.ijk_to_ras)).astype(int)
+    inside_grid = np.all((ijk >= 0) & (ijk < np.array(label_map.shape)), axis=1)
+    labels = np.zeros(len(ijk), dtype=int)
+    labels[inside_grid] = label_map.labels[tuple(ijk[inside_grid].T)]
+    checked = 0
+    for k in range(len(TABLE)):
+        sdf = case["volume_sdf"][:, k]
+        away = np.abs(sdf) > SPACING  # the sign right at the boundary depends on the iso-surface
+        agree = (sdf[away] < 0) == (labels[away] == k + 1)
+        assert agree.mean() >= 0.995, TABLE[k].name
+        checked += away.sum()
+    assert checked > 0.8 * 6000 * len(TABLE)
+    assert (case["volume_sdf"] > 0).all(axis=1).mean() > 0.3  # the padded box is mostly background
+
+
+def test_check_passes_on_a_fresh_dataset(prepared, capsys):
+    assert prepare.main(["--check", str(prepared), "--quiet", *CHECK_SMALL]) == 0
+    assert "4 of 4 cases pass" in capsys.readouterr().out
+    # the default minimum counts (>= 100k surface samples, DESIGN.md) reject these small cases
+    assert prepare.main(["--check", str(prepared), "--quiet"]) == 1
+
+
+def _rewrite(source: Path, target: Path, change) -> Path:
+    case = load_case(source, optional=("near_labels", "near_offset_mm"))
+    meta = case.pop("meta")
+    change(case)
+    return save_case(target, case, meta)
+
+
+def test_check_catches_wrong_units_and_nan_mismatch(prepared, tmp_path, capsys):
+    source = prepared / "case_000.npz"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(source, bad / "good.npz")
+
+    def divide(case):  # "normalised" distances next to mm points
+        case["volume_sdf"] /= 100
+        case["near_sdf"] /= 100
+
+    def voxels(case):  # distances in voxels of the 2 mm grid
+        case["volume_sdf"] /= SPACING
+        case["near_sdf"] /= SPACING
+
+    def unannotate(case):  # LV declared not annotated but its distances kept
+        case["annotated"][TABLE.by_name("LV").index] = False
+
+    def nan_in_annotated(case):
+        case["near_sdf"][:10, TABLE.by_name("PA").index] = np.nan
+
+    def points_in_metres(case):
+        for key in ("surface_points", "volume_points", "near_points"):
+            case[key] /= 1000
+
+    for name, change in [("divided", divide), ("voxels", voxels), ("unannotated", unannotate),
+                         ("nan", nan_in_annotated), ("metres", points_in_metres)]:
+        _rewrite(source, bad / f"{name}.npz", change)
+    (bad / "corrupt.npz").write_bytes(b"not a zip file")
+
+    results = dataset_check.check_dataset(bad, dataset_check.CheckLimits(1000, 1000, 1000), progress=False)
+    problems = {Path(p).stem: " | ".join(v) for p, v in results.items()}
+    assert problems["good"] == ""
+    assert "wrong units" in problems["divided"] and "different units" in problems["divided"]
+    assert "different units" in problems["voxels"]
+    assert "LV] is not annotated but holds" in problems["unannotated"]
+    assert "PA] is annotated but holds 10 NaN" in problems["nan"]
+    assert "not a heart in mm" in problems["metres"]
+    assert "unreadable" in problems["corrupt"]
+    assert prepare.main(["--check", str(bad), "--quiet", *CHECK_SMALL]) == 1
+    out = capsys.readouterr().out
+    for name in ("divided", "voxels", "unannotated", "nan", "metres", "corrupt"):
+        assert f"FAIL {bad / name}.npz" in out  # every offending case is named
+    assert "FAIL " + str(bad / "good.npz") not in out
+
+
+def _same_case(a: Path, b: Path) -> None:
+    ca, cb = load_case(a, optional=("near_labels",)), load_case(b, optional=("near_labels",))
+    for key in ca:
+        if key == "meta":
+            strip = lambda m: {k: v for k, v in m.items() if k != "timings"}  # noqa: E731
+            assert strip(ca[key]) == strip(cb[key])
+        else:
+            assert np.array_equal(ca[key], cb[key], equal_nan=True), key
+
+
+def test_resume_after_kill_gives_the_uninterrupted_result(synth_dir, prepared, tmp_path):
+    out = tmp_path / "resumed"
+    command = [sys.executable, "-m", "heart_training.prepare", "--input_dir", str(synth_dir), "--output_dir", str(out),
+               "--workers", "1", "--quiet", *SMALL]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("*.npz")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = sorted(out.glob("*.npz"))
+    assert 1 <= len(first) < 4, "the kill must land mid-run"
+    kept_mtime = {p.name: p.stat().st_mtime_ns for p in first}
+    (out / "case_003.npz.leftover.tmp").write_bytes(b"half a file")  # as a kill inside save_case leaves
+
+    assert subprocess.run(command, env=env, capture_output=True).returncode == 0
+    assert not list(out.rglob("*.tmp"))
+    for name, mtime in kept_mtime.items():
+        assert (out / name).stat().st_mtime_ns == mtime  # kept, not prepared again
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {e["case"] for e in manifest["cases"] if e.get("resumed")} == {p.stem for p in first}
+    for path in sorted(prepared.glob("*.npz")):
+        _same_case(path, out / path.name)
+    # other options are not mixed into a resumed dataset: that case is prepared again
+    changed = [*SMALL[:-1], "150"]
+    assert prepare.main(["--input_dir", str(synth_dir), "--output_dir", str(out), "--quiet", *changed]) == 0
+    assert load_case(out / "case_000.npz")["meta"]["options"]["min_surface_per_structure"] == 150
+
+
+GEOMETRIES = {
+    "iso_ras": dict(spacing_mm=1.5),
+    "lps_flipped": dict(spacing_mm=1.5, flip_axes=(0, 1)),
+    "aniso": dict(spacing_mm=(0.6, 0.6, 1.5)),
+    "oblique": dict(spacing_mm=1.5, direction=rotation_matrix([1.0, 1.0, 0.3], 0.5)),
+}
+
+
+def test_geometry_invariance(tmp_path):
+    """One heart in four geometries: the same physical surface samples and origin."""
+    heart = synthetic_heart(seed=5)
+    options = prepare.PrepareOptions(num_surface=8000, num_volume=2000, num_near=2000, min_surface_per_structure=300)
+    cases = {}
+    for name, geometry in GEOMETRIES.items():
+        label_map = synthetic_label_map(heart=heart, **geometry)
+        path = write_label_map(label_map, tmp_path / f"{name}{'.nrrd' if name == 'lps_flipped' else '.nii.gz'}")
+        prepare.prepare_case(path, tmp_path / f"{name}.npz", options)
+        cases[name] = load_case(tmp_path / f"{name}.npz")
+    reference = cases["iso_ras"]
+    for name, case in cases.items():
+        assert np.abs(case["origin_mm"] - reference["origin_mm"]).max() < 1.5, name  # box from voxel data
+        for k in range(len(TABLE)):
+            a = reference["surface_points"][reference["surface_labels"] == k] + reference["origin_mm"]
+            b = case["surface_points"][case["surface_labels"] == k] + case["origin_mm"]
+            chamfer = 0.5 * (cKDTree(b).query(a)[0].mean() + cKDTree(a).query(b)[0].mean())
+            assert chamfer < 1.0, (name, TABLE[k].name, chamfer)
+
+
+def _case_folder(root: Path) -> dict[str, Path]:
+    """Good and bad label maps side by side (the bad ones named by their problem)."""
+    import nibabel as nib
+
+    root.mkdir()
+    good = synthetic_label_map(seed=7, spacing_mm=SPACING)
+    files = {"good": write_label_map(good, root / "good.nii.gz")}
+    affine = good.ijk_to_ras
+    floats = good.labels.astype(np.float32) + np.float32(0.3)
+    nib.save(nib.Nifti1Image(floats, affine), root / "float_image.nii.gz")
+    nib.save(nib.Nifti1Image(np.stack([good.labels] * 2, axis=-1), affine), root / "four_d.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 20), np.int16), affine), root / "empty.nii.gz")
+    (root / "corrupt.nii.gz").write_bytes(b"\x1f\x8b" + os.urandom(300))
+    odd = good.labels.copy()
+    odd[:2, :2, :2] = 42  # a value outside the table: warned about and ignored
+    odd[odd == TABLE.by_name("LAA").label] = 0
+    odd[40, 40, 2] = TABLE.by_name("LAA").label  # a one-voxel LAA: kept, with a warning
+    files["odd"] = write_label_map(LabelMap(odd, affine), root / "sub" / "odd.nii.gz")
+    (root / "sub" / "partial.json").write_text(json.dumps({"annotated": ["LV", "Myocardium", "Aorta"]}))
+    only_three = np.where(np.isin(good.labels, [1, 3, 6]), good.labels, 0).astype(np.int16)
+    files["partial"] = write_label_map(LabelMap(only_three, affine), root / "sub" / "partial.nii.gz")
+    files["unwritable"] = write_label_map(good, root / "unwritable.nii.gz")
+    for name in ("float_image", "four_d", "empty", "corrupt"):
+        files[name] = root / f"{name}.nii.gz"
+    return files
+
+
+def test_bad_inputs_fail_alone_and_leave_no_half_files(tmp_path, capsys):
+    files = _case_folder(tmp_path / "in")
+    before = {p: _sha(p) for p in (tmp_path / "in").rglob("*") if p.is_file()}
+    out = tmp_path / "out"
+    (out / "unwritable.npz").mkdir(parents=True)  # the output path cannot become a file
+    assert prepare.main(["--input_dir", str(tmp_path / "in"), "--output_dir", str(out), "--workers", "1", "--quiet", *SMALL]) == 1
+    err = capsys.readouterr().err
+    manifest = {e["case"]: e for e in json.loads((out / "manifest.json").read_text())["cases"]}
+    assert {k for k, e in manifest.items() if e["status"] == "ok"} == {"good", "sub/odd", "sub/partial"}
+    expectations = {
+        "float_image": "non-integer values", "four_d": "4-D", "empty": "no voxel of any structure",
+        "corrupt": "cannot read", "unwritable": "cannot write",
+    }
+    for case, phrase in expectations.items():
+        reason = manifest[case]["reason"]
+        assert phrase in reason and (str(files[case]) in reason or str(out / f"{case}.npz") in reason), reason
+        assert f"FAILED {case}:" in err
+        assert not (out / f"{case}.npz").is_file()
+    warnings_odd = " | ".join(manifest["sub/odd"]["warnings"])
+    assert "[42]" in warnings_odd and "LAA has only 1 voxels" in warnings_odd
+    partial = load_case(out / "sub" / "partial.npz")
+    assert [TABLE[k].name for k in np.flatnonzero(partial["annotated"])] == ["Myocardium", "LV", "Aorta"]
+    assert np.isnan(partial["near_sdf"][:, ~partial["annotated"]]).all()
+    assert not list(out.rglob("*.tmp"))
+    assert before == {p: _sha(p) for p in (tmp_path / "in").rglob("*") if p.is_file()}  # input untouched
+    assert prepare.main(["--check", str(out), "--quiet", *CHECK_SMALL, "--min_samples_per_structure", "1"]) == 0
+
+
+def test_disk_full_mid_case_leaves_nothing_half_written(tmp_path):
+    """A file-size limit makes the .npz write fail part-way (EFBIG, as ENOSPC would)."""
+    source = tmp_path / "in"
+    _write_synthetic_cases(source, 1)
+    out = tmp_path / "out"
+    limit = 60_000  # bytes: manifests fit, a case does not
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "heart_training.prepare", "--input_dir", str(source), "--output_dir", str(out),
+         "--quiet", *SMALL], env={**os.environ, "PYTHONPATH": str(REPO)}, preexec_fn=small_files,
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "cannot write the case" in result.stderr and str(out / "case_000.npz") in result.stderr
+    assert not list(out.rglob("*.npz")) and not list(out.rglob("*.tmp"))
+
+
+def test_annotated_but_absent_and_cli_errors(tmp_path, capsys):
+    label_map = synthetic_label_map(seed=9, spacing_mm=SPACING)
+    labels = label_map.labels.copy()
+    labels[labels == TABLE.by_name("Coronary").label] = 0
+    path = write_label_map(LabelMap(labels, label_map.ijk_to_ras), tmp_path / "no_coronary.nii.gz")
+    entry = prepare.prepare_case(path, tmp_path / "out" / "c.npz", SMALL_OPTIONS)
+    assert "Coronary" not in entry["annotated"] and any("Coronary is annotated but has no voxels" in w for w in entry["warnings"])
+    case = load_case(tmp_path / "out" / "c.npz")
+    assert not case["annotated"][TABLE.by_name("Coronary").index]
+    assert np.isnan(case["volume_sdf"][:, TABLE.by_name("Coronary").index]).all()
+    # unknown structure names and missing folders are refused up front, naming the problem
+    assert prepare.main(["--input_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--annotated", "Spleen"]) == 2
+    assert "Spleen" in capsys.readouterr().err
+    assert prepare.main(["--input_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        prepare.main(["--help"])
+    assert "--num_surface" in capsys.readouterr().out
+
+
+def test_real_cases_convert_and_pass_check(shared_real_cases, tmp_path):
+    folder = tmp_path / "real"
+    folder.mkdir()
+    for path in shared_real_cases[:3]:
+        os.symlink(path, folder / path.name)
+    out = tmp_path / "out"
+    assert prepare.main(["--input_dir", str(folder), "--output_dir", str(out), "--quiet", *SMALL]) == 0
+    assert prepare.main(["--check", str(out), "--quiet", *CHECK_SMALL]) == 0

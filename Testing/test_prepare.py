@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from heart_training import dataset_check, prepare
+from heart_training.case_format import REQUIRED_KEYS, load_case, save_case
 from scipy.spatial import cKDTree
 
 from HeartCompletionLib.geometry import ras_to_ijk_points, rotation_matrix, voxel_centers_ras
@@ -23,8 +25,6 @@ from HeartCompletionLib.labelmap import LabelMap
 from HeartCompletionLib.labelmap_io import read_label_map, write_label_map
 from HeartCompletionLib.structures import StructureTable
 from HeartCompletionLib.synthetic import synthetic_heart, synthetic_label_map
-from heart_training import dataset_check, prepare
-from heart_training.case_format import REQUIRED_KEYS, load_case, save_case
 
 SPACING = 2.0
 SMALL = ["--num_surface", "6000", "--num_volume", "6000", "--num_near", "6000", "--min_surface_per_structure", "200"]

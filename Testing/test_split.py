@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from HeartCompletionLib.structures import StructureTable
 from heart_training import split
 from heart_training.case_format import save_case, write_manifest
+
+from HeartCompletionLib.structures import StructureTable
 
 TABLE = StructureTable.default()
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import sys
 import time
@@ -157,9 +158,10 @@ def prepare_case(input_path, output_path, options: PrepareOptions | None = None,
     Raises :class:`PrepareError` (message names the file) for a case that cannot be prepared,
     ``OSError`` when the output cannot be written. The input file is only read.
     """
-    from HeartCompletionLib.labelmap_io import read_label_map
     from HeartCompletionLib.signed_distance import signed_distances_mm
-    from HeartCompletionLib.surface import sample_structure_surfaces
+
+    from HeartCompletionLib.labelmap_io import read_label_map
+    from HeartCompletionLib.surface import sample_structure_surfaces, structure_surfaces
 
     options = options or PrepareOptions()
     input_path, output_path = Path(input_path), Path(output_path)
@@ -206,8 +208,9 @@ def prepare_case(input_path, output_path, options: PrepareOptions | None = None,
     rng = np.random.default_rng(case_seed(options.seed, case_id))
     t = time.perf_counter()
     floor = min(options.min_surface_per_structure, options.num_surface // len(used))
+    meshes = structure_surfaces(label_map, used)  # extracted once, shared by sampling and distances
     surf_pts, surf_nrm, surf_lab = sample_structure_surfaces(
-        label_map, used, options.num_surface, rng, min_per_structure=floor
+        label_map, used, options.num_surface, rng, min_per_structure=floor, meshes=meshes
     )
     surf_pts = np.asarray(surf_pts, dtype=np.float64)
     timings["surface_s"] = time.perf_counter() - t
@@ -221,7 +224,11 @@ def prepare_case(input_path, output_path, options: PrepareOptions | None = None,
     near = surf_pts[pick] + offsets
 
     t = time.perf_counter()
-    used_sdf = signed_distances_mm(label_map, np.concatenate([volume, near]), used)
+    queries = np.concatenate([volume, near])
+    if "meshes" in inspect.signature(signed_distances_mm).parameters:
+        used_sdf = signed_distances_mm(label_map, queries, used, meshes=meshes)
+    else:
+        used_sdf = signed_distances_mm(label_map, queries, used)
     sdf = np.full((len(used_sdf), K), np.nan, dtype=np.float32)
     sdf[:, [lab - 1 for lab in used]] = used_sdf
     timings["distances_s"] = time.perf_counter() - t

@@ -239,7 +239,10 @@ def _resolve_device(device):
 
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested but CUDA is not available (torch {torch.__version__})")
+    return device
 
 
 def load_inference_checkpoint(path, expected_table: StructureTable | None = None, device="cpu") -> InferenceCheckpoint:
@@ -272,6 +275,7 @@ def load_inference_checkpoint(path, expected_table: StructureTable | None = None
         raise CheckpointError(
             f"{path}: model config predicts {config.num_classes} structures but the table has {len(table)}"
         )
+    target = _resolve_device(device)
     try:
         tensors = load_file(str(path), device="cpu")
     except (getattr(safetensors, "SafetensorError", RuntimeError), OSError, ValueError, RuntimeError) as exc:
@@ -292,7 +296,7 @@ def load_inference_checkpoint(path, expected_table: StructureTable | None = None
             f"wrong shape {wrong[:5]}"
         )
     model.load_state_dict(tensors, strict=True)
-    model.to(_resolve_device(device)).eval()
+    model.to(target).eval()
     return InferenceCheckpoint(model, config, table, normalization, meta, path)
 
 

@@ -233,3 +233,24 @@ def test_failed_save_leaves_the_old_file_intact(saved, table):
         save_inference_checkpoint(path, HeartVecSet(get_config("tiny", 9)), table, Normalization(), 2, {})
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_reading_metadata_does_not_import_torch(saved):
+    """The Slicer panel shows checkpoint details before PyTorch is installed."""
+    import subprocess
+    import sys
+
+    path, _ = saved
+    code = (
+        "import sys; from HeartCompletionLib.checkpoint import read_checkpoint_metadata, describe_checkpoint; "
+        f"print(describe_checkpoint(read_checkpoint_metadata({str(path)!r}))); print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "phase 2" in out and out.strip().endswith("False")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message when CUDA is absent")
+def test_cuda_without_cuda_is_a_clear_error(saved):
+    path, _ = saved
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        load_inference_checkpoint(path, device="cuda")

@@ -1,0 +1,276 @@
+"""The background completion process the Slicer module starts, and its line protocol.
+
+Run as ``python -m HeartCompletionLib.completion_process --checkpoint CK --input IN.nrrd
+--output OUT.nrrd [--structures LAA PA] [--replace] [--device auto|cpu|cuda]``. It reads the
+label map (table values, any geometry), completes it, writes the result atomically in the
+input's geometry and prints one machine-readable line per event on stdout:
+
+``HC-PROGRESS <fraction 0..1> <message>``, ``HC-RESULT <json>`` (once, at the end) and
+``HC-ERROR <message>``; any other line is plain log text. Exit status 0 on success, 2 for bad
+input (the message names the file), 1 for any other failure. Cancel = terminate the process:
+the output is only ever replaced whole, so a killed run leaves nothing half-written.
+
+The module polls a :class:`CompletionProcess` from a ``qt.QTimer``; tests poll it in a loop.
+
+>>> parse_line(format_progress(0.25, "decoding")).fraction
+0.25
+>>> parse_line("HC-RESULT {\\"completed_labels\\": [8]}").payload["completed_labels"]
+[8]
+>>> parse_line("loading weights").kind
+'log'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+PROGRESS_PREFIX = "HC-PROGRESS"
+RESULT_PREFIX = "HC-RESULT"
+ERROR_PREFIX = "HC-ERROR"
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class ProcessEvent:
+    """One parsed output line: ``kind`` is ``progress``, ``result``, ``error``, ``log`` or
+    ``exit`` (the process ended; ``payload["returncode"]``)."""
+
+    kind: str
+    message: str = ""
+    fraction: float | None = None
+    payload: dict = field(default_factory=dict)
+
+
+def format_progress(fraction: float, message: str) -> str:
+    return f"{PROGRESS_PREFIX} {min(max(float(fraction), 0.0), 1.0):.4f} {message}".rstrip()
+
+
+def parse_line(line: str) -> ProcessEvent:
+    """Parse one stdout line of the process (see the module docstring for the protocol)."""
+    line = line.rstrip("\r\n")
+    head, _, rest = line.partition(" ")
+    if head == PROGRESS_PREFIX:
+        value, _, message = rest.partition(" ")
+        try:
+            return ProcessEvent("progress", message, fraction=float(value))
+        except ValueError:
+            return ProcessEvent("log", line)
+    if head == RESULT_PREFIX:
+        try:
+            return ProcessEvent("result", "", payload=json.loads(rest))
+        except json.JSONDecodeError:
+            return ProcessEvent("log", line)
+    if head == ERROR_PREFIX:
+        return ProcessEvent("error", rest)
+    return ProcessEvent("log", line)
+
+
+def torch_status() -> dict:
+    """What the panel shows: whether torch is importable, its version, CUDA availability."""
+    try:
+        import torch
+    except ImportError:
+        return {"installed": False, "version": None, "cuda_available": False, "cuda_version": None, "gpu": None}
+    cuda = bool(torch.cuda.is_available())
+    return {
+        "installed": True,
+        "version": torch.__version__,
+        "cuda_available": cuda,
+        "cuda_version": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+    }
+
+
+# --- the parent side ---------------------------------------------------------------------------
+
+
+def build_command(
+    checkpoint: str | Path,
+    input_path: str | Path,
+    output_path: str | Path,
+    structures: Sequence[str] | None = None,
+    replace: bool = False,
+    device: str = "auto",
+    python_executable: str | None = None,
+) -> list[str]:
+    """The command line that runs a completion in a fresh Python process."""
+    command = [python_executable or sys.executable, "-m", "HeartCompletionLib.completion_process"]
+    command += ["--checkpoint", str(checkpoint), "--input", str(input_path), "--output", str(output_path)]
+    command += ["--device", device]
+    if structures:
+        command += ["--structures", *[str(s) for s in structures]]
+    if replace:
+        command.append("--replace")
+    return command
+
+
+class CompletionProcess:
+    """A running completion process, read without blocking.
+
+    A reader thread turns stdout lines into :class:`ProcessEvent` s; :meth:`poll` returns those
+    that arrived (call it from a timer), the last one being ``exit`` when the process ended.
+
+    >>> # proc = CompletionProcess(build_command(ck, "in.nrrd", "out.nrrd")); proc.poll()  # doctest: +SKIP
+    """
+
+    def __init__(self, command: Sequence[str], env: dict | None = None, cwd: str | None = None) -> None:
+        environment = dict(os.environ if env is None else env)
+        # The child must import this package even when it is not installed (Slicer puts it in
+        # a module folder that only the GUI process has on sys.path).
+        package_parent = str(Path(__file__).resolve().parents[1])
+        environment["PYTHONPATH"] = os.pathsep.join([package_parent, *filter(None, [environment.get("PYTHONPATH")])])
+        environment["PYTHONUNBUFFERED"] = "1"
+        self.command = list(command)
+        self.returncode: int | None = None
+        self._events: queue.Queue[ProcessEvent] = queue.Queue()
+        self._process = subprocess.Popen(
+            self.command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            env=environment,
+            cwd=cwd,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self._process.stdout is not None
+        for line in self._process.stdout:
+            self._events.put(parse_line(line))
+        self._events.put(ProcessEvent("exit", payload={"returncode": self._process.wait()}))
+
+    def poll(self) -> list[ProcessEvent]:
+        """Events that arrived since the last call (never blocks)."""
+        events = []
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return events
+            if event.kind == "exit":
+                self.returncode = int(event.payload["returncode"])
+            events.append(event)
+
+    @property
+    def running(self) -> bool:
+        return self.returncode is None
+
+    def cancel(self, timeout_s: float = 5.0) -> None:
+        """Terminate the process (then kill it if it does not stop within ``timeout_s``)."""
+        if self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+
+    def wait(self, timeout_s: float | None = None) -> list[ProcessEvent]:
+        """Block until the process ends (tests and scripts); returns all remaining events."""
+        events: list[ProcessEvent] = []
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self.running:
+            events += self.poll()
+            if deadline is not None and time.monotonic() > deadline:
+                self.cancel()
+                raise TimeoutError(f"completion process did not finish within {timeout_s} s: {self.command}")
+            time.sleep(0.05)
+        return events + self.poll()
+
+
+# --- the child side ----------------------------------------------------------------------------
+
+
+def _emit(line: str) -> None:
+    print(line, flush=True)
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m HeartCompletionLib.completion_process",
+        description=(
+            "Complete a partial heart label map in a background process (used by the Slicer module). "
+            "Prints HC-PROGRESS / HC-RESULT / HC-ERROR lines on stdout."
+        ),
+    )
+    parser.add_argument("--checkpoint", required=True, help="inference checkpoint (.safetensors)")
+    parser.add_argument("--input", required=True, help="input label map (.nrrd/.nii/.nii.gz/.seg.nrrd) in table values")
+    parser.add_argument("--output", required=True, help="output label map; written atomically in the input's geometry")
+    parser.add_argument("--structures", nargs="*", default=None, help="structures to produce (default: the missing ones)")
+    parser.add_argument("--replace", action="store_true", help="also replace structures present in the input")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the model runs")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    started = time.perf_counter()
+    try:
+        from .checkpoint import CheckpointError
+        from .labelmap_io import LabelMapError, read_label_map, write_label_map
+    except ImportError as exc:  # torch or a reader is missing in this Python
+        _emit(f"{ERROR_PREFIX} cannot import the completion code: {exc}")
+        return EXIT_FAILED
+    try:
+        _emit(format_progress(0.0, f"reading {args.input}"))
+        if not Path(args.checkpoint).is_file():
+            raise CheckpointError(f"{args.checkpoint}: checkpoint file not found")
+        label_map = read_label_map(args.input)
+        result = run(label_map, args)
+        write_label_map(result.label_map, args.output)
+    except (LabelMapError, CheckpointError, FileNotFoundError, KeyError) as exc:
+        _emit(f"{ERROR_PREFIX} {exc}")
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # noqa: BLE001 - every failure must reach the panel as one line
+        _emit(f"{ERROR_PREFIX} {type(exc).__name__}: {exc}")
+        return EXIT_FAILED
+    payload = {
+        "output": str(Path(args.output).resolve()),
+        "completed_labels": [int(v) for v in result.completed_labels],
+        "given_labels": [int(v) for v in result.given_labels],
+        "timings": {k: float(v) for k, v in dict(result.timings).items()},
+        "total_seconds": time.perf_counter() - started,
+    }
+    _emit(format_progress(1.0, "done"))
+    _emit(f"{RESULT_PREFIX} {json.dumps(payload)}")
+    return EXIT_OK
+
+
+def run(label_map, args: argparse.Namespace):
+    """Load the checkpoint and complete ``label_map`` with progress lines on stdout."""
+    from .checkpoint import load_inference_checkpoint
+    from .completion import complete_label_map
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    _emit(format_progress(0.02, f"loading {Path(args.checkpoint).name}"))
+    checkpoint = load_inference_checkpoint(args.checkpoint, device="cpu")
+    structures = args.structures or None
+    return complete_label_map(
+        label_map,
+        checkpoint,
+        structures=structures,
+        replace=args.replace,
+        device=args.device,
+        progress=lambda fraction, message: _emit(format_progress(0.05 + 0.9 * fraction, message)),
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

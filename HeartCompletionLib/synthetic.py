@@ -219,13 +219,17 @@ class SyntheticHeart:
     def inside(self, points_ras) -> np.ndarray:
         """Label value (int16, 0 = outside every structure) at each RAS point (N, 3) in mm."""
         pts = np.asarray(points_ras, dtype=np.float64)
-        out = np.zeros(pts.shape[:-1], dtype=np.int16)
+        flat = pts.reshape(-1, 3)
+        out = np.zeros(len(flat), dtype=np.int16)
+        x, y, z = (np.ascontiguousarray(flat[:, i]) for i in range(3))
         for name in reversed(self._priority_order()):  # higher priority painted last, so it wins
-            mask = np.zeros(out.shape, dtype=bool)
+            value = self.table.by_name(name).label
             for prim in self.primitives[name]:
-                mask |= prim.contains(pts)
-            out[mask] = self.table.by_name(name).label
-        return out
+                low, high = prim.bounds()  # cheap box test first: most shapes are small
+                near = np.nonzero((x >= low[0]) & (x <= high[0]) & (y >= low[1]) & (y <= high[1])
+                                  & (z >= low[2]) & (z <= high[2]))[0]
+                out[near[prim.contains(flat[near])]] = value
+        return out.reshape(pts.shape[:-1])
 
     def rasterize(self, shape, ijk_to_ras, source: str = "<synthetic>") -> LabelMap:
         """Label map of this heart on a grid: a voxel gets the label at its centre.

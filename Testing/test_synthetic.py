@@ -1,0 +1,171 @@
+"""Synthetic heart generator and ``heart-synth``: anatomy plausibility, geometry independence,
+truncation, determinism, and the dataset the CLI writes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from fixtures_data import geometries, structure_centroids_ras
+from heart_training.synth_cli import case_seed, main
+
+from HeartCompletionLib.geometry import voxel_centers_ras
+from HeartCompletionLib.labelmap_io import read_label_map
+from HeartCompletionLib.structures import StructureTable
+from HeartCompletionLib.synthetic import (
+    centred_grid,
+    structures_touching_border,
+    synthetic_heart,
+    synthetic_label_map,
+)
+
+TABLE = StructureTable.default()
+
+#: Plausible volumes (mL) of each structure: adult hearts, generous bounds.
+VOLUME_RANGES_ML = {
+    "Myocardium": (60, 220), "LA": (30, 120), "LV": (50, 200), "RA": (35, 140), "RV": (50, 220),
+    "Aorta": (35, 180), "PA": (20, 110), "LAA": (2, 20), "Coronary": (1, 10), "PV": (8, 45),
+}
+
+
+@pytest.fixture(scope="module")
+def hearts_1p5():
+    return [synthetic_label_map(seed=seed, spacing_mm=1.5) for seed in range(3)]
+
+
+def test_all_ten_structures_with_plausible_sizes(hearts_1p5):
+    for lm in hearts_1p5:
+        assert lm.present_labels() == list(range(1, 11))
+        for s in TABLE:
+            count = int((lm.labels == s.label).sum())
+            assert count >= 300, f"{s.name}: only {count} voxels at 1.5 mm"
+            volume_ml = count * lm.voxel_volume_mm3 / 1000.0
+            low, high = VOLUME_RANGES_ML[s.name]
+            assert low <= volume_ml <= high, f"{s.name}: {volume_ml:.1f} mL outside {low}..{high}"
+        # whole heart roughly 120 x 100 x 120 mm (aorta and PA branches included)
+        ras = voxel_centers_ras(lm.shape, lm.ijk_to_ras)[lm.labels > 0]
+        extent = ras.max(axis=0) - ras.min(axis=0)
+        assert np.all(extent > 90) and np.all(extent < 170), extent
+        assert lm.metadata["synthetic"]["touching_border"] == []  # default grid has a margin
+
+
+def test_rough_anatomical_layout():
+    lm = synthetic_label_map(seed=0, spacing_mm=2.0)
+    c = {TABLE.by_label(k).name: v for k, v in structure_centroids_ras(lm).items()}
+    assert c["RV"][0] > c["LV"][0] and c["RA"][0] > c["LA"][0]  # right chambers to the patient's right (+x)
+    assert c["LA"][1] < c["LV"][1] and c["PV"][1] < c["LA"][1]  # atrium and veins posterior (-y)
+    assert c["LA"][2] > c["LV"][2] and c["Aorta"][2] > c["LV"][2]  # above the ventricle
+    assert c["LAA"][0] < c["LA"][0]  # appendage on the left
+
+
+def test_rasterize_matches_pointwise_inside_no_overlap():
+    """The bounding-box rasteriser gives exactly the priority-resolved label of each voxel centre."""
+    heart = synthetic_heart(seed=4)
+    shape, m = heart.default_grid(spacing_mm=(2.0, 2.5, 1.8), direction=None, flip_axes=(2,))
+    lm = heart.rasterize(shape, m)
+    expected = heart.inside(voxel_centers_ras(shape, m).reshape(-1, 3)).reshape(shape)
+    np.testing.assert_array_equal(lm.labels, expected)
+    # raw shapes do overlap (e.g. coronaries on the myocardium); priority leaves one label per voxel
+    lv = heart.primitives["LV"][0]
+    assert heart.inside(lv.center[None])[0] == TABLE.by_name("LV").label
+
+
+def test_same_heart_in_four_geometries_same_physical_places():
+    heart = synthetic_heart(seed=3)
+    maps = {name: synthetic_label_map(heart=heart, **g) for name, g in geometries(1.5).items()}
+    ref = maps["iso_ras"]
+    ref_c = structure_centroids_ras(ref)
+    ref_v = {k: (ref.labels == k).sum() * ref.voxel_volume_mm3 for k in ref_c}
+    for name, lm in maps.items():
+        assert lm.present_labels() == list(range(1, 11)), name
+        half_voxel = 0.5 * max(lm.spacing_mm.max(), ref.spacing_mm.max())
+        for label, centroid in structure_centroids_ras(lm).items():
+            dist = np.linalg.norm(centroid - ref_c[label])
+            assert dist < half_voxel, f"{name}/{TABLE.by_label(label).name}: centroid off by {dist:.2f} mm"
+            vol = (lm.labels == label).sum() * lm.voxel_volume_mm3
+            tol = 0.04 if ref_v[label] > 20_000 else 0.15  # thin/small structures: partial-volume noise
+            assert abs(vol / ref_v[label] - 1) < tol, f"{name}/{TABLE.by_label(label).name}: volume {vol / ref_v[label]:.3f}"
+    assert np.linalg.det(maps["lps_flipped"].ijk_to_ras[:3, :3]) > 0  # two flips: still right-handed
+    assert maps["lps_flipped"].ijk_to_ras[0, 0] < 0 and maps["lps_flipped"].ijk_to_ras[1, 1] < 0
+
+
+def test_truncate_cuts_the_field_of_view_through_the_structure():
+    heart = synthetic_heart(seed=5)
+    full = synthetic_label_map(heart=heart, spacing_mm=2.0)
+    cut = synthetic_label_map(heart=heart, spacing_mm=2.0, truncate="LAA", truncate_depth=0.4)
+    laa = TABLE.by_name("LAA").label
+    assert laa in structures_touching_border(cut)
+    assert laa not in structures_touching_border(full)
+    kept = (cut.labels == laa).sum() / (full.labels == laa).sum()
+    assert 0.3 < kept < 0.85, kept
+    assert cut.metadata["synthetic"]["truncated_structure"] == "LAA"
+    assert "LAA" in cut.metadata["synthetic"]["touching_border"]
+    # voxels that remain sit where they were: same analytic labels at the cropped grid's centres
+    expected = heart.inside(voxel_centers_ras(cut.shape, cut.ijk_to_ras).reshape(-1, 3)).reshape(cut.shape)
+    np.testing.assert_array_equal(cut.labels, expected)
+    with pytest.raises(ValueError, match="depth"):
+        synthetic_label_map(heart=heart, spacing_mm=3.0, truncate="LAA", truncate_depth=1.5)
+
+
+def test_seed_determinism_and_variety():
+    a, b = synthetic_label_map(seed=11, spacing_mm=3.0), synthetic_label_map(seed=11, spacing_mm=3.0)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.ijk_to_ras, b.ijk_to_ras)
+    c = synthetic_label_map(seed=12, spacing_mm=3.0)
+    assert a.shape != c.shape or not np.array_equal(a.labels, c.labels)
+    assert a.metadata["synthetic"]["rotation_deg"] != c.metadata["synthetic"]["rotation_deg"]
+    assert max(abs(v) for v in a.metadata["synthetic"]["rotation_deg"]) <= 15.0
+    assert case_seed(0, 1) != case_seed(1, 0)  # datasets of neighbouring seeds share no heart
+
+
+def test_ct_like_spacing_with_explicit_shape():
+    """CT-like voxels (0.4 x 0.4 x 0.5 mm) on an explicit grid centred on the heart (small crop here;
+    the full 512 x 512 x 280 grid is the CLI's --ct_like)."""
+    heart = synthetic_heart(seed=2)
+    lm = synthetic_label_map(heart=heart, spacing_mm=(0.4, 0.4, 0.5), shape=(96, 96, 64))
+    assert lm.shape == (96, 96, 64)
+    np.testing.assert_allclose(lm.spacing_mm, (0.4, 0.4, 0.5))
+    low, high = heart.bounds()
+    centre = lm.ijk_to_ras[:3, :3] @ ((np.array(lm.shape) - 1) / 2) + lm.ijk_to_ras[:3, 3]
+    np.testing.assert_allclose(centre, 0.5 * (low + high), atol=1e-9)
+    assert len(lm.present_labels()) >= 1
+    np.testing.assert_allclose(centred_grid((3, 3, 3), (1, 1, 1), (5, 6, 7))[:3, 3], (4, 5, 6))
+
+
+def test_heart_synth_cli_writes_dataset(tmp_path, capsys):
+    out = tmp_path / "synth"
+    rc = main(["--output_dir", str(out), "--cases", "3", "--seed", "1", "--spacing", "3", "3", "3",
+               "--truncate_fraction", "0.34", "--drop", "pulmonary veins", "--format", ".nrrd"])
+    assert rc == 0
+    dataset = json.loads((out / "dataset.json").read_text())
+    assert dataset["numCases"] == 3 and dataset["file_ending"] == ".nrrd"
+    assert dataset["labels"]["LV"] == 3 and dataset["labels"]["background"] == 0
+    assert dataset["dropped"] == ["PV"]
+    assert sum(1 for c in dataset["cases"] if c["truncated_structure"] == "LAA") == 1
+    for case in dataset["cases"]:
+        lm = read_label_map(out / case["file"])
+        assert TABLE.by_name("PV").label not in lm.present_labels()
+        assert len(lm.present_labels()) == 9
+        np.testing.assert_allclose(lm.spacing_mm, 3.0)
+        touching = [TABLE.by_label(v).name for v in structures_touching_border(lm)]
+        assert ("LAA" in touching) == (case["truncated_structure"] == "LAA")
+    assert "wrote 3 cases" in capsys.readouterr().out
+    # an existing dataset is not overwritten by accident
+    assert main(["--output_dir", str(out), "--cases", "1"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["--output_dir", str(tmp_path / "bad"), "--cases", "1", "--drop", "spleen"]) == 2
+    assert "spleen" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+
+
+def test_shared_fixture_files(synthetic_heart_files):
+    assert len(synthetic_heart_files) == 3 and (synthetic_heart_files.dir / "dataset.json").is_file()
+    assert synthetic_heart_files.truncated.count("LAA") == 1
+    for path, truncated in zip(synthetic_heart_files, synthetic_heart_files.truncated):
+        lm = read_label_map(path)
+        np.testing.assert_allclose(lm.spacing_mm, 1.5, atol=1e-5)
+        assert lm.present_labels() == list(range(1, 11))
+        assert (TABLE.by_name("LAA").label in structures_touching_border(lm)) == (truncated == "LAA")

@@ -120,7 +120,10 @@ class CompletionProcess:
     A reader thread turns stdout lines into :class:`ProcessEvent` s; :meth:`poll` returns those
     that arrived (call it from a timer), the last one being ``exit`` when the process ended.
 
-    >>> # proc = CompletionProcess(build_command(ck, "in.nrrd", "out.nrrd")); proc.poll()  # doctest: +SKIP
+    Usage::
+
+        process = CompletionProcess(build_command(checkpoint, "in.nrrd", "out.nrrd"))
+        events = process.poll()  # from a timer; process.cancel() to stop
     """
 
     def __init__(self, command: Sequence[str], env: dict | None = None, cwd: str | None = None) -> None:

@@ -1,0 +1,72 @@
+"""The resumable training state: ONE file ``state_last.pt`` next to the run's logs.
+
+It holds the model and optimizer/scheduler state, the step, the data position (epoch and items
+consumed of this rank's plan), the best validation metric, and every RNG state (python, numpy,
+torch CPU and CUDA), so ``heart-train --resume`` continues exactly where the run stopped. It is
+written to a temporary file in the same folder and moved into place (a kill mid-write leaves
+the previous state intact) and read back with ``torch.load(weights_only=True)`` (no pickled code).
+The inference checkpoint (``.safetensors``) is a separate file, see
+:mod:`HeartCompletionLib.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATE_NAME = "state_last.pt"
+STATE_VERSION = 1
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    out = {
+        "python": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[1], tuple(py[0]), py[2]))
+    npst = state["numpy"]
+    np.random.set_state((npst[0], npst[1].numpy().astype(np.uint32), *npst[2:]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state(path: Path, state: dict) -> Path:
+    """Write ``state`` atomically (temporary file in the same folder, then ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({"version": STATE_VERSION, **state}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_state(path: Path) -> dict:
+    """Read a state file; a clear error naming the file when it is not one of ours."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling problem is "not a usable state file"
+        raise RuntimeError(f"{path}: cannot read the training state ({exc})") from exc
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise RuntimeError(f"{path}: not a heart-train state file of version {STATE_VERSION}")
+    return state

@@ -76,12 +76,23 @@ def _names(text: str | None) -> list[str]:
 
 
 def _find_in_label_dir(label_dir: Path, row: dict) -> Path | None:
-    wanted = {Path(row.get("source") or "").name, Path(row.get("case_id") or "").name}
+    wanted = {Path(row.get(key) or "").name for key in ("source", "case_id", "case")}
     stems = {_strip_suffix(n) for n in wanted if n}
     for path in _label_map_files(label_dir):
         if path.name in wanted or _strip_suffix(path.name) in stems:
             return path
     return None
+
+
+def _source_of_prepared_case(npz_path: Path) -> str:
+    """The label map a prepared case was made from (its ``meta["source"]``), or "" if unknown."""
+    from .case_format import CaseFormatError, load_case
+
+    npz_path = npz_path if npz_path.suffix == ".npz" else npz_path.with_suffix(".npz")
+    try:
+        return str(load_case(npz_path, keys=[])["meta"].get("source", ""))
+    except (CaseFormatError, OSError):
+        return ""
 
 
 def cases_from_csv(csv_path: Path, label_dir: Path | None = None) -> list[EvalCase]:
@@ -93,6 +104,8 @@ def cases_from_csv(csv_path: Path, label_dir: Path | None = None) -> list[EvalCa
         raise EvaluationError(f"{csv_path}: cannot read the case list: {exc}") from exc
     cases = []
     for number, row in enumerate(rows, start=2):  # line 1 is the header
+        if not row.get("source") and row.get("case"):
+            row["source"] = _source_of_prepared_case(csv_path.parent / row["case"])
         source = Path(row["source"]) if row.get("source") else None
         if source is not None and not source.is_absolute():
             source = csv_path.parent / source
@@ -104,7 +117,7 @@ def cases_from_csv(csv_path: Path, label_dir: Path | None = None) -> list[EvalCa
                 f"{csv_path}, line {number}: label map {str(source) if source else '(no source column)'} not found; "
                 "point --label_dir at the folder of label maps"
             )
-        case_id = row.get("case_id") or _strip_suffix(source.name)
+        case_id = row.get("case_id") or Path(row.get("case") or "").stem or _strip_suffix(source.name)
         annotated = _names(row.get("annotated")) if row.get("annotated") else None
         cases.append(EvalCase(case_id, source, annotated, _names(row.get("truncated"))))
     return cases
@@ -190,9 +203,10 @@ def evaluate_case(case: EvalCase, reference: LabelMap, scenarios, table, model_f
                 elif baseline is None:
                     continue
                 else:
-                    predicted = baseline.complete(given, scenario.input_labels, scenario.scored_labels,
-                                                  replace=scenario.replace, exclude=[str(case.path.resolve())],
-                                                  case_id=case.case_id).label_map
+                    pasted = baseline.complete(given, scenario.input_labels, scenario.scored_labels,
+                                               replace=scenario.replace, exclude=[str(case.path.resolve())],
+                                               case_id=case.case_id)
+                    predicted, base["baseline_case"] = pasted.label_map, pasted.case_id
             except BaselineError as exc:
                 # no usable training case: the structures count as not produced (Dice 0, distances NaN)
                 print(f"heart-eval: warning: {exc}", file=sys.stderr)

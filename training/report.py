@@ -30,7 +30,7 @@ from HeartCompletionLib.metrics import METRIC_UNITS, summarize
 from .case_format import atomic_write_text
 
 CSV_COLUMNS = ("case", "scenario", "method", "structure", "label", "dice", "hd95_mm", "assd_mm",
-               "volume_error_percent", "pred_volume_ml", "ref_volume_ml", "truncated", "seconds", "inputs")
+               "volume_error_percent", "pred_volume_ml", "ref_volume_ml", "truncated", "seconds", "inputs", "baseline_case")
 METRIC_LABELS = {"dice": "Dice", "hd95_mm": "HD95 (mm)", "assd_mm": "ASSD (mm)", "volume_error_percent": "volume error (%)"}
 METHOD_COLOURS = {"model": "#1f77b4", "baseline": "#ff7f0e"}
 
@@ -303,6 +303,14 @@ def write_html(path: Path, summary: dict, plots: dict, figures: list[Path]) -> P
     return atomic_write_text(path, "\n".join(parts))
 
 
+def _make_readable(paths) -> None:
+    """Temporary files are created private (0600); reports are for sharing: apply the umask instead."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in paths:
+        os.chmod(path, 0o666 & ~umask)
+
+
 def write_outputs(output_dir: Path, rows: list[dict], meta: dict, table, figures: list[Path]) -> dict:
     """metrics.csv, summary.json, plots/box_<scenario>.png and report.html; returns the summary."""
     output_dir = Path(output_dir)
@@ -315,4 +323,6 @@ def write_outputs(output_dir: Path, rows: list[dict], meta: dict, table, figures
                         "figures": [str(Path(f).relative_to(output_dir)) for f in figures]}
     atomic_write_text(output_dir / "summary.json", json.dumps(_clean(summary), indent=1, allow_nan=False) + "\n")
     write_html(output_dir / "report.html", summary, plots, figures)
+    _make_readable([output_dir / n for n in ("metrics.csv", "summary.json", "report.html")] + list(plots.values())
+                   + [Path(f) for f in figures])
     return summary

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
 import sys
 import time
@@ -158,9 +157,8 @@ def prepare_case(input_path, output_path, options: PrepareOptions | None = None,
     Raises :class:`PrepareError` (message names the file) for a case that cannot be prepared,
     ``OSError`` when the output cannot be written. The input file is only read.
     """
-    from HeartCompletionLib.signed_distance import signed_distances_mm
-
     from HeartCompletionLib.labelmap_io import read_label_map
+    from HeartCompletionLib.signed_distance import signed_distances_mm
     from HeartCompletionLib.surface import sample_structure_surfaces, structure_surfaces
 
     options = options or PrepareOptions()
@@ -224,11 +222,7 @@ def prepare_case(input_path, output_path, options: PrepareOptions | None = None,
     near = surf_pts[pick] + offsets
 
     t = time.perf_counter()
-    queries = np.concatenate([volume, near])
-    if "meshes" in inspect.signature(signed_distances_mm).parameters:
-        used_sdf = signed_distances_mm(label_map, queries, used, meshes=meshes)
-    else:
-        used_sdf = signed_distances_mm(label_map, queries, used)
+    used_sdf = signed_distances_mm(label_map, np.concatenate([volume, near]), used, meshes=meshes)
     sdf = np.full((len(used_sdf), K), np.nan, dtype=np.float32)
     sdf[:, [lab - 1 for lab in used]] = used_sdf
     timings["distances_s"] = time.perf_counter() - t

@@ -235,3 +235,18 @@ def test_descriptor_is_in_millimetres(training_hearts):
         a, b = coarse.structures[label], fine.structures[label]
         assert np.linalg.norm(a.centroid_mm - b.centroid_mm) < 1.0
         assert a.volume_mm3 == pytest.approx(b.volume_mm3, rel=0.1)
+
+
+def test_baseline_recovers_a_pure_translation(training_hearts):
+    """The same heart moved by a known offset (origin shifted): t = offset, pasted structures exact."""
+    baseline = NearestCaseBaseline.from_label_maps(training_hearts[:2], case_ids=["s0", "s1"])
+    heart = training_hearts[0]
+    offset = np.array([7.3, -4.1, 12.2])
+    moved_affine = heart.ijk_to_ras.copy()
+    moved_affine[:3, 3] += offset
+    hidden = [7, 8, 10]
+    partial = LabelMap(np.where(np.isin(heart.labels, hidden), 0, heart.labels), moved_affine)
+    result = baseline.complete(partial, [1, 2, 3, 4, 5, 6, 9], hidden)
+    assert result.case_id == "s0" and result.distance_mm == pytest.approx(0.0, abs=1e-9)
+    np.testing.assert_allclose(result.translation_mm, offset, atol=1e-6)
+    assert np.array_equal(result.label_map.labels, heart.labels)

@@ -9,8 +9,9 @@ indices to RAS millimetres exactly as the file says (NIfTI sform, else qform; NR
 - Slicer segmentations (3-D labelmap or 4-D layered ``.seg.nrrd``): each segment is matched to a
   structure by its SNOMED CT terminology code first, then by its name or a synonym
   (:func:`match_segment`, the rule the Slicer module uses too). Unmatched segments are warned
-  about and ignored. Where segments overlap, the segment listed *later* in the file wins (as
-  when Slicer paints segments into one label map), with a warning.
+  about and ignored. Where segments overlap (4-D files, one layer per group of non-overlapping
+  segments), the later layer wins, as when Slicer paints segments in order into one label map,
+  with a warning naming the structures and voxel counts.
 
 A label map without any structure is **not** an error here (callers decide; ``heart-prepare``
 skips such cases): ``label_map.present_labels()`` is empty. Anything that is not a label map
@@ -127,7 +128,8 @@ def read_label_map(path, table=None, convention=None) -> LabelMap:
         else:
             labels, ijk_to_ras, meta = _read_nrrd(path, table, convention)
         meta["format"] = suffix
-        return LabelMap(labels, ijk_to_ras, source=str(path), metadata=meta)
+        # C order whatever the file's layout, so downstream ravel/reshape never copy by surprise
+        return LabelMap(np.ascontiguousarray(labels), ijk_to_ras, source=str(path), metadata=meta)
     except LabelMapError:
         raise
     except (ValueError, TypeError, IndexError) as exc:  # geometry/convention problems
@@ -260,11 +262,12 @@ def _segment_fields(header: dict) -> list[dict]:
 
 
 def _segmentation_labels(path, data, header, table, convention):
+    """Table labels from segment metadata: a lookup table per layer (value -> structure label)."""
     data = _integer_values(path, data)
     layers = data[None] if data.ndim == 3 else data
     mapping = load_convention(convention, table) or {}
-    labels = np.zeros(layers.shape[1:], dtype=np.int16)
-    described, unmapped, overlaps = [], [], []
+    luts = np.zeros((layers.shape[0], int(layers.max()) + 1 if layers.size else 1), dtype=np.int16)
+    described, unmapped = [], []
     for fields in _segment_fields(header):
         name = fields.get("Name", fields.get("ID", ""))
         tags = dict(t.split(":", 1) for t in fields.get("Tags", "").split("|") if ":" in t)
@@ -276,24 +279,29 @@ def _segmentation_labels(path, data, header, table, convention):
         if not 0 <= layer < layers.shape[0]:
             raise LabelMapError(path, f"segment {name!r}: layer {layer} but the file has {layers.shape[0]} layer(s)")
         structure = match_segment(table, name, terminology)
-        if structure is None and value in mapping and mapping[value] > 0:
+        if structure is None and mapping.get(value, 0) > 0:
             structure = table.by_label(mapping[value])
         described.append({"name": name, "label_value": value, "layer": layer, "terminology": terminology,
                           "structure": None if structure is None else structure.name})
         if structure is None:
             unmapped.append(name)
-            continue
-        mask = layers[layer] == value
-        clash = mask & (labels > 0) & (labels != structure.label)
+        elif 0 < value < luts.shape[1]:
+            luts[layer, value] = structure.label
+    labels = luts[0][layers[0]]
+    overlaps = []
+    for layer in range(1, layers.shape[0]):  # segments overlap only across layers
+        above = luts[layer][layers[layer]]
+        clash = (above > 0) & (labels > 0) & (above != labels)
         if clash.any():
-            overlaps.append(f"{name!r} over {sorted(table.by_label(v).name for v in np.unique(labels[clash]))} "
-                            f"({int(clash.sum())} voxels)")
-        labels[mask] = structure.label
+            pairs = np.unique(np.stack([above[clash], labels[clash]]), axis=1)
+            overlaps += [f"{table.by_label(a).name} over {table.by_label(b).name}" for a, b in pairs.T]
+            overlaps[-1] += f" ({int(clash.sum())} voxels in layer {layer})"
+        labels = np.where(above > 0, above, labels)
     if unmapped:
         warnings.warn(f"{path}: segments {unmapped} match no structure of table {table.name!r} and are ignored",
                       UserWarning, stacklevel=4)
     if overlaps:
-        warnings.warn(f"{path}: overlapping segments, the later one wins: {'; '.join(overlaps)}",
+        warnings.warn(f"{path}: overlapping segments, the later layer wins: {'; '.join(overlaps)}",
                       UserWarning, stacklevel=4)
     return labels, described
 

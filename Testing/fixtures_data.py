@@ -81,12 +81,11 @@ def synthetic_label_map_1p5():
 
 def structure_centroids_ras(label_map) -> dict[int, np.ndarray]:
     """Label -> RAS centroid (mm) of its voxel centres (helper for geometry tests)."""
-    flat = label_map.labels.ravel().astype(np.int64)
-    counts = np.bincount(flat)
-    sums = []
-    for axis, n in enumerate(label_map.shape):  # one bincount per axis covers every label at once
-        index = np.arange(n, dtype=np.float64).reshape([-1 if a == axis else 1 for a in range(3)])
-        sums.append(np.bincount(flat, weights=np.broadcast_to(index, label_map.shape).ravel(), minlength=len(counts)))
+    labels = np.asarray(label_map.labels)
     m = label_map.ijk_to_ras
-    return {label: np.array([s[label] for s in sums]) / counts[label] @ m[:3, :3].T + m[:3, 3]
-            for label in label_map.present_labels()}
+    out = {}
+    for label in np.unique(labels[labels > 0]).tolist():
+        mask = labels == label
+        ijk = [np.arange(n) @ mask.sum(axis=tuple(a for a in range(3) if a != axis)) for axis, n in enumerate(mask.shape)]
+        out[int(label)] = np.array(ijk, dtype=np.float64) / mask.sum() @ m[:3, :3].T + m[:3, 3]
+    return out

@@ -166,7 +166,7 @@ def test_seg_nrrd_layers_overlap_later_segment_wins(tmp_path):
     segments = [{"Name": "LV", "LabelValue": "1", "Layer": "0"}, {"Name": "Myocardium", "LabelValue": "1", "Layer": "1"}]
     path = tmp_path / "layers.seg.nrrd"
     _write_seg_nrrd(path, data, segments, layered=True)
-    with pytest.warns(UserWarning, match=r"later one wins.*Myocardium.*LV.*40 voxels"):
+    with pytest.warns(UserWarning, match=r"later layer wins: Myocardium over LV \(40 voxels"):
         lm = read_label_map(path)
     assert lm.shape == (6, 5, 4)
     assert np.all(lm.labels[:2] == 3) and np.all(lm.labels[2:] == 1)
@@ -251,7 +251,7 @@ def test_slicer_reads_our_seg_nrrd_and_we_read_slicers(tmp_path, heart_in_geomet
     storage.SetFileName(str(tmp_path / "from_slicer.seg.nrrd"))
     assert storage.WriteData(node) == 1
     assert nrrd.read_header(str(tmp_path / "from_slicer.seg.nrrd"))["dimension"] == 4
-    with pytest.warns(UserWarning, match="later one wins"):
+    with pytest.warns(UserWarning, match="later layer wins"):
         back = read_label_map(tmp_path / "from_slicer.seg.nrrd")
     original = LabelMap(np.where(masks["heart_myocardium"], 1, np.where(masks["left ventricle"], 3, 0)).astype(np.int16), m)
     for label, centroid in structure_centroids_ras(original).items():

@@ -285,8 +285,7 @@ def _case_folder(root: Path) -> dict[str, Path]:
     odd[40, 40, 2] = TABLE.by_name("LAA").label  # a one-voxel LAA: kept, with a warning
     files["odd"] = write_label_map(LabelMap(odd, affine), root / "sub" / "odd.nii.gz")
     (root / "sub" / "partial.json").write_text(json.dumps({"annotated": ["LV", "Myocardium", "Aorta"]}))
-    only_three = np.where(np.isin(good.labels, [1, 3, 6]), good.labels, 0).astype(np.int16)
-    files["partial"] = write_label_map(LabelMap(only_three, affine), root / "sub" / "partial.nii.gz")
+    files["partial"] = write_label_map(good, root / "sub" / "partial.nii.gz")  # all ten labelled, three claimed
     files["unwritable"] = write_label_map(good, root / "unwritable.nii.gz")
     for name in ("float_image", "four_d", "empty", "corrupt"):
         files[name] = root / f"{name}.nii.gz"
@@ -316,6 +315,7 @@ def test_bad_inputs_fail_alone_and_leave_no_half_files(tmp_path, capsys):
     partial = load_case(out / "sub" / "partial.npz")
     assert [TABLE[k].name for k in np.flatnonzero(partial["annotated"])] == ["Myocardium", "LV", "Aorta"]
     assert np.isnan(partial["near_sdf"][:, ~partial["annotated"]]).all()
+    assert sum("voxels but is not annotated" in w for w in manifest["sub/partial"]["warnings"]) == 7
     assert not list(out.rglob("*.tmp"))
     assert before == {p: _sha(p) for p in (tmp_path / "in").rglob("*") if p.is_file()}  # input untouched
     assert prepare.main(["--check", str(out), "--quiet", *CHECK_SMALL, "--min_samples_per_structure", "1"]) == 0
@@ -351,6 +351,18 @@ def test_annotated_but_absent_and_cli_errors(tmp_path, capsys):
     case = load_case(tmp_path / "out" / "c.npz")
     assert not case["annotated"][TABLE.by_name("Coronary").index]
     assert np.isnan(case["volume_sdf"][:, TABLE.by_name("Coronary").index]).all()
+    # --structures narrows what is processed; another numbering via --label_map
+    entry = prepare.prepare_case(path, tmp_path / "out" / "two.npz", prepare.PrepareOptions(
+        num_surface=2000, num_volume=1000, num_near=1000, structures=("left ventricle", "Aorta")))
+    assert entry["annotated"] == ["LV", "Aorta"] and entry["warnings"] == []
+    mmwhs_values = np.array([0, 205, 420, 500, 550, 600, 820, 850, 0, 0, 0], dtype=np.int16)
+    mmwhs = tmp_path / "mmwhs"
+    write_label_map(LabelMap(mmwhs_values[label_map.labels], label_map.ijk_to_ras), mmwhs / "heart.nii.gz")
+    assert prepare.main(["--input_dir", str(mmwhs), "--output_dir", str(tmp_path / "mm"), "--quiet", "--label_map", "mmwhs",
+                         "--annotated", "Myocardium", "LA", "LV", "RA", "RV", "Aorta", "PA", *SMALL]) == 0
+    converted = load_case(tmp_path / "mm" / "heart.npz")
+    assert converted["annotated"].tolist() == [True] * 7 + [False] * 3 and not converted["meta"]["warnings"]
+    assert np.array_equal(np.bincount(converted["surface_labels"], minlength=10) > 0, converted["annotated"])
     # unknown structure names and missing folders are refused up front, naming the problem
     assert prepare.main(["--input_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--annotated", "Spleen"]) == 2
     assert "Spleen" in capsys.readouterr().err

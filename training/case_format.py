@@ -50,6 +50,13 @@ class CaseFormatError(ValueError):
     """A prepared case that is missing keys or has the wrong dtypes/shapes (message names the file)."""
 
 
+def _default_permissions(path: str) -> None:
+    """mkstemp makes owner-only files; give the final file the usual ``0o666 & ~umask`` (shared clusters)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_case(path: str | Path, arrays: dict, meta: dict) -> Path:
     """Write one case atomically: a temporary file in the same folder, then ``os.replace``.
 
@@ -69,6 +76,7 @@ def save_case(path: str | Path, arrays: dict, meta: dict) -> Path:
             np.savez_compressed(handle, **data)
             handle.flush()
             os.fsync(handle.fileno())
+        _default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -131,6 +139,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        _default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:

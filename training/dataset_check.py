@@ -13,7 +13,8 @@ Rules (``K`` = number of structures, all lengths in mm):
 - the ``sdf`` columns of annotated structures are finite, those of the others are all NaN;
 - point counts at least ``--min_surface/--min_volume/--min_near`` and at least
   ``--min_surface_per_structure`` surface samples of every annotated structure;
-- units: surface samples span a plausible heart (20..600 mm per axis); the median near-surface
+- units: surface samples span a plausible heart (20..600 mm per axis) and every point lies within
+  600 mm of ``origin_mm`` (points are stored relative to it); the median near-surface
   distance to the sampled structure lies in 0.2..20 mm; the 90th percentile of
   ``|d(p) - d(q)| / |p - q|`` over neighbouring volume points is 0.7..1.2 (ideal 0.9);
 - sign: every annotated structure has negative and positive distances among volume+near points,
@@ -44,6 +45,7 @@ class CheckLimits:
     min_near: int = 100_000
     min_surface_per_structure: int = 50
     extent_mm: tuple[float, float] = (20.0, 600.0)
+    max_point_mm: float = 600.0
     near_median_mm: tuple[float, float] = (0.2, 20.0)
     slope_p90: tuple[float, float] = (0.7, 1.2)
     max_near_violations: float = 0.01
@@ -142,6 +144,10 @@ def _check_units_and_sign(case: dict, limits: CheckLimits, names: list[str]) -> 
     lo, hi = limits.extent_mm
     if extent.max() < lo or extent.max() > hi:
         problems.append(f"surface samples span {np.round(extent, 2).tolist()} mm: not a heart in mm (expected {lo:g}..{hi:g} mm)")
+    farthest = max(float(np.abs(case[k]).max(initial=0.0)) for k in ("surface_points", "volume_points", "near_points"))
+    if farthest > limits.max_point_mm:
+        problems.append(f"a point lies {farthest:.4g} mm from origin_mm (limit {limits.max_point_mm:g} mm): "
+                        "points not relative to origin_mm, or not in mm")
     near_sdf, near = case["near_sdf"], case["near_points"]
     if "near_labels" in case and len(near):
         own = np.abs(near_sdf[np.arange(len(near)), case["near_labels"].astype(np.int64)])

@@ -190,7 +190,8 @@ def prepare_case(input_path, output_path, options: PrepareOptions | None = None,
     for lab in present:
         name = table.by_label(lab).name
         if lab not in claimed_labels:
-            notes.append(f"{input_path}: {name} has {counts[lab]} voxels but is not annotated/selected; its voxels are ignored")
+            if name in selected:  # a deliberate --structures choice needs no warning
+                notes.append(f"{input_path}: {name} has {counts[lab]} voxels but is not annotated; its voxels are ignored")
         elif counts[lab] < options.min_structure_voxels:
             notes.append(f"{input_path}: {name} has only {counts[lab]} voxels (< {options.min_structure_voxels})")
     for lab in claimed_labels:

@@ -21,12 +21,14 @@ the trainer.
 >>> from HeartCompletionLib.structures import StructureTable
 >>> table = StructureTable.default()
 >>> model = HeartVecSet(get_config("tiny", len(table)))
->>> path = Path(tempfile.mkdtemp()) / "tiny.safetensors"
+>>> tmp = tempfile.TemporaryDirectory()
+>>> path = Path(tmp.name) / "tiny.safetensors"
 >>> _ = save_inference_checkpoint(path, model, table, Normalization(), phase=1, data_summary={"cases": 0})
 >>> read_checkpoint_metadata(path)["model_config"]["width"]
 64
 >>> load_inference_checkpoint(path, expected_table=table).table.names[:3]
 ['Myocardium', 'LA', 'LV']
+>>> tmp.cleanup()
 """
 
 from __future__ import annotations

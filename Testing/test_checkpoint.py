@@ -25,6 +25,15 @@ from HeartCompletionLib.normalization import Normalization
 from HeartCompletionLib.structures import StructureTable
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP threads thrash."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def table():
     return StructureTable.default()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,3 +251,31 @@ def test_baseline_recovers_a_pure_translation(training_hearts):
     assert result.case_id == "s0" and result.distance_mm == pytest.approx(0.0, abs=1e-9)
     np.testing.assert_allclose(result.translation_mm, offset, atol=1e-6)
     assert np.array_equal(result.label_map.labels, heart.labels)
+
+
+def test_baseline_descriptor_cache(synthetic_heart_files, tmp_path):
+    """Descriptors of training files are cached; unchanged files are not read again, changed ones are."""
+    from HeartCompletionLib.labelmap_io import read_label_map
+
+    reads = []
+
+    def loader(path):
+        reads.append(Path(path).name)
+        return read_label_map(path)
+
+    files = list(synthetic_heart_files)
+    cache = tmp_path / "index.npz"
+    first = NearestCaseBaseline.from_paths(files, loader, progress=False, cache_path=cache)
+    assert len(reads) == len(files) and cache.is_file()
+    copy = tmp_path / files[0].name
+    copy.write_bytes(files[0].read_bytes())
+    second = NearestCaseBaseline.from_paths([copy, *files[1:]], loader, progress=False, cache_path=cache)
+    assert reads[len(files):] == [copy.name]  # only the new file was read
+    for a, b in zip(first.cases, second.cases):
+        assert a.labels == b.labels
+        for label in a.labels:
+            np.testing.assert_allclose(a.structures[label].centroid_mm, b.structures[label].centroid_mm)
+            np.testing.assert_allclose(a.structures[label].surface_mm, b.structures[label].surface_mm, atol=1e-4)
+    cache.write_bytes(b"garbage")  # a damaged cache is rebuilt, not trusted
+    NearestCaseBaseline.from_paths(files[:1], loader, progress=False, cache_path=cache)
+    assert len(reads) == len(files) + 2

@@ -37,6 +37,10 @@ candidates, so a test set that overlaps the training folder cannot leak.
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +52,9 @@ from scipy.spatial import cKDTree
 
 from HeartCompletionLib.geometry import ijk_to_ras_points, ras_to_ijk_points
 from HeartCompletionLib.labelmap import LabelMap
+
+#: bump when the descriptor definition changes (stale caches are then rebuilt)
+DESCRIPTOR_VERSION = 1
 
 
 class BaselineError(ValueError):
@@ -121,6 +128,59 @@ def describe_label_map(label_map: LabelMap, case_id: str, labels: Iterable[int] 
     return CaseDescriptor(case_id=case_id, structures=structures, source=source)
 
 
+def _file_key(path: Path) -> str:
+    stat = Path(path).stat()
+    return f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def save_descriptor_cache(path: Path, cases: Sequence[CaseDescriptor]) -> Path:
+    """Descriptors of file-backed cases as one ``.npz`` (JSON index + surface arrays), written atomically."""
+    path = Path(path)
+    index, arrays = [], {}
+    for i, case in enumerate(cases):
+        if case.source is None:
+            continue
+        entry = {"key": _file_key(case.source), "structures": {}}
+        for label, d in case.structures.items():
+            entry["structures"][str(label)] = {"centroid_mm": d.centroid_mm.tolist(), "volume_mm3": d.volume_mm3}
+            arrays[f"s{i}_{label}"] = d.surface_mm.astype(np.float32)
+            entry["structures"][str(label)]["array"] = f"s{i}_{label}"
+        index.append(entry)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, index=np.array(json.dumps({"version": DESCRIPTOR_VERSION, "cases": index})), **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_descriptor_cache(path: Path) -> dict:
+    """``{file key: CaseDescriptor}`` from :func:`save_descriptor_cache`; empty when absent or stale."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            index = json.loads(str(npz["index"]))
+            if index.get("version") != DESCRIPTOR_VERSION:
+                return {}
+            out = {}
+            for entry in index["cases"]:
+                structures = {
+                    int(label): StructureDescriptor(np.asarray(s["centroid_mm"], dtype=np.float64), float(s["volume_mm3"]),
+                                                    npz[s["array"]].astype(np.float64))
+                    for label, s in entry["structures"].items()
+                }
+                out[entry["key"]] = CaseDescriptor("", structures)
+            return out
+    except (OSError, ValueError, KeyError, json.JSONDecodeError, zipfile.BadZipFile):
+        return {}  # a damaged cache is rebuilt, never trusted
+
+
 @dataclass
 class BaselineResult:
     """The pasted completion (test image geometry) and which training case it came from."""
@@ -186,16 +246,28 @@ class NearestCaseBaseline:
 
     @classmethod
     def from_paths(cls, paths: Sequence[Path], loader: Callable[[Path], LabelMap], case_ids=None,
-                   progress: bool = True, **kwargs) -> NearestCaseBaseline:
-        """Describe every training label map (``loader(path) -> LabelMap``); a tqdm bar shows progress."""
+                   progress: bool = True, cache_path: Path | None = None, **kwargs) -> NearestCaseBaseline:
+        """Describe every training label map (``loader(path) -> LabelMap``); a tqdm bar shows progress.
+
+        ``cache_path``: an ``.npz`` of descriptors reused for files whose path, size and
+        modification time are unchanged (reading ~1,000 CT label maps takes a while) and
+        rewritten (atomically) with the current set.
+        """
         from tqdm import tqdm
 
         paths = [Path(p) for p in paths]
         case_ids = list(case_ids) if case_ids is not None else [p.name for p in paths]
+        cached = load_descriptor_cache(cache_path) if cache_path else {}
         cases = []
         for path, cid in tqdm(list(zip(paths, case_ids)), desc="baseline: describing training cases",
                               unit="case", disable=not progress):
-            cases.append(describe_label_map(loader(path), cid, source=path))
+            hit = cached.get(_file_key(path))
+            if hit is not None:
+                cases.append(CaseDescriptor(cid, hit.structures, source=path))
+            else:
+                cases.append(describe_label_map(loader(path), cid, source=path))
+        if cache_path:
+            save_descriptor_cache(cache_path, cases)
         return cls(cases, loader=loader, **kwargs)
 
     def label_map_of(self, case: CaseDescriptor) -> LabelMap:
@@ -271,7 +343,8 @@ def paste_structures(source: LabelMap, target: LabelMap, labels: Sequence[int], 
     """Labels ``labels`` of ``source`` moved by ``translation_mm`` (RAS) and resampled (nearest
     voxel) into ``target``'s grid; an int array of ``target``'s shape, 0 elsewhere.
 
-    Only the bounding box of the moved structures in the target grid is evaluated.
+    Only the bounding box of the moved structures in the target grid is visited, one slab of
+    constant first index at a time (memory bounded on CT-sized grids).
     """
     t = np.asarray(translation_mm, dtype=np.float64)
     out = np.zeros(target.shape, dtype=target.labels.dtype)
@@ -279,20 +352,31 @@ def paste_structures(source: LabelMap, target: LabelMap, labels: Sequence[int], 
     if not selected.any():
         return out
     extent = [np.flatnonzero(selected.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-    lo = np.array([e[0] for e in extent], dtype=np.float64) - 0.5
-    hi = np.array([e[-1] for e in extent], dtype=np.float64) + 0.5
-    corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
+    lo = np.array([e[0] for e in extent])
+    hi = np.array([e[-1] for e in extent])
+    # the source cropped to the moved structures; everything else reads as background
+    crop = np.where(selected, source.labels, 0)[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1]
+    corners = np.array([[a, b, c] for a in (lo[0] - 0.5, hi[0] + 0.5) for b in (lo[1] - 0.5, hi[1] + 0.5)
+                        for c in (lo[2] - 0.5, hi[2] + 0.5)])
     corners_target = ras_to_ijk_points(ijk_to_ras_points(corners, source.ijk_to_ras) + t, target.ijk_to_ras)
     start = np.clip(np.floor(corners_target.min(axis=0)).astype(int), 0, target.shape)
     stop = np.clip(np.ceil(corners_target.max(axis=0)).astype(int) + 1, 0, target.shape)
     if np.any(stop <= start):
         return out  # the moved structures fall outside the test image
-    grids = np.meshgrid(*[np.arange(a, b) for a, b in zip(start, stop)], indexing="ij")
-    ijk = np.stack(grids, axis=-1).reshape(-1, 3)
-    src_ijk = np.rint(ras_to_ijk_points(ijk_to_ras_points(ijk, target.ijk_to_ras) - t, source.ijk_to_ras)).astype(int)
-    inside = np.all((src_ijk >= 0) & (src_ijk < np.array(source.shape)), axis=1)
-    values = np.zeros(len(ijk), dtype=source.labels.dtype)
-    values[inside] = source.labels[tuple(src_ijk[inside].T)]
-    values[~np.isin(values, list(labels))] = 0
-    out[tuple(ijk.T)] = values
+    # target ijk -> RAS -> minus t -> source ijk, relative to the crop: one affine map
+    shift = np.eye(4)
+    shift[:3, 3] = -t
+    to_source = np.linalg.inv(source.ijk_to_ras) @ shift @ target.ijk_to_ras
+    to_source[:3, 3] -= lo
+    j = np.arange(start[1], stop[1], dtype=np.float64)[:, None]
+    k = np.arange(start[2], stop[2], dtype=np.float64)[None, :]
+    in_plane = [to_source[r, 1] * j + to_source[r, 2] * k + to_source[r, 3] for r in range(3)]
+    for i in range(start[0], stop[0]):
+        idx = [np.rint(in_plane[r] + to_source[r, 0] * i).astype(np.int64) for r in range(3)]
+        inside = np.ones(idx[0].shape, dtype=bool)
+        for r in range(3):
+            inside &= (idx[r] >= 0) & (idx[r] < crop.shape[r])
+        slab = np.zeros(idx[0].shape, dtype=out.dtype)
+        slab[inside] = crop[idx[0][inside], idx[1][inside], idx[2][inside]]
+        out[i, start[1]:stop[1], start[2]:stop[2]] = slab
     return out

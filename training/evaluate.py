@@ -220,12 +220,12 @@ def evaluate_case(case: EvalCase, reference: LabelMap, scenarios, table, model_f
         yield name, scenario, predictions, rows
 
 
-def load_baseline(train_cases: list[EvalCase], table, progress: bool) -> NearestCaseBaseline:
+def load_baseline(train_cases: list[EvalCase], table, progress: bool, cache_path: Path | None = None):
     from HeartCompletionLib.labelmap_io import read_label_map
 
     return NearestCaseBaseline.from_paths(
         [c.path.resolve() for c in train_cases], loader=lambda p: read_label_map(p, table=table),
-        case_ids=[c.case_id for c in train_cases], progress=progress,
+        case_ids=[c.case_id for c in train_cases], progress=progress, cache_path=cache_path,
     )
 
 
@@ -245,8 +245,9 @@ def run_evaluation(args) -> dict:
     cases = find_cases(args.data_dir, args.split, args.label_dir)[: args.max_cases or None]
     baseline = None
     if not args.no_baseline:
+        cache = args.baseline_cache or Path(args.output_dir) / "baseline_index.npz"
         baseline = load_baseline(find_training_cases(args.train_dir, args.data_dir, args.label_dir), table,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, cache_path=cache)
 
     def model_fn(given: LabelMap, scenario) -> LabelMap:
         return complete_label_map(given, checkpoint, structures=scenario.scored_labels, replace=scenario.replace,
@@ -306,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="baseline training cases: folder of label maps or split CSV/folder (default: train.csv "
                         "beside --data_dir)")
     parser.add_argument("--no_baseline", action="store_true", help="score the model only")
+    parser.add_argument("--baseline_cache", type=Path, default=None,
+                        help="descriptor cache of the training cases, reused across runs while the files are "
+                        "unchanged (default: OUTPUT_DIR/baseline_index.npz)")
     parser.add_argument("--scenarios", nargs="+", default=list(DEFAULT_SCENARIOS),
                         help="scenario names: full, annotated, drop_k, subset_A, subset_B, missing_<Structure>, "
                         "missing_*, default, all (default: %(default)s)")

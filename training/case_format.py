@@ -130,6 +130,18 @@ MANIFEST_COLUMNS = (
 )
 
 
+def manifest_entry(meta: dict, output: str | Path) -> dict:
+    """The manifest row of a prepared case, from the ``meta`` it was saved with (fresh or resumed)."""
+    points = meta.get("point_counts", {})
+    return {
+        "case": meta.get("case"), "source": meta.get("source"), "output": str(output), "status": "ok", "reason": "",
+        "present": meta.get("present", []), "annotated": meta.get("annotated", []),
+        "truncated": meta.get("truncated", []), "num_surface": points.get("surface"),
+        "num_volume": points.get("volume"), "num_near": points.get("near"), "warnings": meta.get("warnings", []),
+        "seconds": meta.get("timings", {}).get("total_s"),
+    }
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write a text file through a temporary file in the same folder and ``os.replace``."""
     path = Path(path)

@@ -41,7 +41,7 @@ import numpy as np
 
 from HeartCompletionLib.structures import StructureTable
 
-from .case_format import FORMAT_VERSION, load_case, save_case, write_manifest
+from .case_format import FORMAT_VERSION, load_case, manifest_entry, save_case, write_manifest
 
 #: Label-map suffixes, longest first so ``.seg.nrrd`` wins over ``.nrrd`` (same as labelmap_io's).
 LABEL_MAP_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd")
@@ -243,30 +243,21 @@ def prepare_case(input_path, output_path, options: PrepareOptions | None = None,
         "near_offset_mm": np.linalg.norm(offsets, axis=1),
     }
     names = lambda mask: [n for n, m in zip(table.names, mask) if m]  # noqa: E731
-    entry = {
+    meta = {
         "case": case_id,
         "source": str(input_path.resolve()),
-        "output": str(output_path),
-        "status": "ok",
-        "reason": "",
+        "source_sha256": _sha256(input_path),
         "present": [table.by_label(lab).name for lab in present],
         "annotated": names(annotated),
         "truncated": names(truncated),
-        "num_surface": int(len(surf_pts)),
-        "num_volume": int(options.num_volume),
-        "num_near": int(options.num_near),
         "warnings": notes,
-    }
-    meta = {
-        **{k: entry[k] for k in ("case", "source", "present", "annotated", "truncated", "warnings")},
-        "source_sha256": _sha256(input_path),
         "shape": list(label_map.shape),
         "spacing_mm": label_map.spacing_mm.tolist(),
         "ijk_to_ras": label_map.ijk_to_ras.tolist(),
         "table": table.names,
         "table_name": table.name,
         "voxel_counts": {table.by_label(lab).name: int(counts[lab]) for lab in present},
-        "point_counts": {"surface": entry["num_surface"], "volume": entry["num_volume"], "near": entry["num_near"]},
+        "point_counts": {"surface": len(surf_pts), "volume": options.num_volume, "near": options.num_near},
         "box_mm": {"lo": lo.tolist(), "hi": hi.tolist()},
         "seed": case_seed(options.seed, case_id),
         "options": asdict(options),
@@ -277,8 +268,7 @@ def prepare_case(input_path, output_path, options: PrepareOptions | None = None,
     meta["timings"] = {k: round(v, 3) for k, v in timings.items()}
     output_path.parent.mkdir(parents=True, exist_ok=True)
     save_case(output_path, arrays, meta)
-    entry["seconds"] = round(time.perf_counter() - t_start, 3)
-    return entry
+    return {**manifest_entry(meta, output_path), "seconds": round(time.perf_counter() - t_start, 3)}
 
 
 # --- many cases -----------------------------------------------------------------------------
@@ -310,14 +300,7 @@ def _entry_from_existing(ctx: _CaseContext, options: PrepareOptions) -> dict | N
     if meta.get("options_fingerprint") != options.fingerprint() or meta.get("source_sha256") != _sha256(ctx.source):
         ctx.notes.append(f"{ctx.output}: prepared from another input file or with other options; prepared again")
         return None
-    points = meta.get("point_counts", {})
-    return {
-        "case": ctx.case_id, "source": str(ctx.source.resolve()), "output": str(ctx.output), "status": "ok",
-        "reason": "", "present": meta.get("present", []), "annotated": meta.get("annotated", []),
-        "truncated": meta.get("truncated", []), "num_surface": points.get("surface"),
-        "num_volume": points.get("volume"), "num_near": points.get("near"), "warnings": meta.get("warnings", []),
-        "seconds": round(float(meta.get("timings", {}).get("total_s", 0.0)), 3), "resumed": True,
-    }
+    return {**manifest_entry(meta, ctx.output), "source": str(ctx.source), "resumed": True}
 
 
 def _run_case(ctx: _CaseContext, options: PrepareOptions) -> dict:

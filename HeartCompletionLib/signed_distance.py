@@ -1,35 +1,36 @@
 """Signed distances in mm (negative inside) from arbitrary RAS points to label-map structures.
 
 A structure's boundary is the 0.5 iso-surface of its binary mask, the surface that
-:mod:`HeartCompletionLib.surface` extracts and samples. Each distance is built in three tiers,
-all vectorised over points, one structure at a time:
+:mod:`HeartCompletionLib.surface` extracts and samples. Each distance comes from one of three
+tiers, all vectorised over the points:
 
-1. **fine** (the structure's bounding box + a margin, at the image's own resolution): an exact
-   Euclidean distance transform with the voxel spacing (``edt`` package, scipy fallback) gives
-   the distance from each voxel centre to the nearest voxel centre of the other side; half a
-   voxel less is the distance to the iso-surface. Interpolated trilinearly at the points.
-2. **near the surface** (``|d| < BAND_VOXELS`` voxels): the magnitude is refined against the
-   marching-cubes surface: the nearest vertices and their smooth outward normals give an implicit
-   moving-least-squares plane distance (capped by the distance to the nearest vertex). The sign
-   is the trilinearly interpolated mask occupancy (> 0.5 inside), i.e. exactly the inside/outside
-   of the label map that marching cubes approximates.
+1. **fine** (the structure's bounding box + ``FINE_MARGIN_MM``, at the image's own resolution):
+   an exact Euclidean distance transform with the voxel spacing (``edt`` package, scipy
+   fallback) gives the distance from each voxel centre to the nearest voxel centre of the other
+   side; a fraction of a voxel less (``SURFACE_OFFSET_VOXELS``) is the distance to the
+   iso-surface. Interpolated trilinearly at the points.
+2. **near the surface** (``|d| < BAND_VOXELS`` voxels): the sign is the trilinearly interpolated
+   mask occupancy (> 0.5 inside), i.e. exactly the label map's inside/outside that marching cubes
+   approximates. Within about a voxel, where voxel-centre distances are least accurate, the
+   magnitude blends into an implicit moving-least-squares distance to the marching-cubes surface
+   (nearest vertices and their smooth outward normals, capped by the nearest-vertex distance).
 3. **far** (outside the fine box, hence outside the structure): a distance transform on a coarse
-   grid (blocks of about ``COARSE_SPACING_MM``) covering the image and the points, bounded below
-   by the distance to the structure's bounding box. Errors here are about a coarse voxel, at
-   distances of ``FINE_MARGIN_MM`` and more, which training tolerates.
+   grid (blocks of about ``COARSE_SPACING_MM``) covering the image and the points, all structures
+   interpolated at once. Its error is a fraction of a block, at distances beyond the margin.
 
 Outside the image there is no structure: the mask is zero there, so points beyond the image are
 outside every structure and their distances still measure the way back to the surface.
+Measured accuracy and speed: ``docs/surface-sdf.md``.
 
 >>> import numpy as np
 >>> from HeartCompletionLib.geometry import make_ijk_to_ras
 >>> from HeartCompletionLib.labelmap import LabelMap
 >>> centres = make_ijk_to_ras(spacing_mm=(2.0, 2.0, 2.0))
->>> labels = np.zeros((31, 31, 31), dtype=np.uint8)
->>> labels[5:26, 5:26, 5:26] = 3  # a cube whose faces (midway between voxel centres) are at 9 and 51 mm
->>> d = signed_distances_mm(LabelMap(labels, centres), [[30, 30, 30], [30, 30, 55], [30, 30, 500]], [3])
->>> [round(float(v), 1) for v in d[:2, 0]], bool(abs(d[2, 0] - 449.0) < 2.0)  # far: the coarse tier
-([-21.0, 4.0], True)
+>>> ball = np.linalg.norm(np.indices((31, 31, 31)) - 15.0, axis=0) <= 9.5  # voxels of a 19 mm ball
+>>> lm = LabelMap(ball.astype(np.uint8) * 3, centres)
+>>> d = signed_distances_mm(lm, [[30, 30, 30], [30, 30, 52], [30, 30, 150]], [3])
+>>> bool(np.abs(d[:, 0] - [-19.0, 3.0, 101.0]).max() <= 1.0)  # inside, near, far: within half a voxel
+True
 """
 
 from __future__ import annotations
@@ -38,25 +39,30 @@ import os
 
 import numpy as np
 
-from .geometry import ras_to_ijk_points, spacing_of
+from .geometry import spacing_of
 from .surface import padded_crop, structure_boxes, surface_from_box
 
-#: Half-width (in largest-spacing voxels) of the band around the surface refined against the mesh.
-BAND_VOXELS = 2.5
-#: The fine tier covers the structure's bounding box plus this margin (mm; at least band + 2 voxels).
+#: Half-width (in largest-spacing voxels) of the band where the sign comes from the occupancy.
+BAND_VOXELS = 1.5
+#: Within this many voxels the magnitude is fully the moving-least-squares surface distance;
+#: from there it blends linearly into the distance-transform value at the band's edge.
+MLS_FULL_VOXELS = 0.75
+#: The fine tier covers the structure's bounding box plus this margin (mm; at least 3 voxels).
 FINE_MARGIN_MM = 8.0
+#: Fine tier: distance from a voxel centre to the iso-surface = distance to the nearest centre of
+#: the other side minus this many (smallest-spacing) voxels: half a voxel across a flat face, less
+#: across a curved one where some centre lies close to it; calibrated on spheres and ellipsoids.
+SURFACE_OFFSET_VOXELS = 0.25
 #: Target block size (mm) of the coarse tier for points beyond the fine box.
 COARSE_SPACING_MM = 3.0
+#: Coarse tier: block-centre distances plus this many (mean) block sizes. Occupied blocks stick out
+#: of the structure (one inside voxel fills a block), so the raw distance falls short.
+COARSE_OFFSET_BLOCKS = 0.25
 #: The coarse grid extends at most this many blocks beyond the image; farther points are clamped
 #: onto it and the clamping distance is added (an upper bound, exact along the axes).
 COARSE_MAX_EXTENSION = 48
-#: Fine tier: distance from a voxel centre to the iso-surface = distance to the nearest centre of
-#: the other side minus this many (smallest-spacing) voxels.
-SURFACE_OFFSET_VOXELS = 0.25
-#: Coarse tier: block-centre distances plus this many (mean) block sizes.
-COARSE_OFFSET_BLOCKS = 0.25
-#: Nearest surface vertices used by the moving-least-squares refinement.
-NEIGHBOURS = 8
+#: Nearest surface vertices used by the moving-least-squares distance.
+NEIGHBOURS = 4
 
 
 def default_threads() -> int:
@@ -64,7 +70,7 @@ def default_threads() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
-def _edt(inside: np.ndarray, spacing, threads: int) -> np.ndarray:
+def _edt_both_sides(inside: np.ndarray, spacing, threads: int) -> np.ndarray:
     """Distance (mm, float32) from every voxel centre to the nearest voxel centre of the other side."""
     try:
         import edt
@@ -78,7 +84,8 @@ def _edt(inside: np.ndarray, spacing, threads: int) -> np.ndarray:
     return edt.edt(inside.astype(np.uint8) + 1, anisotropy=tuple(float(s) for s in spacing), parallel=threads)
 
 
-def _outside_edt(outside: np.ndarray, spacing, threads: int) -> np.ndarray:
+def _edt_outside(outside: np.ndarray, spacing, threads: int) -> np.ndarray:
+    """Distance (mm, float32) from every True voxel centre to the nearest False one."""
     try:
         import edt
     except ImportError:
@@ -89,135 +96,144 @@ def _outside_edt(outside: np.ndarray, spacing, threads: int) -> np.ndarray:
 
 
 def trilinear(grid: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """Trilinear interpolation of ``grid`` at continuous indices ``q`` (N, 3), clamped to the grid.
-
-    Every axis of ``grid`` must have at least 2 samples. Returns float32 (N,).
+    """Trilinear interpolation of ``grid`` (I, J, K) or (I, J, K, C) at continuous indices ``q``
+    (N, 3), clamped to the grid. Every spatial axis needs >= 2 samples. Returns float32 (N,) or (N, C).
     """
-    shape = np.asarray(grid.shape, dtype=np.int64)
+    shape = np.asarray(grid.shape[:3], dtype=np.int64)
     q = np.clip(q, 0.0, shape - 1)
     base = np.minimum(q.astype(np.int64), shape - 2)
     frac = (q - base).astype(np.float32)
     strides = np.array([shape[1] * shape[2], shape[2], 1], dtype=np.int64)
-    flat = grid.ravel()
+    flat = grid.reshape(int(np.prod(shape)), -1)
     if flat.dtype != np.float32:  # e.g. a uint8 mask: differences must not wrap around
         flat = flat.astype(np.float32)
     index = base @ strides
-    fx, fy, fz = frac[:, 0], frac[:, 1], frac[:, 2]
+    fx, fy, fz = (frac[:, a : a + 1] for a in range(3))
+
+    def lerp_into(a, b, t):  # a += (b - a) * t, in place (large (N, C) temporaries are the cost here)
+        b -= a
+        b *= t
+        a += b
+        return a
 
     def plane(offset):  # bilinear in (j, k) at i = base_i + offset
         i = index + offset * strides[0]
-        c00, c01 = flat[i], flat[i + 1]
-        c10, c11 = flat[i + strides[1]], flat[i + strides[1] + 1]
-        low = c00 + (c01 - c00) * fz
-        high = c10 + (c11 - c10) * fz
-        return low + (high - low) * fy
+        low = lerp_into(flat[i], flat[i + 1], fz)
+        i += strides[1]
+        high = lerp_into(flat[i], flat[i + 1], fz)
+        return lerp_into(low, high, fy)
 
-    p0 = plane(0)
-    return (p0 + (plane(1) - p0) * fx).astype(np.float32, copy=False)
+    out = lerp_into(plane(0), plane(1), fx)
+    return out[:, 0] if grid.ndim == 3 else out
 
 
-class _StructureField:
-    """Signed distance (mm) to one structure, evaluated at continuous voxel indices of the image."""
+def _in_box(ijk_columns, lo, hi) -> np.ndarray:
+    """Indices of points with ``lo <= ijk <= hi`` on every axis (axis by axis: cheap for few hits)."""
+    i, j, k = ijk_columns
+    idx = np.flatnonzero((i >= lo[0]) & (i <= hi[0]))
+    for column, a in ((j, 1), (k, 2)):
+        c = column[idx]
+        idx = idx[(c >= lo[a]) & (c <= hi[a])]
+    return idx
 
-    def __init__(self, box_mask, box_lo, matrix, mesh, domain_lo, domain_hi, threads: int):
+
+class _CoarseGrid:
+    """Blocks of about ``COARSE_SPACING_MM`` over the image and the query points (voxel-index box)."""
+
+    def __init__(self, ijk: np.ndarray, image_shape, spacing: np.ndarray):
+        self.spacing = spacing
+        self.factor = np.maximum(1, np.round(COARSE_SPACING_MM / spacing)).astype(np.int64)
+        shape = np.asarray(image_shape, dtype=np.int64)
+        cap = COARSE_MAX_EXTENSION * self.factor
+        lo = np.maximum(np.minimum(0, np.floor(ijk.min(axis=0)).astype(np.int64)), -cap)
+        hi = np.minimum(np.maximum(shape - 1, np.ceil(ijk.max(axis=0)).astype(np.int64)), shape - 1 + cap)
+        self.lo = lo
+        self.shape = np.maximum(2, -(-(hi - lo + 1) // self.factor))
+
+    def occupancy_edt(self, box_mask: np.ndarray, box_lo: np.ndarray, threads: int) -> np.ndarray:
+        """Distance (mm) from each block centre to the nearest block holding a voxel of the mask."""
+        f = self.factor
+        a0 = (box_lo - self.lo) // f
+        a1 = (box_lo + np.asarray(box_mask.shape) - 1 - self.lo) // f
+        first = self.lo + a0 * f - box_lo
+        part = padded_crop(box_mask, first, first + (a1 - a0 + 1) * f - 1)
+        nb = a1 - a0 + 1
+        part = part.reshape(nb[0], f[0], nb[1], f[1], nb[2], f[2]).any(axis=(1, 3, 5))
+        occupied = np.zeros(tuple(self.shape), dtype=bool)
+        occupied[a0[0] : a1[0] + 1, a0[1] : a1[1] + 1, a0[2] : a1[2] + 1] = part
+        return _edt_outside(~occupied, self.spacing * f, threads)
+
+    def evaluate(self, distance_grids: np.ndarray, ijk: np.ndarray) -> np.ndarray:
+        """(N, C) outside distances (mm) at voxel indices from (I, J, K, C) block-centre grids."""
+        q = (ijk - self.lo - 0.5 * (self.factor - 1)) / self.factor
+        clamped = np.clip(q, 0.0, self.shape - 1)
+        beyond_mm = np.linalg.norm((q - clamped) * (self.factor * self.spacing), axis=1).astype(np.float32)
+        offset = np.float32(COARSE_OFFSET_BLOCKS * float(np.mean(self.factor * self.spacing)))
+        return trilinear(distance_grids, clamped) + (beyond_mm + offset)[:, None]
+
+
+class _FineField:
+    """Signed distance (mm) to one structure near it: fine distance transform + surface refinement."""
+
+    def __init__(self, box_mask: np.ndarray, box_lo: np.ndarray, mesh, spacing: np.ndarray, threads: int):
         from scipy.spatial import cKDTree
 
-        self.matrix = matrix
-        self.spacing = spacing_of(matrix)
+        self.spacing = spacing
         self.threads = threads
-        self.band_mm = BAND_VOXELS * float(self.spacing.max())
-        self.box_lo = np.asarray(box_lo, dtype=np.int64)
-        self.box_hi = self.box_lo + np.asarray(box_mask.shape) - 1
+        voxel = float(spacing.max())
+        self.band_mm = BAND_VOXELS * voxel
+        self.full_mm = MLS_FULL_VOXELS * voxel
+        margin = np.ceil(max(FINE_MARGIN_MM, 3.0 * voxel) / spacing).astype(np.int64)
+        self.lo = np.asarray(box_lo, dtype=np.int64) - margin
+        mask = padded_crop(box_mask, -margin, np.asarray(box_mask.shape) - 1 + margin)
+        self.hi = self.lo + np.asarray(mask.shape) - 1
+        self.mask = mask.view(np.uint8)
+        dist = _edt_both_sides(mask, spacing, threads)
+        offset = np.float32(SURFACE_OFFSET_VOXELS * spacing.min())
+        self.sdf = np.where(mask, offset - dist, dist - offset).astype(np.float32)
+        self.mesh = mesh
+        self.tree = None if mesh is None else cKDTree(mesh.vertices)
 
-        # fine tier: bounding box + margin, zero (outside) beyond the image
-        margin_mm = max(FINE_MARGIN_MM, self.band_mm + 2.0 * float(self.spacing.max()))
-        margin = np.ceil(margin_mm / self.spacing).astype(np.int64)
-        self.fine_lo = self.box_lo - margin
-        fine_mask = padded_crop(box_mask, -margin, np.asarray(box_mask.shape) - 1 + margin)
-        self.fine_mask = fine_mask.view(np.uint8)
-        dist = _edt(fine_mask, self.spacing, threads)
-        # voxel-centre distances overshoot the iso-surface (midway between the centres): by half a
-        # voxel across a flat face, by less across a curved one where some centre lies close to
-        # it; SURFACE_OFFSET_VOXELS is the compromise measured on spheres and ellipsoids
-        half = np.float32(SURFACE_OFFSET_VOXELS * self.spacing.min())
-        self.fine_sdf = np.where(fine_mask, half - dist, dist - half).astype(np.float32)
-
-        # coarse tier over the whole query domain (outside distances only: the fine box holds the inside)
-        self.factor = np.maximum(1, np.round(COARSE_SPACING_MM / self.spacing)).astype(np.int64)
-        self.coarse_lo = np.asarray(domain_lo, dtype=np.int64)
-        n_blocks = np.maximum(2, -(-(np.asarray(domain_hi) - self.coarse_lo + 1) // self.factor))
-        a0 = (self.box_lo - self.coarse_lo) // self.factor
-        a1 = (self.box_hi - self.coarse_lo) // self.factor
-        lo_fine = self.coarse_lo + a0 * self.factor
-        hi_fine = self.coarse_lo + (a1 + 1) * self.factor - 1
-        part = padded_crop(box_mask, lo_fine - self.box_lo, hi_fine - self.box_lo)
-        nb = a1 - a0 + 1
-        f = self.factor
-        part = part.reshape(nb[0], f[0], nb[1], f[1], nb[2], f[2]).any(axis=(1, 3, 5))
-        occupied = np.zeros(tuple(n_blocks), dtype=bool)
-        occupied[a0[0] : a1[0] + 1, a0[1] : a1[1] + 1, a0[2] : a1[2] + 1] = part
-        self.coarse = _outside_edt(~occupied, self.spacing * self.factor, threads)
-
-        self.tree = cKDTree(mesh.vertices)
-        self.vertex_normals = mesh.vertex_normals
-
-    def evaluate(self, ijk: np.ndarray, ras: np.ndarray) -> np.ndarray:
-        out = np.empty(len(ijk), dtype=np.float32)
-        local = ijk - self.fine_lo
-        fine_shape = np.asarray(self.fine_sdf.shape)
-        in_fine = np.all((local >= 0) & (local <= fine_shape - 1), axis=1)
-        idx_fine = np.flatnonzero(in_fine)
-        out[idx_fine] = trilinear(self.fine_sdf, local[idx_fine])
-        idx_far = np.flatnonzero(~in_fine)
-        if idx_far.size:
-            out[idx_far] = self._far(ijk[idx_far])
-        band = idx_fine[np.abs(out[idx_fine]) < self.band_mm]
+    def evaluate(self, local_ijk: np.ndarray, ras: np.ndarray) -> np.ndarray:
+        d = trilinear(self.sdf, local_ijk)
+        band = np.flatnonzero(np.abs(d) < self.band_mm)
         if band.size:
-            out[band] = self._near(local[band], ras[band])
-        return out
+            d[band] = self._near(local_ijk[band], ras[band], d[band])
+        return d
 
-    def _far(self, ijk: np.ndarray) -> np.ndarray:
-        """Outside distance (mm) from the coarse grid, bounded below by the distance to the box."""
-        q = (ijk - self.coarse_lo - 0.5 * (self.factor - 1)) / self.factor
-        n = np.asarray(self.coarse.shape)
-        clamped = np.clip(q, 0.0, n - 1)
-        beyond_mm = np.linalg.norm((q - clamped) * self.factor * self.spacing, axis=1)
-        # the occupied blocks stick out of the structure (one inside voxel fills a block), so the
-        # block-centre distance falls short, by about a quarter block on curved surfaces
-        block_mm = float(np.mean(self.factor * self.spacing))
-        coarse = trilinear(self.coarse, clamped) + beyond_mm + COARSE_OFFSET_BLOCKS * block_mm
-        gap = np.maximum(np.maximum(self.box_lo - ijk, ijk - self.box_hi), 0.0) * self.spacing
-        box_mm = np.linalg.norm(gap, axis=1) - 0.5 * float(self.spacing.max())
-        return np.maximum(coarse, box_mm).astype(np.float32)
+    def _near(self, local_ijk: np.ndarray, ras: np.ndarray, d_grid: np.ndarray) -> np.ndarray:
+        inside = trilinear(self.mask, local_ijk) > 0.5
+        magnitude = np.abs(d_grid)
+        weight = np.clip((self.band_mm - magnitude) / (self.band_mm - self.full_mm), 0.0, 1.0)
+        refine = np.flatnonzero(weight > 0)
+        if refine.size and self.tree is not None:
+            mls = self._mls_distance(ras[refine])
+            w = weight[refine]
+            magnitude[refine] = w * mls + (1.0 - w) * magnitude[refine]
+        return np.where(inside, -magnitude, magnitude)
 
-    def _near(self, local: np.ndarray, ras: np.ndarray) -> np.ndarray:
-        """Occupancy sign, moving-least-squares magnitude against the mesh vertices (mm)."""
-        inside = trilinear(self.fine_mask, local) > 0.5
-        k = min(NEIGHBOURS, len(self.vertex_normals))
+    def _mls_distance(self, ras: np.ndarray) -> np.ndarray:
+        """Unsigned implicit moving-least-squares distance (mm) to the mesh vertices' tangent planes."""
+        k = min(NEIGHBOURS, len(self.mesh.vertices))
         dist, nearest = self.tree.query(ras, k=k, workers=self.threads)
         if k == 1:
             dist, nearest = dist[:, None], nearest[:, None]
-        offsets = ras[:, None, :] - self.tree.data[nearest]
-        plane = np.einsum("nkc,nkc->nk", offsets, self.vertex_normals[nearest])
-        h2 = float(self.spacing.max()) ** 2
-        weights = np.exp(-(dist**2 - dist[:, :1] ** 2) / h2)
+        offsets = ras[:, None, :] - self.mesh.vertices[nearest]
+        plane = np.einsum("nkc,nkc->nk", offsets, self.mesh.vertex_normals[nearest])
+        weights = np.exp(-(dist**2 - dist[:, :1] ** 2) / float(self.spacing.max()) ** 2)
         magnitude = np.abs((weights * plane).sum(axis=1) / weights.sum(axis=1))
         # the nearest vertex lies on the surface: the surface is never farther than it
-        magnitude = np.minimum(magnitude, dist[:, 0])
-        return np.where(inside, -magnitude, magnitude).astype(np.float32)
+        return np.minimum(magnitude, dist[:, 0]).astype(np.float32)
 
 
-def _query_domain(ijk: np.ndarray, shape, factor_hint: np.ndarray):
-    """Voxel-index box (lo, hi) covering the image and the points, at most
-    ``COARSE_MAX_EXTENSION`` coarse blocks beyond the image on each side."""
-    shape = np.asarray(shape, dtype=np.int64)
-    cap = COARSE_MAX_EXTENSION * factor_hint
-    lo = np.zeros(3, dtype=np.int64)
-    hi = shape - 1
-    if len(ijk):
-        lo = np.minimum(lo, np.floor(ijk.min(axis=0)).astype(np.int64))
-        hi = np.maximum(hi, np.ceil(ijk.max(axis=0)).astype(np.int64))
-    return np.maximum(lo, -cap), np.minimum(hi, shape - 1 + cap)
+def _ras_to_ijk(points: np.ndarray, ijk_to_ras: np.ndarray) -> np.ndarray:
+    """RAS mm -> continuous voxel indices (same as geometry.ras_to_ijk_points, column-wise: faster
+    than a (N, 3) @ (3, 3) product for large N)."""
+    inv = np.linalg.inv(np.asarray(ijk_to_ras, dtype=np.float64))
+    out = np.empty_like(points)
+    for a in range(3):
+        out[:, a] = points[:, 0] * inv[a, 0] + points[:, 1] * inv[a, 1] + points[:, 2] * inv[a, 2] + inv[a, 3]
+    return out
 
 
 def signed_distances_mm(label_map, points_ras, labels, meshes=None, threads: int | None = None) -> np.ndarray:
@@ -228,7 +244,7 @@ def signed_distances_mm(label_map, points_ras, labels, meshes=None, threads: int
     float32 (N, len(labels)); a label that does not occur in the map gets a NaN column (no surface,
     no distance). ``meshes`` may hold surfaces from
     :func:`HeartCompletionLib.surface.structure_surfaces` to avoid extracting them again;
-    ``threads`` (default :func:`default_threads`) is used by the distance transform and KD-tree.
+    ``threads`` (default :func:`default_threads`) is used by the distance transforms and KD-trees.
     """
     points = np.asarray(points_ras, dtype=np.float64)
     if points.ndim != 2 or points.shape[1] != 3:
@@ -238,21 +254,27 @@ def signed_distances_mm(label_map, points_ras, labels, meshes=None, threads: int
     labels = [int(v) for v in labels]
     threads = default_threads() if threads is None else max(1, int(threads))
     out = np.full((len(points), len(labels)), np.nan, dtype=np.float32)
-    if len(points) == 0:
-        return out
-    matrix = label_map.ijk_to_ras
-    spacing = spacing_of(matrix)
-    ijk = ras_to_ijk_points(points, matrix)
-    factor = np.maximum(1, np.round(COARSE_SPACING_MM / spacing)).astype(np.int64)
-    domain_lo, domain_hi = _query_domain(ijk, label_map.shape, factor)
     boxes = structure_boxes(label_map.labels, labels)
-    for column, value in enumerate(labels):
-        if value not in boxes:
-            continue
-        box_mask, box_lo = boxes[value]
-        mesh = meshes.get(value) if meshes is not None else None
+    columns = [c for c, v in enumerate(labels) if v in boxes]
+    if len(points) == 0 or not columns:
+        return out
+    spacing = spacing_of(label_map.ijk_to_ras)
+    ijk = _ras_to_ijk(points, label_map.ijk_to_ras)
+
+    # far tier for every point and structure at once; the fine tier overwrites what it covers
+    coarse = _CoarseGrid(ijk, label_map.shape, spacing)
+    grids = np.stack([coarse.occupancy_edt(*boxes[labels[c]], threads) for c in columns], axis=-1)
+    out[:, columns] = coarse.evaluate(grids, ijk)
+    del grids
+
+    ijk_columns = [np.ascontiguousarray(ijk[:, a]) for a in range(3)]
+    for c in columns:
+        box_mask, box_lo = boxes[labels[c]]
+        mesh = meshes.get(labels[c]) if meshes is not None else None
         if mesh is None:
-            mesh = surface_from_box(box_mask, box_lo, matrix)
-        field = _StructureField(box_mask, box_lo, matrix, mesh, domain_lo, domain_hi, threads)
-        out[:, column] = field.evaluate(ijk, points)
+            mesh = surface_from_box(box_mask, box_lo, label_map.ijk_to_ras)
+        fine = _FineField(box_mask, box_lo, mesh, spacing, threads)
+        idx = _in_box(ijk_columns, fine.lo, fine.hi)
+        if idx.size:
+            out[idx, c] = fine.evaluate(ijk[idx] - fine.lo, points[idx])
     return out

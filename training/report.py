@@ -89,6 +89,9 @@ def summarize_rows(rows: list[dict], meta: dict, table) -> dict:
             if not of_method:
                 continue
             entry["overall"][method] = {m: summarize([r[m] for r in of_method]) for m in METRIC_UNITS}
+            # one completion per case: its wall time is repeated on each structure row
+            seconds = {r["case"]: r["seconds"] for r in of_method if r.get("seconds") is not None}
+            entry.setdefault("seconds_per_case", {})[method] = summarize(list(seconds.values()))
             for structure in table.names:
                 values = [r for r in of_method if r["structure"] == structure]
                 if values:
@@ -284,6 +287,11 @@ def write_html(path: Path, summary: dict, plots: dict, figures: list[Path]) -> P
         parts.append(f"<tr><td><a href='#{esc(name)}'>{esc(name)}</a> ({entry['num_cases']} cases)</td>"
                      f"{_cells(entry['overall'])}{_n_cell(entry['overall'])}</tr>")
     parts.append("</table>")
+    timing = []
+    for name, entry in summary["scenarios"].items():
+        per = entry.get("seconds_per_case", {})
+        timing.append(f"{esc(name)}: " + ", ".join(f"{m} {_fmt(per[m], 'median', 2)} s" for m in per))
+    parts.append("<p>Median wall time per completion (this machine): " + "; ".join(timing) + ".</p>")
     skipped = {k: v for k, v in meta.get("skipped", {}).items() if v}
     if skipped or meta.get("failed"):
         parts.append(f"<p>Skipped (scenario not applicable to a case): {esc(json.dumps(skipped))}. "

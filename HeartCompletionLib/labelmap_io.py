@@ -178,6 +178,8 @@ def _integer_values(path: Path, data: np.ndarray) -> np.ndarray:
 
 def _plain_labels(path, data, table, convention) -> np.ndarray:
     data = _integer_values(path, data)
+    if convention in (None, "", "default") and (data.size == 0 or int(data.max()) <= len(table)):
+        return data.astype(np.int16, order="C")  # already table values: skip the lookup (a CT-sized map is 70M voxels)
     return apply_convention(data, table, convention, source=str(path)).astype(np.int16, copy=False)
 
 

@@ -100,21 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="heart-synth",
         description="Write a folder of synthetic heart label maps (table label values) plus an nnU-Net-like "
                     "dataset.json. No patient data needed.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--output_dir", required=True, type=Path, help="folder to write the cases into")
-    parser.add_argument("--cases", type=int, default=10, help="number of cases")
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed (same seed, same dataset)")
+    parser.add_argument("--cases", type=int, default=10, help="number of cases (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="dataset seed; same seed, same dataset (default: %(default)s)")
     parser.add_argument("--spacing", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("I", "J", "K"),
-                        help="voxel spacing in mm")
+                        help="voxel spacing in mm (default: 1 1 1)")
     parser.add_argument("--shape", type=int, nargs=3, default=None, metavar=("I", "J", "K"),
                         help="grid size in voxels (default: the heart plus a 10 mm margin)")
     parser.add_argument("--ct_like", action="store_true",
                         help=f"CT-like grid: spacing {CT_LIKE_SPACING_MM} mm, shape {CT_LIKE_SHAPE} (slow, large)")
-    parser.add_argument("--format", dest="fmt", default=".nii.gz", choices=SUPPORTED_SUFFIXES, help="file type")
+    parser.add_argument("--format", dest="fmt", default=".nii.gz", choices=SUPPORTED_SUFFIXES,
+                        help="file type (default: %(default)s)")
     parser.add_argument("--truncate_fraction", type=float, default=0.3,
-                        help="fraction of cases whose field of view cuts --truncate_structure")
-    parser.add_argument("--truncate_structure", default="LAA", help="structure cut by the field of view")
+                        help="fraction of cases whose field of view cuts --truncate_structure (default: %(default)s)")
+    parser.add_argument("--truncate_structure", default="LAA", help="structure cut by the field of view (default: %(default)s)")
     parser.add_argument("--drop", nargs="*", default=[], metavar="STRUCT",
                         help="structures removed from every case (names or synonyms)")
     parser.add_argument("--table", default=None, help="structure table JSON (default: the ten structures)")

@@ -186,7 +186,9 @@ def _plain_labels(path, data, table, convention) -> np.ndarray:
 def _nrrd_space_to_ras(path: Path, header: dict) -> np.ndarray:
     """4x4 diagonal matrix mapping the file's NRRD ``space`` to RAS."""
     space = header.get("space")
-    if space is None:
+    if space is None and "space directions" not in header:
+        space = "left-posterior-superior"  # no geometry at all: warned about once, by the caller
+    elif space is None:
         warnings.warn(f"{path}: NRRD has no 'space' field; assuming left-posterior-superior (ITK default)",
                       UserWarning, stacklevel=4)
         space = "left-posterior-superior"
@@ -233,8 +235,8 @@ def _read_nrrd(path: Path, table, convention):
     ijk_to_space = np.eye(4)
     if directions is None:
         spacings = np.asarray(header.get("spacings", [1.0, 1.0, 1.0]), dtype=np.float64)[-3:]
-        warnings.warn(f"{path}: NRRD has no 'space directions'; using spacings {spacings.tolist()} and no "
-                      "orientation", UserWarning, stacklevel=3)
+        warnings.warn(f"{path}: NRRD has no 'space directions'; using spacings {spacings.tolist()} and the "
+                      "ITK default orientation (LPS axes)", UserWarning, stacklevel=3)
         ijk_to_space[:3, :3] = np.diag(spacings)
     else:
         directions = np.asarray(directions, dtype=np.float64)

@@ -349,3 +349,24 @@ def test_writes_are_atomic_and_validated(tmp_path):
         write_label_map(lm, tmp_path / "blocker" / "case.nii.gz")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case.seg.nrrd"]  # no temp files left
     assert set(SUPPORTED_SUFFIXES) == {".nii", ".nii.gz", ".nrrd", ".seg.nrrd"}
+
+
+def test_nrrd_without_space_fields_and_singleton_dimensions(tmp_path):
+    data = np.zeros((5, 6, 7), dtype=np.uint8)
+    data[1:3, 2:4, 3:6] = 2
+    nrrd.write(str(tmp_path / "nospace.nrrd"), data, {"spacings": [0.5, 0.7, 2.0]})
+    with pytest.warns(UserWarning, match="no 'space directions'"):
+        lm = read_label_map(tmp_path / "nospace.nrrd")
+    np.testing.assert_allclose(lm.spacing_mm, [0.5, 0.7, 2.0])
+    nrrd.write(str(tmp_path / "nospacename.nrrd"), data, {"space directions": np.diag([1.0, 1.0, 2.0]),
+                                                          "space origin": [5.0, 6.0, 7.0]})
+    with pytest.warns(UserWarning, match="assuming left-posterior-superior"):
+        lm = read_label_map(tmp_path / "nospacename.nrrd")
+    np.testing.assert_allclose(lm.ijk_to_ras[:3, 3], [-5.0, -6.0, 7.0])
+    # a .seg.nrrd without segment fields is a plain label map (as Slicer reads it)
+    nrrd.write(str(tmp_path / "plain.seg.nrrd"), data, {"space": "RAS", "space directions": np.eye(3),
+                                                        "space origin": [0.0, 0.0, 0.0]})
+    assert read_label_map(tmp_path / "plain.seg.nrrd").present_labels() == [2]
+    # NIfTI with trailing singleton dimensions (x, y, z, 1, 1) is still a 3-D label map
+    nib.save(nib.Nifti1Image(data[..., None, None], np.eye(4)), str(tmp_path / "5d.nii.gz"))
+    np.testing.assert_array_equal(read_label_map(tmp_path / "5d.nii.gz").labels, data)

@@ -8,7 +8,7 @@ indices to RAS millimetres exactly as the file says (NIfTI sform, else qform; NR
   default); values the table/convention lacks are warned about and become background;
 - Slicer segmentations (3-D labelmap or 4-D layered ``.seg.nrrd``): each segment is matched to a
   structure by its SNOMED CT terminology code first, then by its name or a synonym
-  (:func:`match_segment`, the rule the Slicer module uses too). Unmatched segments are warned
+  (:func:`HeartCompletionLib.segment_mapping.match_segment`, the rule the Slicer module uses). Unmatched segments are warned
   about and ignored. Where segments overlap (4-D files, one layer per group of non-overlapping
   segments), the later layer wins, as when Slicer paints segments in order into one label map,
   with a warning naming the structures and voxel counts.
@@ -36,13 +36,10 @@ import numpy as np
 from .geometry import LPS_TO_RAS
 from .label_conventions import apply_convention, load_convention
 from .labelmap import LabelMap
-from .structures import SNOMED_CATEGORY_CODE, SNOMED_CATEGORY_MEANING, SNOMED_SCHEME, Structure, StructureTable
+from .segment_mapping import match_segment, terminology_entry
+from .structures import Structure, StructureTable
 
 SUPPORTED_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".seg.nrrd")
-
-#: Terminology context written into ``.seg.nrrd`` segments (the extension's own ``.term.json``).
-TERMINOLOGY_CONTEXT = "Segmentation category and type - HeartCompletion"
-ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 
 #: Largest label value accepted in a plain label map (beyond it, it is an intensity image).
 MAX_LABEL_VALUE = 65535
@@ -71,41 +68,16 @@ def suffix_of(path) -> str:
     raise LabelMapError(path, f"unsupported file type; supported: {', '.join(SUPPORTED_SUFFIXES)}")
 
 
-# --- terminology ---------------------------------------------------------------------------
-def terminology_string(structure: Structure) -> str | None:
-    """Slicer terminology entry (``context~category~type~modifier~anatomic context~region~modifier``)."""
-    if not structure.snomed_code:
-        return None
-    meaning = structure.snomed_meaning or structure.name
-    return (f"{TERMINOLOGY_CONTEXT}~{SNOMED_SCHEME}^{SNOMED_CATEGORY_CODE}^{SNOMED_CATEGORY_MEANING}"
-            f"~{SNOMED_SCHEME}^{structure.snomed_code}^{meaning}~^^~{ANATOMIC_CONTEXT}~^^~^^")
-
-
-def parse_terminology(text: str | None) -> tuple[str | None, str | None]:
-    """``(type code, type modifier code)`` of a Slicer terminology entry string (or Nones)."""
-    if not text:
-        return None, None
-    items = text.split("~")
-
-    def code(i):
-        parts = items[i].split("^") if len(items) > i else []
-        return parts[1] if len(parts) > 1 and parts[1] else None
-
-    return code(2), code(3)
-
-
-def match_segment(table: StructureTable, name: str, terminology: str | None = None) -> Structure | None:
-    """The structure a segment means: terminology code first, then name/synonym; ``None`` if neither.
-
-    A name that points elsewhere than the terminology is warned about (the code wins: it is what
-    Slicer shows and what the user picked from a list).
-    """
-    by_code = table.match_terminology(*parse_terminology(terminology))
+# --- segments ----------------------------------------------------------------------------
+def _structure_of_segment(table: StructureTable, name: str, terminology: str | None) -> Structure | None:
+    """The module's rule (:func:`segment_mapping.match_segment`: terminology code first, then
+    name/synonym), plus a warning when the name points at another structure than the code."""
+    structure, matched_by = match_segment(name, terminology or "", table)
     by_name = table.match_name(name) if name else None
-    if by_code is not None and by_name is not None and by_code is not by_name:
-        warnings.warn(f"segment {name!r}: terminology says {by_code.name!r}, name says {by_name.name!r}; "
-                      f"using {by_code.name!r}", UserWarning, stacklevel=2)
-    return by_code or by_name
+    if matched_by == "terminology" and by_name is not None and by_name is not structure:
+        warnings.warn(f"segment {name!r}: terminology says {structure.name!r}, name says {by_name.name!r}; "
+                      f"using {structure.name!r}", UserWarning, stacklevel=3)
+    return structure
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -275,14 +247,14 @@ def _segmentation_labels(path, data, header, table, convention):
     for fields in _segment_fields(header):
         name = fields.get("Name", fields.get("ID", ""))
         tags = dict(t.split(":", 1) for t in fields.get("Tags", "").split("|") if ":" in t)
-        terminology = tags.get("TerminologyEntry")
+        terminology = tags.get("TerminologyEntry") or fields.get("Terminology")
         try:
             value, layer = int(fields.get("LabelValue", 1)), int(fields.get("Layer", 0))
         except ValueError as exc:
             raise LabelMapError(path, f"segment {name!r}: invalid LabelValue/Layer ({exc})") from exc
         if not 0 <= layer < layers.shape[0]:
             raise LabelMapError(path, f"segment {name!r}: layer {layer} but the file has {layers.shape[0]} layer(s)")
-        structure = match_segment(table, name, terminology)
+        structure = _structure_of_segment(table, name, terminology)
         if structure is None and mapping.get(value, 0) > 0:
             structure = table.by_label(mapping[value])
         described.append({"name": name, "label_value": value, "layer": layer, "terminology": terminology,
@@ -400,10 +372,7 @@ def _segmentation_header(data: np.ndarray, ijk_to_ras: np.ndarray, table: Struct
     present = [int(v) for v in np.unique(data) if v > 0]
     for i, label in enumerate(present):
         s = table.by_label(label)
-        tags = "Segmentation.Status:inprogress|"
-        term = terminology_string(s)
-        if term:
-            tags += f"TerminologyEntry:{term}|"
+        tags = f"Segmentation.Status:inprogress|TerminologyEntry:{terminology_entry(s)}|"
         fields.update({
             f"Segment{i}_Color": " ".join(f"{c:.6g}" for c in s.color_float),
             f"Segment{i}_ColorAutoGenerated": "0",

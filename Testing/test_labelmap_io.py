@@ -18,11 +18,10 @@ from HeartCompletionLib.labelmap import LabelMap
 from HeartCompletionLib.labelmap_io import (
     SUPPORTED_SUFFIXES,
     LabelMapError,
-    parse_terminology,
     read_label_map,
-    terminology_string,
     write_label_map,
 )
+from HeartCompletionLib.segment_mapping import parse_terminology_entry, terminology_entry
 from HeartCompletionLib.structures import StructureTable
 from HeartCompletionLib.synthetic import synthetic_heart, synthetic_label_map
 
@@ -189,7 +188,8 @@ def test_written_seg_nrrd_is_readable_by_pynrrd_and_slicerio(heart_in_geometries
     assert header[f"Segment{lv}_LabelValue"] == "3" and header[f"Segment{lv}_Layer"] == "0"
     assert [float(c) for c in header[f"Segment{lv}_Color"].split()] == pytest.approx(TABLE.by_name("LV").color_float, abs=1e-5)
     assert "SCT^123037004^Anatomical Structure~SCT^87878005^Left ventricle" in header[f"Segment{lv}_Tags"]
-    assert parse_terminology(terminology_string(TABLE.by_name("LAA"))) == ("33626005", None)
+    laa = parse_terminology_entry(header[f"Segment{names.index('LAA')}_Tags"].split("TerminologyEntry:")[1])
+    assert laa.type_code == "33626005" and laa.context == parse_terminology_entry(terminology_entry(TABLE[0])).context
     slicerio = pytest.importorskip("slicerio")
     seg = slicerio.read_segmentation(str(path))
     by_name = {s["name"]: s for s in seg["segments"]}

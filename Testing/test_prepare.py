@@ -44,7 +44,7 @@ def _write_synthetic_cases(folder: Path, count: int) -> list[Path]:
     for seed in range(count):
         truncate = "LAA" if seed == 1 else None
         label_map = synthetic_label_map(seed=seed, spacing_mm=SPACING, truncate=truncate)
-        suffix = ".nrrd" if seed == 2 else ".nii.gz"
+        suffix = {2: ".nrrd", 3: ".seg.nrrd"}.get(seed, ".nii.gz")
         paths.append(write_label_map(label_map, folder / f"case_{seed:03d}{suffix}"))
     return paths
 

@@ -183,7 +183,9 @@ def prepare_case(input_path, output_path, options: PrepareOptions | None = None,
         claimed = table.names if options.annotated is None else [s.name for s in table.subset(options.annotated)]
     claimed_labels = [table.by_name(n).label for n in table.names if n in claimed and n in selected]
 
-    counts = np.bincount(label_map.labels.ravel().astype(np.int64, copy=False), minlength=K + 1)[: K + 1]
+    counts = np.zeros(K + 1, dtype=np.int64)
+    for plane in label_map.labels:  # slice by slice: no int64 copy of a 512x512x300 CT volume
+        counts += np.bincount(plane.ravel(), minlength=K + 1)[: K + 1]
     present = [lab for lab in table.labels if counts[lab] > 0]
     if not present:
         raise PrepareError(f"{input_path}: no voxel of any structure of the table {table.names} (empty label map)")

@@ -37,7 +37,7 @@ import argparse
 import json
 import os
 import struct
-import tempfile
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -123,7 +123,7 @@ def save_inference_checkpoint(
     crash never leaves a half-written checkpoint. Returns the path.
     """
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     model = _unwrap(model)
@@ -156,13 +156,19 @@ def save_inference_checkpoint(
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    # a fresh name in the same folder, so os.replace is atomic
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        save_file(tensors, tmp, metadata={METADATA_KEY: header})
+        # serialise in memory and write ourselves: the file gets the user's umask (safetensors'
+        # own writer makes it 0600) and is on disk (fsync) before it replaces the old one
+        payload = save(tensors, metadata={METADATA_KEY: header})
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

@@ -60,8 +60,8 @@ class ModelConfig:
                 raise ValueError(f"model config: {name} must be a positive integer, got {value!r}")
         if not isinstance(self.depth, int) or self.depth < 0:
             raise ValueError(f"model config: depth must be an integer >= 0, got {self.depth!r}")
-        if self.num_frequencies < 0:
-            raise ValueError(f"model config: num_frequencies must be >= 0, got {self.num_frequencies}")
+        if not isinstance(self.num_frequencies, int) or self.num_frequencies < 0:
+            raise ValueError(f"model config: num_frequencies must be an integer >= 0, got {self.num_frequencies!r}")
         if self.num_frequencies == 0 and not self.include_input:
             raise ValueError("model config: no point features (num_frequencies = 0 and include_input = False)")
         if self.width % self.heads or self.width % self.decoder_heads:

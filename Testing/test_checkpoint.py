@@ -263,3 +263,13 @@ def test_cuda_without_cuda_is_a_clear_error(saved):
     path, _ = saved
     with pytest.raises(ValueError, match="CUDA is not available"):
         load_inference_checkpoint(path, device="cuda")
+
+
+def test_saved_file_follows_the_umask(saved):
+    """Readable by the team like any file the user writes (a temp-file helper must not make it 0600)."""
+    import os
+
+    path, _ = saved
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

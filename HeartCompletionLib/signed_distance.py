@@ -105,8 +105,11 @@ def trilinear(grid: np.ndarray, q: np.ndarray) -> np.ndarray:
     frac = (q - base).astype(np.float32)
     strides = np.array([shape[1] * shape[2], shape[2], 1], dtype=np.int64)
     flat = grid.reshape(int(np.prod(shape)), -1)
-    if flat.dtype != np.float32:  # e.g. a uint8 mask: differences must not wrap around
-        flat = flat.astype(np.float32)
+    if flat.dtype == np.float32:
+        take = flat.__getitem__
+    else:  # e.g. a uint8 mask: convert the gathered corners only (differences must not wrap around)
+        def take(ix):
+            return flat[ix].astype(np.float32)
     index = base @ strides
     fx, fy, fz = (frac[:, a : a + 1] for a in range(3))
 
@@ -118,9 +121,9 @@ def trilinear(grid: np.ndarray, q: np.ndarray) -> np.ndarray:
 
     def plane(offset):  # bilinear in (j, k) at i = base_i + offset
         i = index + offset * strides[0]
-        low = lerp_into(flat[i], flat[i + 1], fz)
+        low = lerp_into(take(i), take(i + 1), fz)
         i += strides[1]
-        high = lerp_into(flat[i], flat[i + 1], fz)
+        high = lerp_into(take(i), take(i + 1), fz)
         return lerp_into(low, high, fy)
 
     out = lerp_into(plane(0), plane(1), fx)

@@ -26,6 +26,7 @@ file is never modified.
 
 from __future__ import annotations
 
+import gzip
 import os
 import uuid
 import warnings
@@ -309,12 +310,14 @@ def write_label_map(label_map: LabelMap, path, table=None) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LabelMapError(path, f"cannot create the output folder ({exc})") from exc
-    tmp = path.with_name(f".{path.name[: -len(suffix)]}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+    # The temporary name ends in .tmp, so a folder scan never mistakes a leftover for a label map.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        if suffix in (".nii", ".nii.gz"):
-            _write_nifti(tmp, data, label_map.ijk_to_ras)
-        else:
-            _write_nrrd(tmp, data, label_map.ijk_to_ras, table if suffix == ".seg.nrrd" else None)
+        with open(tmp, "wb") as handle:
+            if suffix in (".nii", ".nii.gz"):
+                _write_nifti(handle, data, label_map.ijk_to_ras, compress=suffix == ".nii.gz")
+            else:
+                _write_nrrd(handle, data, label_map.ijk_to_ras, table if suffix == ".seg.nrrd" else None)
         os.replace(tmp, path)
     except Exception as exc:
         tmp.unlink(missing_ok=True)
@@ -324,7 +327,7 @@ def write_label_map(label_map: LabelMap, path, table=None) -> Path:
     return path
 
 
-def _write_nifti(path: Path, data: np.ndarray, ijk_to_ras: np.ndarray) -> None:
+def _write_nifti(handle, data: np.ndarray, ijk_to_ras: np.ndarray, compress: bool) -> None:
     import nibabel as nib
 
     affine = np.asarray(ijk_to_ras, dtype=np.float64)
@@ -333,10 +336,14 @@ def _write_nifti(path: Path, data: np.ndarray, ijk_to_ras: np.ndarray) -> None:
     img.set_qform(affine, code=1)
     img.header.set_xyzt_units("mm")
     img.header.set_data_dtype(data.dtype)
-    nib.save(img, str(path))
+    if compress:  # no file name or time stamp in the gzip header: same data, same bytes
+        with gzip.GzipFile(filename="", mode="wb", fileobj=handle, compresslevel=6, mtime=0) as stream:
+            stream.write(img.to_bytes())
+    else:
+        handle.write(img.to_bytes())
 
 
-def _write_nrrd(path: Path, data: np.ndarray, ijk_to_ras: np.ndarray, table: StructureTable | None) -> None:
+def _write_nrrd(handle, data: np.ndarray, ijk_to_ras: np.ndarray, table: StructureTable | None) -> None:
     import nrrd
 
     ijk_to_lps = LPS_TO_RAS @ np.asarray(ijk_to_ras, dtype=np.float64)
@@ -352,7 +359,7 @@ def _write_nrrd(path: Path, data: np.ndarray, ijk_to_ras: np.ndarray, table: Str
     }
     if table is not None:
         header.update(_segmentation_header(data, ijk_to_ras, table))
-    nrrd.write(str(path), data, header, index_order="F", compression_level=6)
+    nrrd.write(handle, data, header, index_order="F", compression_level=6)
 
 
 def _segmentation_header(data: np.ndarray, ijk_to_ras: np.ndarray, table: StructureTable) -> dict:

@@ -143,6 +143,7 @@ def test_heart_synth_cli_writes_dataset(tmp_path, capsys):
     assert dataset["labels"]["LV"] == 3 and dataset["labels"]["background"] == 0
     assert dataset["dropped"] == ["PV"]
     assert sum(1 for c in dataset["cases"] if c["truncated_structure"] == "LAA") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json"] + [c["file"] for c in dataset["cases"]]
     for case in dataset["cases"]:
         lm = read_label_map(out / case["file"])
         assert TABLE.by_name("PV").label not in lm.present_labels()

@@ -375,20 +375,24 @@ def prepare_dataset(
         else:
             entries[str(ctx.source)] = existing
 
-    def finish(entry: dict, bar) -> None:
-        entries[entry["source"]] = entry
+    last_write = [0.0]
+
+    def finish(ctx: _CaseContext, entry: dict) -> None:
+        entries[str(ctx.source)] = {**entry, "source": str(ctx.source)}
         if entry["status"] != "ok":
-            bar.write(f"FAILED {entry['reason']}")
-        write_manifest(output_dir, input_dir, options, entries.values())
+            bar.write(f"FAILED {entry['case']}: {entry['reason']}", file=sys.stderr)
+        bar.update()
+        if time.monotonic() - last_write[0] > 5.0:  # progress survives a kill; not rewritten per case
+            write_manifest(output_dir, input_dir, options, entries.values())
+            last_write[0] = time.monotonic()
 
     with tqdm(total=len(contexts), initial=len(contexts) - len(pending), desc="heart-prepare", unit="case",
               disable=not progress) as bar:
         if workers <= 1 or len(pending) <= 1:
             for ctx in pending:
-                finish(_run_case(ctx, options), bar)
-                bar.update()
+                finish(ctx, _run_case(ctx, options))
         else:
-            _run_parallel(pending, options, workers, lambda e: (finish(e, bar), bar.update()))
+            _run_parallel(pending, options, workers, finish)
     return write_manifest(output_dir, input_dir, options, entries.values())
 
 
@@ -404,7 +408,7 @@ def _run_parallel(pending: list, options: PrepareOptions, workers: int, on_done)
                 entry = future.result()
             except BrokenProcessPool as exc:  # a worker died (e.g. killed for memory)
                 entry = _failed(ctx, f"{ctx.source}: worker process died ({exc}); try fewer --workers")
-            on_done(entry)
+            on_done(ctx, entry)
 
 
 # --- command line ---------------------------------------------------------------------------

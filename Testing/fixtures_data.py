@@ -5,6 +5,8 @@
 - ``synthetic_heart_files`` (session) -- three small synthetic cases at 1.5 mm in ``.nii.gz``
   plus ``dataset.json``; one of them has its LAA cut by the field of view.
 - ``synthetic_label_map_1p5`` (session) -- one in-memory synthetic heart at 1.5 mm (seed 0).
+- ``synthetic_heart_in_geometries`` (session) -- one heart (seed 3) rasterised into each of the
+  four geometries: ``{name: LabelMap}``.
 - :func:`structure_centroids_ras` -- label -> RAS centroid (mm) of a label map's voxel centres.
 
 Session fixtures are shared: never modify their files or arrays in place (copy first).
@@ -18,7 +20,7 @@ import numpy as np
 import pytest
 
 __all__ = ["GEOMETRY_NAMES", "SyntheticCases", "geometries", "structure_centroids_ras", "synthetic_heart_files",
-           "synthetic_label_map_1p5"]
+           "synthetic_heart_in_geometries", "synthetic_label_map_1p5"]
 
 GEOMETRY_NAMES = ("iso_ras", "lps_flipped", "anisotropic", "oblique")
 
@@ -77,6 +79,18 @@ def synthetic_label_map_1p5():
     label_map = synthetic_label_map(seed=0, spacing_mm=1.5)
     label_map.labels.setflags(write=False)  # shared by the session: fail loudly on in-place edits
     return label_map
+
+
+@pytest.fixture(scope="session")
+def synthetic_heart_in_geometries() -> dict:
+    """The same synthetic heart (seed 3) in the four :func:`geometries` (1.5 mm base), read-only."""
+    from HeartCompletionLib.synthetic import synthetic_heart, synthetic_label_map
+
+    heart = synthetic_heart(seed=3)
+    maps = {name: synthetic_label_map(heart=heart, **geom) for name, geom in geometries(1.5).items()}
+    for label_map in maps.values():
+        label_map.labels.setflags(write=False)
+    return maps
 
 
 def structure_centroids_ras(label_map) -> dict[int, np.ndarray]:

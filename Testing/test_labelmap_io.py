@@ -11,7 +11,7 @@ import nibabel as nib
 import nrrd
 import numpy as np
 import pytest
-from fixtures_data import geometries, structure_centroids_ras
+from fixtures_data import structure_centroids_ras
 
 from HeartCompletionLib.geometry import LPS_TO_RAS, make_ijk_to_ras, rotation_matrix
 from HeartCompletionLib.labelmap import LabelMap
@@ -23,7 +23,7 @@ from HeartCompletionLib.labelmap_io import (
 )
 from HeartCompletionLib.segment_mapping import parse_terminology_entry, terminology_entry
 from HeartCompletionLib.structures import StructureTable
-from HeartCompletionLib.synthetic import synthetic_heart, synthetic_label_map
+from HeartCompletionLib.synthetic import synthetic_label_map
 
 TABLE = StructureTable.default()
 FORMATS = (".nii.gz", ".nrrd", ".seg.nrrd")
@@ -34,15 +34,11 @@ def sha256(path) -> str:
 
 
 @pytest.fixture(scope="module")
-def heart_in_geometries(tmp_path_factory):
-    """One heart (seed 3) rasterised into the four geometries and written in three formats."""
+def heart_in_geometries(tmp_path_factory, synthetic_heart_in_geometries):
+    """One heart (seed 3) in the four geometries, each written in three formats."""
     folder = tmp_path_factory.mktemp("io_geometries")
-    heart = synthetic_heart(seed=3)
-    out = {}
-    for name, geom in geometries(1.5).items():
-        lm = synthetic_label_map(heart=heart, **geom)
-        out[name] = (lm, {fmt: write_label_map(lm, folder / f"{name}{fmt}") for fmt in FORMATS})
-    return out
+    return {name: (lm, {fmt: write_label_map(lm, folder / f"{name}{fmt}") for fmt in FORMATS})
+            for name, lm in synthetic_heart_in_geometries.items()}
 
 
 def test_round_trips_exact_and_same_physical_heart_everywhere(heart_in_geometries):

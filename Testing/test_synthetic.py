@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from fixtures_data import geometries, structure_centroids_ras
+from fixtures_data import structure_centroids_ras
 from heart_training.synth_cli import case_seed, main
 
 from HeartCompletionLib.geometry import voxel_centers_ras
@@ -71,9 +71,8 @@ def test_rasterize_matches_pointwise_inside_no_overlap():
     assert heart.inside(lv.center[None])[0] == TABLE.by_name("LV").label
 
 
-def test_same_heart_in_four_geometries_same_physical_places():
-    heart = synthetic_heart(seed=3)
-    maps = {name: synthetic_label_map(heart=heart, **g) for name, g in geometries(1.5).items()}
+def test_same_heart_in_four_geometries_same_physical_places(synthetic_heart_in_geometries):
+    maps = synthetic_heart_in_geometries
     ref = maps["iso_ras"]
     ref_c = structure_centroids_ras(ref)
     ref_v = {k: (ref.labels == k).sum() * ref.voxel_volume_mm3 for k in ref_c}

@@ -142,6 +142,8 @@ def _rewrite(source: Path, target: Path, change) -> Path:
     case = load_case(source, optional=("near_labels", "near_offset_mm"))
     meta = case.pop("meta")
     change(case)
+    if "table" in case:  # a change of the metadata
+        meta["table"] = case.pop("table")
     return save_case(target, case, meta)
 
 
@@ -169,8 +171,11 @@ def test_check_catches_wrong_units_and_nan_mismatch(prepared, tmp_path, capsys):
         for key in ("surface_points", "volume_points", "near_points"):
             case[key] /= 1000
 
+    def other_table(case):  # same K, another structure order: must not be mixed into one dataset
+        case["table"] = TABLE.names[::-1]
+
     for name, change in [("divided", divide), ("voxels", voxels), ("unannotated", unannotate),
-                         ("nan", nan_in_annotated), ("metres", points_in_metres)]:
+                         ("nan", nan_in_annotated), ("metres", points_in_metres), ("other_table", other_table)]:
         _rewrite(source, bad / f"{name}.npz", change)
     (bad / "corrupt.npz").write_bytes(b"not a zip file")
 
@@ -183,9 +188,10 @@ def test_check_catches_wrong_units_and_nan_mismatch(prepared, tmp_path, capsys):
     assert "PA] is annotated but holds 10 NaN" in problems["nan"]
     assert "not a heart in mm" in problems["metres"]
     assert "unreadable" in problems["corrupt"]
+    assert "differs from the rest of the dataset" in problems["other_table"]
     assert prepare.main(["--check", str(bad), "--quiet", *CHECK_SMALL]) == 1
     out = capsys.readouterr().out
-    for name in ("divided", "voxels", "unannotated", "nan", "metres", "corrupt"):
+    for name in ("divided", "voxels", "unannotated", "nan", "metres", "corrupt", "other_table"):
         assert f"FAIL {bad / name}.npz" in out  # every offending case is named
     assert "FAIL " + str(bad / "good.npz") not in out
 

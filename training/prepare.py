@@ -43,9 +43,6 @@ from HeartCompletionLib.structures import StructureTable
 
 from .case_format import FORMAT_VERSION, load_case, manifest_entry, save_case, write_manifest
 
-#: Label-map suffixes, longest first so ``.seg.nrrd`` wins over ``.nrrd`` (same as labelmap_io's).
-LABEL_MAP_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd")
-
 
 class PrepareError(ValueError):
     """A case that cannot be prepared; the message names the file and the problem."""
@@ -102,11 +99,13 @@ def case_seed(seed: int, case_id: str) -> int:
 
 def strip_label_map_suffix(name: str) -> str | None:
     """``"case_001.nii.gz"`` -> ``"case_001"``; ``None`` when the name is not a label-map file."""
-    lower = name.lower()
-    for suffix in LABEL_MAP_SUFFIXES:
-        if lower.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return None
+    from HeartCompletionLib.labelmap_io import LabelMapError, suffix_of
+
+    try:
+        suffix = suffix_of(name)  # the reader's list of suffixes, longest match first
+    except LabelMapError:
+        return None
+    return name[: -len(suffix)] or None
 
 
 def sidecar_path(input_path: Path) -> Path:

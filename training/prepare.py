@@ -18,7 +18,7 @@ Annotation (which structures a label map claims to contain): a sidecar ``<case>.
 label map with ``{"annotated": [names]}`` wins, then ``--annotated``, else every structure of the
 table (``--structures`` narrows all three). An annotated structure with no voxels is warned about
 and stored as *not* annotated (NaN): an absent structure has no finite distance to learn.
-``truncated`` flags structures with a voxel on the image border (cut by the field of view).
+``truncated`` flags annotated structures with a voxel on the image border (cut by the field of view).
 
 The CLI (:func:`main`) finds label maps recursively, runs cases in parallel, resumes (a case whose
 ``.npz`` is valid, from the same input file and options, is kept), writes ``manifest.json`` /
@@ -202,7 +202,7 @@ def prepare_case(input_path, output_path, options: PrepareOptions | None = None,
     if not used:
         raise PrepareError(f"{input_path}: none of the annotated structures {claimed} has voxels")
     on_border = _border_labels(label_map.labels)
-    truncated = np.array([lab in on_border and lab in present for lab in table.labels], dtype=bool)
+    truncated = np.array([lab in on_border and lab in used for lab in table.labels], dtype=bool)
     annotated = np.array([lab in used for lab in table.labels], dtype=bool)
 
     rng = np.random.default_rng(case_seed(options.seed, case_id))

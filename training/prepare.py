@@ -73,8 +73,13 @@ class PrepareOptions:
     seed: int = 0
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes the arrays of a case (resume keeps only matching cases)."""
-        text = json.dumps({"options": asdict(self), "format_version": FORMAT_VERSION}, sort_keys=True)
+        """Hash of everything that changes the arrays of a case (resume keeps only matching cases):
+        the options, the format version, the table's content and a convention file's content."""
+        convention = self.convention
+        if convention and Path(convention).is_file():
+            convention = Path(convention).read_text(encoding="utf-8", errors="replace")
+        text = json.dumps({"options": asdict(self), "format_version": FORMAT_VERSION, "convention": convention,
+                           "table": StructureTable.from_spec(self.table).to_dict()}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -49,12 +49,20 @@ class Ellipsoid:
     radii: np.ndarray
     clip_axis: int | None = None
 
-    def contains(self, points: np.ndarray) -> np.ndarray:
-        q = (points - self.center) @ (self.axes / self.radii[None, :])
+    def local_frame(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(A, b)`` with local coordinates ``q = p @ A + b``: the unit ball in the ellipsoid's axes."""
+        a = self.axes / self.radii[None, :]
+        return a, -self.center @ a
+
+    def contains_local(self, q: np.ndarray) -> np.ndarray:
         inside = np.einsum("...i,...i->...", q, q) <= 1.0
         if self.clip_axis is not None:
             inside &= q[..., self.clip_axis] <= 0.0
         return inside
+
+    def contains(self, points: np.ndarray) -> np.ndarray:
+        a, b = self.local_frame()
+        return self.contains_local(points @ a + b)
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         half = np.sqrt(((self.axes * self.radii[None, :]) ** 2).sum(axis=1))
@@ -73,12 +81,19 @@ class Capsule:
     b: np.ndarray
     radius: float
 
+    def local_frame(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(A, b)``: local coordinates ``q = p @ A + b`` with ``a`` at 0 and ``b`` on the +x axis."""
+        frame = _axes_along(self.b - self.a)
+        return frame, -self.a @ frame
+
+    def contains_local(self, q: np.ndarray) -> np.ndarray:
+        length = float(np.linalg.norm(self.b - self.a))
+        along = q[..., 0] - np.clip(q[..., 0], 0.0, length)  # distance past either end, along the axis
+        return along * along + q[..., 1] * q[..., 1] + q[..., 2] * q[..., 2] <= self.radius**2
+
     def contains(self, points: np.ndarray) -> np.ndarray:
-        d = self.b - self.a
-        rel = points - self.a
-        t = np.clip((rel @ d) / max(float(d @ d), 1e-12), 0.0, 1.0)
-        diff = rel - t[..., None] * d
-        return np.einsum("...i,...i->...", diff, diff) <= self.radius**2
+        a, b = self.local_frame()
+        return self.contains_local(points @ a + b)
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         return np.minimum(self.a, self.b) - self.radius, np.maximum(self.a, self.b) + self.radius
@@ -288,16 +303,19 @@ def _ijk_box(low, high, ijk_to_ras, shape):
 
 
 def _paint(labels, prim, box, ijk_to_ras, value) -> None:
+    """Set ``value`` where voxel centres in ``box`` lie inside ``prim``. Local coordinates are an
+    affine function of the voxel indices, built by broadcasting (no RAS point array, no matmul)."""
     start, stop = box
-    rot, origin = ijk_to_ras[:3, :3], ijk_to_ras[:3, 3]
+    frame, offset = prim.local_frame()
+    per_index = ijk_to_ras[:3, :3].T @ frame  # row i: local step per voxel step along axis i
+    base = ijk_to_ras[:3, 3] @ frame + offset
     jj = np.arange(start[1], stop[1], dtype=np.float64)
     kk = np.arange(start[2], stop[2], dtype=np.float64)
-    plane = jj[:, None, None] * rot[:, 1] + kk[None, :, None] * rot[:, 2] + origin  # (nj, nk, 3)
+    plane = jj[:, None, None] * per_index[1] + kk[None, :, None] * per_index[2] + base  # (nj, nk, 3)
     step = max(1, _CHUNK_POINTS // max(1, plane.shape[0] * plane.shape[1]))
     for i0 in range(start[0], stop[0], step):
         ii = np.arange(i0, min(i0 + step, stop[0]), dtype=np.float64)
-        points = ii[:, None, None, None] * rot[:, 0] + plane[None]
-        inside = prim.contains(points)
+        inside = prim.contains_local(ii[:, None, None, None] * per_index[0] + plane[None])
         block = labels[i0 : i0 + len(ii), start[1] : stop[1], start[2] : stop[2]]
         block[inside] = value
 
@@ -378,8 +396,8 @@ def synthetic_label_map(seed: int = 0, spacing_mm=(1.0, 1.0, 1.0), shape=None, d
     """A synthetic heart rasterised into a grid (labels = table values, int16).
 
     - ``spacing_mm``: voxel size (a number or three); CT-like is ``(0.4, 0.4, 0.5)``.
-    - ``shape``: grid size; default covers the heart plus ``margin_mm``. The grid is centred on
-      the heart either way.
+    - ``shape``: grid size; default (or ``None`` per axis) covers the heart plus ``margin_mm``.
+      The grid is centred on the heart either way.
     - ``direction`` / ``flip_axes``: voxel-axis directions in RAS (columns) and axes to negate.
     - ``truncate``: a structure name/label whose side of the field of view is cut
       (:func:`truncate_structure`, ``truncate_depth`` of its extent removed).
@@ -396,7 +414,7 @@ def synthetic_label_map(seed: int = 0, spacing_mm=(1.0, 1.0, 1.0), shape=None, d
     grid_shape, m = heart.default_grid(spacing, direction, flip_axes, margin_mm)
     if shape is not None:
         low, high = heart.bounds()
-        grid_shape = tuple(int(n) for n in shape)
+        grid_shape = tuple(int(d if n is None else n) for n, d in zip(shape, grid_shape))
         m = centred_grid(grid_shape, spacing_of(m), 0.5 * (low + high), m[:3, :3] / spacing_of(m)[None, :])
     label_map = heart.rasterize(grid_shape, m, source=f"<synthetic seed={heart.seed}>")
     info = label_map.metadata["synthetic"]

@@ -120,7 +120,7 @@ def test_seed_determinism_and_variety():
 
 def test_ct_like_spacing_with_explicit_shape():
     """CT-like voxels (0.4 x 0.4 x 0.5 mm) on an explicit grid centred on the heart (small crop here;
-    the full 512 x 512 x 280 grid is the CLI's --ct_like)."""
+    the full 512 x 512 x ~300 grid is the CLI's --ct_like)."""
     heart = synthetic_heart(seed=2)
     lm = synthetic_label_map(heart=heart, spacing_mm=(0.4, 0.4, 0.5), shape=(96, 96, 64))
     assert lm.shape == (96, 96, 64)
@@ -130,6 +130,8 @@ def test_ct_like_spacing_with_explicit_shape():
     np.testing.assert_allclose(centre, 0.5 * (low + high), atol=1e-9)
     assert len(lm.present_labels()) >= 1
     np.testing.assert_allclose(centred_grid((3, 3, 3), (1, 1, 1), (5, 6, 7))[:3, 3], (4, 5, 6))
+    partial = synthetic_label_map(heart=heart, spacing_mm=3.0, shape=(40, None, None))  # None: cover the heart
+    assert partial.shape[0] == 40 and partial.shape[1:] == synthetic_label_map(heart=heart, spacing_mm=3.0).shape[1:]
 
 
 def test_heart_synth_cli_writes_dataset(tmp_path, capsys):

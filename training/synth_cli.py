@@ -27,7 +27,7 @@ from HeartCompletionLib.synthetic import synthetic_label_map
 
 DATASET_JSON = "dataset.json"
 CT_LIKE_SPACING_MM = (0.4, 0.4, 0.5)
-CT_LIKE_SHAPE = (512, 512, 280)
+CT_LIKE_SHAPE = (512, 512, None)  # None: as many 0.5 mm slices as the heart needs
 
 
 def case_seed(seed: int, index: int) -> int:
@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shape", type=int, nargs=3, default=None, metavar=("I", "J", "K"),
                         help="grid size in voxels (default: the heart plus a 10 mm margin)")
     parser.add_argument("--ct_like", action="store_true",
-                        help=f"CT-like grid: spacing {CT_LIKE_SPACING_MM} mm, shape {CT_LIKE_SHAPE} (slow, large)")
+                        help="CT-like grid: 0.4 x 0.4 x 0.5 mm voxels, 512 x 512 pixels per slice, slices covering the "
+                             "heart (~300; slow, ~70M voxels per case)")
     parser.add_argument("--format", dest="fmt", default=".nii.gz", choices=SUPPORTED_SUFFIXES,
                         help="file type (default: %(default)s)")
     parser.add_argument("--truncate_fraction", type=float, default=0.3,

@@ -113,22 +113,27 @@ def test_points_are_mm_at_the_label_maps_physical_place(prepared, synth_dir):
     assert np.all(own[close] <= case["near_offset_mm"][close] + SPACING / 2 + 0.05)  # |d| <= |offset|
 
 
-def test_sign_agrees_with_the_label_map_at_volume_points(prepared, synth_dir):
+def test_sign_agrees_with_the_label_map_at_volume_and_near_points(prepared, synth_dir):
     case = load_case(prepared / "case_000.npz")
     label_map = read_label_map(synth_dir / "case_000.nii.gz")
-    ijk = np.rint(ras_to_ijk_points(case["volume_points"] + case["origin_mm"], label_map.ijk_to_ras)).astype(int)
-    inside_grid = np.all((ijk >= 0) & (ijk < np.array(label_map.shape)), axis=1)
-    labels = np.zeros(len(ijk), dtype=int)
-    labels[inside_grid] = label_map.labels[tuple(ijk[inside_grid].T)]
-    checked = 0
-    for k in range(len(TABLE)):
-        sdf = case["volume_sdf"][:, k]
-        away = np.abs(sdf) > SPACING  # the sign right at the boundary depends on the iso-surface
-        agree = (sdf[away] < 0) == (labels[away] == k + 1)
-        assert agree.mean() >= 0.995, TABLE[k].name
-        checked += away.sum()
-    assert checked > 0.8 * 6000 * len(TABLE)
-    assert (case["volume_sdf"] > 0).all(axis=1).mean() > 0.3  # the padded box is mostly background
+    for points_key, sdf_key in (("volume_points", "volume_sdf"), ("near_points", "near_sdf")):
+        ras = case[points_key] + case["origin_mm"]
+        ijk = np.rint(ras_to_ijk_points(ras, label_map.ijk_to_ras)).astype(int)
+        inside_grid = np.all((ijk >= 0) & (ijk < np.array(label_map.shape)), axis=1)
+        labels = np.zeros(len(ijk), dtype=int)
+        labels[inside_grid] = label_map.labels[tuple(ijk[inside_grid].T)]
+        checked = 0
+        for k in range(len(TABLE)):
+            sdf = case[sdf_key][:, k]
+            away = np.abs(sdf) > SPACING  # the sign right at the boundary depends on the iso-surface
+            agree = (sdf[away] < 0) == (labels[away] == k + 1)
+            assert agree.mean() >= 0.995, (points_key, TABLE[k].name)
+            checked += away.sum()
+        assert checked > 0.8 * 6000 * len(TABLE)
+        if points_key == "volume_points":
+            assert (case[sdf_key] > 0).all(axis=1).mean() > 0.3  # the padded box is mostly background
+        else:
+            assert (case[sdf_key] < 0).any(axis=1).mean() > 0.3  # near points straddle the surfaces
 
 
 def test_check_passes_on_a_fresh_dataset(prepared, capsys):

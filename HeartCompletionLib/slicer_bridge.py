@@ -185,9 +185,9 @@ def segment_mask(segmentation_node, segment_id: str, shape, ijk_to_ras) -> np.nd
     if layer is None:
         return np.zeros(shape, dtype=bool)
     values, layer_ijk_to_ras = array_from_oriented_image(layer)
-    binary = oriented_image_from_array(values == segment.GetLabelValue(), layer_ijk_to_ras)
     if values.shape == tuple(shape) and np.allclose(layer_ijk_to_ras, ijk_to_ras, atol=1e-6):
         return values == segment.GetLabelValue()
+    binary = oriented_image_from_array(values == segment.GetLabelValue(), layer_ijk_to_ras)
     resampled = slicer.vtkOrientedImageData()
     ok = slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
         binary, _geometry_image(shape, ijk_to_ras), resampled, False, True
@@ -196,6 +196,15 @@ def segment_mask(segmentation_node, segment_id: str, shape, ijk_to_ras) -> np.nd
         raise RuntimeError(f"segment {segment.GetName()!r}: resampling to the reference grid failed")
     mask, _ = array_from_oriented_image(resampled)
     return mask.astype(bool)
+
+
+def _segment_binary_image(segmentation_node, segment_id: str):
+    """A 0/1 copy of one segment on its layer's grid (a shared layer holds other segments'
+    label values too, which a plain copy of the representation would carry along)."""
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    layer = segmentation_node.GetBinaryLabelmapInternalRepresentation(segment_id)
+    values, layer_ijk_to_ras = array_from_oriented_image(layer)
+    return oriented_image_from_array(values == segment.GetLabelValue(), layer_ijk_to_ras)
 
 
 def segmentation_to_label_map(
@@ -261,9 +270,11 @@ class CompletionUndo:
                     segmentation.RemoveSegment(segment_id)
             for segment_id, image in self.replaced.items():
                 if segmentation.GetSegment(segment_id) is not None:
-                    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-                        image, self.segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
-                    )
+                    # The saved image covers only the old extent: clear first so that voxels the
+                    # completion added outside it go too.
+                    logic = slicer.vtkSlicerSegmentationsModuleLogic
+                    logic.ClearSegment(self.segmentation_node, segment_id)
+                    logic.SetBinaryLabelmapToSegment(image, self.segmentation_node, segment_id, logic.MODE_REPLACE)
         finally:
             self.segmentation_node.EndModify(was_modifying)
         self.added, self.replaced = [], {}
@@ -297,9 +308,7 @@ def add_result_segments(
             image = oriented_image_from_array(label_map.labels == structure.label, label_map.ijk_to_ras)
             segment_id = replace_segments.get(structure.label)
             if segment_id and segmentation.GetSegment(segment_id) is not None:
-                previous = slicer.vtkOrientedImageData()
-                logic.GetSegmentBinaryLabelmapRepresentation(segmentation_node, segment_id, previous, False)
-                undo.replaced[segment_id] = previous
+                undo.replaced[segment_id] = _segment_binary_image(segmentation_node, segment_id)
             else:
                 segment_id = segmentation.AddEmptySegment("", structure.name, list(structure.color_float))
                 undo.added.append(segment_id)
@@ -371,8 +380,11 @@ def export_meshes(
         if not ok:
             raise OSError(f"{folder}: exporting meshes failed")
         written = []
+        # Slicer names files "<segmentation>_<segment>.<ext>"; the folder already says which
+        # segmentation, so keep just the segment (= structure) name.
+        prefix = f"{segmentation_node.GetName()}_"
         for item in sorted(staging.iterdir()):
-            target = folder / item.name
+            target = folder / (item.name[len(prefix) :] if item.name.startswith(prefix) else item.name)
             os.replace(item, target)
             written.append(target)
         return written

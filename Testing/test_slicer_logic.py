@@ -1,0 +1,315 @@
+"""The "Complete heart" module's logic on a real MRML scene (``slicer-core``, no GUI).
+
+A synthetic heart minus some structures is imported into a segmentation the way Slicer does
+it (label-map volume -> segments), the segments are renamed in mixed conventions, and the
+module's glue (``HeartCompletionLib.slicer_bridge`` + ``completion_process``) runs end to end
+with the tiny checkpoint trained by the training fixtures.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
+
+from HeartCompletionLib import completion_process, slicer_bridge  # noqa: E402
+from HeartCompletionLib.geometry import make_ijk_to_ras, rotation_matrix  # noqa: E402
+from HeartCompletionLib.labelmap import LabelMap  # noqa: E402
+from HeartCompletionLib.segment_mapping import (  # noqa: E402
+    default_structures_to_complete,
+    map_segments,
+    parse_terminology_entry,
+    segment_labels,
+    terminology_entry,
+)
+from HeartCompletionLib.structures import StructureTable  # noqa: E402
+
+TABLE = StructureTable.default()
+DROPPED = ("PA", "LAA", "Coronary")  # what the user has not segmented
+TOTALSEG_RV = (
+    "Segmentation category and type - DICOM master list~SCT^123037004^Anatomical Structure"
+    "~SCT^53085002^Right ventricle~^^~Anatomic codes - DICOM master list~^^~^^"
+)
+# Segment names as users (and other tools) write them; RV is known only by its terminology.
+NAMES = {
+    "Myocardium": "heart_myocardium",
+    "LA": "left atrium",
+    "LV": "left ventricle",
+    "RA": "RA blood pool",
+    "RV": "Segment_5",
+    "Aorta": "Ao",
+    "PV": "pulmonary veins",
+}
+
+
+@pytest.fixture()
+def scene():
+    slicer.mrmlScene = slicer.vtkMRMLScene()
+    slicer_bridge.ensure_segmentation_converters()
+    yield slicer.mrmlScene
+    slicer.mrmlScene.Clear(1)
+
+
+@pytest.fixture(scope="module")
+def heart():
+    """An oblique, anisotropic synthetic heart (all ten structures)."""
+    from HeartCompletionLib.synthetic import synthetic_label_map
+
+    return synthetic_label_map(seed=4, spacing_mm=(2.6, 3.0, 3.4), direction=rotation_matrix((1, 1, 0.3), 0.5))
+
+
+def add_volume(scene, label_map: LabelMap, name="reference", labelmap=True):
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", name)
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(label_map.labels.transpose(2, 1, 0)).astype(np.int16))
+    node.SetIJKToRASMatrix(slicer_bridge._vtk_matrix(label_map.ijk_to_ras))
+    return node
+
+
+def partial_segmentation(scene, heart: LabelMap):
+    """Segmentation as a user has it: imported from a label map, renamed, one by terminology
+    only, plus an unrelated "Tumor"; reference geometry = the image. Returns (node, volume)."""
+    partial = np.where(np.isin(heart.labels, [TABLE.by_name(n).label for n in DROPPED]), 0, heart.labels)
+    tumor_label = 99
+    partial[tuple(np.array(partial.shape) // 5)] = tumor_label  # a one-voxel "Tumor" outside the heart
+    volume = add_volume(scene, LabelMap(partial.astype(np.int16), heart.ijk_to_ras), "image")
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "heart")
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(volume, node, "")
+    segmentation = node.GetSegmentation()
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(index)
+        value = segment.GetLabelValue()
+        if value == tumor_label:
+            segment.SetName("Tumor")
+            continue
+        name = TABLE.by_label(value).name
+        segment.SetName(NAMES[name])
+        if name == "RV":
+            segment.SetTerminology(TOTALSEG_RV)
+    return node, volume
+
+
+def snapshot(node, shape, ijk_to_ras):
+    return {
+        info.segment_id: (info.name, slicer_bridge.segment_mask(node, info.segment_id, shape, ijk_to_ras))
+        for info in slicer_bridge.segment_infos(node)
+    }
+
+
+# --- geometry ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spacing, angle", [((1.0, 1.0, 1.0), 0.0), ((0.7, 1.3, 2.5), 0.6)])
+def test_label_map_round_trip_exact_geometry(scene, spacing, angle):
+    """Segments written on a grid read back voxel-exactly on it, for identity and oblique,
+    anisotropic, axis-flipped grids; with and without a reference volume."""
+    direction = rotation_matrix((1, 2, 3), angle) @ np.diag([1.0, -1.0, 1.0])
+    ijk_to_ras = make_ijk_to_ras(spacing, (12.0, -30.0, 7.5), direction)
+    labels = np.zeros((24, 30, 20), np.int16)
+    labels[4:12, 5:20, 3:9] = 3
+    labels[12:20, 8:25, 6:15] = 2
+    labels[2:5, 22:28, 1:4] = 6
+    truth = LabelMap(labels, ijk_to_ras)
+    volume = add_volume(scene, truth)
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    slicer_bridge.add_result_segments(node, truth, [3, 2, 6], TABLE, show_surfaces=False)
+    mapping = segment_labels(map_segments(slicer_bridge.segment_infos(node), TABLE))
+    for reference in (volume, None):
+        back = slicer_bridge.segmentation_to_label_map(node, mapping, reference)
+        assert back.shape == truth.shape
+        np.testing.assert_allclose(back.ijk_to_ras, ijk_to_ras, atol=1e-6)
+        np.testing.assert_array_equal(back.labels, labels)
+
+
+def test_padded_geometry_without_reference(scene, heart):
+    """No reference geometry: the grid is the segments' box padded by the margin, in mm."""
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
+    lv_only = LabelMap(np.where(heart.labels == 3, 3, 0).astype(np.int16), heart.ijk_to_ras)
+    slicer_bridge.add_result_segments(node, lv_only, [3], TABLE, show_surfaces=False)
+    shape, ijk_to_ras = slicer_bridge.reference_geometry(node, margin_mm=30.0)
+    mapping = segment_labels(map_segments(slicer_bridge.segment_infos(node), TABLE))
+    back = slicer_bridge.segmentation_to_label_map(node, mapping, margin_mm=30.0)
+    assert back.shape == shape
+    assert np.count_nonzero(back.labels == 3) == np.count_nonzero(heart.labels == 3)
+    # the LV's bounding box sits at least 30 mm inside the padded grid on every side
+    ijk = np.argwhere(back.labels == 3)
+    spacing = np.linalg.norm(ijk_to_ras[:3, :3], axis=0)
+    assert np.all(ijk.min(0) * spacing >= 30.0 - spacing)
+    assert np.all((np.array(shape) - 1 - ijk.max(0)) * spacing >= 30.0 - spacing)
+
+
+# --- mapping -----------------------------------------------------------------------------------
+
+
+def test_segment_mapping_mixed_conventions(scene, heart):
+    node, _ = partial_segmentation(scene, heart)
+    mappings = map_segments(slicer_bridge.segment_infos(node), TABLE)
+    found = {m.segment.name: (m.structure.name if m.structure else None, m.matched_by) for m in mappings}
+    assert found["left ventricle"] == ("LV", "name")
+    assert found["heart_myocardium"] == ("Myocardium", "name")
+    assert found["Segment_5"] == ("RV", "terminology")
+    assert found["Tumor"] == (None, "none")
+    assert [s.name for s in default_structures_to_complete(mappings, TABLE)] == list(DROPPED)
+
+
+# --- end to end ----------------------------------------------------------------------------------
+
+
+def test_complete_segmentation_end_to_end(scene, heart, tiny_checkpoint, tmp_path):
+    from HeartCompletionLib.completion import complete_label_map
+    from HeartCompletionLib.labelmap_io import read_label_map
+
+    node, volume = partial_segmentation(scene, heart)
+    mappings = map_segments(slicer_bridge.segment_infos(node), TABLE)
+    before = snapshot(node, heart.shape, heart.ijk_to_ras)
+    input_map = slicer_bridge.segmentation_to_label_map(node, segment_labels(mappings), volume)
+    assert not np.any(input_map.labels > len(TABLE)), "the unmapped Tumor must not reach the model"
+
+    result, undo = slicer_bridge.complete_segmentation(node, mappings, tiny_checkpoint, device="cpu", show_surfaces=True)
+    direct = complete_label_map(input_map, tiny_checkpoint, device="cpu")
+    assert sorted(result.completed_labels) == sorted(TABLE.by_name(n).label for n in DROPPED)
+    segmentation = node.GetSegmentation()
+    assert len(undo.added) == len(DROPPED)
+    for segment_id in undo.added:
+        segment = segmentation.GetSegment(segment_id)
+        structure = TABLE.by_name(segment.GetName())
+        assert structure.name in DROPPED
+        np.testing.assert_allclose(segment.GetColor(), structure.color_float, atol=1e-6)
+        entry = parse_terminology_entry(slicer_bridge.segment_terminology(segment))
+        assert (entry.type.code, entry.category.code) == (structure.snomed_code, "123037004")
+        mask = slicer_bridge.segment_mask(node, segment_id, heart.shape, heart.ijk_to_ras)
+        np.testing.assert_array_equal(mask, direct.label_map.labels == structure.label)
+    assert any(np.any(direct.label_map.labels == v) for v in result.completed_labels), "the model predicted nothing"
+    after = snapshot(node, heart.shape, heart.ijk_to_ras)
+    for segment_id, (name, mask) in before.items():
+        assert after[segment_id][0] == name
+        np.testing.assert_array_equal(after[segment_id][1], mask)
+    assert node.GetSegmentation().ContainsRepresentation(slicer_bridge.CLOSED_SURFACE)
+
+    # export: NIfTI with table values, .seg.nrrd with names, one mesh per segment
+    nifti = slicer_bridge.export_label_map(node, tmp_path / "heart.nii.gz", TABLE, volume)
+    exported = read_label_map(nifti)
+    np.testing.assert_allclose(exported.ijk_to_ras, heart.ijk_to_ras, atol=1e-4)
+    expected = np.where(np.isin(direct.label_map.labels, result.completed_labels), direct.label_map.labels, input_map.labels)
+    np.testing.assert_array_equal(exported.labels, expected)
+    seg_path = slicer_bridge.write_seg_nrrd(node, tmp_path / "heart.seg.nrrd")
+    reread = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "reread")
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(seg_path))
+    assert storage.ReadData(reread)
+    names = {reread.GetSegmentation().GetNthSegment(i).GetName() for i in range(reread.GetSegmentation().GetNumberOfSegments())}
+    assert names == {info.name for info in slicer_bridge.segment_infos(node)}
+    meshes = slicer_bridge.export_meshes(node, tmp_path / "meshes", undo.added, "STL")
+    assert sorted(p.name for p in meshes) == sorted(f"{n}.stl" for n in DROPPED if np.any(direct.label_map.labels == TABLE.by_name(n).label))
+    assert not [p for p in (tmp_path / "meshes").iterdir() if p.name.startswith(".")]
+
+    undo.undo()
+    assert [info.segment_id for info in slicer_bridge.segment_infos(node)] == list(before)
+
+
+def test_replace_overwrites_only_the_ticked_segment(scene, heart, tiny_checkpoint):
+    node, volume = partial_segmentation(scene, heart)
+    mappings = map_segments(slicer_bridge.segment_infos(node), TABLE)
+    before = snapshot(node, heart.shape, heart.ijk_to_ras)
+    result, undo = slicer_bridge.complete_segmentation(
+        node, mappings, tiny_checkpoint, structures=["LV"], replace=True, device="cpu", reference_volume_node=volume,
+        show_surfaces=False,
+    )
+    lv_id = next(m.segment.segment_id for m in mappings if m.structure is not None and m.structure.name == "LV")
+    assert undo.added == [] and list(undo.replaced) == [lv_id]
+    after = snapshot(node, heart.shape, heart.ijk_to_ras)
+    assert after[lv_id][0] == "left ventricle"  # name kept
+    np.testing.assert_array_equal(after[lv_id][1], result.label_map.labels == TABLE.by_name("LV").label)
+    for segment_id, (_name, mask) in before.items():
+        if segment_id != lv_id:
+            np.testing.assert_array_equal(after[segment_id][1], mask)
+    undo.undo()
+    np.testing.assert_array_equal(snapshot(node, heart.shape, heart.ijk_to_ras)[lv_id][1], before[lv_id][1])
+
+
+def test_background_process_matches_in_process(scene, heart, tiny_checkpoint, tmp_path):
+    """The path the module takes: input file -> completion_process in a subprocess (progress
+    lines polled) -> output file -> segments; same voxels as the in-process call."""
+    from HeartCompletionLib.completion import complete_label_map
+    from HeartCompletionLib.labelmap_io import read_label_map, write_label_map
+
+    node, volume = partial_segmentation(scene, heart)
+    mappings = map_segments(slicer_bridge.segment_infos(node), TABLE)
+    input_map = slicer_bridge.segmentation_to_label_map(node, segment_labels(mappings), volume)
+    input_path = write_label_map(input_map, tmp_path / "input.nrrd")
+    output_path = tmp_path / "output.nrrd"
+    process = completion_process.CompletionProcess(
+        completion_process.build_command(tiny_checkpoint, input_path, output_path, device="cpu")
+    )
+    events = process.wait(timeout_s=300)
+    assert process.returncode == 0, [e.message for e in events]
+    fractions = [e.fraction for e in events if e.kind == "progress"]
+    assert fractions and fractions == sorted(fractions) and fractions[-1] == 1.0
+    (result_event,) = [e for e in events if e.kind == "result"]
+    completed = result_event.payload["completed_labels"]
+    assert sorted(completed) == sorted(TABLE.by_name(n).label for n in DROPPED)
+
+    output = read_label_map(output_path)
+    undo = slicer_bridge.import_completion_result(node, mappings, output, completed, TABLE, show_surfaces=False)
+    direct = complete_label_map(input_map, tiny_checkpoint, device="cpu")
+    for segment_id in undo.added:
+        label = TABLE.by_name(node.GetSegmentation().GetSegment(segment_id).GetName()).label
+        mask = slicer_bridge.segment_mask(node, segment_id, heart.shape, heart.ijk_to_ras)
+        np.testing.assert_array_equal(mask, direct.label_map.labels == label)
+
+
+def test_process_reports_bad_input(tmp_path, tiny_checkpoint):
+    missing = tmp_path / "nothing.nrrd"
+    command = completion_process.build_command(tiny_checkpoint, missing, tmp_path / "out.nrrd")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=_child_env())
+    assert done.returncode == completion_process.EXIT_BAD_INPUT
+    errors = [completion_process.parse_line(line) for line in done.stdout.splitlines()]
+    assert any(e.kind == "error" and "nothing.nrrd" in e.message for e in errors)
+    assert not (tmp_path / "out.nrrd").exists()
+
+
+def test_cancel_terminates_the_process(tmp_path):
+    script = "import time\nprint('HC-PROGRESS 0.1 working', flush=True)\ntime.sleep(60)\n"
+    process = completion_process.CompletionProcess([sys.executable, "-c", script])
+    for _ in range(200):
+        if any(e.kind == "progress" for e in process.poll()):
+            break
+        import time
+
+        time.sleep(0.05)
+    process.cancel(timeout_s=5)
+    events = process.wait(timeout_s=10)
+    assert process.returncode is not None and process.returncode != 0
+    assert events[-1].kind == "exit"
+
+
+def test_terminology_entry_survives_seg_nrrd(scene, tmp_path):
+    """Our terminology strings go through Slicer's .seg.nrrd writer/reader unchanged."""
+    labels = np.zeros((8, 8, 8), np.int16)
+    labels[2:5, 2:5, 2:5] = TABLE.by_name("LAA").label
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
+    slicer_bridge.add_result_segments(node, LabelMap(labels, np.eye(4)), [8], TABLE, show_surfaces=False)
+    path = slicer_bridge.write_seg_nrrd(node, tmp_path / "one.seg.nrrd")
+    reread = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "reread")
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.ReadData(reread)
+    segment = reread.GetSegmentation().GetNthSegment(0)
+    assert slicer_bridge.segment_terminology(segment) == terminology_entry(TABLE.by_name("LAA"))
+    with pytest.raises(ValueError, match="seg.nrrd"):
+        slicer_bridge.write_seg_nrrd(node, tmp_path / "one.nrrd")
+
+
+def _child_env():
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    return env
+

@@ -50,7 +50,8 @@ def test_heart_eval_writes_every_output(eval_run):
     for name in ("metrics.csv", "summary.json", "report.html", "plots/box_subset_A.png", "plots/box_missing_LAA.png"):
         assert (out / name).is_file(), name
     figures = sorted((out / "figures").glob("*.png"))
-    assert len(figures) == 1 and "subset_A" in figures[0].name
+    assert len(figures) == 2 and figures[0].name.endswith("_subset_A.png")
+    assert figures[1].name == figures[0].name.replace(".png", "_3d.png")  # the 3-D surface snapshot
     for png in [*figures, *(out / "plots").glob("*.png")]:
         assert png.read_bytes()[:8] == PNG_MAGIC
     assert not list(out.rglob("*.tmp")), "a temporary file was left behind"
@@ -99,8 +100,8 @@ def test_html_report_references_only_existing_files(eval_run):
     assert "metrics.csv" in refs and "summary.json" in refs
     for ref in refs:
         assert (eval_run / ref).is_file(), f"report.html links to a missing file {ref}"
-    # box plots for both scenarios and one case overlay, embedded
-    assert text.count("data:image/png;base64,") == 3
+    # box plots for both scenarios, one case's slice overlay and its 3-D snapshot, embedded
+    assert text.count("data:image/png;base64,") == 4
     assert "<th>model</th><th>baseline</th>" in text and "Scenario missing_LAA" in text
 
 

@@ -270,9 +270,12 @@ def run_evaluation(args) -> dict:
             skipped[name] += int(scenario is None)
             rows += case_rows
             if scenario is not None and index < args.figure_cases and name in args.figure_scenarios:
-                figures.append(report.case_overlay_figure(
-                    output_dir / "figures" / f"{case.case_id.replace('/', '_')}_{name}.png",
-                    reference, predictions, scenario, table, title=f"{case.case_id}: {name}"))
+                stem = output_dir / "figures" / f"{case.case_id.replace('/', '_')}_{name}"
+                figures.append(report.case_overlay_figure(stem.with_name(stem.name + ".png"), reference, predictions,
+                                                          scenario, table, title=f"{case.case_id}: {name}"))
+                if args.mesh_figures:
+                    figures.append(report.case_mesh_figure(stem.with_name(stem.name + "_3d.png"), reference,
+                                                           predictions, scenario, table, title=f"{case.case_id}: {name}"))
             bar.set_postfix_str(f"{case.case_id} {name}")
             bar.update(1)
     bar.close()
@@ -320,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--figure_cases", type=int, default=2, help="cases shown as slice overlays (default 2)")
     parser.add_argument("--figure_scenarios", nargs="+", default=["subset_A", "drop_k", "missing_LAA"],
                         help="scenarios shown as slice overlays (default: %(default)s)")
+    parser.add_argument("--no_mesh_figures", dest="mesh_figures", action="store_false",
+                        help="skip the 3-D surface snapshots next to the slice overlays")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 

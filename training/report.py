@@ -214,8 +214,80 @@ def case_overlay_figure(path: Path, reference, predictions: dict, scenario, tabl
             ax.set_yticks([])
             ax.set_title(f"{name}: {view}", fontsize=9)
             ax.text(0.01, 0.5, screen_left, transform=ax.transAxes, color="w", fontsize=8)
-    names = ", ".join(table.by_label(v).name for v in scenario.scored_labels)
-    fig.suptitle(f"{title} - scored: {names}", fontsize=10)
+    _structure_legend(fig, scenario.scored_labels, table)
+    fig.suptitle(f"{title} (faded: given structures)", fontsize=10)
+    return _save_figure(fig, path)
+
+
+def _structure_legend(fig, labels, table) -> None:
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=table.by_label(v).color_float, label=table.by_label(v).name) for v in labels]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, -0.02))
+
+
+#: voxel size (mm) the label maps are subsampled to before meshing the snapshots (speed, not accuracy)
+SNAPSHOT_VOXEL_MM = 3.0
+
+
+def _coarse(label_map):
+    """Every n-th voxel so that the spacing is about :data:`SNAPSHOT_VOXEL_MM` (same RAS frame)."""
+    from HeartCompletionLib.labelmap import LabelMap
+
+    step = np.maximum(1, np.rint(SNAPSHOT_VOXEL_MM / spacing_of(label_map.ijk_to_ras))).astype(int)
+    matrix = label_map.ijk_to_ras.copy()
+    matrix[:3, :3] = matrix[:3, :3] * step[None, :]
+    return LabelMap(label_map.labels[::step[0], ::step[1], ::step[2]], matrix, source=label_map.source)
+
+
+def case_mesh_figure(path: Path, reference, predictions: dict, scenario, table, title: str = "") -> Path:
+    """3-D snapshots of the scored structures' surfaces (RAS mm, seen from the front-left):
+    the reference and each method's completion, from label maps subsampled to ~3 mm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
+
+    from HeartCompletionLib.meshes import structure_meshes
+
+    panels = [("reference", reference)] + [(m, predictions[m]) for m in ("model", "baseline") if m in predictions]
+    fig = plt.figure(figsize=(3.4 * len(panels), 3.6))
+    low, high = None, None
+    axes = []
+    for col, (name, label_map) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), col + 1, projection="3d")
+        meshes = structure_meshes(_coarse(label_map), labels=scenario.scored_labels, smoothing_iterations=5)
+        for label, (vertices, faces) in meshes.items():
+            triangles = vertices[faces]
+            normals = np.cross(triangles[:, 1] - triangles[:, 0], triangles[:, 2] - triangles[:, 0])
+            normals /= np.linalg.norm(normals, axis=1, keepdims=True) + 1e-12
+            # simple Lambert shading, light from the viewer's side (anterior-left-superior)
+            light = np.array([-0.5, 0.6, 0.6]) / np.linalg.norm([-0.5, 0.6, 0.6])
+            shade = 0.35 + 0.65 * np.clip(normals @ light, 0.0, 1.0)
+            colours = np.clip(np.asarray(table.by_label(label).color_float)[None, :] * shade[:, None], 0, 1)
+            ax.add_collection3d(Poly3DCollection(triangles, facecolors=colours, edgecolors="none", linewidths=0))
+            lo, hi = vertices.min(axis=0), vertices.max(axis=0)
+            low = lo if low is None else np.minimum(low, lo)
+            high = hi if high is None else np.maximum(high, hi)
+        ax.set_title(name, fontsize=9)
+        ax.view_init(elev=15, azim=-60)
+        ax.set_xlabel("R (mm)", fontsize=7)
+        ax.set_ylabel("A (mm)", fontsize=7)
+        ax.set_zlabel("S (mm)", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.locator_params(nbins=4)
+        axes.append(ax)
+    if low is not None:
+        centre, half = 0.5 * (low + high), 0.5 * float(np.max(high - low)) + 2.0
+        for ax in axes:  # one box for all panels, equal mm on every axis
+            ax.set_xlim(centre[0] - half, centre[0] + half)
+            ax.set_ylim(centre[1] - half, centre[1] + half)
+            ax.set_zlim(centre[2] - half, centre[2] + half)
+            ax.set_box_aspect((1, 1, 1))
+    _structure_legend(fig, scenario.scored_labels, table)
+    fig.suptitle(f"{title}: surfaces of the scored structures", fontsize=10)
     return _save_figure(fig, path)
 
 

@@ -8,6 +8,7 @@ responsive and Cancel works.
 
 import logging
 import os
+import pathlib
 import shutil
 import sys
 import tempfile
@@ -31,6 +32,12 @@ CHECKPOINT_SETTING = "HeartCompletion/CheckpointPath"
 #: Python packages the completion needs beyond what Slicer bundles (import name -> pip name).
 #: SimpleITK, vtk and numpy come with Slicer and are never installed here.
 EXTRA_REQUIREMENTS = {"safetensors": "safetensors", "nibabel": "nibabel", "nrrd": "pynrrd", "skimage": "scikit-image"}
+
+
+def _pathText(path):
+    """A parameter-node path as text; "" when unset (an unset ``pathlib.Path`` reads as ".")."""
+    text = str(path) if path is not None else ""
+    return "" if text in ("", ".") else text
 
 
 class HeartCompletion(ScriptedLoadableModule):
@@ -58,11 +65,11 @@ class HeartCompletion(ScriptedLoadableModule):
 class HeartCompletionParameterNode:
     segmentation: vtkMRMLSegmentationNode
     referenceVolume: vtkMRMLScalarVolumeNode
-    checkpointPath: str = ""
+    checkpointPath: pathlib.Path
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
     replaceExisting: bool = False
     showSurfaces: bool = True
-    exportFolder: str = ""
+    exportFolder: pathlib.Path
     meshFormat: Annotated[str, Choice(["STL", "OBJ"])] = "STL"
 
 
@@ -124,8 +131,9 @@ class HeartCompletionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self):
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.checkpointPath:
-            self._parameterNode.checkpointPath = qt.QSettings().value(CHECKPOINT_SETTING, "") or ""
+        remembered = qt.QSettings().value(CHECKPOINT_SETTING, "") or ""
+        if not _pathText(self._parameterNode.checkpointPath) and remembered:
+            self._parameterNode.checkpointPath = pathlib.Path(remembered)
         if not self._parameterNode.segmentation:
             node = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
             if node:
@@ -209,7 +217,7 @@ class HeartCompletionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p = self._parameterNode
             self.ui.logTextEdit.clear()
             self.process = self.logic.startCompletion(
-                p.segmentation, self.mappings, self.checkedStructures(), p.checkpointPath, p.device,
+                p.segmentation, self.mappings, self.checkedStructures(), _pathText(p.checkpointPath), p.device,
                 p.replaceExisting, p.referenceVolume,
             )
             self.result = None
@@ -264,7 +272,7 @@ class HeartCompletionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onExport(self, kind):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Export failed."), waitCursor=True):
-            written = self.logic.export(kind, p.segmentation, p.exportFolder, p.referenceVolume, p.meshFormat)
+            written = self.logic.export(kind, p.segmentation, _pathText(p.exportFolder), p.referenceVolume, p.meshFormat)
             self.appendLog(_("Exported: {0}").format(", ".join(str(w) for w in written)))
 
 

@@ -81,7 +81,8 @@ def _edt_both_sides(inside: np.ndarray, spacing, threads: int) -> np.ndarray:
         out[inside] = distance_transform_edt(inside, sampling=spacing)[inside]
         return out
     # multi-label mode: each voxel's distance to the nearest voxel of the other label, both sides at once
-    return edt.edt(inside.astype(np.uint8) + 1, anisotropy=tuple(float(s) for s in spacing), parallel=threads)
+    two_labels = inside.view(np.uint8) + np.uint8(1)
+    return edt.edt(two_labels, anisotropy=tuple(float(s) for s in spacing), parallel=threads)
 
 
 def _edt_outside(outside: np.ndarray, spacing, threads: int) -> np.ndarray:
@@ -191,9 +192,9 @@ class _FineField:
         mask = padded_crop(box_mask, -margin, np.asarray(box_mask.shape) - 1 + margin)
         self.hi = self.lo + np.asarray(mask.shape) - 1
         self.mask = mask.view(np.uint8)
-        dist = _edt_both_sides(mask, spacing, threads)
-        offset = np.float32(SURFACE_OFFSET_VOXELS * spacing.min())
-        self.sdf = np.where(mask, offset - dist, dist - offset).astype(np.float32)
+        sdf = _edt_both_sides(mask, spacing, threads).astype(np.float32, copy=False)
+        sdf -= np.float32(SURFACE_OFFSET_VOXELS * spacing.min())
+        self.sdf = np.negative(sdf, out=sdf, where=mask)  # in place: CT-sized crops are large
         self.mesh = mesh
         self.tree = None if mesh is None else cKDTree(mesh.vertices)
 

@@ -108,6 +108,7 @@ class LossConfig:
     volume: float = 1.0  #: L1 on sdf at uniform volume queries
     near: float = 1.0  #: L1 on sdf at near-surface queries
     surface: float = 1.0  #: |sdf| of the own structure at surface samples
+    clamp_mm: float = 0.0  #: >0: L1 on clamp(sdf, -c, c) (DeepSDF): capacity goes to the surfaces, not the far field
     eikonal: float = 0.0  #: (|grad sdf| - 1)^2 by central finite differences
     eikonal_queries: int = 128  #: near queries per sample used for the eikonal term (6 extra decodes each)
     eikonal_step_mm: float = 1.0  #: finite-difference step
@@ -142,6 +143,7 @@ class RunConfig:
     tensorboard: bool = True
     progress: bool = True  #: tqdm bar on rank 0
     threads: int = 0  #: torch CPU threads per process (0: leave torch's default)
+    stop_after: int = 0  #: stop (state saved, resumable) after this many steps of this invocation; 0: off
 
 
 @dataclass

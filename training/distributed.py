@@ -91,3 +91,15 @@ def broadcast_object(obj, ctx: DistContext):
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
         dist.barrier()
+
+
+def replica_max_difference(model: torch.nn.Module, ctx: DistContext) -> float:
+    """Largest |parameter - rank 0's parameter| over all ranks (0.0 alone): DDP replicas must agree."""
+    if not ctx.distributed:
+        return 0.0
+    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()]).to(ctx.device)
+    reference = flat.clone()
+    dist.broadcast(reference, src=0)
+    diff = (flat - reference).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return float(diff)

@@ -43,6 +43,7 @@ class TrainResult:
     train_metrics: dict = field(default_factory=dict)
     val_metrics: dict = field(default_factory=dict)
     losses: list = field(default_factory=list)  #: (step, loss) of every optimizer step of this call
+    replica_difference: float = 0.0  #: DDP: max |parameter difference| between ranks at the end
 
 
 def build_model(cfg: TrainConfig, table: StructureTable) -> torch.nn.Module:
@@ -154,7 +155,8 @@ class Trainer:
             out = model(batch["enc_points"], batch["enc_onehot"], queries)
         sdf = out["sdf"].float()
         return compute_losses(sdf[:, :q], batch, self.cfg.loss, kl=out.get("kl"),
-                              eikonal_pred=sdf[:, q:] if use_eik else None, step_n=self.step_n)
+                              eikonal_pred=sdf[:, q:] if use_eik else None, step_n=self.step_n,
+                              clamp_n=self.norm.distance_to_network(self.cfg.loss.clamp_mm))
 
     def train_step(self, micro_batches) -> tuple[dict, torch.Tensor, torch.Tensor, MaskStatistics]:
         self.ddp.train()

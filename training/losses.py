@@ -63,17 +63,25 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def compute_losses(pred: torch.Tensor, batch: dict, cfg: LossConfig, kl: torch.Tensor | None = None,
-                   eikonal_pred: torch.Tensor | None = None, step_n: float = 0.01) -> LossOutput:
+                   eikonal_pred: torch.Tensor | None = None, step_n: float = 0.01, clamp_n: float = 0.0) -> LossOutput:
     """Loss terms for ``pred`` (B, Q, K) against ``batch`` (see :class:`.dataset.HeartCaseDataset`).
 
     ``eikonal_pred`` (B, 6*n, K): predictions at :func:`eikonal_queries` with step ``step_n``.
+    ``clamp_n``: clamp distance (network units) of the L1 terms, 0 = exact distances everywhere.
     """
     pred = pred.float()
     target = batch["target"]
     mask = batch["target_mask"]
     kind = batch["query_kind"][..., None]
+    diff = pred - target
+    if clamp_n > 0:
+        # truncated distances: where the target is beyond +-clamp, a prediction beyond it on the
+        # same side is right; anything else is pulled to the clamp (never a zero-gradient trap)
+        t_c = target.clamp(-clamp_n, clamp_n)
+        beyond = ((target >= clamp_n) & (pred >= clamp_n)) | ((target <= -clamp_n) & (pred <= -clamp_n))
+        diff = torch.where(beyond, torch.zeros_like(pred), pred - t_c)
     # where() (not multiplication) so that NaN/garbage in masked targets cannot leak gradient
-    err = torch.where(mask, (pred - target).abs(), torch.zeros_like(pred))
+    err = torch.where(mask, diff.abs(), torch.zeros_like(pred))
     terms = {
         "volume": _masked_mean(err, mask & (kind == QUERY_VOLUME)),
         "near": _masked_mean(err, mask & (kind == QUERY_NEAR)),

@@ -25,7 +25,14 @@ import torch
 from . import data_gate
 from .config import ConfigError, TrainConfig, config_to_yaml, load_config
 from .dataset import collate
-from .distributed import all_reduce_sum, any_rank, broadcast_object, init_distributed, shutdown
+from .distributed import (
+    all_reduce_sum,
+    any_rank,
+    broadcast_object,
+    init_distributed,
+    replica_max_difference,
+    shutdown,
+)
 from .engine import NonFiniteLossError, Trainer, TrainResult, _to
 from .phase_masks import MaskStatistics, simulate_masks
 
@@ -106,13 +113,14 @@ def _loop(trainer: Trainer) -> TrainResult:
     window = _Window(len(trainer.table))
     val: dict = {}
     samples_per_step = cfg.optim.batch_size * cfg.optim.grad_accum * ctx.world_size
+    stop_at = trainer.step + cfg.run.stop_after if cfg.run.stop_after > 0 else None
     while trainer.step < cfg.optim.max_steps:
         sums, inter, union, masks = trainer.train_step(micro)
         result.losses.append((trainer.step, sums["loss"]))
         window.add(sums, inter, union, masks)
         bar.update(1)
         step, last = trainer.step, trainer.step >= cfg.optim.max_steps
-        stop = any_rank(trainer.stop_requested, ctx)
+        stop = any_rank(trainer.stop_requested, ctx) or (stop_at is not None and step >= stop_at and not last)
         if step % cfg.run.log_every == 0 or last or stop:
             metrics = window.reduce(trainer, samples_per_step)
             trainer.log.log("train", step, metrics)
@@ -135,10 +143,15 @@ def _loop(trainer: Trainer) -> TrainResult:
             trainer.save_state()
             result.state_path = trainer.state_path()
         if stop:
-            trainer.log.info(f"stop requested: state saved at step {step}; continue with --resume")
+            trainer.log.info(f"stopping: state saved at step {step}; continue with --resume")
             break
     bar.close()
     result.step = trainer.step
+    if ctx.distributed:
+        result.replica_difference = replica_max_difference(trainer.model, ctx)
+        trainer.log.info(f"DDP replicas after step {trainer.step}: max |parameter difference| "
+                         f"{result.replica_difference:.3g} over {ctx.world_size} processes")
+        trainer.log.log("info", trainer.step, {"replica_max_difference": result.replica_difference})
     if trainer.step >= cfg.optim.max_steps:
         result.final_checkpoint = trainer.export("model_final.safetensors", val)
         if result.best_checkpoint is None and ctx.is_main and (trainer.out / "model_best.safetensors").is_file():
@@ -215,7 +228,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output_dir", help="run folder (default: run.output_dir of the config)")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/state_last.pt if present")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     try:
         overrides = list(args.overrides) + ([f"run.output_dir={args.output_dir}"] if args.output_dir else [])
         cfg = load_config(args.config, overrides)

@@ -17,6 +17,7 @@ Rules (``K`` = number of structures, all lengths in mm):
   600 mm of ``origin_mm`` (points are stored relative to it); the median near-surface
   distance to the sampled structure lies in 0.2..20 mm; the 90th percentile of
   ``|d(p) - d(q)| / |p - q|`` over neighbouring volume points is 0.7..1.2 (ideal 0.9);
+- near points lie around the surface samples of their own structure (median distance at most 6 mm);
 - sign: every annotated structure has negative and positive distances among volume+near points,
   and a near point is no farther from its own structure than its offset from the surface sample
   it was drawn around (plus half a voxel), for 99 % of the points within 8 mm of their sample
@@ -46,6 +47,7 @@ class CheckLimits:
     min_surface_per_structure: int = 50
     extent_mm: tuple[float, float] = (20.0, 600.0)
     max_point_mm: float = 600.0
+    near_gap_mm: float = 6.0
     near_median_mm: tuple[float, float] = (0.2, 20.0)
     slope_p90: tuple[float, float] = (0.7, 1.2)
     max_near_violations: float = 0.01
@@ -150,6 +152,11 @@ def _check_units_and_sign(case: dict, limits: CheckLimits, names: list[str]) -> 
                         "points not relative to origin_mm, or not in mm")
     near_sdf, near = case["near_sdf"], case["near_points"]
     if "near_labels" in case and len(near):
+        gap = _median_gap_to_own_surface(surface, case["surface_labels"], near, case["near_labels"])
+        if gap > limits.near_gap_mm:
+            problems.append(f"near points lie a median {gap:.3g} mm from the surface samples (limit "
+                            f"{limits.near_gap_mm:g} mm): not drawn around the surface, or in another frame")
+    if "near_labels" in case and len(near):
         own = np.abs(near_sdf[np.arange(len(near)), case["near_labels"].astype(np.int64)])
     else:
         own = np.nanmin(np.abs(near_sdf[:, annotated]), axis=1) if len(near) else np.zeros(0)
@@ -179,6 +186,20 @@ def _check_units_and_sign(case: dict, limits: CheckLimits, names: list[str]) -> 
             problems.append(f"{100 * bad:.1f} % of near points are farther from their structure than from the surface "
                             f"sample they were drawn around: surface samples and distances disagree")
     return problems
+
+
+def _median_gap_to_own_surface(surface, surface_labels, near, near_labels, max_points: int = 20_000) -> float:
+    """Median distance (mm) from near points to the nearest surface sample of their own structure."""
+    from scipy.spatial import cKDTree
+
+    step = max(1, len(near) // max_points)
+    near, near_labels = near[::step], near_labels[::step].astype(np.int64)
+    gaps = np.full(len(near), np.inf)
+    for k in np.unique(near_labels):
+        own = surface[surface_labels == k]
+        if len(own):
+            gaps[near_labels == k] = cKDTree(own).query(near[near_labels == k])[0]
+    return float(np.median(gaps))
 
 
 def volume_sdf_slope(points: np.ndarray, sdf: np.ndarray, max_points: int = 20_000) -> float | None:

@@ -179,12 +179,15 @@ def test_check_catches_wrong_units_and_nan_mismatch(prepared, tmp_path, capsys):
     def near_not_relative(case):  # near points stored in scanner RAS instead of relative to origin_mm
         case["near_points"] += case["origin_mm"] + np.array([0.0, 0.0, 30.0])
 
+    def volume_not_relative(case):
+        case["volume_points"] += case["origin_mm"] + np.array([0.0, 0.0, 30.0])
+
     def other_table(case):  # same K, another structure order: must not be mixed into one dataset
         case["table"] = TABLE.names[::-1]
 
     for name, change in [("divided", divide), ("voxels", voxels), ("unannotated", unannotate),
                          ("nan", nan_in_annotated), ("metres", points_in_metres), ("other_table", other_table),
-                         ("near_frame", near_not_relative)]:
+                         ("near_frame", near_not_relative), ("volume_frame", volume_not_relative)]:
         _rewrite(source, bad / f"{name}.npz", change)
     (bad / "corrupt.npz").write_bytes(b"not a zip file")
 
@@ -199,9 +202,10 @@ def test_check_catches_wrong_units_and_nan_mismatch(prepared, tmp_path, capsys):
     assert "unreadable" in problems["corrupt"]
     assert "differs from the rest of the dataset" in problems["other_table"]
     assert "not drawn around the surface" in problems["near_frame"]
+    assert "outside the box of the volume points" in problems["volume_frame"]
     assert prepare.main(["--check", str(bad), "--quiet", *CHECK_SMALL]) == 1
     out = capsys.readouterr().out
-    for name in ("divided", "voxels", "unannotated", "nan", "metres", "corrupt", "other_table", "near_frame"):
+    for name in ("divided", "voxels", "unannotated", "nan", "metres", "corrupt", "other_table", "near_frame", "volume_frame"):
         assert f"FAIL {bad / name}.npz" in out  # every offending case is named
     assert "FAIL " + str(bad / "good.npz") not in out
 

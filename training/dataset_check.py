@@ -17,7 +17,8 @@ Rules (``K`` = number of structures, all lengths in mm):
   600 mm of ``origin_mm`` (points are stored relative to it); the median near-surface
   distance to the sampled structure lies in 0.2..20 mm; the 90th percentile of
   ``|d(p) - d(q)| / |p - q|`` over neighbouring volume points is 0.7..1.2 (ideal 0.9);
-- near points lie around the surface samples of their own structure (median distance at most 6 mm);
+- volume points cover the surface samples; near points lie around the surface samples of their own
+  structure (median distance at most 6 mm);
 - sign: every annotated structure has negative and positive distances among volume+near points,
   and a near point is no farther from its own structure than its offset from the surface sample
   it was drawn around (plus half a voxel), for 99 % of the points within 8 mm of their sample
@@ -150,6 +151,13 @@ def _check_units_and_sign(case: dict, limits: CheckLimits, names: list[str]) -> 
     if farthest > limits.max_point_mm:
         problems.append(f"a point lies {farthest:.4g} mm from origin_mm (limit {limits.max_point_mm:g} mm): "
                         "points not relative to origin_mm, or not in mm")
+    volume = case["volume_points"]
+    if len(volume):
+        lo, hi = volume.min(axis=0) - 1.0, volume.max(axis=0) + 1.0
+        outside = float(np.mean(np.any((surface < lo) | (surface > hi), axis=1)))
+        if outside > 0.01:
+            problems.append(f"{100 * outside:.1f} % of the surface samples lie outside the box of the volume points: "
+                            "volume points not around the heart, or in another frame")
     near_sdf, near = case["near_sdf"], case["near_points"]
     if "near_labels" in case and len(near):
         gap = _median_gap_to_own_surface(surface, case["surface_labels"], near, case["near_labels"])

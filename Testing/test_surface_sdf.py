@@ -8,6 +8,8 @@ voxels-equivalent) so the file runs in seconds on two cores.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 from scipy.spatial import cKDTree
@@ -317,3 +319,14 @@ def test_sign_is_the_label_map_at_every_voxel_centre():
         mask = lm.labels == value
         boundary = (mask & ~binary_erosion(mask)).reshape(-1)[pick]
         assert np.all(np.abs(d[boundary, c]) < 0.75 * 3.0), value
+
+
+def test_without_edt_package_scipy_gives_the_same(monkeypatch, label_maps):
+    """``edt`` is an optional extra: without it the scipy distance transform gives the same field."""
+    lm = label_maps[("ellipsoid", "aniso_0.6x0.6x1.5")]
+    rng = np.random.default_rng(11)
+    pts = np.concatenate([CENTRE + rng.uniform(-45.0, 45.0, size=(3000, 3)),
+                          near_surface_points(SHAPES["ellipsoid"], 3.0, 3000, rng)])
+    fast = signed_distances_mm(lm, pts, [3])
+    monkeypatch.setitem(sys.modules, "edt", None)  # makes `import edt` raise ImportError
+    np.testing.assert_allclose(signed_distances_mm(lm, pts, [3]), fast, atol=1e-4)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from HeartCompletionLib.completion import CompletionError
 from HeartCompletionLib.labelmap import LabelMap
 from HeartCompletionLib.metrics import structure_metrics
 
@@ -207,9 +208,10 @@ def evaluate_case(case: EvalCase, reference: LabelMap, scenarios, table, model_f
                                                replace=scenario.replace, exclude=[str(case.path.resolve())],
                                                case_id=case.case_id)
                     predicted, base["baseline_case"] = pasted.label_map, pasted.case_id
-            except BaselineError as exc:
-                # no usable training case: the structures count as not produced (Dice 0, distances NaN)
-                print(f"heart-eval: warning: {exc}", file=sys.stderr)
+            except (BaselineError, CompletionError) as exc:
+                # no usable training case / an input the model cannot complete: the structures count
+                # as not produced (Dice 0, distances undefined) and the run goes on
+                print(f"heart-eval: warning: {case.case_id} {name} {method}: {exc}", file=sys.stderr)
                 predicted = keep_only(given, [])
             seconds = time.perf_counter() - started
             predictions[method] = predicted
@@ -220,11 +222,12 @@ def evaluate_case(case: EvalCase, reference: LabelMap, scenarios, table, model_f
         yield name, scenario, predictions, rows
 
 
-def load_baseline(train_cases: list[EvalCase], table, progress: bool, cache_path: Path | None = None):
+def load_baseline(train_cases: list[EvalCase], table, progress: bool, cache_path: Path | None = None,
+                  convention=None):
     from HeartCompletionLib.labelmap_io import read_label_map
 
     return NearestCaseBaseline.from_paths(
-        [c.path.resolve() for c in train_cases], loader=lambda p: read_label_map(p, table=table),
+        [c.path.resolve() for c in train_cases], loader=lambda p: read_label_map(p, table=table, convention=convention),
         case_ids=[c.case_id for c in train_cases], progress=progress, cache_path=cache_path,
     )
 
@@ -247,7 +250,7 @@ def run_evaluation(args) -> dict:
     if not args.no_baseline:
         cache = args.baseline_cache or Path(args.output_dir) / "baseline_index.npz"
         baseline = load_baseline(find_training_cases(args.train_dir, args.data_dir, args.label_dir), table,
-                                 progress=not args.quiet, cache_path=cache)
+                                 progress=not args.quiet, cache_path=cache, convention=args.convention)
 
     def model_fn(given: LabelMap, scenario) -> LabelMap:
         return complete_label_map(given, checkpoint, structures=scenario.scored_labels, replace=scenario.replace,
@@ -255,11 +258,13 @@ def run_evaluation(args) -> dict:
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    # figures of the chosen scenarios that run, else of the first one (a report always shows a case)
+    figure_scenarios = [s for s in resolve_scenarios(args.figure_scenarios, table) if s in scenarios] or scenarios[:1]
     rows, skipped, failed, figures = [], {s: 0 for s in scenarios}, [], []
     bar = tqdm(total=len(cases) * len(scenarios), desc="heart-eval", unit="scenario", disable=args.quiet)
     for index, case in enumerate(cases):
         try:
-            reference = read_label_map(case.path, table=table)
+            reference = read_label_map(case.path, table=table, convention=args.convention)
         except (LabelMapError, OSError) as exc:
             failed.append({"case": case.case_id, "error": str(exc)})
             print(f"heart-eval: skipping {case.path}: {exc}", file=sys.stderr)
@@ -269,7 +274,7 @@ def run_evaluation(args) -> dict:
                 case, reference, scenarios, table, model_fn, baseline, args.seed):
             skipped[name] += int(scenario is None)
             rows += case_rows
-            if scenario is not None and index < args.figure_cases and name in args.figure_scenarios:
+            if scenario is not None and index < args.figure_cases and name in figure_scenarios:
                 stem = output_dir / "figures" / f"{case.case_id.replace('/', '_')}_{name}"
                 figures.append(report.case_overlay_figure(stem.with_name(stem.name + ".png"), reference, predictions,
                                                           scenario, table, title=f"{case.case_id}: {name}"))
@@ -309,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train_dir", type=Path, default=None,
                         help="baseline training cases: folder of label maps or split CSV/folder (default: train.csv "
                         "beside --data_dir)")
+    parser.add_argument("--convention", default=None,
+                        help="label numbering of the files when it is not the table's: mmwhs, totalsegmentator or a "
+                        "JSON file (see label_conventions)")
     parser.add_argument("--no_baseline", action="store_true", help="score the model only")
     parser.add_argument("--baseline_cache", type=Path, default=None,
                         help="descriptor cache of the training cases, reused across runs while the files are "
@@ -322,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--figure_cases", type=int, default=2, help="cases shown as slice overlays (default 2)")
     parser.add_argument("--figure_scenarios", nargs="+", default=["subset_A", "drop_k", "missing_LAA"],
-                        help="scenarios shown as slice overlays (default: %(default)s)")
+                        help="scenarios shown as slice overlays and 3-D snapshots (default: %(default)s; the "
+                        "first scenario run when none of them is)")
     parser.add_argument("--no_mesh_figures", dest="mesh_figures", action="store_false",
                         help="skip the 3-D surface snapshots next to the slice overlays")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -279,3 +279,13 @@ def test_baseline_descriptor_cache(synthetic_heart_files, tmp_path):
     cache.write_bytes(b"garbage")  # a damaged cache is rebuilt, not trusted
     NearestCaseBaseline.from_paths(files[:1], loader, progress=False, cache_path=cache)
     assert len(reads) == len(files) + 2
+
+
+@pytest.mark.parametrize("module_name", ["heart_training.scenarios", "heart_training.baseline"])
+def test_training_module_doctests(module_name):
+    """The usage examples in the docstrings of training/ modules (outside pytest's doctest paths)."""
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module_name))
+    assert result.attempted > 0 and result.failed == 0

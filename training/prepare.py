@@ -155,32 +155,10 @@ def padded_box_mm(points_mm: np.ndarray, fraction: float, min_padding_mm: float)
     return lo - pad, hi + pad
 
 
-def prepare_case(input_path, output_path, options: PrepareOptions | None = None, case_id: str | None = None) -> dict:
-    """Convert one label map into one ``.npz`` (written atomically) and return its manifest entry.
-
-    Raises :class:`PrepareError` (message names the file) for a case that cannot be prepared,
-    ``OSError`` when the output cannot be written. The input file is only read.
-    """
-    from HeartCompletionLib.labelmap_io import read_label_map
-    from HeartCompletionLib.signed_distance import signed_distances_mm
-    from HeartCompletionLib.surface import sample_structure_surfaces, structure_surfaces
-
-    options = options or PrepareOptions()
-    input_path, output_path = Path(input_path), Path(output_path)
-    case_id = case_id or strip_label_map_suffix(input_path.name) or input_path.stem
-    timings: dict[str, float] = {}
-    t_start = time.perf_counter()
-    table = StructureTable.from_spec(options.table)
+def _structures_to_use(label_map, table: StructureTable, options: PrepareOptions, input_path: Path, notes: list):
+    """``(present, used, voxel counts)``: labels with voxels, and those of them that are annotated
+    (sidecar > ``options.annotated`` > all, within ``options.structures``). Appends warnings to ``notes``."""
     K = len(table)
-    notes: list[str] = []
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        label_map = read_label_map(input_path, table=table, convention=options.convention)
-    notes += [str(w.message) for w in caught]
-    timings["read_s"] = time.perf_counter() - t_start
-
-    # which structures the case claims to annotate
     selected = table.names if options.structures is None else [s.name for s in table.subset(options.structures)]
     claimed = _read_sidecar(input_path, table)
     if claimed is None:
@@ -206,6 +184,35 @@ def prepare_case(input_path, output_path, options: PrepareOptions | None = None,
     used = [lab for lab in claimed_labels if counts[lab] > 0]
     if not used:
         raise PrepareError(f"{input_path}: none of the annotated structures {claimed} has voxels")
+    return present, used, counts
+
+
+def prepare_case(input_path, output_path, options: PrepareOptions | None = None, case_id: str | None = None) -> dict:
+    """Convert one label map into one ``.npz`` (written atomically) and return its manifest entry.
+
+    Raises :class:`PrepareError` (message names the file) for a case that cannot be prepared,
+    ``OSError`` when the output cannot be written. The input file is only read.
+    """
+    from HeartCompletionLib.labelmap_io import read_label_map
+    from HeartCompletionLib.signed_distance import signed_distances_mm
+    from HeartCompletionLib.surface import sample_structure_surfaces, structure_surfaces
+
+    options = options or PrepareOptions()
+    input_path, output_path = Path(input_path), Path(output_path)
+    case_id = case_id or strip_label_map_suffix(input_path.name) or input_path.stem
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    table = StructureTable.from_spec(options.table)
+    K = len(table)
+    notes: list[str] = []
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        label_map = read_label_map(input_path, table=table, convention=options.convention)
+    notes += [str(w.message) for w in caught]
+    timings["read_s"] = time.perf_counter() - t_start
+
+    present, used, counts = _structures_to_use(label_map, table, options, input_path, notes)
     on_border = _border_labels(label_map.labels)
     truncated = np.array([lab in on_border and lab in used for lab in table.labels], dtype=bool)
     annotated = np.array([lab in used for lab in table.labels], dtype=bool)

@@ -1,0 +1,433 @@
+"""Complete a partial heart: encode the given structures once, decode the missing ones hierarchically,
+fuse them into the input's own voxel grid.
+
+Steps of :func:`complete_label_map` (all geometry in RAS millimetres from the input's
+``ijk_to_ras``; voxel indices never leave this module):
+
+1. **Input points**: area-uniform surface samples of the given structures (mm); the centre ``c``
+   and the encoder points follow :mod:`HeartCompletionLib.encoder_input`, exactly the rule of
+   training; ``x_n = (x - c) / S`` with the checkpoint's :class:`~.normalization.Normalization`.
+2. **Encode once** (eval mode, ``torch.inference_mode``, seeded sampling: same input, same result).
+3. **Decode hierarchically** on the input's own voxel lattice, restricted to the *region* = the
+   given structures' bounding box plus ``margin_mm``, clipped to the image: every
+   ``2**L``-th voxel first (about ``grid_spacing_mm``), then cells whose corners disagree or lie
+   within ``refine_factor`` x half a cell diagonal (mm) of a surface are split in two along each
+   axis, down to single voxels. Uniform cells are filled from their corners. Queries are the
+   voxel centres' RAS positions, so oblique, flipped and anisotropic grids need nothing special.
+4. **Fuse**: voxels of the given structures keep their label exactly (unless ``replace``); every
+   other voxel of the region goes to the structure, among those not given, with the smallest
+   signed distance when that distance is negative, and is written if that structure was asked for.
+   One label per voxel by construction.
+
+>>> from HeartCompletionLib.structures import StructureTable
+>>> resolve_structures(StructureTable.default(), ["LAA", 9, "left ventricle"])
+[3, 8, 9]
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from itertools import product
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+
+from .encoder_input import encoder_arrays, encoder_centre_mm, select_encoder_points
+from .geometry import ijk_to_ras_points, spacing_of
+from .labelmap import LabelMap
+
+#: Surface samples drawn from the given structures to place the heart (centre) and pick encoder
+#: points; the floor per structure keeps heart-prepare's ratio (1,000 of 120,000).
+SURFACE_SAMPLES = 40_000
+SURFACE_FLOOR_FRACTION = 1_000 / 120_000
+#: Default coarse lattice spacing (mm) and region margin around the given structures (mm).
+DEFAULT_GRID_SPACING_MM = 8.0
+DEFAULT_MARGIN_MM = 60.0
+#: A cell is refined when a corner's |signed distance| < factor x half its diagonal (1 is exact
+#: for a true distance function; > 1 allows for a network that is not perfectly 1-Lipschitz).
+DEFAULT_REFINE_FACTOR = 1.5
+#: Queries decoded per model call: bounds memory (~0.5 GB for the small config on CPU).
+DEFAULT_CHUNK = 16_384
+
+_CORNERS = np.array(list(product((0, 1), repeat=3)), dtype=np.int64)
+# progress fractions: sampling+encoding, then decoding, then fusion
+_P_ENCODED, _P_DECODED = 0.15, 0.92
+
+
+class CompletionCancelled(RuntimeError):
+    """Raised when the ``cancel()`` hook returned True; nothing is written."""
+
+
+class CompletionError(ValueError):
+    """An input that cannot be completed (the message names its source and the problem)."""
+
+
+@dataclass
+class CompletionResult:
+    """Output of :func:`complete_label_map`.
+
+    ``label_map``: the completed label map in the input's geometry (same shape, ``ijk_to_ras``).
+    ``completed_labels``: structures predicted and written; ``given_labels``: structures taken
+    from the input. ``timings``: seconds per step; ``grid``: lattice sizes (region voxels, coarse
+    nodes, refined queries, ...). ``signed_distance_mm``: label -> float32 volume (mm, negative
+    inside, NaN outside the region), only when asked for. ``messages``: warnings for the user.
+    """
+
+    label_map: LabelMap
+    completed_labels: list[int]
+    given_labels: list[int]
+    timings: dict = field(default_factory=dict)
+    grid: dict = field(default_factory=dict)
+    centre_mm: np.ndarray | None = None
+    signed_distance_mm: dict | None = None
+    messages: list[str] = field(default_factory=list)
+
+    def predicted_mask(self, label: int) -> np.ndarray:
+        """Voxels the model added for ``label`` (never overlaps a given structure)."""
+        if label not in self.completed_labels:
+            raise KeyError(f"label {label} was not completed (completed: {self.completed_labels})")
+        return self.label_map.labels == label
+
+
+def resolve_structures(table, structures) -> list[int]:
+    """Table labels for names, synonyms or label values (sorted, unique); ``KeyError`` if unknown."""
+    labels = set()
+    for s in structures:
+        if isinstance(s, (int, np.integer)) and not isinstance(s, bool):
+            labels.add(table.by_label(int(s)).label)
+        else:
+            labels.add(table.by_name(str(s)).label)
+    return sorted(labels)
+
+
+def _resolve_checkpoint(checkpoint, device):
+    import torch
+
+    from .checkpoint import load_inference_checkpoint
+
+    if device in (None, "auto"):
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise CompletionError(f"device {device!r} was asked for but CUDA is not available (torch {torch.__version__})")
+    if isinstance(checkpoint, (str, Path)):
+        checkpoint = load_inference_checkpoint(checkpoint, device=dev)
+    # a preloaded checkpoint is moved in place (the Slicer module keeps one between runs)
+    checkpoint.model.to(dev).eval()
+    return checkpoint, dev
+
+
+def _given_input(source, ijk_to_ras, table, structures, replace):
+    """``(base labels, sampling LabelMap, given, kept, requested)`` from a LabelMap or mask dict."""
+    k = len(table)
+    if isinstance(source, LabelMap):
+        label_map = source
+        values = np.unique(label_map.labels)
+        unknown = [int(v) for v in values if v < 0 or v > k]
+        if unknown:
+            raise CompletionError(
+                f"{label_map.source}: label value(s) {unknown} are not structures of the checkpoint's table "
+                f"(1..{k}: {table.names}); map them first (label convention)"
+            )
+        given = [int(v) for v in values if v > 0]
+        masks = None
+    else:
+        if ijk_to_ras is None:
+            raise CompletionError("binary masks need their ijk_to_ras (4x4, RAS mm)")
+        masks = {int(lab): np.asarray(m, dtype=bool) for lab, m in source.items()}
+        shapes = {m.shape for m in masks.values()}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+            raise CompletionError(f"masks must be 3-D and share one shape, got {sorted(shapes)}")
+        bad = [lab for lab in masks if not 1 <= lab <= k]
+        if bad:
+            raise CompletionError(f"mask label(s) {bad} are not structures of the table (1..{k})")
+        given = sorted(lab for lab, m in masks.items() if m.any())
+        painted = np.zeros(next(iter(shapes)), dtype=np.uint8 if k < 255 else np.uint16)
+        for lab in given:  # where masks overlap the later label wins (only for sampling)
+            painted[masks[lab]] = lab
+        label_map = LabelMap(painted, ijk_to_ras, source="<segments>")
+    if not given:
+        raise CompletionError(f"{label_map.source}: no structure of the table {table.names} in the input")
+    requested = sorted(set(table.labels) - set(given)) if structures is None else resolve_structures(table, structures)
+    replaced = [lab for lab in requested if lab in given] if replace else []
+    kept = [lab for lab in given if lab not in replaced]
+    requested = [lab for lab in requested if lab not in kept]
+    dtype = label_map.labels.dtype if np.iinfo(label_map.labels.dtype).max >= k else np.uint16
+    if masks is None:
+        base = label_map.labels.astype(dtype, copy=True)
+        if replaced:
+            base[np.isin(base, replaced)] = 0
+    else:
+        base = np.zeros(label_map.shape, dtype=dtype)
+        for lab in kept:
+            base[masks[lab]] = lab
+    return base, label_map, given, kept, requested
+
+
+def _region(given_any: np.ndarray, ijk_to_ras, margin_mm: float):
+    """``(lo, hi)`` voxel box (half-open) around the given voxels plus ``margin_mm``, in the image."""
+    lo, hi = [], []
+    spacing = spacing_of(ijk_to_ras)
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        idx = np.flatnonzero(given_any.any(axis=other))
+        pad = int(np.ceil(margin_mm / spacing[axis]))
+        lo.append(max(0, int(idx[0]) - pad))
+        hi.append(min(given_any.shape[axis], int(idx[-1]) + 1 + pad))
+    return np.array(lo), np.array(hi)
+
+
+class _Field:
+    """Decodes RAS points (mm) into (output label, min |sdf| of competing structures in mm).
+
+    ``competing``: class indices not given (they share the free voxels); ``write_labels``: table
+    label to write for each competing index (0 when it was not asked for).
+    """
+
+    def __init__(self, model, latents, centre_mm, normalization, competing, write_labels, device, chunk,
+                 cancel, keep_sdf=None):
+        import torch
+
+        self.torch, self.model, self.latents = torch, model, latents
+        self.centre, self.norm, self.device, self.chunk, self.cancel = centre_mm, normalization, device, chunk, cancel
+        self.competing = torch.as_tensor(competing, device=device)
+        self.write = torch.as_tensor(write_labels, dtype=torch.int16, device=device)
+        self.keep_sdf = None if keep_sdf is None else torch.as_tensor(keep_sdf, device=device)
+        self.queries = 0
+
+    def __call__(self, points_mm: np.ndarray, report: Callable[[float], None]):
+        torch, n = self.torch, len(points_mm)
+        labels = np.zeros(n, dtype=np.int16)
+        margin = np.zeros(n, dtype=np.float32)
+        sdf_out = None if self.keep_sdf is None else np.zeros((n, len(self.keep_sdf)), dtype=np.float32)
+        for start in range(0, n, self.chunk):
+            if self.cancel is not None and self.cancel():
+                raise CompletionCancelled("completion cancelled")
+            stop = min(n, start + self.chunk)
+            q = self.norm.points_to_network(points_mm[start:stop], self.centre).astype(np.float32)
+            q = torch.from_numpy(q).to(self.device)[None]
+            sdf_mm = self.norm.distance_to_mm(self.model.decode(self.latents, q, chunk_size=None)[0])
+            comp = sdf_mm[:, self.competing]
+            best, which = comp.min(dim=1)
+            labels[start:stop] = torch.where(best < 0, self.write[which], 0).cpu().numpy()
+            margin[start:stop] = comp.abs().min(dim=1).values.cpu().numpy()
+            if sdf_out is not None:
+                sdf_out[start:stop] = sdf_mm[:, self.keep_sdf].cpu().numpy()
+            self.queries += stop - start
+            report(stop / n)
+        return labels, margin, sdf_out
+
+
+def _coarse_strides(spacing: np.ndarray, grid_spacing_mm: float) -> np.ndarray:
+    """Per-axis powers of two (voxels) closest below ``grid_spacing_mm`` (nested lattices)."""
+    ratio = np.maximum(grid_spacing_mm / spacing, 1.0)
+    return (2 ** np.floor(np.log2(ratio + 1e-9))).astype(np.int64)
+
+
+def _hierarchical_labels(fld: _Field, lo, hi, ijk_to_ras, strides, refine_factor, report):
+    """Labels of the region voxels ``[lo, hi)`` (int16) by coarse-to-fine decoding, and stats."""
+    size = hi - lo
+    spacing = spacing_of(ijk_to_ras)
+    n_cells = -(-size // strides)
+    dims = n_cells * strides + 1  # padded lattice; voxels beyond the region are cropped at the end
+    out = np.zeros(dims, dtype=np.int16)
+    flat = out.reshape(-1)
+    keys = np.zeros(0, dtype=np.int64)
+    labs = np.zeros(0, dtype=np.int16)
+    marg = np.zeros(0, dtype=np.float32)
+    cells = np.stack(np.meshgrid(*[np.arange(n) for n in n_cells], indexing="ij"), -1).reshape(-1, 3)
+    stride = strides.copy()
+    levels = int(np.log2(strides.max())) + 1
+    per_level = []
+    for level in range(levels):
+        corner_keys = np.ravel_multi_index(((cells[:, None, :] + _CORNERS[None]) * stride).reshape(-1, 3).T, dims)
+        needed = np.unique(corner_keys)
+        pos = np.searchsorted(keys, needed).clip(max=max(len(keys) - 1, 0))
+        new = needed[~(keys[pos] == needed)] if len(keys) else needed
+        ijk = np.stack(np.unravel_index(new, dims), -1) + lo
+        span = (level / levels, (level + 1) / levels)
+        new_labs, new_marg, _ = fld(ijk_to_ras_points(ijk, ijk_to_ras), lambda f, s=span: report(s[0] + f * (s[1] - s[0])))
+        order = np.argsort(np.concatenate([keys, new]), kind="stable")
+        keys = np.concatenate([keys, new])[order]
+        labs = np.concatenate([labs, new_labs])[order]
+        marg = np.concatenate([marg, new_marg])[order]
+        per_level.append({"stride_vox": stride.tolist(), "cells": len(cells), "queries": len(new)})
+        if (stride == 1).all() or len(cells) == 0:
+            break
+        at = np.searchsorted(keys, corner_keys).reshape(-1, 8)
+        corner_labs, corner_marg = labs[at], marg[at]
+        tau = refine_factor * 0.5 * float(np.linalg.norm(stride * spacing))
+        active = (corner_labs != corner_labs[:, :1]).any(1) | (corner_marg.min(1) < tau)
+        # uniform cells: fill their voxel block from the corners (finer levels overwrite the rest)
+        idle, idle_lab = cells[~active] * stride, corner_labs[~active, 0]
+        for offset in product(*[range(s) for s in stride]):
+            flat[np.ravel_multi_index((idle + np.array(offset)).T, dims)] = idle_lab
+        split = np.where(stride > 1, 2, 1)
+        children = np.array(list(product(*[range(s) for s in split])), dtype=np.int64)
+        cells = (cells[active][:, None, :] * split + children[None]).reshape(-1, 3)
+        stride = stride // split
+    flat[keys] = labs  # every decoded voxel is exact
+    crop = tuple(slice(0, int(n)) for n in size)
+    return out[crop], {"levels": per_level}
+
+
+def _dense_labels(fld: _Field, lo, hi, ijk_to_ras, report):
+    """Every region voxel decoded (reference for tests, and needed for signed distances)."""
+    size = hi - lo
+    ijk = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), -1).reshape(-1, 3)
+    labs, _, sdf = fld(ijk_to_ras_points(ijk, ijk_to_ras), report)
+    sdf = None if sdf is None else sdf.reshape(*size, -1)
+    return labs.reshape(*size), sdf
+
+
+def complete_label_map(
+    label_map,
+    checkpoint,
+    structures=None,
+    replace: bool = False,
+    device="auto",
+    progress: Callable[[float, str], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+    num_input_points: int | None = None,
+    seed: int = 0,
+    grid_spacing_mm: float | None = None,
+    margin_mm: float = DEFAULT_MARGIN_MM,
+    refine_factor: float = DEFAULT_REFINE_FACTOR,
+    hierarchical: bool = True,
+    return_signed_distance: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+    ijk_to_ras=None,
+) -> CompletionResult:
+    """Complete ``label_map`` with the model of ``checkpoint``; see the module docstring for the steps.
+
+    ``label_map``: a :class:`LabelMap` with the checkpoint table's values, or a dict
+    ``{label: bool mask (I, J, K)}`` (e.g. Slicer segments, may overlap) with ``ijk_to_ras``.
+    ``checkpoint``: an ``InferenceCheckpoint`` or a path. ``structures``: names, synonyms or
+    labels to produce (default: every structure absent from the input); a given structure in it
+    is kept as given unless ``replace`` (then it is re-predicted; the encoder still sees it).
+    ``device``: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``. ``progress(fraction,
+    message)`` is called with increasing fractions in [0, 1]; ``cancel()`` returning True raises
+    :class:`CompletionCancelled`. ``num_input_points``: encoder points (default: as in training).
+    ``grid_spacing_mm``: coarse lattice spacing (default 8 mm); ``margin_mm``: region around the
+    given structures. ``hierarchical=False`` decodes every region voxel (slow reference);
+    ``return_signed_distance`` also decodes densely and returns the requested structures' distances.
+    """
+    import torch
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def step(fraction: float, message: str) -> None:
+        if cancel is not None and cancel():
+            raise CompletionCancelled("completion cancelled")
+        if progress is not None:
+            progress(float(min(max(fraction, 0.0), 1.0)), message)
+
+    step(0.0, "loading the model")
+    ck, dev = _resolve_checkpoint(checkpoint, device)
+    table, norm = ck.table, ck.normalization
+    k = len(table)
+    try:
+        base, sample_map, given, kept, requested = _given_input(label_map, ijk_to_ras, table, structures, replace)
+    except KeyError as exc:
+        raise CompletionError(f"structures to complete: {exc.args[0]}") from exc
+    geometry = sample_map.ijk_to_ras
+    timings["load_s"] = time.perf_counter() - t_start
+    result = CompletionResult(LabelMap(base, geometry, sample_map.source, dict(sample_map.metadata)), [], given,
+                              timings)
+    if not requested:
+        result.messages.append(f"{sample_map.source}: nothing to complete (every requested structure is given)")
+        step(1.0, "nothing to complete")
+        return result
+
+    # 1. input surface points in mm -> centre and encoder points (the training rule)
+    step(0.02, "sampling the input surfaces")
+    from .surface import sample_structure_surfaces
+
+    t = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    floor = max(1, int(SURFACE_SAMPLES * SURFACE_FLOOR_FRACTION))
+    points, normals, point_labels = sample_structure_surfaces(sample_map, given, SURFACE_SAMPLES, rng,
+                                                              min_per_structure=floor)
+    points = np.asarray(points, dtype=np.float64)
+    index = np.asarray(point_labels, dtype=np.int64) - 1
+    inputs = [lab - 1 for lab in given]
+    centre = encoder_centre_mm(points, index, inputs)
+    n_points = int(num_input_points or ck.num_input_points)
+    chosen = select_encoder_points(index, inputs, n_points, rng, min_per_structure=ck.min_per_structure)
+    xyz_n, onehot = encoder_arrays(points[chosen], index[chosen], centre, norm, k)
+    timings["surface_s"] = time.perf_counter() - t
+    step(0.1, "encoding the input structures")
+
+    with torch.inference_mode():
+        t = time.perf_counter()
+        nrm = torch.from_numpy(np.asarray(normals, dtype=np.float32)[chosen])[None].to(dev) \
+            if ck.config.use_normals else None
+        latents, _ = ck.model.encode(torch.from_numpy(xyz_n)[None].to(dev), torch.from_numpy(onehot)[None].to(dev), nrm)
+        timings["encode_s"] = time.perf_counter() - t
+        step(_P_ENCODED, "decoding signed distances")
+
+        # 3. decode in the region around the given structures, on the input's own voxel lattice
+        t = time.perf_counter()
+        competing = [lab - 1 for lab in table.labels if lab not in kept]
+        write = [lab if lab in requested else 0 for lab in table.labels if lab not in kept]
+        fld = _Field(ck.model, latents, centre, norm, competing, write, dev, int(chunk_size), cancel,
+                     keep_sdf=[lab - 1 for lab in requested] if return_signed_distance else None)
+        lo, hi = _region(sample_map.labels > 0, geometry, margin_mm)
+
+        def report(f: float) -> None:
+            step(_P_ENCODED + (_P_DECODED - _P_ENCODED) * f, "decoding signed distances")
+
+        strides = _coarse_strides(spacing_of(geometry), grid_spacing_mm or DEFAULT_GRID_SPACING_MM)
+        sdf = None
+        if hierarchical and not return_signed_distance:
+            region_labels, stats = _hierarchical_labels(fld, lo, hi, geometry, strides, refine_factor, report)
+        else:
+            region_labels, sdf = _dense_labels(fld, lo, hi, geometry, report)
+            stats = {"levels": [{"stride_vox": [1, 1, 1], "cells": int(np.prod(hi - lo)), "queries": fld.queries}]}
+        timings["decode_s"] = time.perf_counter() - t
+
+    # 4. fusion: predicted voxels only where no kept given structure is
+    step(_P_DECODED, "fusing the structures")
+    t = time.perf_counter()
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    out = result.label_map.labels
+    sub = out[box]
+    write_mask = (region_labels > 0) & (sub == 0)
+    sub[write_mask] = region_labels[write_mask].astype(out.dtype)
+    result.completed_labels = list(requested)
+    counts = np.bincount(out[box].ravel().astype(np.int64), minlength=k + 1)
+    result.messages += [f"{table.by_label(lab).name}: the model predicts no voxel" for lab in requested
+                        if counts[lab] == 0]
+    if sdf is not None:
+        result.signed_distance_mm = {}
+        for j, lab in enumerate(requested):
+            vol = np.full(out.shape, np.nan, dtype=np.float32)
+            vol[box] = sdf[..., j]
+            result.signed_distance_mm[lab] = vol
+    timings["fusion_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t_start
+    result.centre_mm = centre
+    result.grid = {
+        "region_lo_vox": lo.tolist(), "region_hi_vox": hi.tolist(),
+        "region_voxels": int(np.prod(hi - lo)), "output_voxels": int(out.size),
+        "coarse_stride_vox": strides.tolist(),
+        "coarse_spacing_mm": (strides * spacing_of(geometry)).round(4).tolist(),
+        "coarse_nodes": int(stats["levels"][0]["queries"]),
+        "refined_queries": int(fld.queries - stats["levels"][0]["queries"]),
+        "queries": int(fld.queries), **stats,
+    }
+    step(1.0, "done")
+    return result
+
+
+def complete_masks(masks: Mapping[int, np.ndarray], ijk_to_ras, checkpoint, **kwargs) -> CompletionResult:
+    """:func:`complete_label_map` for binary masks ``{table label: bool (I, J, K)}`` on one grid.
+
+    Use :meth:`CompletionResult.predicted_mask` for the new structures: they never overlap any
+    given mask, even where given masks overlap each other.
+    """
+    return complete_label_map(dict(masks), checkpoint, ijk_to_ras=ijk_to_ras, **kwargs)

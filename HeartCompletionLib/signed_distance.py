@@ -60,7 +60,7 @@ COARSE_SPACING_MM = 3.0
 COARSE_OFFSET_BLOCKS = 0.25
 #: The coarse grid extends at most this many blocks beyond the image; farther points are clamped
 #: onto it and the clamping distance is added (an upper bound, exact along the axes).
-COARSE_MAX_EXTENSION = 48
+COARSE_MAX_EXTENSION = 24
 #: Nearest surface vertices used by the moving-least-squares distance.
 NEIGHBOURS = 4
 

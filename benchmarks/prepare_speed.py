@@ -78,7 +78,15 @@ def prepare_run(label_map, path: Path | None, args) -> float | None:
             path = write_label_map(label_map, Path(tmp) / "case.nii.gz")
         t = time.perf_counter()
         prepare_case(path, Path(tmp) / "case.npz", options)
-        return time.perf_counter() - t
+        seconds = time.perf_counter() - t
+        try:  # the stages as prepare_case itself timed them (stored in the case's meta)
+            from heart_training.case_format import load_case
+
+            stages = load_case(Path(tmp) / "case.npz", keys=["meta"])["meta"].get("timings", {})
+            print("   prepare_case stages: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
+        except (ImportError, OSError, ValueError, KeyError) as exc:  # informative only
+            print(f"   (prepare_case stage timings unavailable: {exc})")
+        return seconds
 
 
 def report(name: str, label_map, args, path: Path | None = None) -> None:

@@ -10,7 +10,9 @@ Surface distances
     the image being background). Distances are Euclidean distances in millimetres between
     boundary-voxel centres, computed with an exact distance transform whose ``sampling`` is the
     voxel spacing of ``ijk_to_ras`` (grids are orthogonal, so distances in scaled index space
-    equal physical RAS distances, anisotropic spacing and axis flips included).
+    equal physical RAS distances, anisotropic spacing and axis flips included). The transform is
+    scipy's, or the optional ``edt`` package's when installed (same exact distances, float32,
+    about 3x faster on CT grids); both run on the masks' bounding box only.
 
     - ``assd_mm``: mean of all directed distances A->B and B->A pooled (average symmetric surface
       distance).
@@ -45,6 +47,14 @@ import numpy as np
 from scipy import ndimage
 
 from .geometry import spacing_of
+
+try:  # optional, faster exact EDT (the project's "fast" extra)
+    import edt as _edt
+except ImportError:  # pragma: no cover - depends on the environment
+    _edt = None
+
+#: "edt" when the optional package is importable, else "scipy"; tests may switch it.
+DISTANCE_BACKEND = "edt" if _edt is not None else "scipy"
 
 #: metric name -> unit, in the order the tables show them.
 METRIC_UNITS = {"dice": "", "hd95_mm": "mm", "assd_mm": "mm", "volume_error_percent": "%"}
@@ -92,6 +102,14 @@ def _boundary(mask: np.ndarray) -> np.ndarray:
     return mask & ~eroded
 
 
+def _distance_to(boundary: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Distance (mm) of every voxel to the nearest ``True`` voxel of ``boundary``."""
+    if DISTANCE_BACKEND == "edt" and _edt is not None:
+        # black_border=False: the image edge is not a surface; parallel=1: shared machines
+        return _edt.edt(~boundary, anisotropy=tuple(float(s) for s in spacing), black_border=False, parallel=1)
+    return ndimage.distance_transform_edt(~boundary, sampling=spacing)
+
+
 def surface_distances_mm(a, b, ijk_to_ras) -> tuple[np.ndarray, np.ndarray]:
     """Directed boundary distances in mm: ``(d(A->B) per boundary voxel of A, d(B->A) per boundary voxel of B)``.
 
@@ -105,9 +123,8 @@ def surface_distances_mm(a, b, ijk_to_ras) -> tuple[np.ndarray, np.ndarray]:
     a, b = _crop_to_union(a, b)
     border_a, border_b = _boundary(a), _boundary(b)
     # distance of every voxel to the nearest boundary voxel of the other mask, in mm
-    to_b = ndimage.distance_transform_edt(~border_b, sampling=spacing)
-    to_a = ndimage.distance_transform_edt(~border_a, sampling=spacing)
-    return to_b[border_a], to_a[border_b]
+    to_b, to_a = _distance_to(border_b, spacing), _distance_to(border_a, spacing)
+    return to_b[border_a].astype(np.float64), to_a[border_b].astype(np.float64)
 
 
 def _distance_summary(a, b, ijk_to_ras, reduce) -> float:

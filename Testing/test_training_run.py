@@ -132,3 +132,27 @@ def test_ddp_two_cpu_processes_match_one_process(small_dataset, tmp_path):
     b = load_file(single.final_checkpoint)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=2e-5)
+
+
+def test_phases_2_to_4_fine_tune_from_a_checkpoint(small_dataset, tmp_path):
+    """Each phase's masks drive real steps; phase 4 trains on a partially annotated case with the
+    exclusion term and starts from the previous phase's inference checkpoint."""
+    write_analytic_case(tmp_path / "partial.npz", seed=2, num_surface=6000, num_volume=3000, num_near=4000,
+                        annotated=[0, 2, 5, 6])
+    write_case_lists(tmp_path, ["partial"], [])
+    previous = None
+    for phase, kind, data in ((1, "all", small_dataset), (2, "drop_random", small_dataset),
+                              (3, "subsets", small_dataset), (4, "annotated", tmp_path)):
+        extra = [f"phase={phase}", f"mask.kind={kind}", "optim.max_steps=3", "loss.exclusion=1.0"]
+        if previous is not None:
+            extra.append(f"model.init_from={previous}")
+        result = train(load_config("tiny_test", [*tiny_overrides(data, tmp_path / f"p{phase}", steps=3), *extra]))
+        assert result.final_checkpoint.is_file() and all(np.isfinite(v) for _, v in result.losses)
+        freq = result.train_metrics
+        if kind == "annotated":  # only annotated structures are ever inputs
+            assert freq["input_freq/LA"] == 0 and freq["input_freq/Myocardium"] == 1
+            assert freq["exclusion"] >= 0
+        previous = result.final_checkpoint
+    from HeartCompletionLib.checkpoint import read_checkpoint_metadata
+
+    assert read_checkpoint_metadata(previous)["phase"] == 4

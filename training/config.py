@@ -57,7 +57,7 @@ class DataConfig:
     num_volume_queries: int = 1024  #: uniform-in-box queries per sample
     num_near_queries: int = 1024  #: near-surface queries per sample
     num_surface_queries: int = 512  #: surface samples (target sdf = 0 for their own structure)
-    samples_per_epoch: int = 0  #: 0: max(number of training cases, one global batch)
+    samples_per_epoch: int = 0  #: 0: max(number of training cases, 50 global batches)
     num_workers: int = 2  #: DataLoader workers per process
     cache_cases: int = 0  #: cases kept in memory per worker (0: reload the .npz each time)
     max_val_cases: int = 0  #: 0: all validation cases

@@ -106,7 +106,9 @@ class Trainer:
         self.train_ds, self.val_ds, sizes, weights = build_datasets(cfg, self.table, self.norm)
         o = cfg.optim
         per_step = o.batch_size * ctx.world_size * o.grad_accum
-        wanted = cfg.data.samples_per_epoch or max(len(self.train_ds), per_step)
+        # small datasets get a longer plan (cases repeat with new draws) so that data-loader
+        # workers are not restarted every few steps
+        wanted = cfg.data.samples_per_epoch or max(len(self.train_ds), per_step * 50)
         self.samples_per_epoch = int(math.ceil(wanted / per_step) * per_step)
         self.sampler = MixingSampler(sizes, weights, self.samples_per_epoch, ctx.rank, ctx.world_size, cfg.seed)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank

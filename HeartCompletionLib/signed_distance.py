@@ -61,6 +61,8 @@ COARSE_OFFSET_BLOCKS = 0.25
 #: The coarse grid extends at most this many blocks beyond the image; farther points are clamped
 #: onto it and the clamping distance is added (an upper bound, exact along the axes).
 COARSE_MAX_EXTENSION = 24
+#: Points per chunk of the all-structure coarse tier (bounds its temporary memory).
+CHUNK_POINTS = 1 << 18
 #: Nearest surface vertices used by the moving-least-squares distance.
 NEIGHBOURS = 4
 
@@ -268,7 +270,9 @@ def signed_distances_mm(label_map, points_ras, labels, meshes=None, threads: int
     # far tier for every point and structure at once; the fine tier overwrites what it covers
     coarse = _CoarseGrid(ijk, label_map.shape, spacing)
     grids = np.stack([coarse.occupancy_edt(*boxes[labels[c]], threads) for c in columns], axis=-1)
-    out[:, columns] = coarse.evaluate(grids, ijk)
+    for start in range(0, len(points), CHUNK_POINTS):  # chunks bound the (N, C) temporaries
+        stop = start + CHUNK_POINTS
+        out[start:stop, columns] = coarse.evaluate(grids, ijk[start:stop])
     del grids
 
     ijk_columns = [np.ascontiguousarray(ijk[:, a]) for a in range(3)]

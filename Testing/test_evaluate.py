@@ -174,3 +174,35 @@ def test_undefined_values_are_counted_not_hidden(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["scenarios"]["missing_LAA"]["structures"]["LAA"][
         "model"]["hd95_mm"]["n_undefined"] == 1
     assert written["headline"][0].startswith("missing_LAA")
+
+
+def test_partially_annotated_case(tiny_checkpoint, tmp_path):
+    """A split row that annotates only some structures: only those are given and scored, a
+    scenario hiding an unannotated structure is skipped, truncated structures are flagged."""
+    from heart_training.baseline import NearestCaseBaseline
+    from heart_training.evaluate import EvalCase, evaluate_case
+
+    from HeartCompletionLib.checkpoint import load_inference_checkpoint
+    from HeartCompletionLib.completion import complete_label_map
+    from HeartCompletionLib.synthetic import synthetic_label_map
+
+    checkpoint = load_inference_checkpoint(tiny_checkpoint)
+    table = checkpoint.table
+    reference = synthetic_label_map(seed=5, spacing_mm=3.0)
+    baseline = NearestCaseBaseline.from_label_maps([synthetic_label_map(seed=s, spacing_mm=3.0) for s in (6, 7)])
+    case = EvalCase("partial", tmp_path / "partial.nii.gz", annotated=["Myocardium", "LA", "left ventricle", "Aorta"],
+                    truncated=["LA"])
+
+    def model_fn(given, scenario):
+        return complete_label_map(given, checkpoint, structures=scenario.scored_labels, replace=scenario.replace,
+                                  device="cpu").label_map
+
+    results = {name: (scenario, rows) for name, scenario, _, rows in
+               evaluate_case(case, reference, ["annotated", "missing_PA"], table, model_fn, baseline, seed=0)}
+    assert results["missing_PA"] == (None, [])
+    scenario, rows = results["annotated"]
+    assert scenario.input_labels == scenario.scored_labels == [1, 2, 3, 6]
+    assert {(r["method"], r["structure"]) for r in rows} == {(m, s) for m in ("model", "baseline")
+                                                             for s in ("Myocardium", "LA", "LV", "Aorta")}
+    assert all(r["truncated"] == (r["structure"] == "LA") for r in rows)
+    assert reference.labels.max() == 10  # the reference itself was not modified

@@ -182,11 +182,15 @@ def evaluate_case(case: EvalCase, reference: LabelMap, scenarios, table, model_f
 
     ``model_fn(input_label_map, case_scenario) -> LabelMap``; ``baseline`` may be ``None``.
     """
+    def labels_of(names) -> set:
+        # names from the split CSV; one the checkpoint's table does not know cannot be scored anyway
+        return {s.label for s in map(table.match_name, names) if s is not None}
+
     present = reference.present_labels()
     if case.annotated is not None:
-        annotated = {s.label for s in table.subset(case.annotated)}
+        annotated = labels_of(case.annotated)
         present = [v for v in present if v in annotated]
-    truncated = {s.label for s in table.subset(case.truncated)} if case.truncated else set()
+    truncated = labels_of(case.truncated)
     for name in scenarios:
         scenario = case_scenario(name, table, present, case.case_id, seed)
         if scenario is None:

@@ -35,7 +35,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from .encoder_input import encoder_arrays, encoder_centre_mm, select_encoder_points
-from .geometry import ijk_to_ras_points, spacing_of
+from .geometry import direction_of, ijk_to_ras_points, spacing_of
 from .labelmap import LabelMap
 
 #: Surface samples drawn from the given structures to place the heart (centre) and pick encoder
@@ -118,6 +118,26 @@ def _resolve_checkpoint(checkpoint, device):
     # a preloaded checkpoint is moved in place (the Slicer module keeps one between runs)
     checkpoint.model.to(dev).eval()
     return checkpoint, dev
+
+
+def closest_canonical(label_map: LabelMap) -> LabelMap:
+    """The same voxels stored with their axes closest to R, A, S (a view, no copy).
+
+    Exact for flips and axis permutations, so surface sampling (and hence the whole completion)
+    does not depend on how an image happens to be stored; oblique grids keep their voxels too.
+    """
+    direction = direction_of(label_map.ijk_to_ras)
+    perm = [int(a) for a in np.argmax(np.abs(direction), axis=1)]  # voxel axis closest to R, A, S
+    if sorted(perm) != [0, 1, 2]:
+        return label_map
+    labels = np.transpose(label_map.labels, perm)
+    m = label_map.ijk_to_ras[:, perm + [3]].copy()
+    for axis in range(3):
+        if m[axis, axis] < 0:
+            labels = np.flip(labels, axis)
+            m[:3, 3] += m[:3, axis] * (labels.shape[axis] - 1)
+            m[:3, axis] *= -1.0
+    return LabelMap(labels, m, label_map.source, label_map.metadata)
 
 
 def _given_input(source, ijk_to_ras, table, structures, replace):
@@ -350,8 +370,8 @@ def complete_label_map(
     t = time.perf_counter()
     rng = np.random.default_rng(seed)
     floor = max(1, int(SURFACE_SAMPLES * SURFACE_FLOOR_FRACTION))
-    points, normals, point_labels = sample_structure_surfaces(sample_map, given, SURFACE_SAMPLES, rng,
-                                                              min_per_structure=floor)
+    points, normals, point_labels = sample_structure_surfaces(closest_canonical(sample_map), given,
+                                                              SURFACE_SAMPLES, rng, min_per_structure=floor)
     points = np.asarray(points, dtype=np.float64)
     index = np.asarray(point_labels, dtype=np.int64) - 1
     inputs = [lab - 1 for lab in given]

@@ -9,11 +9,13 @@ tiers, all vectorised over the points:
    fallback) gives the distance from each voxel centre to the nearest voxel centre of the other
    side; a fraction of a voxel less (``SURFACE_OFFSET_VOXELS``) is the distance to the
    iso-surface. Interpolated trilinearly at the points.
-2. **near the surface** (``|d| < BAND_VOXELS`` voxels): the sign is the trilinearly interpolated
-   mask occupancy (> 0.5 inside), i.e. exactly the label map's inside/outside that marching cubes
-   approximates. Within about a voxel, where voxel-centre distances are least accurate, the
-   magnitude blends into an implicit moving-least-squares distance to the marching-cubes surface
-   (nearest vertices and their smooth outward normals, capped by the nearest-vertex distance).
+2. **near the surface** (``|d| < BAND_VOXELS`` voxels): the value blends (fully within
+   ``MLS_FULL_VOXELS``) into an implicit moving-least-squares signed distance to the
+   marching-cubes surface: the nearest vertices' tangent planes (smooth outward normals from the
+   mask gradient), weighted by a kernel that vanishes at the last neighbour, so the field stays
+   continuous with a unit slope. Where the label map is unambiguous (trilinear mask occupancy
+   <= ``SIGN_GUARD`` or >= 1 - ``SIGN_GUARD``, e.g. at every voxel centre) its side is enforced,
+   so inside/outside agrees with the label map.
 3. **far** (outside the fine box, hence outside the structure): a distance transform on a coarse
    grid (blocks of about ``COARSE_SPACING_MM``) covering the image and the points, all structures
    interpolated at once. Its error is a fraction of a block, at distances beyond the margin.
@@ -42,8 +44,8 @@ import numpy as np
 from .geometry import spacing_of
 from .surface import padded_crop, structure_boxes, surface_from_box
 
-#: Half-width (in largest-spacing voxels) of the band where the sign comes from the occupancy.
-BAND_VOXELS = 1.5
+#: Half-width (in largest-spacing voxels) of the band refined against the surface mesh.
+BAND_VOXELS = 2.0
 #: Within this many voxels the magnitude is fully the moving-least-squares surface distance;
 #: from there it blends linearly into the distance-transform value at the band's edge.
 MLS_FULL_VOXELS = 0.75
@@ -64,7 +66,11 @@ COARSE_MAX_EXTENSION = 24
 #: Points per chunk of the all-structure coarse tier (bounds its temporary memory).
 CHUNK_POINTS = 1 << 18
 #: Nearest surface vertices used by the moving-least-squares distance.
-NEIGHBOURS = 4
+NEIGHBOURS = 12
+#: Occupancy at most this (or at least 1 - this) is unambiguous: the distance's sign must agree.
+SIGN_GUARD = 0.25
+#: Magnitude (mm) given to the rare near points whose side the guard corrects.
+GUARD_MM = 1e-3
 
 
 def default_threads() -> int:
@@ -181,9 +187,10 @@ class _CoarseGrid:
 class _FineField:
     """Signed distance (mm) to one structure near it: fine distance transform + surface refinement."""
 
-    def __init__(self, box_mask: np.ndarray, box_lo: np.ndarray, mesh, spacing: np.ndarray, threads: int):
+    def __init__(self, box_mask: np.ndarray, box_lo: np.ndarray, mesh, ijk_to_ras: np.ndarray, threads: int):
         from scipy.spatial import cKDTree
 
+        spacing = spacing_of(ijk_to_ras)
         self.spacing = spacing
         self.threads = threads
         voxel = float(spacing.max())
@@ -208,28 +215,31 @@ class _FineField:
         return d
 
     def _near(self, local_ijk: np.ndarray, ras: np.ndarray, d_grid: np.ndarray) -> np.ndarray:
-        inside = trilinear(self.mask, local_ijk) > 0.5
-        magnitude = np.abs(d_grid)
-        weight = np.clip((self.band_mm - magnitude) / (self.band_mm - self.full_mm), 0.0, 1.0)
+        value = d_grid.copy()
+        weight = np.clip((self.band_mm - np.abs(d_grid)) / (self.band_mm - self.full_mm), 0.0, 1.0)
         refine = np.flatnonzero(weight > 0)
         if refine.size and self.tree is not None:
-            mls = self._mls_distance(ras[refine])
             w = weight[refine]
-            magnitude[refine] = w * mls + (1.0 - w) * magnitude[refine]
-        return np.where(inside, -magnitude, magnitude)
+            value[refine] = w * self._mls_distance(ras[refine]) + (1.0 - w) * d_grid[refine]
+        # where the label map is unambiguous (the occupancy near 0 or 1, e.g. at voxel centres) its
+        # side wins over the smooth surface; rare (~0.1 % of near points on a 3 mm heart)
+        occupancy = trilinear(self.mask, local_ijk)
+        value[(occupancy >= 1.0 - SIGN_GUARD) & (value >= 0)] = -GUARD_MM
+        value[(occupancy <= SIGN_GUARD) & (value <= 0)] = GUARD_MM
+        return value
 
     def _mls_distance(self, ras: np.ndarray) -> np.ndarray:
-        """Unsigned implicit moving-least-squares distance (mm) to the mesh vertices' tangent planes."""
+        """Signed implicit moving-least-squares distance (mm) to the mesh vertices' tangent planes."""
         k = min(NEIGHBOURS, len(self.mesh.vertices))
         dist, nearest = self.tree.query(ras, k=k, workers=self.threads)
         if k == 1:
             dist, nearest = dist[:, None], nearest[:, None]
         offsets = ras[:, None, :] - self.mesh.vertices[nearest]
         plane = np.einsum("nkc,nkc->nk", offsets, self.mesh.vertex_normals[nearest])
-        weights = np.exp(-(dist**2 - dist[:, :1] ** 2) / float(self.spacing.max()) ** 2)
-        magnitude = np.abs((weights * plane).sum(axis=1) / weights.sum(axis=1))
-        # the nearest vertex lies on the surface: the surface is never farther than it
-        return np.minimum(magnitude, dist[:, 0]).astype(np.float32)
+        radius2 = np.maximum(dist[:, -1:] ** 2, 1e-12)
+        weights = np.square(np.clip(1.0 - dist**2 / radius2, 0.0, None)) + 1e-12
+        signed = (weights * plane).sum(axis=1) / weights.sum(axis=1)
+        return (np.sign(signed) * np.minimum(np.abs(signed), dist[:, 0])).astype(np.float32)
 
 
 def _ras_to_ijk(points: np.ndarray, ijk_to_ras: np.ndarray) -> np.ndarray:
@@ -281,7 +291,7 @@ def signed_distances_mm(label_map, points_ras, labels, meshes=None, threads: int
         mesh = meshes.get(labels[c]) if meshes is not None else None
         if mesh is None:
             mesh = surface_from_box(box_mask, box_lo, label_map.ijk_to_ras)
-        fine = _FineField(box_mask, box_lo, mesh, spacing, threads)
+        fine = _FineField(box_mask, box_lo, mesh, label_map.ijk_to_ras, threads)
         idx = _in_box(ijk_columns, fine.lo, fine.hi)
         if idx.size:
             out[idx, c] = fine.evaluate(ijk[idx] - fine.lo, points[idx])

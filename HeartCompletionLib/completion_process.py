@@ -235,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         label_map = read_label_map(args.input)
         result = run(label_map, args)
         write_label_map(result.label_map, args.output)
-    except (LabelMapError, CheckpointError, FileNotFoundError, KeyError) as exc:
+    except (LabelMapError, CheckpointError, FileNotFoundError, KeyError, ValueError) as exc:  # input or arguments
         _emit(f"{ERROR_PREFIX} {exc}")
         return EXIT_BAD_INPUT
     except Exception as exc:  # noqa: BLE001 - every failure must reach the panel as one line

@@ -190,12 +190,21 @@ def segment_mask(segmentation_node, segment_id: str, shape, ijk_to_ras) -> np.nd
     binary = oriented_image_from_array(values == segment.GetLabelValue(), layer_ijk_to_ras)
     resampled = slicer.vtkOrientedImageData()
     ok = slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-        binary, _geometry_image(shape, ijk_to_ras), resampled, False, True
+        binary, _geometry_image(shape, ijk_to_ras), resampled, False, False
     )
     if not ok:
         raise RuntimeError(f"segment {segment.GetName()!r}: resampling to the reference grid failed")
-    mask, _ = array_from_oriented_image(resampled)
-    return mask.astype(bool)
+    # The output extent may differ from the reference's (VTK keeps only the overlap): place it
+    # by its extent into a full-size mask.
+    values, _ = array_from_oriented_image(resampled)
+    extent = resampled.GetExtent()
+    mask = np.zeros(shape, dtype=bool)
+    lo = [max(extent[2 * a], 0) for a in range(3)]
+    hi = [min(extent[2 * a + 1] + 1, shape[a]) for a in range(3)]
+    if all(h > low for low, h in zip(lo, hi)):
+        src = tuple(slice(lo[a] - extent[2 * a], hi[a] - extent[2 * a]) for a in range(3))
+        mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = values[src] > 0
+    return mask
 
 
 def _segment_binary_image(segmentation_node, segment_id: str):

@@ -144,6 +144,31 @@ def test_padded_geometry_without_reference(scene, heart):
     assert np.all((np.array(shape) - 1 - ijk.max(0)) * spacing >= 30.0 - spacing)
 
 
+def test_segment_mask_resamples_onto_an_oblique_reference(scene):
+    """Segments stored on an axis-aligned 1 mm grid, read on an oblique 1.7 x 1.3 x 2.1 mm grid:
+    nearest-neighbour in physical space (checked against numpy on the voxel centres)."""
+    source_ijk_to_ras = make_ijk_to_ras((1.0, 1.0, 1.0), (-20.0, -25.0, -15.0))
+    labels = np.zeros((40, 50, 30), np.int16)
+    ijk = np.argwhere(np.ones(labels.shape, bool))
+    centre = np.array([20.0, 25.0, 15.0])
+    labels.reshape(-1)[np.linalg.norm((ijk - centre) / [12.0, 16.0, 9.0], axis=1) <= 1.0] = 3
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
+    (segment_id,) = slicer_bridge.add_result_segments(node, LabelMap(labels, source_ijk_to_ras), [3], TABLE, show_surfaces=False).added
+    target = make_ijk_to_ras((1.7, 1.3, 2.1), (-22.0, -18.0, -20.0), rotation_matrix((0.2, 1.0, 0.5), 0.45))
+    shape = (30, 40, 20)
+    mask = slicer_bridge.segment_mask(node, segment_id, shape, target)
+    from HeartCompletionLib.geometry import ijk_to_ras_points, ras_to_ijk_points
+
+    centres = ijk_to_ras_points(np.argwhere(np.ones(shape, bool)), target)
+    source_index = np.rint(ras_to_ijk_points(centres, source_ijk_to_ras)).astype(int)
+    inside = np.all((source_index >= 0) & (source_index < labels.shape), axis=1)
+    expected = np.zeros(len(centres), bool)
+    expected[inside] = labels[tuple(source_index[inside].T)] == 3
+    expected = expected.reshape(shape)
+    assert expected.sum() > 1000
+    assert np.count_nonzero(mask != expected) <= 0.002 * expected.sum()  # ties at exactly half a voxel only
+
+
 # --- mapping -----------------------------------------------------------------------------------
 
 

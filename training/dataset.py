@@ -21,7 +21,6 @@ of :class:`MixingSampler`, never on worker processes: a resumed run draws the sa
 from __future__ import annotations
 
 import csv
-import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +54,7 @@ def read_case_list(spec: DatasetSpec, split: str) -> list[CaseRef]:
     """Cases of one dataset for ``split`` ("train" or "val").
 
     Reads ``train_list``/``val_list`` (CSV from ``heart-split``; the first of the columns
-    path/file/npz/case/case_id/id/name, or the first column) relative to ``data_dir``. Without a
+    path/file/npz/case/case_id/id/name, or the first column; entries relative to the CSV's folder). Without a
     train list every ``*.npz`` of the folder is a training case and there is no validation set.
     """
     data_dir = Path(spec.data_dir)
@@ -85,7 +84,8 @@ def read_case_list(spec: DatasetSpec, split: str) -> list[CaseRef]:
         entry = row[column].strip()
         path = Path(entry)
         if not path.is_absolute():
-            path = data_dir / (entry if entry.endswith(".npz") else f"{entry}.npz")
+            # heart-split writes paths relative to the CSV's folder
+            path = list_path.parent / (entry if entry.endswith(".npz") else f"{entry}.npz")
         if not path.is_file():
             raise FileNotFoundError(f"{list_path}: lists {entry!r} but {path} does not exist")
         refs.append(CaseRef(spec.name, path, path.name[: -len(".npz")] if path.name.endswith(".npz") else path.stem))
@@ -339,6 +339,3 @@ def case_summary(refs: list[CaseRef]) -> dict:
         counts[r.dataset] = counts.get(r.dataset, 0) + 1
     return {"cases": len(refs), "per_dataset": counts}
 
-
-def meta_json(case: dict) -> str:
-    return json.dumps(case.get("meta", {}))

@@ -83,6 +83,8 @@ class HeartCompletionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.process = None
         self.result = None
         self.mappings = []
+        self.userChoices = {}
+        self.observedSegmentation = None
         self.timer = qt.QTimer()
         self.timer.setInterval(200)
         self.timer.connect("timeout()", self.onPoll)
@@ -102,7 +104,7 @@ class HeartCompletionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportLabelMapButton.connect("clicked(bool)", lambda: self.onExport("labelmap"))
         self.ui.exportSegNrrdButton.connect("clicked(bool)", lambda: self.onExport("segnrrd"))
         self.ui.exportMeshesButton.connect("clicked(bool)", lambda: self.onExport("meshes"))
-        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateTables)
+        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
         self.ui.checkpointPathLineEdit.connect("currentPathChanged(QString)", self.onCheckpointChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateDeviceInfo)
         self.initializeParameterNode()
@@ -123,6 +125,7 @@ class HeartCompletionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = None
 
     def onSceneStartClose(self, caller, event):
+        self.cancelProcess()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -147,11 +150,26 @@ class HeartCompletionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
 
     # --- structure table ----------------------------------------------------------------------
+    def onSegmentationChanged(self, node):
+        """Follow segments being added, renamed or removed; forget choices made for another node."""
+        if self.observedSegmentation is not None:
+            self.removeObserver(self.observedSegmentation, vtkMRMLSegmentationNode.SegmentationChangedEvent, self.updateTables)
+        self.observedSegmentation = node
+        if node is not None:
+            self.addObserver(node, vtkMRMLSegmentationNode.SegmentationChangedEvent, self.updateTables)
+        self.userChoices = {}
+        self.updateTables()
+
     def updateTables(self, *_args):
         """Fill the segment table (auto-mapped, editable) and the structure checklist."""
         node = self.ui.segmentationSelector.currentNode()
         self.ui.segmentTable.setRowCount(0)
         self.mappings = self.logic.segmentMappings(node) if node else []
+        # re-apply what the user fixed by hand (the automatic mapping is recomputed each time)
+        self.mappings = [
+            self.logic.withUserChoice(m, self.userChoices[m.segment.segment_id]) if m.segment.segment_id in self.userChoices else m
+            for m in self.mappings
+        ]
         names = [_("(ignore)")] + self.logic.table.names
         for row, mapping in enumerate(self.mappings):
             self.ui.segmentTable.insertRow(row)
@@ -165,6 +183,7 @@ class HeartCompletionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateStructureList()
 
     def onMappingEdited(self, row, index):
+        self.userChoices[self.mappings[row].segment.segment_id] = index
         self.mappings[row] = self.logic.withUserChoice(self.mappings[row], index)
         self.ui.segmentTable.item(row, 2).setText(_("user") if index else _("ignored"))
         self.updateStructureList()
@@ -438,7 +457,7 @@ class HeartCompletionTest(ScriptedLoadableModuleTest):
         heart = synthetic_label_map(seed=3, spacing_mm=2.5)
         partial = np.where(np.isin(heart.labels, [8, 9]), 0, heart.labels)
         labelmapNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "partial")
-        slicer.util.updateVolumeFromArray(labelmapNode, partial.transpose(2, 1, 0).astype(np.int16))
+        slicer.util.updateVolumeFromArray(labelmapNode, np.ascontiguousarray(partial.transpose(2, 1, 0), dtype=np.int16))
         labelmapNode.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(heart.ijk_to_ras))
         segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "heart")
         slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmapNode, segmentationNode)

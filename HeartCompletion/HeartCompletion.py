@@ -433,7 +433,7 @@ class HeartCompletionLogic(ScriptedLoadableModuleLogic):
             return [slicer_bridge.export_label_map(segmentationNode, stem + ".nii.gz", self.table, referenceVolume)]
         if kind == "segnrrd":
             return [slicer_bridge.write_seg_nrrd(segmentationNode, stem + ".seg.nrrd")]
-        return slicer_bridge.export_meshes(segmentationNode, stem + "-meshes", file_format=meshFormat)
+        return slicer_bridge.export_structure_meshes(segmentationNode, stem + "-meshes", self.table, meshFormat)
 
 
 class HeartCompletionTest(ScriptedLoadableModuleTest):

@@ -19,6 +19,7 @@ Usage (inside Slicer, or with slicer-core after setting ``slicer.mrmlScene``)::
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -364,43 +365,54 @@ def write_seg_nrrd(segmentation_node, path: str | Path) -> Path:
 
 
 def export_meshes(
-    segmentation_node, folder: str | Path, segment_ids: Sequence[str] | None = None, file_format: str = "STL", lps: bool = False
+    segmentation_node,
+    folder: str | Path,
+    segment_ids: Sequence[str] | None = None,
+    file_format: str = "STL",
+    lps: bool = False,
+    file_names: dict[str, str] | None = None,
 ) -> list[Path]:
-    """One closed-surface mesh per segment (``<segment name>.stl``/``.obj``) in ``folder``, in
-    mm, RAS by default (``lps=True`` for tools that expect DICOM's LPS).
-
-    Files are written into a temporary folder beside ``folder`` and moved in one by one, so a
-    failed export leaves no partial files.
-    """
+    """One closed-surface mesh per segment, ``folder/<name>.stl`` (or ``.obj``), in mm, RAS by
+    default (``lps=True`` for tools that expect DICOM's LPS). ``name`` is ``file_names[segment
+    ID]`` or else the segment's name. Each file is written to a temporary name and moved into
+    place, so a failed export leaves no partial file."""
     file_format = file_format.upper()
-    if file_format not in ("STL", "OBJ"):
+    writers = {"STL": vtk.vtkSTLWriter, "OBJ": vtk.vtkOBJWriter}
+    if file_format not in writers:
         raise ValueError(f"mesh format must be STL or OBJ, got {file_format!r}")
     ensure_segmentation_converters()
+    segmentation_node.CreateClosedSurfaceRepresentation()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    ids = vtk.vtkStringArray()
-    for segment_id in segment_ids if segment_ids is not None else [s.segment_id for s in segment_infos(segmentation_node)]:
-        ids.InsertNextValue(segment_id)
-    staging = Path(tempfile.mkdtemp(prefix=".meshes-", dir=folder))
-    try:
-        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsClosedSurfaceRepresentationToFiles(
-            str(staging), segmentation_node, ids, file_format, lps, 1.0, False
-        )
-        if not ok:
-            raise OSError(f"{folder}: exporting meshes failed")
-        written = []
-        # Slicer names files "<segmentation>_<segment>.<ext>"; the folder already says which
-        # segmentation, so keep just the segment (= structure) name.
-        prefix = f"{segmentation_node.GetName()}_"
-        for item in sorted(staging.iterdir()):
-            target = folder / (item.name[len(prefix) :] if item.name.startswith(prefix) else item.name)
-            os.replace(item, target)
-            written.append(target)
-        return written
-    finally:
-        for item in staging.iterdir():
-            item.unlink()
-        staging.rmdir()
+    segmentation = segmentation_node.GetSegmentation()
+    ids = list(segment_ids) if segment_ids is not None else [s.segment_id for s in segment_infos(segmentation_node)]
+    written = []
+    for segment_id in ids:
+        surface = vtk.vtkPolyData()
+        slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentClosedSurfaceRepresentation(segmentation_node, segment_id, surface)
+        if surface.GetNumberOfPoints() == 0:
+            continue  # an empty segment has no surface to write
+        if lps:
+            flip = vtk.vtkTransformPolyDataFilter()
+            transform = vtk.vtkTransform()
+            transform.Scale(-1.0, -1.0, 1.0)
+            flip.SetTransform(transform)
+            flip.SetInputData(surface)
+            flip.Update()
+            surface = flip.GetOutput()
+        name = (file_names or {}).get(segment_id) or segmentation.GetSegment(segment_id).GetName()
+        name = re.sub(r"[^\w\-. ]+", "_", name).strip() or segment_id
+        target = folder / f"{name}.{file_format.lower()}"
+        tmp = folder / f".{name}.tmp.{file_format.lower()}"
+        writer = writers[file_format]()
+        writer.SetFileName(str(tmp))
+        writer.SetInputData(surface)
+        if not writer.Write():
+            tmp.unlink(missing_ok=True)
+            raise OSError(f"{target}: writing the mesh failed")
+        os.replace(tmp, target)
+        written.append(target)
+    return written
 
 
 # --- the module's workflow (what its Logic calls) ------------------------------------------------
@@ -483,3 +495,22 @@ def export_label_map(
     mappings = mappings if mappings is not None else map_segments(segment_infos(segmentation_node), table)
     label_map = segmentation_to_label_map(segmentation_node, segment_labels(mappings), reference_volume_node)
     return write_label_map(label_map, path, table)
+
+
+def export_structure_meshes(
+    segmentation_node, folder: str | Path, table: StructureTable, file_format: str = "STL", mappings=None
+) -> list[Path]:
+    """One mesh per mapped segment named by its structure (``LV.stl``); unmapped segments are
+    left out; a second segment of the same structure gets ``_2``."""
+    from .segment_mapping import map_segments
+
+    mappings = mappings if mappings is not None else map_segments(segment_infos(segmentation_node), table)
+    names: dict[str, str] = {}
+    used: dict[str, int] = {}
+    for mapping in mappings:
+        if mapping.structure is None:
+            continue
+        used[mapping.structure.name] = used.get(mapping.structure.name, 0) + 1
+        count = used[mapping.structure.name]
+        names[mapping.segment.segment_id] = mapping.structure.name + (f"_{count}" if count > 1 else "")
+    return export_meshes(segmentation_node, folder, list(names), file_format, file_names=names)

@@ -230,9 +230,22 @@ def test_complete_segmentation_end_to_end(scene, heart, tiny_checkpoint, tmp_pat
     assert storage.ReadData(reread)
     names = {reread.GetSegmentation().GetNthSegment(i).GetName() for i in range(reread.GetSegmentation().GetNumberOfSegments())}
     assert names == {info.name for info in slicer_bridge.segment_infos(node)}
-    meshes = slicer_bridge.export_meshes(node, tmp_path / "meshes", undo.added, "STL")
-    assert sorted(p.name for p in meshes) == sorted(f"{n}.stl" for n in DROPPED if np.any(direct.label_map.labels == TABLE.by_name(n).label))
+    meshes = slicer_bridge.export_structure_meshes(node, tmp_path / "meshes", TABLE, "STL")
+    present = [s.name for s in TABLE if np.any(exported.labels == s.label)]
+    assert sorted(p.name for p in meshes) == sorted(f"{n}.stl" for n in present)  # no Tumor.stl
     assert not [p for p in (tmp_path / "meshes").iterdir() if p.name.startswith(".")]
+    import vtk
+
+    reader = vtk.vtkSTLReader()
+    reader.SetFileName(str(tmp_path / "meshes" / "LV.stl"))
+    reader.Update()
+    bounds = np.array(reader.GetOutput().GetBounds()).reshape(3, 2)  # RAS mm
+    from HeartCompletionLib.geometry import ijk_to_ras_points
+
+    lv_ras = ijk_to_ras_points(np.argwhere(exported.labels == TABLE.by_name("LV").label), exported.ijk_to_ras)
+    tolerance = exported.spacing_mm.max()
+    np.testing.assert_allclose(bounds[:, 0], lv_ras.min(0), atol=tolerance)
+    np.testing.assert_allclose(bounds[:, 1], lv_ras.max(0), atol=tolerance)
 
     undo.undo()
     assert [info.segment_id for info in slicer_bridge.segment_infos(node)] == list(before)

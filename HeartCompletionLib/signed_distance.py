@@ -46,7 +46,7 @@ from .surface import padded_crop, structure_boxes, surface_from_box
 
 #: Half-width (in largest-spacing voxels) of the band refined against the surface mesh.
 BAND_VOXELS = 2.0
-#: Within this many voxels the magnitude is fully the moving-least-squares surface distance;
+#: Within this many voxels the value is fully the moving-least-squares surface distance;
 #: from there it blends linearly into the distance-transform value at the band's edge.
 MLS_FULL_VOXELS = 0.75
 #: The fine tier covers the structure's bounding box plus this margin (mm; at least 3 voxels).

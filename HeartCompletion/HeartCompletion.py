@@ -234,6 +234,11 @@ class HeartCompletionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.ensureRequirements():
                 return
             p = self._parameterNode
+            if self.logic.runsOnCpu(p.device) and not slicer.util.confirmOkCancelDisplay(
+                _("No CUDA GPU will be used: the completion runs on the CPU and may take a few minutes. Continue?"),
+                dontShowAgainSettingsKey="HeartCompletion/DontAskBeforeCpu",
+            ):
+                return
             self.ui.logTextEdit.clear()
             self.process = self.logic.startCompletion(
                 p.segmentation, self.mappings, self.checkedStructures(), _pathText(p.checkpointPath), p.device,

@@ -1,0 +1,178 @@
+"""Seconds and peak memory to complete one heart at 1 mm with the ``small`` model on CPU.
+
+The heart is the synthetic heart of ``--seed`` rasterised at ``--spacing`` mm, with the
+structures of ``--drop`` removed (default subset B: Aorta, PA, LAA, Coronary, PV, i.e. complete
+B from subset A). The model is a trained checkpoint (``--checkpoint``) or, by default, a
+``small`` HeartVecSet fitted to this one heart's signed distances (ridge regression of the output
+layer on the random features, then ``--fit_steps`` Adam steps): a real network of the real size
+whose zero level sets look like a heart, so the hierarchical decode refines a realistic number
+of cells. (An untrained model outputs 0 everywhere, which is the worst case: every voxel refined.)
+
+The fit runs in a child process, so the peak resident memory reported (``ru_maxrss``) is that of
+the completion (plus Python, torch and the label map), not of the fit. Run::
+
+    python benchmarks/complete_speed.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+B_SUBSET = ("Aorta", "PA", "LAA", "Coronary", "PV")
+
+
+def partial_heart(seed: int, spacing: float, drop):
+    from HeartCompletionLib.labelmap import LabelMap
+    from HeartCompletionLib.structures import StructureTable
+    from HeartCompletionLib.synthetic import synthetic_label_map
+
+    truth = synthetic_label_map(seed=seed, spacing_mm=spacing)
+    labels = truth.labels.copy()
+    labels[np.isin(labels, [s.label for s in StructureTable.default().subset(drop)])] = 0
+    return truth, LabelMap(labels, truth.ijk_to_ras, source=f"<synthetic seed={seed}, {spacing} mm>")
+
+
+def fit_model(path: Path, config: str, seed: int, spacing: float, drop, steps: int = 300, lr: float = 2e-3,
+              points: int = 60_000) -> None:
+    """A ``config`` model fitted to one heart's signed distances (mm / S) for the encoder input of
+    its partial version: output layer by ridge regression on the random features, then ``steps``
+    Adam steps on every weight."""
+    import torch
+
+    from HeartCompletionLib.checkpoint import save_inference_checkpoint
+    from HeartCompletionLib.encoder_input import encoder_arrays, encoder_centre_mm, select_encoder_points
+    from HeartCompletionLib.model import HeartVecSet
+    from HeartCompletionLib.model_configs import get_config
+    from HeartCompletionLib.normalization import Normalization
+    from HeartCompletionLib.signed_distance import signed_distances_mm
+    from HeartCompletionLib.structures import StructureTable
+    from HeartCompletionLib.surface import sample_structure_surfaces
+
+    torch.manual_seed(seed)
+    table, norm = StructureTable.default(), Normalization()
+    truth, source = partial_heart(seed, spacing, drop)
+    rng = np.random.default_rng(seed)
+    given = source.present_labels()
+    pts, _, lab = sample_structure_surfaces(source, given, 40_000, rng, min_per_structure=333)
+    idx = np.asarray(lab, dtype=np.int64) - 1
+    inputs = [g - 1 for g in given]
+    centre = encoder_centre_mm(pts, idx, inputs)
+    chosen = select_encoder_points(idx, inputs, 2048, rng, min_per_structure=32)
+    xyz, onehot = encoder_arrays(pts[chosen], idx[chosen], centre, norm, len(table))
+    # training-like targets: half near the surfaces of all structures, half in the heart's box
+    all_pts, _, _ = sample_structure_surfaces(truth, truth.present_labels(), points // 2, rng, min_per_structure=500)
+    near = all_pts + rng.normal(scale=3.0, size=all_pts.shape)
+    lo, hi = all_pts.min(0) - 30.0, all_pts.max(0) + 30.0
+    q_mm = np.concatenate([near, rng.uniform(lo, hi, size=(points - len(near), 3))])
+    target = signed_distances_mm(truth, q_mm, table.labels) / norm.scale_mm
+    model = HeartVecSet(get_config(config, len(table))).eval()
+    with torch.inference_mode():
+        latents, _ = model.encode(torch.from_numpy(xyz)[None], torch.from_numpy(onehot)[None])
+        q = torch.from_numpy(norm.points_to_network(q_mm, centre).astype(np.float32))[None]
+        feats = model.decoder_norm(model.decoder(model.query_embed(model.fourier(q)), latents))[0].double()
+    design = torch.cat([feats, torch.ones(len(feats), 1, dtype=torch.float64)], dim=1)
+    t = torch.from_numpy(np.clip(target, -0.3, 0.3)).double()  # far values matter less than the surface
+    w = torch.linalg.solve(design.T @ design + 1e-3 * torch.eye(design.shape[1], dtype=torch.float64), design.T @ t)
+    with torch.no_grad():
+        model.to_sdf.weight.copy_(w[:-1].T.float())
+        model.to_sdf.bias.copy_(w[-1].float())
+    # then a short fit of every weight to this one heart (random features alone are too smooth)
+    model.train()
+    x_t, oh_t = torch.from_numpy(xyz)[None], torch.from_numpy(onehot)[None]
+    q_all = torch.from_numpy(norm.points_to_network(q_mm, centre).astype(np.float32))
+    t_all = torch.from_numpy(target.astype(np.float32))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    start = time.perf_counter()
+    for step in range(steps):
+        pick = torch.from_numpy(rng.choice(len(q_all), 2048))
+        sdf = model(x_t, oh_t, q_all[pick][None])["sdf"][0]
+        loss = (sdf - t_all[pick]).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 25 == 0 or step == steps - 1:
+            print(f"fit step {step}: L1 {loss.item() * norm.scale_mm:.2f} mm ({time.perf_counter() - start:.0f} s)", flush=True)
+    model.eval()
+    save_inference_checkpoint(path, model, table, norm, phase="benchmark-fit",
+                              data_summary={"fitted_to": f"synthetic seed {seed}, {spacing} mm"})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="trained checkpoint (default: fit a random model's output layer)")
+    p.add_argument("--config", default="small", help="model config of the fitted model (default small)")
+    p.add_argument("--spacing", type=float, default=1.0, help="output voxel size in mm (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="synthetic heart seed")
+    p.add_argument("--drop", nargs="+", default=list(B_SUBSET), help="structures removed from the input")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--grid_spacing_mm", type=float, default=None, help="coarse lattice (default: completion's)")
+    p.add_argument("--repeats", type=int, default=1, help="timed completions (the best is reported)")
+    p.add_argument("--fit_steps", type=int, default=300, help="Adam steps of the fit (default 300)")
+    p.add_argument("--fit_threads", type=int, default=1, help="torch threads of the fit (default 1)")
+    p.add_argument("--_fit", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args._fit:
+        fit_model(Path(args._fit), args.config, args.seed, args.spacing, args.drop, steps=args.fit_steps)
+        return 0
+    ck_path = args.checkpoint
+    if ck_path is None:
+        ck_path = str(Path(tempfile.mkdtemp()) / f"{args.config}_fitted.safetensors")
+        t = time.perf_counter()
+        cmd = [sys.executable, __file__, "--_fit", ck_path, "--config", args.config, "--seed", str(args.seed),
+               "--spacing", str(args.spacing), "--threads", str(args.fit_threads), "--fit_steps", str(args.fit_steps),
+               "--drop", *args.drop]
+        subprocess.run(cmd, check=True)
+        print(f"fitted a {args.config} model to the heart in {time.perf_counter() - t:.1f} s")
+
+    from HeartCompletionLib.checkpoint import load_inference_checkpoint
+    from HeartCompletionLib.completion import complete_label_map
+    from HeartCompletionLib.metrics import dice
+
+    truth, source = partial_heart(args.seed, args.spacing, args.drop)
+    checkpoint = load_inference_checkpoint(ck_path, device="cpu")
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    best = None
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        result = complete_label_map(source, checkpoint, device="cpu", grid_spacing_mm=args.grid_spacing_mm)
+        wall = time.perf_counter() - t
+        best = (wall, result) if best is None or wall < best[0] else best
+    wall, result = best
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    g = result.grid
+    report = {
+        "config": checkpoint.config.to_dict(), "threads": args.threads, "image_shape": list(source.shape),
+        "spacing_mm": args.spacing, "completed": [checkpoint.table.by_label(v).name for v in result.completed_labels],
+        "seconds": round(wall, 2), "timings_s": {k: round(v, 2) for k, v in result.timings.items()},
+        "peak_rss_mb": round(peak), "rss_before_completion_mb": round(rss_before),
+        "output_voxels": g["output_voxels"], "region_voxels": g["region_voxels"],
+        "coarse_spacing_mm": g["coarse_spacing_mm"], "coarse_nodes": g["coarse_nodes"],
+        "refined_queries": g["refined_queries"], "levels": g["levels"],
+        "dice_vs_truth": {checkpoint.table.by_label(v).name: round(float(dice(result.label_map.labels == v,
+                                                                                 truth.labels == v)), 3)
+                          for v in result.completed_labels},
+    }
+    print(json.dumps(report, indent=1))
+    print(f"\n{wall:.1f} s, peak RSS {peak / 1024:.2f} GB for {g['output_voxels']:,} output voxels "
+          f"({g['coarse_nodes']:,} coarse nodes + {g['refined_queries']:,} refined queries vs "
+          f"{g['region_voxels']:,} region voxels)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

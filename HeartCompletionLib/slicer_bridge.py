@@ -59,18 +59,6 @@ def ensure_segmentation_converters() -> None:
 # --- numpy <-> vtkOrientedImageData ----------------------------------------------------------
 
 
-def _vtk_matrix(matrix: np.ndarray) -> vtk.vtkMatrix4x4:
-    out = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            out.SetElement(r, c, float(matrix[r, c]))
-    return out
-
-
-def _numpy_matrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=np.float64)
-
-
 def oriented_image_from_array(values: np.ndarray, ijk_to_ras: np.ndarray) -> slicer.vtkOrientedImageData:
     """An oriented image (uint8 scalars) holding ``values[i, j, k]`` on the grid ``ijk_to_ras``."""
     values = np.asarray(values)
@@ -79,7 +67,7 @@ def oriented_image_from_array(values: np.ndarray, ijk_to_ras: np.ndarray) -> sli
     image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
     # VTK stores x (= i) fastest, i.e. a C-ordered (k, j, i) array.
     numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = values.transpose(2, 1, 0).ravel().astype(np.uint8)
-    image.SetImageToWorldMatrix(_vtk_matrix(ijk_to_ras))
+    image.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras))
     return image
 
 
@@ -90,7 +78,7 @@ def array_from_oriented_image(image) -> tuple[np.ndarray, np.ndarray]:
     dims = [extent[1] - extent[0] + 1, extent[3] - extent[2] + 1, extent[5] - extent[4] + 1]
     matrix = vtk.vtkMatrix4x4()
     image.GetImageToWorldMatrix(matrix)
-    ijk_to_ras = _numpy_matrix(matrix)
+    ijk_to_ras = slicer.util.arrayFromVTKMatrix(matrix)
     ijk_to_ras[:3, 3] = ijk_to_ras[:3, :3] @ np.array(extent[0::2], dtype=np.float64) + ijk_to_ras[:3, 3]
     if min(dims) <= 0 or image.GetPointData().GetScalars() is None:
         return np.zeros([max(d, 0) for d in dims], dtype=np.uint8), ijk_to_ras
@@ -101,7 +89,7 @@ def array_from_oriented_image(image) -> tuple[np.ndarray, np.ndarray]:
 def _geometry_image(shape, ijk_to_ras) -> slicer.vtkOrientedImageData:
     image = slicer.vtkOrientedImageData()
     image.SetExtent(0, shape[0] - 1, 0, shape[1] - 1, 0, shape[2] - 1)
-    image.SetImageToWorldMatrix(_vtk_matrix(ijk_to_ras))
+    image.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras))
     return image
 
 
@@ -138,7 +126,7 @@ def reference_geometry(segmentation_node, reference_volume_node=None, margin_mm:
         matrix = vtk.vtkMatrix4x4()
         reference_volume_node.GetIJKToRASMatrix(matrix)
         dims = reference_volume_node.GetImageData().GetDimensions()
-        return tuple(int(d) for d in dims), _numpy_matrix(matrix)
+        return tuple(int(d) for d in dims), slicer.util.arrayFromVTKMatrix(matrix)
     segmentation = segmentation_node.GetSegmentation()
     name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
     serialized = segmentation.GetConversionParameter(name) if name in _conversion_parameter_names(segmentation) else ""

@@ -66,7 +66,7 @@ def heart():
 def add_volume(scene, label_map: LabelMap, name="reference", labelmap=True):
     node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", name)
     slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(label_map.labels.transpose(2, 1, 0)).astype(np.int16))
-    node.SetIJKToRASMatrix(slicer_bridge._vtk_matrix(label_map.ijk_to_ras))
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(label_map.ijk_to_ras))
     return node
 
 

@@ -127,16 +127,10 @@ def reference_geometry(segmentation_node, reference_volume_node=None, margin_mm:
         reference_volume_node.GetIJKToRASMatrix(matrix)
         dims = reference_volume_node.GetImageData().GetDimensions()
         return tuple(int(d) for d in dims), slicer.util.arrayFromVTKMatrix(matrix)
+    own = segmentation_geometry(segmentation_node)
+    if own is not None:
+        return own
     segmentation = segmentation_node.GetSegmentation()
-    name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
-    serialized = segmentation.GetConversionParameter(name) if name in _conversion_parameter_names(segmentation) else ""
-    image = slicer.vtkOrientedImageData()
-    if serialized and slicer.vtkSegmentationConverter.DeserializeImageGeometry(serialized, image, False):
-        _, ijk_to_ras = array_from_oriented_image(image)
-        extent = image.GetExtent()
-        shape = (extent[1] - extent[0] + 1, extent[3] - extent[2] + 1, extent[5] - extent[4] + 1)
-        if min(shape) > 0:
-            return shape, ijk_to_ras
     segmentation_node.CreateBinaryLabelmapRepresentation()
     image = slicer.vtkOrientedImageData()
     serialized = segmentation.DetermineCommonLabelmapGeometry(slicer.vtkSegmentation.EXTENT_UNION_OF_SEGMENTS, None)
@@ -152,6 +146,21 @@ def reference_geometry(segmentation_node, reference_volume_node=None, margin_mm:
     image.SetExtent(extent)
     _, ijk_to_ras = array_from_oriented_image(image)
     return (extent[1] - extent[0] + 1, extent[3] - extent[2] + 1, extent[5] - extent[4] + 1), ijk_to_ras
+
+
+def segmentation_geometry(segmentation_node):
+    """The segmentation's own reference image geometry ``(shape, ijk_to_ras)``, or ``None``
+    (segmentations imported from a label map often have none)."""
+    segmentation = segmentation_node.GetSegmentation()
+    name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    serialized = segmentation.GetConversionParameter(name) if name in _conversion_parameter_names(segmentation) else ""
+    image = slicer.vtkOrientedImageData()
+    if not serialized or not slicer.vtkSegmentationConverter.DeserializeImageGeometry(serialized, image, False):
+        return None
+    _, ijk_to_ras = array_from_oriented_image(image)
+    extent = image.GetExtent()
+    shape = (extent[1] - extent[0] + 1, extent[3] - extent[2] + 1, extent[5] - extent[4] + 1)
+    return (shape, ijk_to_ras) if min(shape) > 0 else None
 
 
 def _conversion_parameter_names(segmentation) -> set[str]:
@@ -174,15 +183,20 @@ def segment_mask(segmentation_node, segment_id: str, shape, ijk_to_ras) -> np.nd
     if layer is None:
         return np.zeros(shape, dtype=bool)
     values, layer_ijk_to_ras = array_from_oriented_image(layer)
-    if values.shape == tuple(shape) and np.allclose(layer_ijk_to_ras, ijk_to_ras, atol=1e-6):
-        return values == segment.GetLabelValue()
-    binary = oriented_image_from_array(values == segment.GetLabelValue(), layer_ijk_to_ras)
+    return resample_mask(values == segment.GetLabelValue(), layer_ijk_to_ras, shape, ijk_to_ras)
+
+
+def resample_mask(mask: np.ndarray, mask_ijk_to_ras: np.ndarray, shape, ijk_to_ras: np.ndarray) -> np.ndarray:
+    """A boolean mask moved onto the grid ``(shape, ijk_to_ras)``: nearest neighbour in RAS mm
+    (exact copy/crop/pad when the grids share orientation, spacing and voxel lattice)."""
+    if mask.shape == tuple(shape) and np.allclose(mask_ijk_to_ras, ijk_to_ras, atol=1e-6):
+        return mask.astype(bool)
     resampled = slicer.vtkOrientedImageData()
     ok = slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-        binary, _geometry_image(shape, ijk_to_ras), resampled, False, False
+        oriented_image_from_array(mask, mask_ijk_to_ras), _geometry_image(shape, ijk_to_ras), resampled, False, False
     )
     if not ok:
-        raise RuntimeError(f"segment {segment.GetName()!r}: resampling to the reference grid failed")
+        raise RuntimeError("resampling a segment onto the reference grid failed")
     # The output extent may differ from the reference's (VTK keeps only the overlap): place it
     # by its extent into a full-size mask.
     values, _ = array_from_oriented_image(resampled)
@@ -286,7 +300,8 @@ def add_result_segments(
     replace_segments: dict[int, str] | None = None,
     show_surfaces: bool = True,
 ) -> CompletionUndo:
-    """Put ``labels`` of ``label_map`` into the segmentation as segments, in one modification.
+    """Put ``labels`` of ``label_map`` into the segmentation as segments, in one modification,
+    on the segmentation's own grid (resampled, nearest neighbour, if the label map's differs).
 
     New segments get the table's name, colour and terminology. ``replace_segments`` maps a
     label to an existing segment ID whose voxels are overwritten instead (the user ticked
@@ -299,11 +314,15 @@ def add_result_segments(
         segmentation_node.SetSourceRepresentationToBinaryLabelmap()
     undo = CompletionUndo(segmentation_node)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
+    # Results go into the segmentation's own geometry when it has one (the completion may
+    # have run on another reference volume's grid).
+    target = segmentation_geometry(segmentation_node) or (label_map.shape, label_map.ijk_to_ras)
     was_modifying = segmentation_node.StartModify()
     try:
         for label in labels:
             structure = table.by_label(int(label))
-            image = oriented_image_from_array(label_map.labels == structure.label, label_map.ijk_to_ras)
+            mask = resample_mask(label_map.labels == structure.label, label_map.ijk_to_ras, *target)
+            image = oriented_image_from_array(mask, target[1])
             segment_id = replace_segments.get(structure.label)
             if segment_id and segmentation.GetSegment(segment_id) is not None:
                 undo.replaced[segment_id] = _segment_binary_image(segmentation_node, segment_id)

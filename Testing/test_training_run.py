@@ -165,3 +165,19 @@ def test_phases_2_to_4_fine_tune_from_a_checkpoint(small_dataset, tmp_path):
     from HeartCompletionLib.checkpoint import read_checkpoint_metadata
 
     assert read_checkpoint_metadata(previous)["phase"] == 4
+
+
+def test_two_datasets_mix_by_weight(small_dataset, tmp_path):
+    from HeartCompletionLib.checkpoint import read_checkpoint_metadata
+
+    other = tmp_path / "other"
+    other.mkdir()
+    write_analytic_case(other / "x.npz", seed=3, num_surface=6000, num_volume=3000, num_near=4000)
+    cfg = load_config("tiny_test", [*tiny_overrides(small_dataset, tmp_path / "run", steps=2),
+                                    "data.datasets.0.name=first", "data.datasets.0.weight=1.0",
+                                    f"data.datasets.1.data_dir={other}", "data.datasets.1.name=second",
+                                    "data.datasets.1.weight=3.0"])
+    result = train(cfg)
+    meta = read_checkpoint_metadata(result.final_checkpoint)
+    assert meta["data_summary"]["per_dataset"] == {"first": 2, "second": 1}
+    assert meta["data_summary"]["datasets"] == ["first", "second"]

@@ -193,6 +193,9 @@ def test_absent_label_gives_nan_and_bad_points_raise():
     with pytest.raises(ValueError, match="NaN"):
         signed_distances_mm(lm, np.array([[0.0, np.nan, 0.0]]), [3])
     assert signed_distances_mm(lm, np.zeros((0, 3)), [3]).shape == (0, 1)
+    # threads change the speed, never the values
+    pts = near_surface_points(SHAPES["sphere"], 3.0, 2000, np.random.default_rng(14))
+    np.testing.assert_array_equal(signed_distances_mm(lm, pts, [3], threads=1), signed_distances_mm(lm, pts, [3], threads=2))
 
 
 def test_empty_mask_raises():

@@ -375,12 +375,16 @@ class HeartCompletionLogic(ScriptedLoadableModuleLogic):
                     raise RuntimeError(_("PyTorch installation failed; see the Python console."))
             except ImportError:
                 slicer.util.pip_install("torch")
+        self.ensurePackages()
+        return True
+
+    def ensurePackages(self):
+        """pip-install the file-format packages Slicer lacks (needed by exports and the process)."""
         import importlib.util
 
         missing = [pip for name, pip in EXTRA_REQUIREMENTS.items() if importlib.util.find_spec(name) is None]
         if missing:
             slicer.util.pip_install(missing)
-        return True
 
     def startCompletion(self, segmentationNode, mappings, structures, checkpointPath, device, replace, referenceVolume):
         """Write the input label map and start the background process (returns it)."""
@@ -433,6 +437,7 @@ class HeartCompletionLogic(ScriptedLoadableModuleLogic):
 
         if not segmentationNode or not folder:
             raise ValueError(_("Select a segmentation and an export folder."))
+        self.ensurePackages()
         stem = os.path.join(folder, segmentationNode.GetName())
         if kind == "labelmap":
             return [slicer_bridge.export_label_map(segmentationNode, stem + ".nii.gz", self.table, referenceVolume)]

@@ -5,7 +5,7 @@
   NIfTI -> ``heart-prepare``'s ``prepare_case``) when those modules are installed, else
   :func:`write_analytic_case` (spheres, a shell and capsules with exact signed distances).
 - ``tiny_training_run`` / ``tiny_checkpoint``: a ``tiny`` model trained on that dataset in this
-  test session (about a minute of CPU), exported as an inference ``.safetensors``. It is trained
+  test session (900 steps, about a minute of one CPU core), exported as an inference ``.safetensors``. It is trained
   once per session and shared by the IoU test of the trainer and the completion/evaluation/Slicer
   tests.
 
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 #: optimizer steps of the session's tiny model (about 0.1 s each on one free CPU core)
-TINY_STEPS = int(os.environ.get("HEART_TINY_STEPS", "600"))
+TINY_STEPS = int(os.environ.get("HEART_TINY_STEPS", "900"))
 
 # --- analytic hearts with exact signed distances (mm) ------------------------------------------
 # (kind, parameters) per structure in table order; non-overlapping by construction (checked below).

@@ -253,8 +253,7 @@ def _hierarchical_labels(fld: _Field, lo, hi, ijk_to_ras, strides, refine_factor
     spacing = spacing_of(ijk_to_ras)
     n_cells = -(-size // strides)
     dims = n_cells * strides + 1  # padded lattice; voxels beyond the region are cropped at the end
-    out = np.zeros(dims, dtype=np.int16)
-    flat = out.reshape(-1)
+    out = np.zeros(n_cells * strides, dtype=np.int16)  # whole cells; nodes on the far faces are dropped
     keys = np.zeros(0, dtype=np.int64)
     labs = np.zeros(0, dtype=np.int16)
     marg = np.zeros(0, dtype=np.float32)
@@ -282,14 +281,17 @@ def _hierarchical_labels(fld: _Field, lo, hi, ijk_to_ras, strides, refine_factor
         tau = refine_factor * 0.5 * float(np.linalg.norm(stride * spacing))
         active = (corner_labs != corner_labs[:, :1]).any(1) | (corner_marg.min(1) < tau)
         # uniform cells: fill their voxel block from the corners (finer levels overwrite the rest)
-        idle, idle_lab = cells[~active] * stride, corner_labs[~active, 0]
-        for offset in product(*[range(s) for s in stride]):
-            flat[np.ravel_multi_index((idle + np.array(offset)).T, dims)] = idle_lab
+        idle, idle_lab = cells[~active], corner_labs[~active, 0]
+        blocks = out.reshape(n_cells[0] * strides[0] // stride[0], stride[0], n_cells[1] * strides[1] // stride[1],
+                             stride[1], n_cells[2] * strides[2] // stride[2], stride[2])  # a view: out is contiguous
+        blocks[idle[:, 0], :, idle[:, 1], :, idle[:, 2], :] = idle_lab[:, None, None, None]
         split = np.where(stride > 1, 2, 1)
         children = np.array(list(product(*[range(s) for s in split])), dtype=np.int64)
         cells = (cells[active][:, None, :] * split + children[None]).reshape(-1, 3)
         stride = stride // split
-    flat[keys] = labs  # every decoded voxel is exact
+    node = np.stack(np.unravel_index(keys, dims), -1)
+    keep = np.all(node < np.array(out.shape), axis=1)
+    out[tuple(node[keep].T)] = labs[keep]  # every decoded voxel is exact
     crop = tuple(slice(0, int(n)) for n in size)
     return out[crop], {"levels": per_level}
 

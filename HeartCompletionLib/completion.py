@@ -47,7 +47,7 @@ DEFAULT_GRID_SPACING_MM = 8.0
 DEFAULT_MARGIN_MM = 60.0
 #: A cell is refined when a corner's |signed distance| < factor x half its diagonal (1 is exact
 #: for a true distance function; > 1 allows for a network that is not perfectly 1-Lipschitz).
-DEFAULT_REFINE_FACTOR = 1.5
+DEFAULT_REFINE_FACTOR = 1.0
 #: Queries decoded per model call: bounds memory (~0.5 GB for the small config on CPU).
 DEFAULT_CHUNK = 16_384
 

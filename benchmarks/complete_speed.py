@@ -117,6 +117,7 @@ def main(argv=None) -> int:
     p.add_argument("--drop", nargs="+", default=list(B_SUBSET), help="structures removed from the input")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--grid_spacing_mm", type=float, default=None, help="coarse lattice (default: completion's)")
+    p.add_argument("--refine_factor", type=float, default=None, help="refinement band (default: completion's)")
     p.add_argument("--repeats", type=int, default=1, help="timed completions (the best is reported)")
     p.add_argument("--fit_steps", type=int, default=300, help="Adam steps of the fit (default 300)")
     p.add_argument("--fit_threads", type=int, default=1, help="torch threads of the fit (default 1)")
@@ -149,7 +150,8 @@ def main(argv=None) -> int:
     best = None
     for _ in range(args.repeats):
         t = time.perf_counter()
-        result = complete_label_map(source, checkpoint, device="cpu", grid_spacing_mm=args.grid_spacing_mm)
+        options = {} if args.refine_factor is None else {"refine_factor": args.refine_factor}
+        result = complete_label_map(source, checkpoint, device="cpu", grid_spacing_mm=args.grid_spacing_mm, **options)
         wall = time.perf_counter() - t
         best = (wall, result) if best is None or wall < best[0] else best
     wall, result = best

@@ -262,7 +262,9 @@ def _hierarchical_labels(fld: _Field, lo, hi, ijk_to_ras, strides, refine_factor
     levels = int(np.log2(strides.max())) + 1
     per_level = []
     for level in range(levels):
-        corner_keys = np.ravel_multi_index(((cells[:, None, :] + _CORNERS[None]) * stride).reshape(-1, 3).T, dims)
+        # linear lattice index of each cell's 8 corners (index arithmetic is linear: no (C, 8, 3) array)
+        corner_keys = (np.ravel_multi_index((cells * stride).T, dims)[:, None]
+                       + np.ravel_multi_index((_CORNERS * stride).T, dims)[None]).reshape(-1)
         needed = np.unique(corner_keys)
         pos = np.searchsorted(keys, needed).clip(max=max(len(keys) - 1, 0))
         new = needed[~(keys[pos] == needed)] if len(keys) else needed

@@ -20,8 +20,8 @@ Steps of :func:`complete_label_map` (all geometry in RAS millimetres from the in
    One label per voxel by construction.
 
 >>> from HeartCompletionLib.structures import StructureTable
->>> resolve_structures(StructureTable.default(), ["LAA", 9, "left ventricle"])
-[3, 8, 9]
+>>> resolve_structures(StructureTable.default(), ["LAA", 9, "10", "left ventricle"])
+[3, 8, 9, 10]
 """
 
 from __future__ import annotations
@@ -96,6 +96,8 @@ def resolve_structures(table, structures) -> list[int]:
     labels = set()
     for s in structures:
         if isinstance(s, (int, np.integer)) and not isinstance(s, bool):
+            labels.add(table.by_label(int(s)).label)
+        elif isinstance(s, str) and s.strip().isdigit():  # "9" from a command line
             labels.add(table.by_label(int(s)).label)
         else:
             labels.add(table.by_name(str(s)).label)

@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="inference checkpoint (.safetensors)")
     p.add_argument("--input", required=True, help="label map file, or a folder of label maps (batch mode)")
     p.add_argument("--output", required=True,
-                   help="output file (format from its suffix), or a folder (created; files keep the input names)")
+                   help="output file (format from its suffix: .nii, .nii.gz, .nrrd, .seg.nrrd), or a folder "
+                   "(any other name; created; files keep the input names and formats)")
     p.add_argument("--structures", nargs="+", default=None, metavar="NAME",
                    help="structures to produce, by name, synonym or label (default: those missing from the input)")
     p.add_argument("--label_map", default=None, metavar="CONV",
@@ -88,13 +89,13 @@ def _jobs(input_path: Path, output_path: Path) -> list[tuple[Path, Path]]:
     elif not input_path.exists():
         raise CliError(f"{input_path}: input not found")
     else:
-        out = output_path / input_path.name if output_path.is_dir() or str(output_path).endswith(("/", "\\")) \
-            else output_path
+        # an existing folder, or a name without a label-map suffix, is a folder: keep the input's name
         try:
-            suffix_of(out)
-        except LabelMapError as exc:
-            raise CliError(str(exc)) from exc
-        jobs = [(input_path, out)]
+            suffix_of(output_path)
+            is_folder = output_path.is_dir()
+        except LabelMapError:
+            is_folder = True
+        jobs = [(input_path, output_path / input_path.name if is_folder else output_path)]
     for src, dst in jobs:
         if dst.resolve() == src.resolve():
             raise CliError(f"{dst}: the output would overwrite the input {src}; choose another output")

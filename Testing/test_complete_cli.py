@@ -135,3 +135,25 @@ def test_clear_errors(tiny_checkpoint, inputs, tmp_path, capsys):
                          str(tmp_path / "m.nrrd")], capsys)
     assert code != 0 and "missing.nrrd" in err and "not found" in err
     assert not (tmp_path / "o.nii.gz").exists() and not (tmp_path / "g.nii.gz").exists()
+
+
+def test_other_label_numbering_is_mapped(tiny_checkpoint, tmp_path, capsys):
+    """An MM-WHS-numbered file (205 = Myocardium, 500 = LV, ...) with --label_map mmwhs."""
+    from HeartCompletionLib.label_conventions import MMWHS
+
+    lm = synthetic_label_map(seed=0, spacing_mm=3.0)
+    to_mmwhs = {table_label: value for value, table_label in zip(MMWHS, (1, 2, 3, 4, 5, 6, 7))}
+    labels = np.zeros(lm.shape, np.int16)
+    for table_label, value in to_mmwhs.items():
+        if table_label not in DROPPED:
+            labels[lm.labels == table_label] = value
+    src = write_label_map(LabelMap(labels, lm.ijk_to_ras), tmp_path / "mmwhs.nii.gz", table=None)
+    out = tmp_path / "out.nii.gz"
+    code, err = run_cli(["--checkpoint", str(tiny_checkpoint), "--input", str(src), "--output", str(out)], capsys)
+    assert code != 0 and "mmwhs.nii.gz" in err and "--label_map" in err  # values 205... unknown to the table
+    code, err = run_cli(["--checkpoint", str(tiny_checkpoint), "--input", str(src), "--output", str(out),
+                         "--label_map", "mmwhs"], capsys)
+    assert code == 0, err
+    done = read_label_map(out)
+    assert {1, 2, 3, 5} <= set(done.present_labels()) and set(DROPPED) <= set(done.present_labels())
+    assert np.array_equal(done.labels[lm.labels == 3], np.full((lm.labels == 3).sum(), 3))

@@ -35,13 +35,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import struct
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .atomic_io import atomic_write_bytes
 from .model_configs import ModelConfig, count_parameters
 from .normalization import Normalization
 from .structures import StructureTable
@@ -155,22 +154,9 @@ def save_inference_checkpoint(
     # contiguous float32 CPU copies: independent of device, dtype and DDP of the run
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a fresh name in the same folder, so os.replace is atomic
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        # serialise in memory and write ourselves: the file gets the user's umask (safetensors'
-        # own writer makes it 0600) and is on disk (fsync) before it replaces the old one
-        payload = save(tensors, metadata={METADATA_KEY: header})
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    # serialise in memory and write through atomic_io: the file gets the user's umask
+    # (safetensors' own writer makes it 0600) and is on disk before it replaces the old one
+    return atomic_write_bytes(path, save(tensors, metadata={METADATA_KEY: header}))
 
 
 # --- reading -------------------------------------------------------------------------------

@@ -56,5 +56,5 @@ class LabelMap:
     def mask(self, label: int) -> np.ndarray:
         return self.labels == label
 
-    def same_geometry(self, other: "LabelMap", atol: float = 1e-4) -> bool:
+    def same_geometry(self, other: LabelMap, atol: float = 1e-4) -> bool:
         return self.shape == other.shape and np.allclose(self.ijk_to_ras, other.ijk_to_ras, atol=atol)

@@ -27,13 +27,12 @@ file is never modified.
 from __future__ import annotations
 
 import gzip
-import os
-import uuid
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from .atomic_io import atomic_open
 from .geometry import LPS_TO_RAS
 from .label_conventions import apply_convention, load_convention
 from .labelmap import LabelMap
@@ -311,16 +310,13 @@ def write_label_map(label_map: LabelMap, path, table=None) -> Path:
     except OSError as exc:
         raise LabelMapError(path, f"cannot create the output folder ({exc})") from exc
     # The temporary name ends in .tmp, so a folder scan never mistakes a leftover for a label map.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "wb") as handle:
+        with atomic_open(path, "wb") as handle:
             if suffix in (".nii", ".nii.gz"):
                 _write_nifti(handle, data, label_map.ijk_to_ras, compress=suffix == ".nii.gz")
             else:
                 _write_nrrd(handle, data, label_map.ijk_to_ras, table if suffix == ".seg.nrrd" else None)
-        os.replace(tmp, path)
     except Exception as exc:
-        tmp.unlink(missing_ok=True)
         if isinstance(exc, LabelMapError):
             raise
         raise LabelMapError(path, f"cannot write ({type(exc).__name__}: {exc})") from exc

@@ -17,12 +17,12 @@ True
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .atomic_io import atomic_write_bytes
 
 MESH_FORMATS = ("stl", "obj", "ply", "vtk")
 COORDINATE_TAG = "SPACE=RAS"
@@ -131,16 +131,7 @@ def write_mesh(path, vertices, faces, fmt: str | None = None, title: str = "Hear
     if vertices.ndim != 2 or vertices.shape[1] != 3 or faces.ndim != 2 or faces.shape[1] != 3:
         raise ValueError(f"{path}: a mesh needs vertices (V, 3) and triangles (F, 3)")
     data = _WRITERS[fmt](vertices, faces, re.sub(r"\s+", "_", title))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, data)
 
 
 def mesh_file_name(case_name: str, structure_name: str, fmt: str = "stl") -> str:

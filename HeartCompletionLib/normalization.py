@@ -69,5 +69,5 @@ class Normalization:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Normalization":
+    def from_dict(cls, data: dict) -> Normalization:
         return cls(scale_mm=float(data["scale_mm"]), centre_rule=str(data["centre_rule"]))

@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .atomic_io import atomic_write_text
 from .structures import SNOMED_CATEGORY_CODE, SNOMED_CATEGORY_MEANING, SNOMED_SCHEME, Structure, StructureTable
 
 #: Name of the terminology context in the extension's ``.term.json`` (shown in Slicer's
@@ -258,16 +257,7 @@ def write_terminology_context(path: str | Path, table: StructureTable | None = N
     path = Path(path)
     table = StructureTable.from_spec(table)
     text = json.dumps(terminology_context(table), indent=2) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

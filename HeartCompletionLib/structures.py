@@ -82,7 +82,7 @@ class Structure:
         }
 
     @classmethod
-    def from_dict(cls, entry: dict) -> "Structure":
+    def from_dict(cls, entry: dict) -> Structure:
         try:
             label = int(entry["label"])
             name = str(entry["name"])
@@ -138,12 +138,12 @@ class StructureTable:
 
     # --- construction -------------------------------------------------------------------
     @classmethod
-    def default(cls) -> "StructureTable":
+    def default(cls) -> StructureTable:
         """The ten structures of DESIGN.md."""
         return cls.from_json(DEFAULT_TABLE_PATH)
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "StructureTable":
+    def from_json(cls, path: str | Path) -> StructureTable:
         """Read a table file. ``"extends": "default"`` (or a path) appends to another table."""
         path = Path(path)
         try:
@@ -162,7 +162,7 @@ class StructureTable:
             raise ValueError(f"{path}: {exc}") from exc
 
     @classmethod
-    def from_spec(cls, spec: "str | Path | StructureTable | None") -> "StructureTable":
+    def from_spec(cls, spec: str | Path | StructureTable | None) -> StructureTable:
         """``None``/"default" -> default table; a path -> :meth:`from_json`; a table -> itself."""
         if spec is None or spec == "default":
             return cls.default()
@@ -174,7 +174,7 @@ class StructureTable:
         return {"name": self.name, "structures": [s.to_dict() for s in self.structures]}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "StructureTable":
+    def from_dict(cls, data: dict) -> StructureTable:
         return cls(tuple(Structure.from_dict(e) for e in data["structures"]), name=str(data.get("name", "custom")))
 
     def subset(self, names: Iterable[str]) -> list[Structure]:
@@ -238,11 +238,11 @@ class StructureTable:
                     return s
         return None
 
-    def is_compatible(self, other: "StructureTable") -> bool:
+    def is_compatible(self, other: StructureTable) -> bool:
         """Same structures in the same order (what a checkpoint's outputs depend on)."""
         return self.names == other.names
 
-    def describe_difference(self, other: "StructureTable") -> str:
+    def describe_difference(self, other: StructureTable) -> str:
         return f"{self.names} vs {other.names}"
 
 

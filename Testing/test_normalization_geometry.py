@@ -2,7 +2,12 @@ import numpy as np
 import pytest
 
 from HeartCompletionLib.geometry import (
-    LPS_TO_RAS, ijk_to_ras_points, make_ijk_to_ras, ras_to_ijk_points, rotation_matrix, spacing_of,
+    LPS_TO_RAS,
+    ijk_to_ras_points,
+    make_ijk_to_ras,
+    ras_to_ijk_points,
+    rotation_matrix,
+    spacing_of,
 )
 from HeartCompletionLib.normalization import Normalization
 

@@ -12,7 +12,10 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+log=.venv/setup.log
 if ! python -c "import torch" >/dev/null 2>&1; then
-  pip install -q "torch==${HEART_TORCH_VERSION:-2.13.0}"
+  echo "setup: installing PyTorch ${HEART_TORCH_VERSION:-2.13.0} (CPU build) into .venv"
+  pip install -q "torch==${HEART_TORCH_VERSION:-2.13.0}" >"$log" 2>&1 || { cat "$log"; exit 1; }
 fi
-pip install -q -e ".[train,test,fast]"
+# the build backend's warnings go to the log; any failure prints it
+pip install -q -e ".[train,test,fast]" >"$log" 2>&1 || { cat "$log"; exit 1; }

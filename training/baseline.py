@@ -38,8 +38,6 @@ candidates, so a test set that overlaps the training folder cannot leak.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -50,6 +48,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from HeartCompletionLib.atomic_io import atomic_open
 from HeartCompletionLib.geometry import ijk_to_ras_points, ras_to_ijk_points
 from HeartCompletionLib.labelmap import LabelMap
 
@@ -146,15 +145,8 @@ def save_descriptor_cache(path: Path, cases: Sequence[CaseDescriptor]) -> Path:
             arrays[f"s{i}_{label}"] = d.surface_mm.astype(np.float32)
             entry["structures"][str(label)]["array"] = f"s{i}_{label}"
         index.append(entry)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, index=np.array(json.dumps({"version": DESCRIPTOR_VERSION, "cases": index})), **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as handle:
+        np.savez(handle, index=np.array(json.dumps({"version": DESCRIPTOR_VERSION, "cases": index})), **arrays)
     return path
 
 

@@ -9,12 +9,12 @@ negative inside. The loader applies the scale ``S`` (see
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from HeartCompletionLib.atomic_io import atomic_open, atomic_write_text  # noqa: F401 (re-exported)
 
 FORMAT_NAME = "heartcompletion-case"
 FORMAT_VERSION = 1
@@ -50,13 +50,6 @@ class CaseFormatError(ValueError):
     """A prepared case that is missing keys or has the wrong dtypes/shapes (message names the file)."""
 
 
-def _default_permissions(path: str) -> None:
-    """mkstemp makes owner-only files; give the final file the usual ``0o666 & ~umask`` (shared clusters)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def save_case(path: str | Path, arrays: dict, meta: dict) -> Path:
     """Write one case atomically: a temporary file in the same folder, then ``os.replace``.
 
@@ -70,20 +63,8 @@ def save_case(path: str | Path, arrays: dict, meta: dict) -> Path:
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
         raise CaseFormatError(f"{path}: refusing to write a case without {missing}")
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez_compressed(handle, **data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _default_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path, "wb") as handle:
+        np.savez_compressed(handle, **data)
     return path
 
 
@@ -140,26 +121,6 @@ def manifest_entry(meta: dict, output: str | Path) -> dict:
         "num_volume": points.get("volume"), "num_near": points.get("near"), "warnings": meta.get("warnings", []),
         "seconds": meta.get("timings", {}).get("total_s"),
     }
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write a text file through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _default_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
 
 
 def write_manifest(output_dir: str | Path, input_dir: str | Path, options, entries) -> dict:

@@ -19,15 +19,13 @@ import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from HeartCompletionLib.atomic_io import atomic_write_bytes, atomic_write_text
 from HeartCompletionLib.geometry import direction_of, spacing_of
 from HeartCompletionLib.metrics import METRIC_UNITS, summarize
-
-from .case_format import atomic_write_text
 
 CSV_COLUMNS = ("case", "scenario", "method", "structure", "label", "dice", "hd95_mm", "assd_mm",
                "volume_error_percent", "pred_volume_ml", "ref_volume_ml", "truncated", "seconds", "inputs", "baseline_case")
@@ -35,18 +33,6 @@ METRIC_LABELS = {"dice": "Dice", "hd95_mm": "HD95 (mm)", "assd_mm": "ASSD (mm)",
 METHOD_COLOURS = {"model": "#1f77b4", "baseline": "#ff7f0e"}
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _save_figure(fig, path: Path) -> Path:

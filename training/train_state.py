@@ -11,13 +11,13 @@ The inference checkpoint (``.safetensors``) is a separate file, see
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from HeartCompletionLib.atomic_io import atomic_open
 
 STATE_NAME = "state_last.pt"
 STATE_VERSION = 1
@@ -48,15 +48,8 @@ def set_rng_state(state: dict) -> None:
 def save_state(path: Path, state: dict) -> Path:
     """Write ``state`` atomically (temporary file in the same folder, then ``os.replace``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"version": STATE_VERSION, **state}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as handle:
+        torch.save({"version": STATE_VERSION, **state}, handle)
     return path
 
 

@@ -12,15 +12,15 @@ validation, checkpoints) is :mod:`.engine`.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from HeartCompletionLib.atomic_io import atomic_write_text
 
 from . import data_gate
 from .config import ConfigError, TrainConfig, config_to_yaml, load_config
@@ -198,11 +198,7 @@ class _Window:
 
 
 def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def _install_stop_handler(trainer: Trainer) -> None:

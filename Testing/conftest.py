@@ -34,7 +34,5 @@ def shared_real_cases() -> list[Path]:
 
 
 # Area fixtures (one file per area, owned by that area's tests).
-if (Path(__file__).parent / "fixtures_data.py").exists():
-    from fixtures_data import *  # noqa: E402,F401,F403
-if (Path(__file__).parent / "fixtures_training.py").exists():
-    from fixtures_training import *  # noqa: E402,F401,F403
+from fixtures_data import *  # noqa: E402,F401,F403
+from fixtures_training import *  # noqa: E402,F401,F403

@@ -30,28 +30,14 @@ TABLE_NAMES = ["Myocardium", "LA", "LV", "RA", "RV", "Aorta", "PA", "LAA", "Coro
 
 
 def near_surface_iou(checkpoint_path: Path, case_path: Path, num_points: int = 4000) -> np.ndarray:
-    """IoU (inside = sdf < 0) per structure on a case's near-surface points, through the
-    inference checkpoint and the shared encoder-input rule (all structures as input)."""
+    """IoU per structure on a case's near-surface points, through the exported inference checkpoint."""
+    from heart_training.near_iou import near_surface_iou as iou
+
     from HeartCompletionLib.checkpoint import load_inference_checkpoint
-    from HeartCompletionLib.encoder_input import encoder_arrays, encoder_centre_mm, select_encoder_points
 
     ck = load_inference_checkpoint(checkpoint_path)
-    case = load_case(case_path)
-    k = len(ck.table)
-    labels = case["surface_labels"].astype(np.int64)
-    inputs = np.flatnonzero(case["annotated"])
-    rng = np.random.default_rng(0)
-    centre = encoder_centre_mm(case["surface_points"], labels, inputs)
-    idx = select_encoder_points(labels, inputs, ck.num_input_points, rng, ck.min_per_structure)
-    xyz, onehot = encoder_arrays(case["surface_points"][idx], labels[idx], centre, ck.normalization, k)
-    pick = rng.choice(len(case["near_points"]), size=num_points, replace=False)
-    queries = ck.normalization.points_to_network(case["near_points"][pick].astype(np.float64), centre)
-    with torch.no_grad():
-        out = ck.model(torch.from_numpy(xyz)[None], torch.from_numpy(onehot)[None],
-                       torch.from_numpy(queries.astype(np.float32))[None])
-    pred = out["sdf"][0].numpy() < 0
-    true = case["near_sdf"][pick] < 0
-    return (pred & true).sum(0) / np.maximum((pred | true).sum(0), 1)
+    return iou(ck.model, ck.normalization, load_case(case_path), ck.num_input_points, ck.min_per_structure,
+               num_points=num_points)
 
 
 def test_tiny_model_learns_the_synthetic_hearts(tiny_training_run, tiny_checkpoint, prepared_synthetic_dataset):

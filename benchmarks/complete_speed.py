@@ -116,6 +116,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="synthetic heart seed")
     p.add_argument("--drop", nargs="+", default=list(B_SUBSET), help="structures removed from the input")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--device", default="cpu", help="device of the completion: cpu | cuda | auto (default cpu)")
     p.add_argument("--grid_spacing_mm", type=float, default=None, help="coarse lattice (default: completion's)")
     p.add_argument("--refine_factor", type=float, default=None, help="refinement band (default: completion's)")
     p.add_argument("--repeats", type=int, default=1, help="timed completions (the best is reported)")
@@ -145,13 +146,13 @@ def main(argv=None) -> int:
     from HeartCompletionLib.metrics import dice
 
     truth, source = partial_heart(args.seed, args.spacing, args.drop)
-    checkpoint = load_inference_checkpoint(ck_path, device="cpu")
+    checkpoint = load_inference_checkpoint(ck_path, device=args.device)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     best = None
     for _ in range(args.repeats):
         t = time.perf_counter()
         options = {} if args.refine_factor is None else {"refine_factor": args.refine_factor}
-        result = complete_label_map(source, checkpoint, device="cpu", grid_spacing_mm=args.grid_spacing_mm, **options)
+        result = complete_label_map(source, checkpoint, device=args.device, grid_spacing_mm=args.grid_spacing_mm, **options)
         wall = time.perf_counter() - t
         best = (wall, result) if best is None or wall < best[0] else best
     wall, result = best
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
     report = {
         "config": checkpoint.config.to_dict(), "threads": args.threads, "image_shape": list(source.shape),
         "spacing_mm": args.spacing, "completed": [checkpoint.table.by_label(v).name for v in result.completed_labels],
-        "seconds": round(wall, 2), "timings_s": {k: round(v, 2) for k, v in result.timings.items()},
+        "device": args.device, "seconds": round(wall, 2), "timings_s": {k: round(v, 2) for k, v in result.timings.items()},
         "peak_rss_mb": round(peak), "rss_before_completion_mb": round(rss_before),
         "output_voxels": g["output_voxels"], "region_voxels": g["region_voxels"],
         "coarse_spacing_mm": g["coarse_spacing_mm"], "coarse_nodes": g["coarse_nodes"],
@@ -170,6 +171,8 @@ def main(argv=None) -> int:
                           for v in result.completed_labels},
     }
     print(json.dumps(report, indent=1))
+    if torch.cuda.is_available() and args.device != "cpu":
+        print(f"CUDA max allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB ({torch.cuda.get_device_name()})")
     print(f"\n{wall:.1f} s, peak RSS {peak / 1024:.2f} GB for {g['output_voxels']:,} output voxels "
           f"({g['coarse_nodes']:,} coarse nodes + {g['refined_queries']:,} refined queries vs "
           f"{g['region_voxels']:,} region voxels)")

@@ -25,13 +25,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Testing"))
 
 
-def measure(config_name: str, batch_size: int, steps: int, warmup: int, data_dir: Path, out: Path, threads: int) -> dict:
+def measure(config_name: str, batch_size: int, steps: int, warmup: int, data_dir: Path, out: Path, threads: int,
+            workers: int = 0) -> dict:
     from heart_training.config import load_config
     from heart_training.distributed import init_distributed
     from heart_training.engine import Trainer
 
     cfg = load_config("phase1", [f"data.datasets.0.data_dir={data_dir}", f"run.output_dir={out}",
-                                 f"model.config={config_name}", f"optim.batch_size={batch_size}", "data.num_workers=0",
+                                 f"model.config={config_name}", f"optim.batch_size={batch_size}", f"data.num_workers={workers}",
                                  "data.cache_cases=4", "run.tensorboard=false", f"run.threads={threads}"]).validate()
     if threads > 0:
         torch.set_num_threads(threads)
@@ -69,6 +70,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="data-loader workers (default 0: samples built in the training process)")
     args = parser.parse_args(argv)
     from fixtures_training import write_analytic_case, write_case_lists
 
@@ -80,9 +83,9 @@ def main(argv=None) -> int:
         write_case_lists(data, ["h0", "h1"], [])
         print(f"torch {torch.__version__}; phase1 sample sizes; threads {torch.get_num_threads() if not args.threads else args.threads}")
         for name in args.configs:
-            r = measure(name, args.batch_size, args.steps, args.warmup, data, Path(tmp) / name, args.threads)
+            r = measure(name, args.batch_size, args.steps, args.warmup, data, Path(tmp) / name, args.threads, args.workers)
             print(f"{r['config']:<6} {r['params']:>11,d} params  {r['device']} {r['amp']}  batch {r['batch']} "
-                  f"({r['input_points']} input points, {r['queries']} queries + eikonal)  "
+                  f"({r['input_points']} input points, {r['queries']} queries + eikonal, {args.workers} workers)  "
                   f"{r['samples_per_s']:.2f} samples/s ({r['step_s']:.2f} s/step)  peak {r['peak']}")
     return 0
 

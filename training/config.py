@@ -27,6 +27,7 @@ CONFIG_DIR = Path(__file__).with_name("configs")
 
 MASK_KINDS = ("all", "drop_random", "subsets", "annotated")
 TRUNCATION_MODES = ("near_cut", "structure", "ignore")
+QUERY_BALANCES = ("area", "structure")
 
 
 class ConfigError(ValueError):
@@ -57,6 +58,10 @@ class DataConfig:
     num_volume_queries: int = 1024  #: uniform-in-box queries per sample
     num_near_queries: int = 1024  #: near-surface queries per sample
     num_surface_queries: int = 512  #: surface samples (target sdf = 0 for their own structure)
+    #: how near-surface and surface queries are shared among structures: "area" (as stored,
+    #: proportional to surface area) or "structure" (equal numbers per annotated structure, so
+    #: small structures such as the coronaries and PV get as many queries as the myocardium)
+    query_balance: str = "area"
     samples_per_epoch: int = 0  #: 0: max(number of training cases, 50 global batches)
     num_workers: int = 2  #: DataLoader workers per process
     cache_cases: int = 0  #: cases kept in memory per worker (0: reload the .npz each time)
@@ -171,6 +176,8 @@ class TrainConfig:
             raise ConfigError(f"{where}: phase must be 1..4, got {self.phase}")
         if self.mask.kind not in MASK_KINDS:
             raise ConfigError(f"{where}: mask.kind {self.mask.kind!r} is not one of {MASK_KINDS}")
+        if self.data.query_balance not in QUERY_BALANCES:
+            raise ConfigError(f"{where}: data.query_balance {self.data.query_balance!r} is not one of {QUERY_BALANCES}")
         if self.mask.truncated not in TRUNCATION_MODES:
             raise ConfigError(f"{where}: mask.truncated {self.mask.truncated!r} is not one of {TRUNCATION_MODES}")
         if not 0 <= self.mask.drop_min <= self.mask.drop_max:

@@ -202,10 +202,14 @@ class HeartCaseDataset(Dataset):
                                         min_per_structure=cfg.min_points_per_structure)
 
         vol_idx = _draw(len(case["volume_points"]), cfg.num_volume_queries, rng)
-        near_idx = _draw(len(case["near_points"]), cfg.num_near_queries, rng)
-        target_surface = np.flatnonzero(annotated[surface_labels])
-        surf_idx = target_surface[_draw(len(target_surface), cfg.num_surface_queries, rng)] if len(target_surface) else \
-            np.zeros(0, dtype=np.int64)
+        if cfg.query_balance == "structure":
+            near_idx = _draw_balanced(_groups(case, "near"), annotated, cfg.num_near_queries, rng)
+            surf_idx = _draw_balanced(_groups(case, "surface"), annotated, cfg.num_surface_queries, rng)
+        else:
+            near_idx = _draw(len(case["near_points"]), cfg.num_near_queries, rng)
+            target_surface = np.flatnonzero(annotated[surface_labels])
+            surf_idx = target_surface[_draw(len(target_surface), cfg.num_surface_queries, rng)] \
+                if len(target_surface) else np.zeros(0, dtype=np.int64)
 
         q_mm = np.concatenate([case["volume_points"][vol_idx], case["near_points"][near_idx],
                                surface_mm[surf_idx]]).astype(np.float64)
@@ -275,6 +279,35 @@ def _draw(n_available: int, n: int, rng: np.random.Generator) -> np.ndarray:
     if n <= 0 or n_available == 0:
         return np.zeros(0, dtype=np.int64)
     return rng.choice(n_available, size=n, replace=n_available < n)
+
+
+def _groups(case: dict, which: str) -> list[np.ndarray]:
+    """Indices of the near-surface (``which="near"``) or surface points of each structure, cached
+    in the case dict. A near point belongs to the annotated structure whose surface is closest."""
+    key = f"_{which}_groups"
+    if key not in case:
+        k = case["annotated"].shape[0]
+        if which == "near":
+            dist = np.abs(case["near_sdf"]).astype(np.float32)
+            dist[:, ~case["annotated"].astype(bool)] = np.inf
+            owner = np.argmin(np.nan_to_num(dist, nan=np.inf), axis=1)
+        else:
+            owner = case["surface_labels"].astype(np.int64)
+        order = np.argsort(owner, kind="stable")
+        bounds = np.searchsorted(owner[order], np.arange(k + 1))
+        case[key] = [order[bounds[s]: bounds[s + 1]] for s in range(k)]
+    return case[key]
+
+
+def _draw_balanced(groups: list[np.ndarray], annotated: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` indices shared equally among the annotated structures that have points (the
+    remainder goes to randomly chosen structures)."""
+    members = [g for s, g in enumerate(groups) if annotated[s] and len(g)]
+    if n <= 0 or not members:
+        return np.zeros(0, dtype=np.int64)
+    counts = np.full(len(members), n // len(members))
+    counts[rng.choice(len(members), size=n % len(members), replace=False)] += 1
+    return np.concatenate([g[_draw(len(g), c, rng)] for g, c in zip(members, counts)])
 
 
 class MixingSampler(Sampler):

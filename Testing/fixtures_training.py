@@ -143,7 +143,8 @@ def write_analytic_case(path, seed: int = 0, num_surface: int = 30_000, num_volu
     volume = rng.uniform(low, high, size=(num_volume, 3))
     pick = rng.integers(0, len(surface), size=num_near)
     sigma = np.where(rng.random(num_near) < 0.5, 1.0, 4.0)[:, None]
-    near = surface[pick] + rng.normal(size=(num_near, 3)) * sigma
+    offset = rng.normal(size=(num_near, 3)) * sigma
+    near = surface[pick] + offset
 
     def sdf(points):
         out = np.stack([_sdf(prim, points) for prim in prims], axis=1)
@@ -167,6 +168,8 @@ def write_analytic_case(path, seed: int = 0, num_surface: int = 30_000, num_volu
         "near_sdf": sdf(near) * distance_factor,
         "annotated": annotated_mask,
         "truncated": np.zeros(k, dtype=bool),
+        "near_labels": labels[pick],  # as heart-prepare writes: the structure each near point was drawn around
+        "near_offset_mm": np.linalg.norm(offset, axis=1) * point_factor,
     }
     meta = {"source": f"analytic heart seed {seed}", "shape": shape.tolist(), "spacing": [spacing] * 3,
             "affine": affine.tolist(), "counts": {"surface": len(surface), "volume": num_volume, "near": num_near}}

@@ -44,8 +44,9 @@ def case_dir(tmp_path_factory):
 
 def _dataset(case_dir, names=("a",), augment=None, mask=None, **data):
     refs = [CaseRef("t", case_dir / f"{n}.npz", n) for n in names]
-    cfg = DataConfig(num_input_points=256, min_points_per_structure=8, num_volume_queries=200,
-                     num_near_queries=300, num_surface_queries=100, **data)
+    sizes = dict(num_input_points=256, min_points_per_structure=8, num_volume_queries=200, num_near_queries=300,
+                 num_surface_queries=100)
+    cfg = DataConfig(**{**sizes, **data})
     return HeartCaseDataset(refs, TABLE, Normalization(100.0), cfg, mask or MaskConfig(), augment)
 
 
@@ -200,6 +201,54 @@ def test_case_lists_and_mixing_sampler(case_dir):
     assert sorted(ranks[0] + ranks[1]) == sorted(plan)
     sampler.set_position(0, 390)
     assert list(sampler) == plan[390:]
+
+
+def test_cases_are_memory_mapped_and_deflated_files_still_load(case_dir, tmp_path):
+    plain = load_case(case_dir / "a.npz")
+    mapped = load_case(case_dir / "a.npz", mmap=True)
+    assert isinstance(mapped["near_sdf"], np.memmap) and not mapped["near_sdf"].flags.writeable
+    for key, value in plain.items():
+        if key != "meta":
+            np.testing.assert_array_equal(np.asarray(mapped[key]), value)
+    # a dataset written deflated (older heart-prepare) reads the same, without maps
+    arrays = {k: v for k, v in plain.items() if k != "meta"}
+    np.savez_compressed(tmp_path / "old.npz", **arrays, meta=np.array(json.dumps(plain["meta"])))
+    old = load_case(tmp_path / "old.npz", mmap=True)
+    assert not isinstance(old["near_sdf"], np.memmap)
+    np.testing.assert_array_equal(old["near_sdf"], plain["near_sdf"])
+    # the training dataset reads through the maps and builds the same sample either way
+    ds = _dataset(case_dir)
+    assert isinstance(ds.load(0)["volume_sdf"], np.memmap)
+    a, b = ds[(0, 5)], ds[(0, 5)]
+    assert torch.equal(a["target"], b["target"]) and torch.equal(a["queries"], b["queries"])
+
+
+def test_structure_balanced_queries_share_near_and_surface_points_equally(case_dir):
+    ds = _dataset(case_dir, names=("b",), query_balance="structure", num_near_queries=400)
+    s = ds[(0, 1)]
+    kinds = s["query_kind"].numpy()
+    annotated = [0, 1, 2, 5]
+    # surface queries: exactly 25 on each annotated structure (their one valid target is theirs)
+    owner = s["target_mask"][kinds == QUERY_SURFACE].numpy().argmax(-1)
+    assert np.bincount(owner, minlength=K)[annotated].tolist() == [25, 25, 25, 25]
+    # near queries: 100 drawn around each annotated structure (near_labels), where by area
+    # the small ones would get far fewer
+    from scipy.spatial import cKDTree
+
+    case = load_case(case_dir / "b.npz", optional=("near_labels",))
+    tree = cKDTree(case["near_points"])
+
+    def near_owners(sample):
+        q = sample["queries"].numpy()[sample["query_kind"].numpy() == QUERY_NEAR].astype(np.float64)
+        dist, idx = tree.query(q * 100.0 + sample["centre_mm"].numpy())
+        assert dist.max() < 1e-3  # each query is one of the case's near points
+        return np.bincount(case["near_labels"][idx], minlength=K)[annotated]
+
+    assert near_owners(s).tolist() == [100, 100, 100, 100]
+    by_area = near_owners(_dataset(case_dir, names=("b",), num_near_queries=400)[(0, 1)])
+    assert by_area.min() < 60 < by_area.max()
+    with pytest.raises(ConfigError, match="query_balance"):
+        load_config("tiny_test", ["data.query_balance=equal"]).validate()
 
 
 def test_bad_case_file_is_named(tmp_path):

@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
 # The GPU checks of the training and completion issues, as one prepared script for a lent
-# single-GPU machine (PyTorch with CUDA already installed there, no network):
+# single-GPU machine (PyTorch with CUDA already installed there, no network). Parts, run in the
+# order PARTS lists them (default: all, in this order):
 #
-#   1. learning speed: benchmarks/overfit_iou.py recipes in parallel on the one GPU (fp32, as the
-#      CPU test runs), near-surface IoU per structure against steps;
-#   2. benchmarks/train_speed.py: samples/s and CUDA memory of `small` and `base` (bf16, batch 16,
-#      the phase-1 sample sizes, 8 data-loader workers);
-#   3. a short phase-1 run on synthetic sample data through torchrun (NCCL process group, DDP
-#      wrapper, bf16 autocast, validation, export): loss curve and IoU in train_log.jsonl;
-#   4. benchmarks/complete_speed.py on CUDA with that run's checkpoint (1 mm output).
+#   sweep     learning speed: benchmarks/overfit_iou.py recipes in parallel on the one GPU (fp32,
+#             as the CPU test runs): near-surface IoU per structure against steps;
+#   data      synthetic sample data for the phase-1 run (heart-synth, heart-prepare, heart-split);
+#   speed     benchmarks/train_speed.py: samples/s and CUDA memory of `small` and `base` (bf16,
+#             batch 16, the phase-1 sample sizes, 8 data-loader workers);
+#   phase1    a short phase-1 run on that data through torchrun (NCCL process group, DDP wrapper,
+#             bf16 autocast, validation, export): loss curve, IoU and samples/s in log.jsonl;
+#   complete  benchmarks/complete_speed.py on CUDA with that run's checkpoint (1 mm output).
 #
-# Set-up on the machine: the wheels in .whl/ (this project's wheel + nibabel, pynrrd, edt;
-# see README "Development") are installed to /tmp/site. Results go to $OUT (default /tmp/gpu_check).
+# Set-up on the machine: the wheels in .whl/ (this project's wheel + nibabel, pynrrd, edt; see
+# README "GPU checks") are installed to /tmp/site. Results go to $OUT (default /tmp/gpu_check).
 #   DEVICE=cpu OUT=/tmp/x SWEEP_STEPS=20 PHASE1_STEPS=10 PHASE1_CASES=3 SPEED_CONFIGS=tiny BATCH=2 \
 #       SPEED_STEPS=1 bash benchmarks/gpu_check.sh                          # a dry run on CPU
 set -u
 OUT="${OUT:-/tmp/gpu_check}"
+PARTS="${PARTS:-sweep data speed phase1 complete}"
 SWEEP_STEPS="${SWEEP_STEPS:-2500}"
+SWEEP_EVERY="${SWEEP_EVERY:-500}"
 SWEEP_LIMIT_S="${SWEEP_LIMIT_S:-170}"
+SWEEP_NAMES="${SWEEP_NAMES:-test balanced bal_f8 bal_w128 bal_b8 bal_near2 bal_lr1e3 bal_small}"
 PHASE1_STEPS="${PHASE1_STEPS:-1200}"
 PHASE1_LIMIT_S="${PHASE1_LIMIT_S:-130}"
 PHASE1_CASES="${PHASE1_CASES:-24}"
@@ -36,60 +41,75 @@ fi
 T0=$(date +%s)
 stamp() { echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
 
-stamp "machine"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/machine.txt"
-python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda,
-      torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU', 'cpus', __import__('os').cpu_count())" \
-    2>&1 | tee -a "$OUT/machine.txt"
-
-stamp "1. learning speed (overfit_iou recipes in parallel, $SWEEP_STEPS steps, limit $SWEEP_LIMIT_S s)"
-python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \
-from overfit_iou import make_hearts; make_hearts(Path('$WORK/hearts'))" || echo "hearts FAILED"
 declare -A RECIPES=(
     [test]=""
     [balanced]="data.query_balance=structure"
     [bal_f8]="data.query_balance=structure model.overrides.num_frequencies=8"
     [bal_w128]="data.query_balance=structure model.overrides.width=128"
+    [bal_w128_lr5e3]="data.query_balance=structure model.overrides.width=128 optim.lr=0.005"
     [bal_b8]="data.query_balance=structure optim.batch_size=8"
     [bal_near2]="data.query_balance=structure loss.near=2.0 loss.volume=0.5"
     [bal_lr1e3]="data.query_balance=structure optim.lr=0.001"
     [bal_small]="data.query_balance=structure model.config=small model.overrides.num_latents=256 optim.lr=0.0005"
 )
-for name in "${!RECIPES[@]}"; do
-    # shellcheck disable=SC2086
-    timeout "$SWEEP_LIMIT_S" python3 benchmarks/overfit_iou.py --device "$DEVICE" --steps "$SWEEP_STEPS" \
-        --eval_every 500 --data_dir "$WORK/hearts" --json "$OUT/sweep_$name.json" run.amp=off \
-        ${RECIPES[$name]} > "$OUT/sweep_$name.txt" 2>&1 &
-done
-# the phase-1 sample data is made on the CPU cores meanwhile
-( heart-synth --output_dir "$WORK/synth" --cases "$PHASE1_CASES" --seed 7 \
-  && heart-prepare --input_dir "$WORK/synth" --output_dir "$WORK/synth_npz" --workers 8 --quiet \
-  && heart-split --data_dir "$WORK/synth_npz" --val_fraction 0.15 ) > "$OUT/phase1_data.txt" 2>&1 &
-wait
-for name in "${!RECIPES[@]}"; do echo "--- $name"; tail -n 7 "$OUT/sweep_$name.txt"; done
-tail -n 5 "$OUT/phase1_data.txt"
 
-stamp "2. train_speed (bf16, batch 16, 8 workers)"
-timeout 150 python3 benchmarks/train_speed.py --configs $SPEED_CONFIGS --batch_size "$BATCH" --steps "$SPEED_STEPS" --warmup 3 \
-    --workers 8 2>&1 | grep -v Warning | tee "$OUT/train_speed.txt"
+part_sweep() {
+    stamp "sweep: overfit_iou recipes in parallel ($SWEEP_NAMES; $SWEEP_STEPS steps, limit $SWEEP_LIMIT_S s)"
+    python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \
+from overfit_iou import make_hearts; make_hearts(Path('$WORK/hearts'))" || echo "hearts FAILED"
+    for name in $SWEEP_NAMES; do
+        # shellcheck disable=SC2086
+        timeout "$SWEEP_LIMIT_S" python3 benchmarks/overfit_iou.py --device "$DEVICE" --steps "$SWEEP_STEPS" \
+            --eval_every "$SWEEP_EVERY" --data_dir "$WORK/hearts" --json "$OUT/sweep_$name.json" run.amp=off \
+            ${RECIPES[$name]} > "$OUT/sweep_$name.txt" 2>&1 &
+    done
+    wait
+    for name in $SWEEP_NAMES; do echo "--- $name"; tail -n 12 "$OUT/sweep_$name.txt"; done
+}
 
-stamp "3. phase-1 run: torchrun, small, $PHASE1_STEPS steps (limit $PHASE1_LIMIT_S s)"
-timeout "$PHASE1_LIMIT_S" torchrun --standalone --nproc_per_node=1 -m heart_training.trainer --config phase1 \
-    --output_dir "$WORK/phase1" "data.datasets.0.data_dir=$WORK/synth_npz" model.config=small \
-    "optim.batch_size=$BATCH" "optim.max_steps=$PHASE1_STEPS" optim.warmup_steps=100 optim.lr=0.0005 \
-    run.log_every=50 run.val_every=200 run.checkpoint_every=600 data.num_workers=8 run.progress=false \
-    > "$OUT/phase1_console.txt" 2>&1
-echo "exit $?"
-tail -n 25 "$OUT/phase1_console.txt"
-cp "$WORK/phase1/log.jsonl" "$OUT/phase1_log.jsonl" 2>/dev/null || ls "$WORK/phase1"
+part_data() {
+    stamp "data: $PHASE1_CASES synthetic hearts"
+    ( heart-synth --output_dir "$WORK/synth" --cases "$PHASE1_CASES" --seed 7 \
+      && heart-prepare --input_dir "$WORK/synth" --output_dir "$WORK/synth_npz" --workers 12 --quiet \
+      && heart-split --data_dir "$WORK/synth_npz" --val_fraction 0.15 ) > "$OUT/phase1_data.txt" 2>&1
+    tail -n 3 "$OUT/phase1_data.txt"
+}
 
-stamp "4. complete_speed on $DEVICE with the phase-1 checkpoint"
-CK=$(ls "$WORK"/phase1/model_final.safetensors "$WORK"/phase1/model_best.safetensors 2>/dev/null | head -n 1)
-if [ -n "$CK" ]; then
-    timeout 120 python3 benchmarks/complete_speed.py --checkpoint "$CK" --device "$DEVICE" --repeats 3 --threads 8 \
-        > "$OUT/complete_speed.txt" 2>&1
-    grep -v "^ " "$OUT/complete_speed.txt" | tail -n 12
-else
-    echo "no checkpoint from the phase-1 run"
-fi
+part_speed() {
+    stamp "speed: train_speed ($SPEED_CONFIGS; batch $BATCH, 8 workers)"
+    timeout 150 python3 benchmarks/train_speed.py --configs $SPEED_CONFIGS --batch_size "$BATCH" --steps "$SPEED_STEPS" \
+        --warmup 3 --workers 8 2>&1 | grep -v Warning | tee "$OUT/train_speed.txt"
+}
+
+part_phase1() {
+    stamp "phase1: torchrun, small, $PHASE1_STEPS steps (limit $PHASE1_LIMIT_S s)"
+    timeout "$PHASE1_LIMIT_S" torchrun --standalone --nproc_per_node=1 -m heart_training.trainer --config phase1 \
+        --output_dir "$WORK/phase1" "data.datasets.0.data_dir=$WORK/synth_npz" model.config=small \
+        "optim.batch_size=$BATCH" "optim.max_steps=$PHASE1_STEPS" optim.warmup_steps=100 optim.lr=0.0005 \
+        run.log_every=25 run.val_every=100 run.checkpoint_every=200 data.num_workers=12 run.progress=false \
+        > "$OUT/phase1_console.txt" 2>&1
+    echo "exit $?"
+    grep -v "^ \|Warning\|warn" "$OUT/phase1_console.txt" | tail -n 8
+    cp "$WORK/phase1/log.jsonl" "$OUT/phase1_log.jsonl" 2>/dev/null || ls "$WORK/phase1"
+}
+
+part_complete() {
+    stamp "complete: complete_speed on $DEVICE with the phase-1 checkpoint"
+    CK=$(ls "$WORK"/phase1/model_final.safetensors "$WORK"/phase1/model_best.safetensors 2>/dev/null | head -n 1)
+    if [ -n "$CK" ]; then
+        echo "checkpoint $CK"
+        timeout 120 python3 benchmarks/complete_speed.py --checkpoint "$CK" --device "$DEVICE" --repeats 3 --threads 8 \
+            > "$OUT/complete_speed.txt" 2>&1
+        grep -v "^ " "$OUT/complete_speed.txt" | tail -n 12
+    else
+        echo "no checkpoint from the phase-1 run"
+    fi
+}
+
+stamp "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/machine.txt"
+python3 -c "import torch, sys, os; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', \
+torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU', 'cpus', os.cpu_count())" \
+    2>&1 | tee -a "$OUT/machine.txt"
+for part in $PARTS; do "part_$part"; done
 stamp "done"

@@ -162,7 +162,7 @@ class HeartCaseDataset(Dataset):
             self._cache.move_to_end(index)
             return self._cache[index]
         ref = self.refs[index]
-        case = load_case(ref.path, keys=_CASE_KEYS)
+        case = load_case(ref.path, keys=_CASE_KEYS, optional=("near_labels",), mmap=True)
         k = case["annotated"].shape[0]
         if k != self.num_classes or case["volume_sdf"].shape[1] != k or case["near_sdf"].shape[1] != k:
             raise CaseFormatError(
@@ -283,11 +283,14 @@ def _draw(n_available: int, n: int, rng: np.random.Generator) -> np.ndarray:
 
 def _groups(case: dict, which: str) -> list[np.ndarray]:
     """Indices of the near-surface (``which="near"``) or surface points of each structure, cached
-    in the case dict. A near point belongs to the annotated structure whose surface is closest."""
+    in the case dict. A near point belongs to the structure it was drawn around (``near_labels``),
+    or else to the annotated structure whose surface is closest."""
     key = f"_{which}_groups"
     if key not in case:
         k = case["annotated"].shape[0]
-        if which == "near":
+        if which == "near" and "near_labels" in case:  # written by heart-prepare
+            owner = case["near_labels"].astype(np.int64)
+        elif which == "near":
             dist = np.abs(case["near_sdf"]).astype(np.float32)
             dist[:, ~case["annotated"].astype(bool)] = np.inf
             owner = np.argmin(np.nan_to_num(dist, nan=np.inf), axis=1)

@@ -132,14 +132,17 @@ class Trainer:
         workers = self.cfg.data.num_workers
         return DataLoader(dataset, batch_size=self.cfg.optim.batch_size, sampler=sampler, num_workers=workers,
                           collate_fn=collate, pin_memory=self.ctx.device.type == "cuda",
-                          persistent_workers=False, generator=torch.Generator().manual_seed(self.cfg.seed),
+                          persistent_workers=workers > 0, generator=torch.Generator().manual_seed(self.cfg.seed),
                           prefetch_factor=2 if workers > 0 else None)
 
     def batches(self):
         """Micro-batches forever, tracking (epoch, items consumed) for exact resumption."""
+        loader = None  # one loader: its workers live across epochs (the sampler runs in this process)
         while True:
             self.sampler.set_position(self.epoch, self.consumed)
-            for batch in self.loader(self.train_ds, self.sampler):
+            if loader is None:
+                loader = self.loader(self.train_ds, self.sampler)
+            for batch in loader:
                 self.consumed += self.cfg.optim.batch_size
                 yield batch
             self.epoch, self.consumed = self.epoch + 1, 0

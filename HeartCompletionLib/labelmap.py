@@ -53,6 +53,21 @@ class LabelMap:
         values = np.unique(self.labels)
         return [int(v) for v in values if v > 0]
 
+    def border_labels(self) -> list[int]:
+        """Label values > 0 with a voxel on any of the six faces of the grid, sorted.
+
+        The one rule for "cut by the field of view" (``heart-prepare``'s ``truncated`` flags, the
+        synthetic hearts' ``touching_border``). Only the faces are read, never the whole volume.
+
+        >>> labels = np.zeros((4, 4, 4), dtype=np.int16)
+        >>> labels[0, 1, 1], labels[1:3, 1:3, 1:3] = 2, 1
+        >>> LabelMap(labels, np.eye(4)).border_labels()
+        [2]
+        """
+        lab = self.labels
+        faces = [lab[0], lab[-1], lab[:, 0], lab[:, -1], lab[:, :, 0], lab[:, :, -1]]
+        return sorted({int(v) for face in faces for v in np.unique(face) if v > 0})
+
     def mask(self, label: int) -> np.ndarray:
         return self.labels == label
 

@@ -359,10 +359,8 @@ def crop_label_map(label_map: LabelMap, start, stop) -> LabelMap:
 
 
 def structures_touching_border(label_map: LabelMap) -> list[int]:
-    """Label values present on any of the six faces of the grid."""
-    lab = label_map.labels
-    faces = [lab[0], lab[-1], lab[:, 0], lab[:, -1], lab[:, :, 0], lab[:, :, -1]]
-    return sorted({int(v) for f in faces for v in np.unique(f) if v > 0})
+    """Label values > 0 present on any of the six faces of the grid (:meth:`LabelMap.border_labels`)."""
+    return label_map.border_labels()
 
 
 def truncate_structure(label_map: LabelMap, label: int, depth: float = 0.4) -> LabelMap:
@@ -423,6 +421,6 @@ def synthetic_label_map(seed: int = 0, spacing_mm=(1.0, 1.0, 1.0), shape=None, d
             else heart.table.by_name(str(truncate))
         label_map = truncate_structure(label_map, structure.label, truncate_depth)
         info["truncated_structure"] = structure.name
-    info["touching_border"] = [heart.table.by_label(v).name for v in structures_touching_border(label_map)]
+    info["touching_border"] = [heart.table.by_label(v).name for v in label_map.border_labels()]
     label_map.metadata["synthetic"] = info
     return label_map

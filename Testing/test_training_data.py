@@ -245,7 +245,7 @@ def test_structure_balanced_queries_share_near_and_surface_points_equally(case_d
         return np.bincount(case["near_labels"][idx], minlength=K)[annotated]
 
     assert near_owners(s).tolist() == [100, 100, 100, 100]
-    by_area = near_owners(_dataset(case_dir, names=("b",), num_near_queries=400)[(0, 1)])
+    by_area = near_owners(_dataset(case_dir, names=("b",), query_balance="area", num_near_queries=400)[(0, 1)])
     assert by_area.min() < 60 < by_area.max()
     with pytest.raises(ConfigError, match="query_balance"):
         load_config("tiny_test", ["data.query_balance=equal"]).validate()

@@ -58,10 +58,13 @@ class DataConfig:
     num_volume_queries: int = 1024  #: uniform-in-box queries per sample
     num_near_queries: int = 1024  #: near-surface queries per sample
     num_surface_queries: int = 512  #: surface samples (target sdf = 0 for their own structure)
-    #: how near-surface and surface queries are shared among structures: "area" (as stored,
-    #: proportional to surface area) or "structure" (equal numbers per annotated structure, so
-    #: small structures such as the coronaries and PV get as many queries as the myocardium)
-    query_balance: str = "area"
+    #: how near-surface and surface queries are shared among structures: "structure" (equal
+    #: numbers per annotated structure, so the coronaries and PV get as many as the myocardium)
+    #: or "area" (as stored, proportional to surface area). Measured with
+    #: benchmarks/overfit_iou.py (two hearts, tiny model, H200): after 2,500 / 4,000 steps the
+    #: coronary near-surface IoU is 0.44 / 0.46 with "structure" against 0.22 / 0.38 with "area",
+    #: the mean 0.73 / 0.76 against 0.71 / 0.75.
+    query_balance: str = "structure"
     samples_per_epoch: int = 0  #: 0: max(number of training cases, 50 global batches)
     num_workers: int = 2  #: DataLoader workers per process
     cache_cases: int = 0  #: cases kept in memory per worker (0: reload the .npz each time)

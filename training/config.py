@@ -65,7 +65,7 @@ class DataConfig:
     #: coronary near-surface IoU is 0.44 / 0.46 with "structure" against 0.22 / 0.38 with "area",
     #: the mean 0.73 / 0.76 against 0.71 / 0.75.
     query_balance: str = "structure"
-    samples_per_epoch: int = 0  #: 0: max(number of training cases, 50 global batches)
+    samples_per_epoch: int = 0  #: 0: max(number of training cases, 500 global batches)
     num_workers: int = 2  #: DataLoader workers per process
     cache_cases: int = 0  #: cases kept in memory per worker (0: reload the .npz each time)
     max_val_cases: int = 0  #: 0: all validation cases

@@ -106,9 +106,10 @@ class Trainer:
         self.train_ds, self.val_ds, sizes, weights = build_datasets(cfg, self.table, self.norm)
         o = cfg.optim
         per_step = o.batch_size * ctx.world_size * o.grad_accum
-        # small datasets get a longer plan (cases repeat with new draws) so that data-loader
-        # workers are not restarted every few steps
-        wanted = cfg.data.samples_per_epoch or max(len(self.train_ds), per_step * 50)
+        # an epoch is at least 500 steps (cases repeat with new random draws): each epoch start
+        # drains and refills the loader pipeline, which cost ~40 % of the samples/s of 50-step
+        # epochs on an H200 (phase-1 run of benchmarks/gpu_check.sh)
+        wanted = cfg.data.samples_per_epoch or max(len(self.train_ds), per_step * 500)
         self.samples_per_epoch = int(math.ceil(wanted / per_step) * per_step)
         self.sampler = MixingSampler(sizes, weights, self.samples_per_epoch, ctx.rank, ctx.world_size, cfg.seed)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank

@@ -412,11 +412,11 @@ class HeartCompletionLogic(ScriptedLoadableModuleLogic):
 
     def finishCompletion(self, segmentationNode, mappings, completedLabels, replace, showSurfaces):
         """Turn the process output into segments; returns the names of the structures written."""
-        from HeartCompletionLib import slicer_bridge
+        from HeartCompletionLib import slicer_results
         from HeartCompletionLib.labelmap_io import read_label_map
 
         result = read_label_map(self.outputPath, table=self.table)
-        self.lastUndo = slicer_bridge.import_completion_result(
+        self.lastUndo = slicer_results.import_completion_result(
             segmentationNode, mappings, result, completedLabels, self.table, replace, showSurfaces
         )
         return [self.table.by_label(v).name for v in completedLabels]
@@ -433,17 +433,17 @@ class HeartCompletionLogic(ScriptedLoadableModuleLogic):
         self.workDir = None
 
     def export(self, kind, segmentationNode, folder, referenceVolume=None, meshFormat="STL"):
-        from HeartCompletionLib import slicer_bridge
+        from HeartCompletionLib import slicer_results
 
         if not segmentationNode or not folder:
             raise ValueError(_("Select a segmentation and an export folder."))
         self.ensurePackages()
         stem = os.path.join(folder, segmentationNode.GetName())
         if kind == "labelmap":
-            return [slicer_bridge.export_label_map(segmentationNode, stem + ".nii.gz", self.table, referenceVolume)]
+            return [slicer_results.export_label_map(segmentationNode, stem + ".nii.gz", self.table, referenceVolume)]
         if kind == "segnrrd":
-            return [slicer_bridge.write_seg_nrrd(segmentationNode, stem + ".seg.nrrd")]
-        return slicer_bridge.export_structure_meshes(segmentationNode, stem + "-meshes", self.table, meshFormat)
+            return [slicer_results.write_seg_nrrd(segmentationNode, stem + ".seg.nrrd")]
+        return slicer_results.export_structure_meshes(segmentationNode, stem + "-meshes", self.table, meshFormat)
 
 
 class HeartCompletionTest(ScriptedLoadableModuleTest):
@@ -459,7 +459,7 @@ class HeartCompletionTest(ScriptedLoadableModuleTest):
     def test_CompleteSyntheticHeart(self):
         import numpy as np
 
-        from HeartCompletionLib import segment_mapping, slicer_bridge
+        from HeartCompletionLib import segment_mapping, slicer_bridge, slicer_results
         from HeartCompletionLib.synthetic import synthetic_label_map
 
         self.delayDisplay(_("Building a partial synthetic heart"))
@@ -481,7 +481,7 @@ class HeartCompletionTest(ScriptedLoadableModuleTest):
         self.delayDisplay(_("Training a tiny checkpoint"))
         checkpointPath = os.path.join(tempfile.mkdtemp(), "tiny.safetensors")
         self._trainTinyCheckpoint(checkpointPath, heart, logic.table)
-        result, undo = slicer_bridge.complete_segmentation(segmentationNode, mappings, checkpointPath, device="cpu")
+        result, undo = slicer_results.complete_segmentation(segmentationNode, mappings, checkpointPath, device="cpu")
         names = [segmentation.GetSegment(i).GetName() for i in undo.added]
         self.assertEqual(sorted(names), sorted(logic.table.by_label(v).name for v in result.completed_labels))
         for segmentId in undo.added:

@@ -2,8 +2,8 @@
 
 A synthetic heart minus some structures is imported into a segmentation the way Slicer does
 it (label-map volume -> segments), the segments are renamed in mixed conventions, and the
-module's glue (``HeartCompletionLib.slicer_bridge`` + ``completion_process``) runs end to end
-with the tiny checkpoint trained by the training fixtures.
+module's glue (``HeartCompletionLib.slicer_bridge``, ``slicer_results`` and ``completion_process``)
+runs end to end with the tiny checkpoint trained by the training fixtures.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
 
-from HeartCompletionLib import completion_process, slicer_bridge  # noqa: E402
+from HeartCompletionLib import completion_process, slicer_bridge, slicer_results  # noqa: E402
 from HeartCompletionLib.geometry import make_ijk_to_ras, rotation_matrix  # noqa: E402
 from HeartCompletionLib.labelmap import LabelMap  # noqa: E402
 from HeartCompletionLib.segment_mapping import (  # noqa: E402
@@ -118,7 +118,7 @@ def test_label_map_round_trip_exact_geometry(scene, spacing, angle):
     volume = add_volume(scene, truth)
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
     node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-    slicer_bridge.add_result_segments(node, truth, [3, 2, 6], TABLE, show_surfaces=False)
+    slicer_results.add_result_segments(node, truth, [3, 2, 6], TABLE, show_surfaces=False)
     mapping = segment_labels(map_segments(slicer_bridge.segment_infos(node), TABLE))
     for reference in (volume, None):
         back = slicer_bridge.segmentation_to_label_map(node, mapping, reference)
@@ -131,7 +131,7 @@ def test_padded_geometry_without_reference(scene, heart):
     """No reference geometry: the grid is the segments' box padded by the margin, in mm."""
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
     lv_only = LabelMap(np.where(heart.labels == 3, 3, 0).astype(np.int16), heart.ijk_to_ras)
-    slicer_bridge.add_result_segments(node, lv_only, [3], TABLE, show_surfaces=False)
+    slicer_results.add_result_segments(node, lv_only, [3], TABLE, show_surfaces=False)
     shape, ijk_to_ras = slicer_bridge.reference_geometry(node, margin_mm=30.0)
     mapping = segment_labels(map_segments(slicer_bridge.segment_infos(node), TABLE))
     back = slicer_bridge.segmentation_to_label_map(node, mapping, margin_mm=30.0)
@@ -153,7 +153,7 @@ def test_segment_mask_resamples_onto_an_oblique_reference(scene):
     centre = np.array([20.0, 25.0, 15.0])
     labels.reshape(-1)[np.linalg.norm((ijk - centre) / [12.0, 16.0, 9.0], axis=1) <= 1.0] = 3
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
-    (segment_id,) = slicer_bridge.add_result_segments(node, LabelMap(labels, source_ijk_to_ras), [3], TABLE, show_surfaces=False).added
+    (segment_id,) = slicer_results.add_result_segments(node, LabelMap(labels, source_ijk_to_ras), [3], TABLE, show_surfaces=False).added
     target = make_ijk_to_ras((1.7, 1.3, 2.1), (-22.0, -18.0, -20.0), rotation_matrix((0.2, 1.0, 0.5), 0.45))
     shape = (30, 40, 20)
     mask = slicer_bridge.segment_mask(node, segment_id, shape, target)
@@ -179,7 +179,7 @@ def test_results_land_in_the_segmentation_geometry(scene):
     other = make_ijk_to_ras((2.0, 1.5, 2.5), (5.0, 3.0, 4.0), rotation_matrix((1, 0, 0), 0.3))
     labels = np.zeros((15, 20, 12), np.int16)
     labels[3:10, 4:15, 2:9] = 3
-    (segment_id,) = slicer_bridge.add_result_segments(node, LabelMap(labels, other), [3], TABLE, show_surfaces=False).added
+    (segment_id,) = slicer_results.add_result_segments(node, LabelMap(labels, other), [3], TABLE, show_surfaces=False).added
     layer = node.GetBinaryLabelmapInternalRepresentation(segment_id)
     _, layer_ijk_to_ras = slicer_bridge.array_from_oriented_image(layer)
     np.testing.assert_allclose(layer_ijk_to_ras[:3, :3], own[:3, :3], atol=1e-9)
@@ -222,7 +222,7 @@ def test_complete_segmentation_end_to_end(scene, heart, tiny_checkpoint, tmp_pat
     input_map = slicer_bridge.segmentation_to_label_map(node, segment_labels(mappings), volume)
     assert not np.any(input_map.labels > len(TABLE)), "the unmapped Tumor must not reach the model"
 
-    result, undo = slicer_bridge.complete_segmentation(node, mappings, tiny_checkpoint, device="cpu", show_surfaces=True)
+    result, undo = slicer_results.complete_segmentation(node, mappings, tiny_checkpoint, device="cpu", show_surfaces=True)
     direct = complete_label_map(input_map, tiny_checkpoint, device="cpu")
     assert sorted(result.completed_labels) == sorted(TABLE.by_name(n).label for n in DROPPED)
     segmentation = node.GetSegmentation()
@@ -244,19 +244,19 @@ def test_complete_segmentation_end_to_end(scene, heart, tiny_checkpoint, tmp_pat
     assert node.GetSegmentation().ContainsRepresentation(slicer_bridge.CLOSED_SURFACE)
 
     # export: NIfTI with table values, .seg.nrrd with names, one mesh per segment
-    nifti = slicer_bridge.export_label_map(node, tmp_path / "heart.nii.gz", TABLE, volume)
+    nifti = slicer_results.export_label_map(node, tmp_path / "heart.nii.gz", TABLE, volume)
     exported = read_label_map(nifti)
     np.testing.assert_allclose(exported.ijk_to_ras, heart.ijk_to_ras, atol=1e-4)
     expected = np.where(np.isin(direct.label_map.labels, result.completed_labels), direct.label_map.labels, input_map.labels)
     np.testing.assert_array_equal(exported.labels, expected)
-    seg_path = slicer_bridge.write_seg_nrrd(node, tmp_path / "heart.seg.nrrd")
+    seg_path = slicer_results.write_seg_nrrd(node, tmp_path / "heart.seg.nrrd")
     reread = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "reread")
     storage = slicer.vtkMRMLSegmentationStorageNode()
     storage.SetFileName(str(seg_path))
     assert storage.ReadData(reread)
     names = {reread.GetSegmentation().GetNthSegment(i).GetName() for i in range(reread.GetSegmentation().GetNumberOfSegments())}
     assert names == {info.name for info in slicer_bridge.segment_infos(node)}
-    meshes = slicer_bridge.export_structure_meshes(node, tmp_path / "meshes", TABLE, "STL")
+    meshes = slicer_results.export_structure_meshes(node, tmp_path / "meshes", TABLE, "STL")
     present = [s.name for s in TABLE if np.any(exported.labels == s.label)]
     assert sorted(p.name for p in meshes) == sorted(f"{n}.stl" for n in present)  # no Tumor.stl
     assert not [p for p in (tmp_path / "meshes").iterdir() if p.name.startswith(".")]
@@ -281,7 +281,7 @@ def test_replace_overwrites_only_the_ticked_segment(scene, heart, tiny_checkpoin
     node, volume = partial_segmentation(scene, heart)
     mappings = map_segments(slicer_bridge.segment_infos(node), TABLE)
     before = snapshot(node, heart.shape, heart.ijk_to_ras)
-    result, undo = slicer_bridge.complete_segmentation(
+    result, undo = slicer_results.complete_segmentation(
         node, mappings, tiny_checkpoint, structures=["LV"], replace=True, device="cpu", reference_volume_node=volume,
         show_surfaces=False,
     )
@@ -320,7 +320,7 @@ def test_background_process_matches_in_process(scene, heart, tiny_checkpoint, tm
     assert sorted(completed) == sorted(TABLE.by_name(n).label for n in DROPPED)
 
     output = read_label_map(output_path)
-    undo = slicer_bridge.import_completion_result(node, mappings, output, completed, TABLE, show_surfaces=False)
+    undo = slicer_results.import_completion_result(node, mappings, output, completed, TABLE, show_surfaces=False)
     direct = complete_label_map(input_map, tiny_checkpoint, device="cpu")
     for segment_id in undo.added:
         label = TABLE.by_name(node.GetSegmentation().GetSegment(segment_id).GetName()).label
@@ -358,8 +358,8 @@ def test_terminology_entry_survives_seg_nrrd(scene, tmp_path):
     labels = np.zeros((8, 8, 8), np.int16)
     labels[2:5, 2:5, 2:5] = TABLE.by_name("LAA").label
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
-    slicer_bridge.add_result_segments(node, LabelMap(labels, np.eye(4)), [8], TABLE, show_surfaces=False)
-    path = slicer_bridge.write_seg_nrrd(node, tmp_path / "one.seg.nrrd")
+    slicer_results.add_result_segments(node, LabelMap(labels, np.eye(4)), [8], TABLE, show_surfaces=False)
+    path = slicer_results.write_seg_nrrd(node, tmp_path / "one.seg.nrrd")
     reread = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "reread")
     storage = slicer.vtkMRMLSegmentationStorageNode()
     storage.SetFileName(str(path))
@@ -367,7 +367,7 @@ def test_terminology_entry_survives_seg_nrrd(scene, tmp_path):
     segment = reread.GetSegmentation().GetNthSegment(0)
     assert slicer_bridge.segment_terminology(segment) == terminology_entry(TABLE.by_name("LAA"))
     with pytest.raises(ValueError, match="seg.nrrd"):
-        slicer_bridge.write_seg_nrrd(node, tmp_path / "one.nrrd")
+        slicer_results.write_seg_nrrd(node, tmp_path / "one.nrrd")
 
 
 def _child_env():

@@ -17,7 +17,8 @@ Steps of :func:`complete_label_map` (all geometry in RAS millimetres from the in
 4. **Fuse**: voxels of the given structures keep their label exactly (unless ``replace``); every
    other voxel of the region goes to the structure, among those not given, with the smallest
    signed distance when that distance is negative, and is written if that structure was asked for.
-   One label per voxel by construction.
+   One label per voxel by construction. Small disconnected pieces of the predicted structures
+   (under ``min_island_fraction`` of the largest piece) are cleared (:mod:`.islands`).
 
 >>> from HeartCompletionLib.structures import StructureTable
 >>> resolve_structures(StructureTable.default(), ["LAA", 9, "10", "left ventricle"])
@@ -36,6 +37,7 @@ import numpy as np
 
 from .encoder_input import encoder_arrays, encoder_centre_mm, select_encoder_points
 from .geometry import direction_of, ijk_to_ras_points, spacing_of
+from .islands import DEFAULT_MIN_ISLAND_FRACTION, remove_small_islands
 from .labelmap import LabelMap
 
 #: Surface samples drawn from the given structures to place the heart (centre) and pick encoder
@@ -326,6 +328,7 @@ def complete_label_map(
     return_signed_distance: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
     ijk_to_ras=None,
+    min_island_fraction: float = DEFAULT_MIN_ISLAND_FRACTION,
 ) -> CompletionResult:
     """Complete ``label_map`` with the model of ``checkpoint``; see the module docstring for the steps.
 
@@ -340,6 +343,8 @@ def complete_label_map(
     ``grid_spacing_mm``: coarse lattice spacing (default 8 mm); ``margin_mm``: region around the
     given structures. ``hierarchical=False`` decodes every region voxel (slow reference);
     ``return_signed_distance`` also decodes densely and returns the requested structures' distances.
+    ``min_island_fraction``: predicted pieces smaller than this fraction of the structure's largest
+    piece are cleared (:mod:`HeartCompletionLib.islands`; 0 keeps every piece).
     """
     import torch
 
@@ -424,6 +429,9 @@ def complete_label_map(
     sub = out[box]
     write_mask = (region_labels > 0) & (sub == 0)
     sub[write_mask] = region_labels[write_mask].astype(out.dtype)
+    removed = remove_small_islands(sub, requested, min_island_fraction, where=write_mask)
+    result.messages += [f"{table.by_label(lab).name}: removed {n} voxels in small disconnected pieces"
+                        for lab, n in removed.items() if n]
     result.completed_labels = list(requested)
     counts = np.bincount(out[box].ravel().astype(np.int64), minlength=k + 1)
     result.messages += [f"{table.by_label(lab).name}: the model predicts no voxel" for lab in requested

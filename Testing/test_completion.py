@@ -148,6 +148,41 @@ def test_deterministic_for_a_seed(checkpoint, completed_iso):
     np.testing.assert_allclose(first.centre_mm, again.centre_mm)
 
 
+def test_small_islands_of_predicted_structures_are_removed(checkpoint, completed_iso):
+    from scipy import ndimage
+
+    _, source, cleaned = completed_iso
+    raw = complete_label_map(source, checkpoint, device="cpu", seed=0, min_island_fraction=0.0)
+    given = source.labels > 0
+    # given voxels are identical; cleaning only ever turns predicted voxels into background
+    assert np.array_equal(raw.label_map.labels[given], cleaned.label_map.labels[given])
+    changed = raw.label_map.labels != cleaned.label_map.labels
+    assert (cleaned.label_map.labels[changed] == 0).all() and np.isin(raw.label_map.labels[changed], DROPPED).all()
+    for lab in DROPPED:
+        pieces, count = ndimage.label(cleaned.label_map.labels == lab, structure=np.ones((3, 3, 3), bool))
+        sizes = np.bincount(pieces.ravel())[1:]
+        assert count >= 1 and sizes.min() >= 0.05 * sizes.max(), (lab, sizes)
+        raw_pieces = ndimage.label(raw.label_map.labels == lab, structure=np.ones((3, 3, 3), bool))[1]
+        assert raw_pieces >= count
+    removed = int(changed.sum())
+    assert (removed > 0) == any("small disconnected pieces" in m for m in cleaned.messages)
+
+
+def test_island_removal_respects_where_and_zero_fraction():
+    from HeartCompletionLib.islands import remove_small_islands
+
+    labels = np.zeros((10, 10, 10), dtype=np.int16)
+    labels[0:5, 0:5, 0:5] = 7
+    labels[8, 8, 8] = 7
+    labels[8, 0, 8] = 7
+    untouched = labels.copy()
+    assert remove_small_islands(labels, [7], min_fraction=0.0) == {} and np.array_equal(labels, untouched)
+    where = np.zeros(labels.shape, bool)
+    where[8, 8, 8] = True  # only this stray voxel may go (e.g. the other one was given)
+    assert remove_small_islands(labels, [7], min_fraction=0.05, where=where) == {7: 1}
+    assert labels[8, 8, 8] == 0 and labels[8, 0, 8] == 7 and (labels == 7).sum() == 126
+
+
 def test_progress_increases_and_cancel_stops(checkpoint, completed_iso):
     _, source, _ = completed_iso
     fractions, messages = [], []

@@ -32,6 +32,7 @@ class CliError(Exception):
 
 def _parser() -> argparse.ArgumentParser:
     from HeartCompletionLib.completion import DEFAULT_GRID_SPACING_MM, DEFAULT_MARGIN_MM
+    from HeartCompletionLib.islands import DEFAULT_MIN_ISLAND_FRACTION
     from HeartCompletionLib.meshes import MESH_FORMATS
 
     p = argparse.ArgumentParser(
@@ -64,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"coarse decoding lattice in mm (default {DEFAULT_GRID_SPACING_MM:g})")
     p.add_argument("--margin_mm", type=float, default=DEFAULT_MARGIN_MM,
                    help=f"decoded region around the given structures in mm (default {DEFAULT_MARGIN_MM:g})")
+    p.add_argument("--min_island_fraction", type=float, default=DEFAULT_MIN_ISLAND_FRACTION, metavar="F",
+                   help="clear predicted pieces smaller than F x the structure's largest piece "
+                        f"(default {DEFAULT_MIN_ISLAND_FRACTION:g}; 0 keeps every piece)")
     p.add_argument("--seed", type=int, default=0, help="seed of the input surface sampling (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, only errors")
     return p
@@ -125,6 +129,7 @@ def _complete_one(src: Path, dst: Path, checkpoint, args, bar) -> str:
     result = complete_label_map(
         label_map, checkpoint, structures=args.structures, replace=args.replace, device=args.device,
         progress=progress, seed=args.seed, grid_spacing_mm=args.grid_spacing_mm, margin_mm=args.margin_mm,
+        min_island_fraction=args.min_island_fraction,
     )
     write_label_map(result.label_map, dst, table=table)
     if args.meshes:

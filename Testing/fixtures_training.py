@@ -194,7 +194,7 @@ def _real_pipeline_available() -> bool:
     return True
 
 
-def _prepare_synthetic(data_dir: Path, seeds) -> list[str]:
+def prepare_synthetic_hearts(data_dir: Path, seeds) -> list[str]:
     from heart_training.prepare import PrepareOptions, prepare_case
 
     from HeartCompletionLib.labelmap_io import write_label_map
@@ -221,7 +221,7 @@ def prepared_synthetic_dataset(tmp_path_factory) -> Path:
     ids = None
     if _real_pipeline_available() and os.environ.get("HEART_TEST_ANALYTIC", "0") != "1":
         try:
-            ids = _prepare_synthetic(data_dir, seeds=(0, 1))
+            ids = prepare_synthetic_hearts(data_dir, seeds=(0, 1))
         except Exception as exc:  # noqa: BLE001 - another area's pipeline under construction
             import warnings
 

@@ -136,6 +136,12 @@ def test_clear_errors(tiny_checkpoint, inputs, tmp_path, capsys):
     assert code != 0 and "missing.nrrd" in err and "not found" in err
     assert not (tmp_path / "o.nii.gz").exists() and not (tmp_path / "g.nii.gz").exists()
 
+    # an island fraction outside [0, 1) is a usage error naming the option
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", ck, "--input", str(src), "--output", str(tmp_path / "i.nii.gz"),
+              "--min_island_fraction", "1.5"])
+    assert exit_info.value.code == 2 and "--min_island_fraction" in capsys.readouterr().err
+
 
 def test_other_label_numbering_is_mapped(tiny_checkpoint, tmp_path, capsys):
     """An MM-WHS-numbered file (205 = Myocardium, 500 = LV, ...) with --label_map mmwhs."""

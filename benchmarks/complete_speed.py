@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="synthetic heart seed")
     p.add_argument("--drop", nargs="+", default=list(B_SUBSET), help="structures removed from the input")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    p.add_argument("--device", default="cpu", help="device of the completion: cpu | cuda | auto (default cpu)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="device of the completion: cpu | cuda | auto (default cpu)")
     p.add_argument("--grid_spacing_mm", type=float, default=None, help="coarse lattice (default: completion's)")
     p.add_argument("--refine_factor", type=float, default=None, help="refinement band (default: completion's)")
     p.add_argument("--repeats", type=int, default=1, help="timed completions (the best is reported)")

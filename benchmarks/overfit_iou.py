@@ -32,11 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Testing"))
 
 def make_hearts(data_dir: Path) -> Path:
     """The test fixture's two prepared synthetic hearts in ``data_dir`` (kept if already there)."""
-    from fixtures_training import _prepare_synthetic, write_case_lists
+    from fixtures_training import prepare_synthetic_hearts, write_case_lists
 
     if not (data_dir / "train.csv").exists():
         data_dir.mkdir(parents=True, exist_ok=True)
-        ids = _prepare_synthetic(data_dir, seeds=(0, 1))
+        ids = prepare_synthetic_hearts(data_dir, seeds=(0, 1))
         write_case_lists(data_dir, ids, ids)
     return data_dir
 
@@ -94,6 +94,12 @@ def main(argv=None) -> int:
     parser.add_argument("--data_dir", type=Path, default=None, help="prepared hearts (made here if missing)")
     parser.add_argument("--json", type=Path, default=None, help="also write the records to this JSON file")
     args = parser.parse_args(argv)
+    from heart_training.config import ConfigError, load_config
+
+    try:  # a bad override is a usage error, before any data is made
+        load_config("tiny_test", list(args.overrides)).validate()
+    except ConfigError as exc:
+        parser.error(str(exc))
     with tempfile.TemporaryDirectory(prefix="overfit_iou_") as tmp:
         data_dir = make_hearts(args.data_dir or Path(tmp) / "data")
         records = run(args, data_dir, Path(tmp) / "run")

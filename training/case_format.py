@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from HeartCompletionLib.atomic_io import atomic_open, atomic_write_text  # noqa: F401 (re-exported)
+from HeartCompletionLib.atomic_io import atomic_open, atomic_write_text
 
 FORMAT_NAME = "heartcompletion-case"
 FORMAT_VERSION = 1
@@ -91,7 +91,10 @@ def load_case(path: str | Path, keys=None, optional=(), mmap: bool = False) -> d
             if missing:
                 raise CaseFormatError(f"{path}: missing keys {missing}")
             names = [*wanted, *(k for k in optional if k in npz.files and k not in wanted)]
-            out = {k: (_memory_map(path, npz.zip.getinfo(f"{k}.npy")) if mmap else None) for k in names}
+            out = dict.fromkeys(names)
+            if mmap:  # one pass over the local headers, then a map per large stored member
+                with open(path, "rb") as fh:
+                    out = {k: _memory_map(fh, path, npz.zip.getinfo(f"{k}.npy")) for k in names}
             out = {k: npz[k] if v is None else v for k, v in out.items()}
     except CaseFormatError:
         raise
@@ -114,23 +117,23 @@ def load_case(path: str | Path, keys=None, optional=(), mmap: bool = False) -> d
 _MMAP_MIN_BYTES = 1 << 16
 
 
-def _memory_map(path: Path, info: zipfile.ZipInfo) -> np.ndarray | None:
-    """A read-only memmap of a stored ``.npy`` member of the zip, or None (deflated, small, object)."""
+def _memory_map(fh, path: Path, info: zipfile.ZipInfo) -> np.ndarray | None:
+    """A read-only memmap of a stored ``.npy`` member of the zip open as ``fh``, or None (deflated,
+    small, object arrays or an unknown .npy version: the caller reads those)."""
     if info.compress_type != zipfile.ZIP_STORED or info.file_size < _MMAP_MIN_BYTES:
         return None
-    with open(path, "rb") as fh:
-        fh.seek(info.header_offset)
-        local = fh.read(30)
-        if local[:4] != b"PK\x03\x04":
-            raise ValueError(f"member {info.filename}: bad local header")
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        fh.seek(info.header_offset + 30 + name_len + extra_len)
-        version = np.lib.format.read_magic(fh)
-        if version not in ((1, 0), (2, 0)):
-            return None
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(fh)
-        offset = fh.tell()
+    fh.seek(info.header_offset)
+    local = fh.read(30)
+    if local[:4] != b"PK\x03\x04":
+        raise ValueError(f"member {info.filename}: bad local header")
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    fh.seek(info.header_offset + 30 + name_len + extra_len)
+    version = np.lib.format.read_magic(fh)
+    if version not in ((1, 0), (2, 0)):
+        return None
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(fh)
+    offset = fh.tell()
     if dtype.hasobject or int(np.prod(shape)) == 0:
         return None
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")

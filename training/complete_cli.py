@@ -30,6 +30,17 @@ class CliError(Exception):
     """A problem that stops the whole run (message names the file)."""
 
 
+def _fraction(text: str) -> float:
+    """argparse type: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value:g}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     from HeartCompletionLib.completion import DEFAULT_GRID_SPACING_MM, DEFAULT_MARGIN_MM
     from HeartCompletionLib.islands import DEFAULT_MIN_ISLAND_FRACTION
@@ -65,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"coarse decoding lattice in mm (default {DEFAULT_GRID_SPACING_MM:g})")
     p.add_argument("--margin_mm", type=float, default=DEFAULT_MARGIN_MM,
                    help=f"decoded region around the given structures in mm (default {DEFAULT_MARGIN_MM:g})")
-    p.add_argument("--min_island_fraction", type=float, default=DEFAULT_MIN_ISLAND_FRACTION, metavar="F",
+    p.add_argument("--min_island_fraction", type=_fraction, default=DEFAULT_MIN_ISLAND_FRACTION, metavar="F",
                    help="clear predicted pieces smaller than F x the structure's largest piece "
                         f"(default {DEFAULT_MIN_ISLAND_FRACTION:g}; 0 keeps every piece)")
     p.add_argument("--seed", type=int, default=0, help="seed of the input surface sampling (default 0)")

@@ -33,8 +33,6 @@ METRIC_LABELS = {"dice": "Dice", "hd95_mm": "HD95 (mm)", "assd_mm": "ASSD (mm)",
 METHOD_COLOURS = {"model": "#1f77b4", "baseline": "#ff7f0e"}
 
 
-
-
 def _save_figure(fig, path: Path) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")

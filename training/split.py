@@ -24,7 +24,9 @@ import os
 import sys
 from pathlib import Path
 
-from .case_format import CaseFormatError, atomic_write_text, load_case, read_manifest
+from HeartCompletionLib.atomic_io import atomic_write_text
+
+from .case_format import CaseFormatError, load_case, read_manifest
 
 SPLIT_COLUMNS = ("case", "dataset", "annotated", "truncated", "case_id", "source")
 SPLITS = ("train", "val", "test")

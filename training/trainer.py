@@ -15,7 +15,6 @@ import argparse
 import signal
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -55,7 +54,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
             torch.set_num_threads(cfg.run.threads)
         trainer = Trainer(cfg, ctx)
         if ctx.is_main:
-            _write_text(trainer.out / "config.yaml", config_to_yaml(cfg))
+            atomic_write_text(trainer.out / "config.yaml", config_to_yaml(cfg))
         resumed = resume and trainer.resume()
         o = cfg.optim
         n_params = sum(p.numel() for p in trainer.model.parameters())
@@ -195,10 +194,6 @@ class _Window:
         if ctx.device.type == "cuda":
             values["gpu_mem_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
         return trainer.metrics(values, inter, union)
-
-
-def _write_text(path: Path, text: str) -> None:
-    atomic_write_text(path, text)
 
 
 def _install_stop_handler(trainer: Trainer) -> None:

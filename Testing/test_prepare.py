@@ -78,6 +78,12 @@ def test_case_has_the_design_keys_dtypes_and_manifest(prepared, synth_dir):
         assert case["volume_sdf"].shape == (6000, K) and case["near_sdf"].shape == (6000, K)
         assert case["annotated"].all() and np.isfinite(case["volume_sdf"]).all()
         assert np.bincount(case["surface_labels"], minlength=K).min() >= 200  # the floor per structure
+        # near points grouped by the structure they were drawn around, each within its offset of it
+        # (+ the surface sampling error): the trainer's balanced queries rely on the grouping
+        near = load_case(path, optional=("near_labels", "near_offset_mm"))
+        assert np.all(np.diff(near["near_labels"]) >= 0) and set(near["near_labels"]) == set(range(K))
+        own = np.abs(near["near_sdf"][np.arange(6000), near["near_labels"]])
+        assert np.median(own - near["near_offset_mm"]) < 0.5 * SPACING
         meta = case["meta"]
         assert meta["table"] == TABLE.names and meta["spacing_mm"] == pytest.approx([SPACING] * 3)
         assert meta["point_counts"] == {"surface": 6000, "volume": 6000, "near": 6000}

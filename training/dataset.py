@@ -284,7 +284,8 @@ def _draw(n_available: int, n: int, rng: np.random.Generator) -> np.ndarray:
 def _groups(case: dict, which: str) -> list[np.ndarray]:
     """Indices of the near-surface (``which="near"``) or surface points of each structure, cached
     in the case dict. A near point belongs to the structure it was drawn around (``near_labels``),
-    or else to the annotated structure whose surface is closest."""
+    or else to the annotated structure whose surface is closest. Owners already grouped on disk
+    (heart-prepare writes them so) need no sort, only a binary search per structure."""
     key = f"_{which}_groups"
     if key not in case:
         k = case["annotated"].shape[0]
@@ -296,7 +297,10 @@ def _groups(case: dict, which: str) -> list[np.ndarray]:
             owner = np.argmin(np.nan_to_num(dist, nan=np.inf), axis=1)
         else:
             owner = case["surface_labels"].astype(np.int64)
-        order = np.argsort(owner, kind="stable")
+        if owner.size < 2 or bool(np.all(owner[1:] >= owner[:-1])):  # grouped on disk (heart-prepare)
+            order = np.arange(owner.size)
+        else:
+            order = np.argsort(owner, kind="stable")
         bounds = np.searchsorted(owner[order], np.arange(k + 1))
         case[key] = [order[bounds[s]: bounds[s + 1]] for s in range(k)]
     return case[key]

@@ -224,6 +224,12 @@ def prepare_case(input_path, output_path, options: PrepareOptions | None = None,
     sdf[:, [lab - 1 for lab in used]] = used_sdf
     timings["distances_s"] = time.perf_counter() - t
 
+    # near points grouped by the structure they were drawn around (stable): the trainer's
+    # per-structure query balance then finds each group by binary search instead of a sort
+    near_labels = np.asarray(surf_lab, dtype=np.int64)[pick] - 1
+    order = np.argsort(near_labels, kind="stable")
+    near, offsets, near_labels = near[order], offsets[order], near_labels[order]
+    sdf = np.concatenate([sdf[: options.num_volume], sdf[options.num_volume:][order]])
     arrays = {
         "origin_mm": origin,
         "surface_points": surf_pts - origin,
@@ -235,7 +241,7 @@ def prepare_case(input_path, output_path, options: PrepareOptions | None = None,
         "near_sdf": sdf[options.num_volume :],
         "annotated": annotated,
         "truncated": truncated,
-        "near_labels": np.asarray(surf_lab, dtype=np.int64)[pick] - 1,
+        "near_labels": near_labels,
         "near_offset_mm": np.linalg.norm(offsets, axis=1),
     }
     names = lambda mask: [n for n, m in zip(table.names, mask) if m]  # noqa: E731

@@ -251,6 +251,20 @@ def test_structure_balanced_queries_share_near_and_surface_points_equally(case_d
         load_config("tiny_test", ["data.query_balance=equal"]).validate()
 
 
+def test_grouped_and_shuffled_owners_give_the_same_groups():
+    from heart_training.dataset import _groups
+
+    rng = np.random.default_rng(0)
+    owners = np.sort(rng.integers(0, K, size=500)).astype(np.int8)
+    shuffled = rng.permutation(500)
+    base = {"annotated": np.ones(K, bool), "surface_labels": owners}
+    grouped = _groups(dict(base), "surface")
+    scattered = _groups({**base, "surface_labels": owners[shuffled]}, "surface")
+    for s in range(K):
+        np.testing.assert_array_equal(grouped[s], np.flatnonzero(owners == s))
+        np.testing.assert_array_equal(np.sort(shuffled[scattered[s]]), grouped[s])
+
+
 def test_bad_case_file_is_named(tmp_path):
     (tmp_path / "broken.npz").write_bytes(b"not a zip")
     ds = HeartCaseDataset([CaseRef("t", tmp_path / "broken.npz", "broken")], TABLE, Normalization(),

@@ -194,7 +194,7 @@ def _real_pipeline_available() -> bool:
     return True
 
 
-def prepare_synthetic_hearts(data_dir: Path, seeds) -> list[str]:
+def prepare_synthetic_hearts(data_dir: Path, seeds, spacing_mm: float = 1.5) -> list[str]:
     from heart_training.prepare import PrepareOptions, prepare_case
 
     from HeartCompletionLib.labelmap_io import write_label_map
@@ -206,7 +206,7 @@ def prepare_synthetic_hearts(data_dir: Path, seeds) -> list[str]:
     ids = []
     for seed in seeds:
         case_id = f"synthetic_{seed:03d}"
-        lm_path = write_label_map(synthetic_label_map(seed=seed, spacing_mm=1.5), maps / f"{case_id}.nii.gz")
+        lm_path = write_label_map(synthetic_label_map(seed=seed, spacing_mm=spacing_mm), maps / f"{case_id}.nii.gz")
         prepare_case(lm_path, data_dir / f"{case_id}.npz", options, case_id=case_id)
         ids.append(case_id)
     return ids

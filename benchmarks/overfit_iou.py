@@ -30,13 +30,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Testing"))
 
 
-def make_hearts(data_dir: Path) -> Path:
-    """The test fixture's two prepared synthetic hearts in ``data_dir`` (kept if already there)."""
+def make_hearts(data_dir: Path, spacing_mm: float = 1.5) -> Path:
+    """The test fixture's two prepared synthetic hearts in ``data_dir`` (kept if already there),
+    rasterised at ``spacing_mm`` (the fixture's 1.5 mm unless told)."""
     from fixtures_training import prepare_synthetic_hearts, write_case_lists
 
     if not (data_dir / "train.csv").exists():
         data_dir.mkdir(parents=True, exist_ok=True)
-        ids = prepare_synthetic_hearts(data_dir, seeds=(0, 1))
+        ids = prepare_synthetic_hearts(data_dir, seeds=(0, 1), spacing_mm=spacing_mm)
         write_case_lists(data_dir, ids, ids)
     return data_dir
 
@@ -92,16 +93,18 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu, as the test)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, as the test)")
     parser.add_argument("--data_dir", type=Path, default=None, help="prepared hearts (made here if missing)")
+    parser.add_argument("--spacing_mm", type=float, default=1.5,
+                        help="voxel size of the synthetic label maps made here (default 1.5, as the test)")
     parser.add_argument("--json", type=Path, default=None, help="also write the records to this JSON file")
     args = parser.parse_args(argv)
     from heart_training.config import ConfigError, load_config
 
     try:  # a bad override is a usage error, before any data is made
-        load_config("tiny_test", list(args.overrides)).validate()
+        load_config("tiny_test", ["data.datasets.0.data_dir=.", *args.overrides]).validate()
     except ConfigError as exc:
         parser.error(str(exc))
     with tempfile.TemporaryDirectory(prefix="overfit_iou_") as tmp:
-        data_dir = make_hearts(args.data_dir or Path(tmp) / "data")
+        data_dir = make_hearts(args.data_dir or Path(tmp) / "data", args.spacing_mm)
         records = run(args, data_dir, Path(tmp) / "run")
     if args.json:
         args.json.write_text(json.dumps({"overrides": args.overrides, "device": args.device, "records": records},

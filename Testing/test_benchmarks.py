@@ -1,0 +1,74 @@
+"""The benchmark scripts still run (smallest sizes): a benchmark nobody can start measures nothing.
+
+Each script runs as a user runs it (``python benchmarks/NAME.py ...`` in a subprocess) with sizes
+small enough for a few seconds; the tests check the figures they print, never their values' speed
+(speed targets live in the benchmarks themselves, see README "Benchmarks").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def run_benchmark(name: str, *args: str, timeout: int = 300) -> str:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, str(BENCH / name), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{name} {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_overfit_iou_runs_and_writes_its_records(prepared_synthetic_dataset, tmp_path):
+    out = tmp_path / "records.json"
+    text = run_benchmark("overfit_iou.py", "--steps", "2", "--eval_every", "1", "--data_dir",
+                         str(prepared_synthetic_dataset), "--json", str(out), "model.overrides.width=32")
+    records = json.loads(out.read_text())["records"]
+    assert [r["step"] for r in records] == [1, 2]
+    assert len(records[-1]["iou"]) == 10 and all(0.0 <= r["mean"] <= 1.0 for r in records)
+    assert "model tiny" in text and "overrides: model.overrides.width=32" in text
+
+
+def test_overfit_iou_refuses_a_bad_override_before_making_data(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "overfit_iou.py"), "optim.no_such_key=1", "--data_dir",
+                           str(tmp_path / "never")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no_such_key" in proc.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_train_speed_prints_samples_per_second_and_memory():
+    text = run_benchmark("train_speed.py", "--configs", "tiny", "--steps", "1", "--warmup", "0", "--batch_size", "1",
+                         "--threads", "1")
+    line = next(line for line in text.splitlines() if line.startswith("tiny"))
+    assert "samples/s" in line and "GiB" in line and "params" in line
+
+
+def test_prepare_speed_times_the_stages_and_the_whole_case():
+    text = run_benchmark("prepare_speed.py", "--num_surface", "2000", "--num_volume", "2000", "--num_near", "2000",
+                         "--repeats", "1", "--threads", "1", "--real_dir", str(ROOT / "no_such_folder"))
+    assert "staged (best of 1)" in text and "full prepare_case" in text and "skipped" in text
+
+
+def test_complete_speed_times_a_completion_with_a_checkpoint(tiny_checkpoint):
+    text = run_benchmark("complete_speed.py", "--checkpoint", str(tiny_checkpoint), "--spacing", "2.0",
+                         "--threads", "1")
+    last = text.strip().splitlines()[-1]
+    assert "peak RSS" in last and "output voxels" in last and "refined queries" in last, last
+    assert '"dice_vs_truth"' in text
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="bash script")
+def test_gpu_check_script_parses_and_explains_itself():
+    subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], check=True)
+    help_text = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--help"], capture_output=True, text=True,
+                               check=True).stdout
+    for part in ("sweep", "data", "speed", "phase1", "complete"):
+        assert part in help_text

@@ -4,7 +4,8 @@
 # order PARTS lists them (default: all, in this order):
 #
 #   sweep     learning speed: benchmarks/overfit_iou.py recipes in parallel on the one GPU (fp32,
-#             as the CPU test runs): near-surface IoU per structure against steps;
+#             as the CPU test runs): near-surface IoU per structure against steps (SWEEP_NAMES,
+#             SWEEP_STEPS, SWEEP_SPACING: voxel size of the two synthetic hearts, default 1.5 mm);
 #   data      synthetic sample data for the phase-1 run (heart-synth, heart-prepare, heart-split);
 #   speed     benchmarks/train_speed.py: samples/s and CUDA memory of `small` and `base` (bf16,
 #             batch 16, the phase-1 sample sizes, 8 data-loader workers);
@@ -23,6 +24,7 @@ PARTS="${PARTS:-sweep data speed phase1 complete}"
 SWEEP_STEPS="${SWEEP_STEPS:-2500}"
 SWEEP_EVERY="${SWEEP_EVERY:-500}"
 SWEEP_LIMIT_S="${SWEEP_LIMIT_S:-170}"
+SWEEP_SPACING="${SWEEP_SPACING:-1.5}"
 SWEEP_NAMES="${SWEEP_NAMES:-test balanced bal_f8 bal_w128 bal_b8 bal_near2 bal_lr1e3 bal_small}"
 PHASE1_STEPS="${PHASE1_STEPS:-1200}"
 PHASE1_LIMIT_S="${PHASE1_LIMIT_S:-130}"
@@ -52,16 +54,20 @@ declare -A RECIPES=(
     [bal_near2]="data.query_balance=structure loss.near=2.0 loss.volume=0.5"
     [bal_lr1e3]="data.query_balance=structure optim.lr=0.001"
     [bal_small]="data.query_balance=structure model.config=small model.overrides.num_latents=256 optim.lr=0.0005"
+    [bal_w128_lr2e3]="data.query_balance=structure model.overrides.width=128 optim.lr=0.002"
+    [bal_w128_lr5e3_fps]="data.query_balance=structure model.overrides.width=128 optim.lr=0.005 model.overrides.latent_queries=fps"
+    [bal_w128_lr5e3_b2q4]="data.query_balance=structure model.overrides.width=128 optim.lr=0.005 optim.batch_size=2 data.num_near_queries=1536 data.num_volume_queries=512 data.num_surface_queries=1024"
 )
 
 part_sweep() {
     stamp "sweep: overfit_iou recipes in parallel ($SWEEP_NAMES; $SWEEP_STEPS steps, limit $SWEEP_LIMIT_S s)"
     python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \
-from overfit_iou import make_hearts; make_hearts(Path('$WORK/hearts'))" || echo "hearts FAILED"
+from overfit_iou import make_hearts; make_hearts(Path('$WORK/hearts_$SWEEP_SPACING'), $SWEEP_SPACING)" \
+        || echo "hearts FAILED"
     for name in $SWEEP_NAMES; do
         # shellcheck disable=SC2086
         timeout "$SWEEP_LIMIT_S" python3 benchmarks/overfit_iou.py --device "$DEVICE" --steps "$SWEEP_STEPS" \
-            --eval_every "$SWEEP_EVERY" --data_dir "$WORK/hearts" --json "$OUT/sweep_$name.json" run.amp=off \
+            --eval_every "$SWEEP_EVERY" --data_dir "$WORK/hearts_$SWEEP_SPACING" --json "$OUT/sweep_$name.json" run.amp=off \
             ${RECIPES[$name]} > "$OUT/sweep_$name.txt" 2>&1 &
     done
     wait

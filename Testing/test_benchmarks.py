@@ -44,6 +44,14 @@ def test_overfit_iou_refuses_a_bad_override_before_making_data(tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+def test_field_fit_iou_fits_a_prepared_case(prepared_synthetic_dataset):
+    case = sorted(prepared_synthetic_dataset.glob("*.npz"))[0]
+    text = run_benchmark("field_fit_iou.py", "--case", str(case), "--steps", "8", "--queries", "64", "--width", "16")
+    rows = [line.split() for line in text.splitlines() if line.strip() and line.split()[0].isdigit()]
+    assert [int(r[0]) for r in rows] == [2, 4, 6, 8]
+    assert all(len(r) == 3 + 10 + 2 and 0.0 <= float(r[-2]) <= 1.0 for r in rows)
+
+
 def test_train_speed_prints_samples_per_second_and_memory():
     text = run_benchmark("train_speed.py", "--configs", "tiny", "--steps", "1", "--warmup", "0", "--batch_size", "1",
                          "--threads", "1")

@@ -23,8 +23,12 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
 
+import test_slicer_logic  # noqa: E402
+from test_slicer_logic import DROPPED, TABLE, partial_segmentation  # noqa: E402
+
 from HeartCompletionLib import slicer_bridge  # noqa: E402
 
+scene = test_slicer_logic.scene  # the same fresh-MRML-scene fixture
 MODULE_FILE = Path(__file__).resolve().parents[1] / "HeartCompletion" / "HeartCompletion.py"
 
 
@@ -64,14 +68,6 @@ def module():
             sys.modules.pop(name, None)
 
 
-@pytest.fixture()
-def scene():
-    slicer.mrmlScene = slicer.vtkMRMLScene()
-    slicer_bridge.ensure_segmentation_converters()
-    yield slicer.mrmlScene
-    slicer.mrmlScene.Clear(1)
-
-
 @pytest.fixture(scope="module")
 def heart():
     from HeartCompletionLib.synthetic import synthetic_label_map
@@ -80,8 +76,6 @@ def heart():
 
 
 def test_logic_completes_undoes_and_exports_like_the_panel(module, scene, heart, tiny_checkpoint, tmp_path):
-    from test_slicer_logic import DROPPED, TABLE, partial_segmentation
-
     from HeartCompletionLib.labelmap_io import read_label_map
 
     logic = module.HeartCompletionLogic()
@@ -128,8 +122,6 @@ def test_logic_completes_undoes_and_exports_like_the_panel(module, scene, heart,
 
 
 def test_logic_refuses_incomplete_input_with_a_message(module, scene, heart, tiny_checkpoint, tmp_path):
-    from test_slicer_logic import partial_segmentation
-
     logic = module.HeartCompletionLogic()
     node, _volume = partial_segmentation(scene, heart)
     mappings = logic.segmentMappings(node)

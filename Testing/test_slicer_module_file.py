@@ -134,3 +134,54 @@ def test_logic_refuses_incomplete_input_with_a_message(module, scene, heart, tin
     with pytest.raises(ValueError, match="export folder"):
         logic.export("labelmap", node, "")
     assert logic.workDir is None  # nothing was started
+
+
+def test_first_use_installs_only_what_slicer_lacks(module, monkeypatch):
+    """``ensurePackages``/``ensureRequirements`` ask pip (or the PyTorch extension) for exactly the
+    missing packages; the installers themselves are recorded instead of run (no network here)."""
+    import importlib.util as importlib_util
+
+    calls = []
+    monkeypatch.setattr(slicer.util, "pip_install", calls.append, raising=False)
+    real_find_spec = importlib_util.find_spec
+    monkeypatch.setattr(importlib_util, "find_spec",
+                        lambda name, *args: None if name in ("nrrd", "skimage") else real_find_spec(name, *args))
+    logic = module.HeartCompletionLogic()
+    logic.ensurePackages()
+    assert calls == [["pynrrd", "scikit-image"]]
+    assert not {"numpy", "vtk", "SimpleITK", "simpleitk"} & set(module.EXTRA_REQUIREMENTS.values())
+
+    # torch present: nothing to confirm, only the missing file-format packages
+    calls.clear()
+    assert logic.ensureRequirements() is True and calls == [["pynrrd", "scikit-image"]]
+
+    # torch missing, user declines: nothing installed
+    monkeypatch.setitem(sys.modules, "torch", None)  # "import torch" now raises ImportError
+    answers = []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: answers.pop(0), raising=False)
+    answers.append(False)
+    calls.clear()
+    assert logic.ensureRequirements() is False and calls == []
+
+    # torch missing, no PyTorch extension: pip fallback, then the packages
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)
+    answers.append(True)
+    assert logic.ensureRequirements() is True and calls == ["torch", ["pynrrd", "scikit-image"]]
+
+    # torch missing, PyTorch extension present: it installs torch (with the right CUDA build)
+    installs = []
+    extension = types.ModuleType("PyTorchUtils")
+    extension.PyTorchUtilsLogic = lambda: types.SimpleNamespace(
+        installTorch=lambda askConfirmation: installs.append(askConfirmation) or "torch")
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", extension)
+    answers.append(True)
+    calls.clear()
+    assert logic.ensureRequirements() is True and installs == [False] and calls == [["pynrrd", "scikit-image"]]
+
+    # the extension's installation fails: a clear error, nothing else installed
+    extension.PyTorchUtilsLogic = lambda: types.SimpleNamespace(installTorch=lambda askConfirmation: None)
+    answers.append(True)
+    calls.clear()
+    with pytest.raises(RuntimeError, match="PyTorch installation failed"):
+        logic.ensureRequirements()
+    assert calls == []

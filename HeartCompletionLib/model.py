@@ -68,12 +68,14 @@ class FourierEmbedding(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention via ``scaled_dot_product_attention``; self-attention when no context."""
 
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None) -> None:
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, qk_norm: bool = False) -> None:
         super().__init__()
         self.heads = heads
         self.to_q = nn.Linear(dim, dim)
         self.to_kv = nn.Linear(context_dim or dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.q_norm = nn.LayerNorm(dim // heads) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(dim // heads) if qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
@@ -81,6 +83,7 @@ class Attention(nn.Module):
         head_dim = dim // self.heads
         q = self.to_q(x).view(b, q_len, self.heads, head_dim).transpose(1, 2)
         k, v = self.to_kv(context).view(b, context.shape[1], 2, self.heads, head_dim).unbind(2)
+        q, k = self.q_norm(q), self.k_norm(k)
         out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2))
         return self.proj(out.transpose(1, 2).reshape(b, q_len, dim))
 
@@ -94,11 +97,11 @@ class MLP(nn.Sequential):
 class Block(nn.Module):
     """Pre-LN transformer block; cross-attention to ``context`` when ``cross`` is set."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, cross: bool = False) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, cross: bool = False, qk_norm: bool = False) -> None:
         super().__init__()
         self.norm_x = nn.LayerNorm(dim)
         self.norm_context = nn.LayerNorm(dim) if cross else None
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, qk_norm=qk_norm)
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_ratio)
 
@@ -181,11 +184,12 @@ class HeartVecSet(nn.Module):
         self.point_embed = nn.Linear(config.point_feature_dim, w)
         if config.latent_queries == "learned":
             self.latent_queries = nn.Parameter(torch.empty(config.num_latents, w))
-        self.encoder = Block(w, config.heads, config.mlp_ratio, cross=True)
+        qk = config.qk_norm
+        self.encoder = Block(w, config.heads, config.mlp_ratio, cross=True, qk_norm=qk)
         self.bottleneck = Bottleneck(config.bottleneck, w, config.latent_dim)
-        self.trunk = nn.ModuleList(Block(w, config.heads, config.mlp_ratio) for _ in range(config.depth))
+        self.trunk = nn.ModuleList(Block(w, config.heads, config.mlp_ratio, qk_norm=qk) for _ in range(config.depth))
         self.query_embed = nn.Linear(config.fourier_dim, w)
-        self.decoder = Block(w, config.decoder_heads, config.mlp_ratio, cross=True)
+        self.decoder = Block(w, config.decoder_heads, config.mlp_ratio, cross=True, qk_norm=qk)
         self.decoder_norm = nn.LayerNorm(w)
         self.to_sdf = nn.Linear(w, config.num_classes)
         self.reset_parameters()

@@ -51,6 +51,7 @@ class ModelConfig:
     bottleneck: str = "layernorm"  #: "layernorm" (project down, LayerNorm, up), "kl" (Gaussian) or "none"
     latent_queries: str = "learned"  #: "learned" (M learnt queries) or "fps" (farthest input points)
     use_normals: bool = False  #: encoder input also gets the outward unit normals
+    qk_norm: bool = False  #: LayerNorm on each head's queries and keys (stabler at high learning rates)
 
     def __post_init__(self) -> None:
         positive = ("num_classes", "num_latents", "width", "heads", "decoder_heads", "latent_dim")

@@ -53,6 +53,19 @@ def tiny_eval():
 
 
 # --- configs --------------------------------------------------------------------------------
+def test_qk_norm_normalises_each_heads_queries_and_keys_and_old_configs_load_without_it():
+    cfg = get_config("tiny", K, qk_norm=True)
+    model = HeartVecSet(cfg)
+    head_dim = cfg.width // cfg.heads
+    norms = [m for name, m in model.named_modules() if name.endswith(("q_norm", "k_norm"))]
+    assert len(norms) == 2 * (cfg.depth + 2) and all(n.normalized_shape == (head_dim,) for n in norms)
+    plain = HeartVecSet(get_config("tiny", K))
+    assert not any(name.endswith(("q_norm.weight", "k_norm.weight")) for name, _ in plain.named_parameters())
+    # a checkpoint written before the field existed has no "qk_norm": it rebuilds the plain model
+    legacy = {key: value for key, value in get_config("tiny", K).to_dict().items() if key != "qk_norm"}
+    assert ModelConfig.from_dict(legacy).qk_norm is False
+
+
 def test_config_round_trip_and_validation():
     cfg = get_config("small", 16, bottleneck="kl", latent_queries="fps")
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
@@ -97,12 +110,13 @@ def test_shapes_and_zero_init_for_each_config(name):
 
 
 # --- invariances ------------------------------------------------------------------------------
-@pytest.mark.parametrize("queries_kind", ["learned", "fps"])
+@pytest.mark.parametrize("queries_kind", ["learned", "fps", "learned+qk_norm"])
 def test_permutation_invariant_to_input_point_order(tiny_eval, queries_kind):
     model = tiny_eval
-    if queries_kind == "fps":
+    if queries_kind != "learned":
         torch.manual_seed(1)
-        model = HeartVecSet(get_config("tiny", K, latent_queries="fps")).eval()
+        overrides = {"qk_norm": True} if queries_kind.endswith("qk_norm") else {"latent_queries": "fps"}
+        model = HeartVecSet(get_config("tiny", K, **overrides)).eval()
         with torch.no_grad():
             model.to_sdf.weight.normal_(0, 0.1)
     points, onehot, _, queries, _ = sphere_sample(batch=2, n=200)
@@ -213,7 +227,7 @@ def test_bf16_autocast_runs_and_stays_close_to_fp32(tiny_eval):
 
 
 # --- real training steps --------------------------------------------------------------------
-@pytest.mark.parametrize("overrides", [{}, {"bottleneck": "kl", "latent_queries": "fps"}])
+@pytest.mark.parametrize("overrides", [{}, {"bottleneck": "kl", "latent_queries": "fps"}, {"qk_norm": True}])
 def test_optimiser_steps_reduce_the_loss(overrides):
     torch.manual_seed(0)
     model = HeartVecSet(get_config("tiny", K, **overrides)).train()

@@ -16,15 +16,16 @@ from heart_training.case_format import load_case
 from heart_training.config import load_config
 from heart_training.trainer import train
 
-#: near-surface IoU the session's tiny model (1,200 CPU steps of batch 4, 256 latents, about two
-#: minutes of one shared CPU core) must reach. Measured (seeds fixed, one thread: deterministic):
-#: 0.57-0.87 on the eight larger structures, 0.29-0.41 on PV, 0.10-0.23 on the ~3 mm coronaries,
-#: mean 0.62-0.65 (900 steps of plain tiny: mean 0.57). NOT the issue's 0.9: near-surface points
-#: are Gaussian draws 1 mm / 4 mm around the surface, so this IoU needs a surface error of about 0.2 mm (true sdf + N(0, 0.2 mm) noise gives
-#: 0.87-0.94; a 0.25 mm inward offset 0.82-0.89, coronaries 0.66), while minutes of CPU get the
-#: near-surface L1 only to 0.7-1.0 mm (the label-map targets themselves differ by ~0.3 mm median
-#: from the surface samples). Raise these with HEART_TINY_STEPS / HEART_TINY_IOU_MIN when training longer.
-NEAR_IOU_MIN = float(os.environ.get("HEART_TINY_IOU_MIN", "0.5"))
+#: near-surface IoU the session's tiny model (1,200 CPU steps of batch 4, 256 latents, QK-norm,
+#: lr 6e-3, about two minutes of one shared CPU core) must reach. Measured per heart (seeds fixed,
+#: one thread: deterministic): 0.63-0.86 on the eight larger structures, 0.46-0.55 on PV,
+#: 0.24-0.32 on the ~3 mm coronaries, mean 0.68-0.70 (before QK-norm and lr 6e-3: mean 0.62-0.65).
+#: NOT the issue's 0.9: near-surface points are Gaussian draws 1 mm / 4 mm around the surface, so
+#: 0.9 needs the zero level within ~0.2 mm of the label map's (true sdf + N(0, 0.2 mm) noise gives
+#: 0.87-0.94), and even a plain neural field memorising one heart is at a mean of 0.86 (coronaries
+#: 0.75) after 4,000 steps / 3.5 minutes (benchmarks/field_fit_iou.py; README, "Training").
+#: Raise these with HEART_TINY_STEPS / HEART_TINY_IOU_MIN when training longer.
+NEAR_IOU_MIN = float(os.environ.get("HEART_TINY_IOU_MIN", "0.55"))
 LARGER = ["Myocardium", "LA", "LV", "RA", "RV", "Aorta", "PA", "LAA"]
 TABLE_NAMES = ["Myocardium", "LA", "LV", "RA", "RV", "Aorta", "PA", "LAA", "Coronary", "PV"]
 
@@ -49,7 +50,7 @@ def test_tiny_model_learns_the_synthetic_hearts(tiny_training_run, tiny_checkpoi
         print(case.name, "near-surface IoU", dict(zip(TABLE_NAMES, np.round(iou, 3).tolist())))
         per = dict(zip(TABLE_NAMES, iou))
         assert min(per[n] for n in LARGER) >= NEAR_IOU_MIN, f"{case.name}: near-surface IoU {per}"
-        assert per["PV"] >= 0.5 * NEAR_IOU_MIN and per["Coronary"] > 0.05, f"{case.name}: near-surface IoU {per}"
+        assert per["PV"] >= 0.5 * NEAR_IOU_MIN and per["Coronary"] > 0.1, f"{case.name}: near-surface IoU {per}"
         assert iou.mean() >= NEAR_IOU_MIN + 0.05
     print("validation", {k: round(v, 3) for k, v in run.val_metrics.items()})
 

@@ -358,11 +358,6 @@ def crop_label_map(label_map: LabelMap, start, stop) -> LabelMap:
     return LabelMap(label_map.labels[sl].copy(), m, source=label_map.source, metadata=dict(label_map.metadata))
 
 
-def structures_touching_border(label_map: LabelMap) -> list[int]:
-    """Label values > 0 present on any of the six faces of the grid (:meth:`LabelMap.border_labels`)."""
-    return label_map.border_labels()
-
-
 def truncate_structure(label_map: LabelMap, label: int, depth: float = 0.4) -> LabelMap:
     """Cut the field of view so that structure ``label`` touches the border.
 

@@ -15,7 +15,6 @@ from HeartCompletionLib.labelmap_io import read_label_map
 from HeartCompletionLib.structures import StructureTable
 from HeartCompletionLib.synthetic import (
     centred_grid,
-    structures_touching_border,
     synthetic_heart,
     synthetic_label_map,
 )
@@ -94,8 +93,8 @@ def test_truncate_cuts_the_field_of_view_through_the_structure():
     full = synthetic_label_map(heart=heart, spacing_mm=2.0)
     cut = synthetic_label_map(heart=heart, spacing_mm=2.0, truncate="LAA", truncate_depth=0.4)
     laa = TABLE.by_name("LAA").label
-    assert laa in structures_touching_border(cut)
-    assert laa not in structures_touching_border(full)
+    assert laa in cut.border_labels()
+    assert laa not in full.border_labels()
     kept = (cut.labels == laa).sum() / (full.labels == laa).sum()
     assert 0.3 < kept < 0.85, kept
     assert cut.metadata["synthetic"]["truncated_structure"] == "LAA"
@@ -150,7 +149,7 @@ def test_heart_synth_cli_writes_dataset(tmp_path, capsys):
         assert TABLE.by_name("PV").label not in lm.present_labels()
         assert len(lm.present_labels()) == 9
         np.testing.assert_allclose(lm.spacing_mm, 3.0)
-        touching = [TABLE.by_label(v).name for v in structures_touching_border(lm)]
+        touching = [TABLE.by_label(v).name for v in lm.border_labels()]
         assert ("LAA" in touching) == (case["truncated_structure"] == "LAA")
     assert "wrote 3 cases" in capsys.readouterr().out
     # an existing dataset is not overwritten by accident
@@ -170,4 +169,4 @@ def test_shared_fixture_files(synthetic_heart_files):
         lm = read_label_map(path)
         np.testing.assert_allclose(lm.spacing_mm, 1.5, atol=1e-5)
         assert lm.present_labels() == list(range(1, 11))
-        assert (TABLE.by_name("LAA").label in structures_touching_border(lm)) == (truncated == "LAA")
+        assert (TABLE.by_name("LAA").label in lm.border_labels()) == (truncated == "LAA")

@@ -52,6 +52,14 @@ def test_field_fit_iou_fits_a_prepared_case(prepared_synthetic_dataset):
     assert all(len(r) == 3 + 10 + 2 and 0.0 <= float(r[-2]) <= 1.0 for r in rows)
 
 
+def test_field_fit_iou_names_a_bad_case_file(tmp_path):
+    bad = tmp_path / "not_a_case.npz"
+    bad.write_bytes(b"garbage")
+    proc = subprocess.run([sys.executable, str(BENCH / "field_fit_iou.py"), "--case", str(bad)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not_a_case.npz" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_train_speed_prints_samples_per_second_and_memory():
     text = run_benchmark("train_speed.py", "--configs", "tiny", "--steps", "1", "--warmup", "0", "--batch_size", "1",
                          "--threads", "1")

@@ -29,12 +29,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def fit(case: dict, args) -> list[dict]:
+def fit(case: dict, args) -> None:
+    from heart_training.near_iou import sign_iou
+
+    from HeartCompletionLib.encoder_input import encoder_centre_mm
     from HeartCompletionLib.normalization import Normalization
 
     torch.manual_seed(args.seed)
-    norm = Normalization()
-    centre = case["surface_points"].mean(axis=0)
+    norm = Normalization()  # x_n = (x_mm - c) / S, d_n = d_mm / S: the one rule of training and completion
+    labels = case["surface_labels"].astype(np.int64)
+    centre = encoder_centre_mm(case["surface_points"], labels, np.flatnonzero(case["annotated"]))
 
     def points(key):
         return torch.from_numpy(norm.points_to_network(case[key].astype(np.float64), centre).astype(np.float32))
@@ -43,7 +47,7 @@ def fit(case: dict, args) -> list[dict]:
         return torch.from_numpy((case[key] / norm.scale_mm).astype(np.float32))
 
     vol, vol_d, near, near_d = points("volume_points"), distances("volume_sdf"), points("near_points"), distances("near_sdf")
-    surf, surf_label = points("surface_points"), torch.from_numpy(case["surface_labels"].astype(np.int64))
+    surf, surf_label = points("surface_points"), torch.from_numpy(labels)
     k = near_d.shape[1]
     freqs = (2.0 ** torch.arange(args.octaves, dtype=torch.float32)) * math.pi
 
@@ -64,7 +68,7 @@ def fit(case: dict, args) -> list[dict]:
           f"{sum(p.numel() for p in net.parameters()):,} parameters, {args.queries} queries/step, lr {args.lr}",
           flush=True)
     print(f"{'step':>6} {'train_s':>8} {'loss':>8} " + " ".join(f"{n[:6]:>6}" for n in names) + "   mean    min")
-    records, elapsed = [], 0.0
+    elapsed = 0.0
     checkpoints = {round(args.steps * f) for f in (0.25, 0.5, 0.75, 1.0)}
     for step in range(1, args.steps + 1):
         start = time.perf_counter()
@@ -80,14 +84,9 @@ def fit(case: dict, args) -> list[dict]:
         elapsed += time.perf_counter() - start
         if step in checkpoints:
             with torch.no_grad():
-                pred = (net(embed(near[pick])) < 0).numpy()
-            true = near_d[pick].numpy() < 0
-            iou = (pred & true).sum(0) / np.maximum((pred | true).sum(0), 1)
-            rec = {"step": step, "train_s": round(elapsed, 1), "loss": loss.item(), "iou": iou.round(3).tolist()}
-            records.append(rec)
+                iou = sign_iou(net(embed(near[pick])).numpy(), near_d[pick].numpy())
             print(f"{step:>6} {elapsed:>8.1f} {loss.item():>8.4f} " + " ".join(f"{v:>6.3f}" for v in iou)
-                  + f"  {iou.mean():.3f}  {iou.min():.3f}", flush=True)
-    return records
+                  + f"  {np.nanmean(iou):.3f}  {np.nanmin(iou):.3f}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -106,7 +105,7 @@ def main(argv=None) -> int:
     if args.steps < 4 or args.queries < 4:
         parser.error("--steps and --queries must be at least 4")
     torch.set_num_threads(args.threads)
-    from heart_training.case_format import load_case
+    from heart_training.case_format import CaseFormatError, load_case
 
     with tempfile.TemporaryDirectory(prefix="field_fit_") as tmp:
         path = args.case
@@ -114,7 +113,11 @@ def main(argv=None) -> int:
             from overfit_iou import make_hearts
 
             path = make_hearts(Path(tmp) / "data") / "synthetic_000.npz"
-        fit(load_case(path), args)
+        try:
+            case = load_case(path)
+        except CaseFormatError as exc:
+            parser.error(str(exc))
+        fit(case, args)
     return 0
 
 

@@ -37,8 +37,16 @@ def near_surface_iou(model: torch.nn.Module, normalization, case: dict, num_inpu
                     torch.from_numpy(queries.astype(np.float32))[None].to(device))
     finally:
         model.train(was_training)
-    pred = out["sdf"][0].float().cpu().numpy() < 0
-    true = case["near_sdf"][pick] < 0
+    return sign_iou(out["sdf"][0].float().cpu().numpy(), case["near_sdf"][pick])
+
+
+def sign_iou(pred_sdf: np.ndarray, true_sdf: np.ndarray) -> np.ndarray:
+    """(K,) IoU of the insides (sdf < 0) of ``pred_sdf`` and ``true_sdf`` (both (N, K)), per
+    column; NaN where neither has an inside point.
+
+    >>> sign_iou(np.array([[-1.0, 1.0], [-1.0, 1.0], [1.0, 1.0]]), np.array([[-1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]))
+    array([0.5, nan])
+    """
+    pred, true = np.asarray(pred_sdf) < 0, np.asarray(true_sdf) < 0
     union = (pred | true).sum(0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(union > 0, (pred & true).sum(0) / np.maximum(union, 1), np.nan)
+    return np.where(union > 0, (pred & true).sum(0) / np.maximum(union, 1), np.nan)

@@ -44,19 +44,21 @@ fi
 T0=$(date +%s)
 stamp() { echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
 
+BAL="data.query_balance=structure"   # recipes build on these: queries shared equally among structures,
+W128="$BAL model.overrides.width=128" # + a 128-wide tiny model
 declare -A RECIPES=(
     [test]=""
-    [balanced]="data.query_balance=structure"
-    [bal_f8]="data.query_balance=structure model.overrides.num_frequencies=8"
-    [bal_w128]="data.query_balance=structure model.overrides.width=128"
-    [bal_w128_lr5e3]="data.query_balance=structure model.overrides.width=128 optim.lr=0.005"
-    [bal_b8]="data.query_balance=structure optim.batch_size=8"
-    [bal_near2]="data.query_balance=structure loss.near=2.0 loss.volume=0.5"
-    [bal_lr1e3]="data.query_balance=structure optim.lr=0.001"
-    [bal_small]="data.query_balance=structure model.config=small model.overrides.num_latents=256 optim.lr=0.0005"
-    [bal_w128_lr2e3]="data.query_balance=structure model.overrides.width=128 optim.lr=0.002"
-    [bal_w128_lr5e3_fps]="data.query_balance=structure model.overrides.width=128 optim.lr=0.005 model.overrides.latent_queries=fps"
-    [bal_w128_lr5e3_b2q4]="data.query_balance=structure model.overrides.width=128 optim.lr=0.005 optim.batch_size=2 data.num_near_queries=1536 data.num_volume_queries=512 data.num_surface_queries=1024"
+    [balanced]="$BAL"
+    [bal_f8]="$BAL model.overrides.num_frequencies=8"
+    [bal_w128]="$W128"
+    [bal_w128_lr5e3]="$W128 optim.lr=0.005"
+    [bal_b8]="$BAL optim.batch_size=8"
+    [bal_near2]="$BAL loss.near=2.0 loss.volume=0.5"
+    [bal_lr1e3]="$BAL optim.lr=0.001"
+    [bal_small]="$BAL model.config=small model.overrides.num_latents=256 optim.lr=0.0005"
+    [bal_w128_lr2e3]="$W128 optim.lr=0.002"
+    [bal_w128_lr5e3_fps]="$W128 optim.lr=0.005 model.overrides.latent_queries=fps"
+    [bal_w128_lr5e3_b2q4]="$W128 optim.lr=0.005 optim.batch_size=2 data.num_near_queries=1536 data.num_volume_queries=512 data.num_surface_queries=1024"
 )
 
 part_sweep() {

@@ -7,6 +7,13 @@ from the RV outflow up/left/back, a small LAA lobe off the LA, coronary tubes on
 four pulmonary veins into the LA). Sizes jitter by about +-10 %, shapes by a few mm, and the
 whole heart gets a random pose (rotations up to +-15 degrees, translations up to +-10 mm).
 
+With ``modes=True`` a heart also draws a few named latent modes (:data:`MODES`: body size, LV
+dilation, LV hypertrophy, right-heart load, atrial enlargement, aortic ageing, heart orientation,
+coronary dominance; z-scores) that move several structures together, on top of a smaller
+independent jitter, so that the structures of one heart covary as in real hearts and the other
+nine predict the tenth (``benchmarks/population_stats.py``, docs/synthetic_population.md).
+Without modes the generator is the original one, bit for bit.
+
 The heart is defined in RAS mm, independent of any voxel grid, so the *same* heart can be
 rasterised into any geometry (isotropic RAS, LPS-like flipped axes, anisotropic, oblique):
 :meth:`SyntheticHeart.rasterize` evaluates voxel centres. Structures never overlap: one label
@@ -125,19 +132,107 @@ def _axes_along(direction) -> np.ndarray:
     return np.column_stack([d, e1, np.cross(d, e1)])
 
 
-def _canonical_structures(rng: np.random.Generator) -> dict[str, list]:
+#: The latent modes of a "modes" heart (``synthetic_heart(seed, modes=True)``), in the order they are
+#: drawn. Each is a z-score (standard normal, clipped to +-:data:`MODE_CLIP`); one unit moves several
+#: structures together. What a unit does (factors multiply sizes, mm and degrees move shapes in the
+#: upright heart frame); see docs/synthetic_population.md for the resulting volumes:
+MODES = {
+    "body_size": "whole heart scaled by exp(0.05 z): every volume x exp(0.15 z)",
+    "lv_dilation": "LV short-axis radius x exp(0.065 z), long axis x exp(0.03 z) (more spherical), LV wall "
+                   "x exp(-0.07 z) (thinner), LA radii x exp(0.04 z); the RV is pushed rightwards",
+    "lv_hypertrophy": "LV wall x exp(0.13 z) (thicker), LV cavity radius x exp(-0.04 z), long axis x exp(-0.015 z), "
+                      "LA radii x exp(0.02 z)",
+    "right_heart_load": "RV radii x exp(0.07 z) (long axis 0.03), RV outflow x exp(0.05 z), RA radii x exp(0.07 z), "
+                        "PA trunk radius x exp(0.08 z), PA branches x exp(0.07 z)",
+    "atrial_enlargement": "LA radii x exp(0.07 z), LAA x exp(0.08 z), PV radius x exp(0.06 z), RA radii x exp(0.03 z); "
+                          "PV ostia and the LAA stay on the growing LA",
+    "aortic_ageing": "aortic radius x exp(0.05 z); the arch rises by 3 z mm and the descending aorta moves "
+                     "3 z mm posterior (elongated, unfolded arch); with age also LV wall x exp(0.03 z), LA radii "
+                     "x exp(0.02 z) and the ventricles turn 3 z degrees towards horizontal",
+    "heart_orientation": "ventricles (LV, myocardium, RV, coronaries) turn 6 z degrees about the antero-posterior "
+                         "axis through the valve plane: + = more horizontal (apex further left), - = more vertical",
+    "coronary_dominance": "RCA reaches 10 z degrees further round the RV and its radius x exp(0.06 z); the LCx "
+                          "stops 10 z degrees earlier and its radius x exp(-0.06 z): + = right dominant",
+}
+MODE_NAMES = tuple(MODES)
+#: Size factors of the modes population's mean heart relative to the original generator (LV radius
+#: and length, RV, LA, RA and LAA radii), so that its medians sit at adult CT values.
+_MODE_BASE = {"lv_r": 1.07, "lv_len": 1.05, "rv": 1.04, "la": 1.05, "ra": 1.08, "laa": 1.1}
+#: Drawn mode values are clipped to +-MODE_CLIP standard deviations (no 4-sigma hearts).
+MODE_CLIP = 2.5
+#: With modes, the independent per-structure jitter is this fraction of the old one (sizes +-3.2 %,
+#: positions +-1.2 mm instead of +-8 % and +-3 mm; the independent overall scale +-2.5 %).
+MODE_JITTER = 0.4
+
+#: Volume ranges (mL) that every heart of the "modes" population stays in (modes clipped at
+#: +-2.5 SD), per structure: adult CT values from normal to moderately enlarged; sources in
+#: docs/synthetic_population.md (chambers and myocardium: Fuchs et al. 2016, Kang et al. 2017,
+#: Stolzmann et al. 2008 CCTA reference values; vessels: the CT diameters of Wolak et al. 2008 and
+#: Truong et al. 2012 over the vessel lengths modelled here). Checked on 50 hearts by the tests.
+VOLUME_RANGES_ML = {
+    "Myocardium": (60, 240), "LA": (25, 160), "LV": (50, 250), "RA": (35, 190), "RV": (45, 280),
+    "Aorta": (35, 170), "PA": (25, 110), "LAA": (2.5, 20), "Coronary": (1.5, 8), "PV": (6, 35),
+}
+
+
+def draw_modes(seed: int) -> dict[str, float]:
+    """The mode z-scores of heart ``seed`` (a generator of their own: ``default_rng([seed, 1])``,
+    so the old random stream of ``seed`` is untouched), clipped to +-:data:`MODE_CLIP`, rounded to
+    4 decimals so that the recorded values rebuild the same heart."""
+    rng = np.random.default_rng([int(seed), 1])
+    z = np.clip(rng.standard_normal(len(MODE_NAMES)), -MODE_CLIP, MODE_CLIP)
+    return {name: round(float(v), 4) for name, v in zip(MODE_NAMES, z)}
+
+
+def resolve_modes(modes, seed: int) -> dict[str, float] | None:
+    """``False``/``None``: no modes (the original generator); ``True``: drawn from ``seed``
+    (:func:`draw_modes`); a dict: those values (z-scores), every mode it does not name at 0."""
+    if modes is None or modes is False:
+        return None
+    if modes is True:
+        return draw_modes(seed)
+    if not isinstance(modes, dict):
+        raise TypeError(f"modes must be a bool or a dict of z-scores, got {type(modes).__name__}")
+    unknown = sorted(set(modes) - set(MODE_NAMES))
+    if unknown:
+        raise ValueError(f"unknown synthetic heart mode(s) {unknown}; known: {list(MODE_NAMES)}")
+    values = {name: float(modes.get(name, 0.0)) for name in MODE_NAMES}
+    bad = [n for n, v in values.items() if not np.isfinite(v)]
+    if bad:
+        raise ValueError(f"mode value(s) of {bad} are not finite")
+    return values
+
+
+def _canonical_structures(rng: np.random.Generator, modes: dict[str, float] | None = None) -> dict[str, list]:
     """The ten structures in an upright heart frame (x right, y anterior, z superior; origin at
-    the centre of the LV valve plane, apex towards -z), sizes and positions jittered."""
+    the centre of the LV valve plane, apex towards -z), sizes and positions jittered.
+
+    ``modes`` (z-scores by name, see :data:`MODES`): move structures together and shrink the
+    independent jitter to :data:`MODE_JITTER`; the random numbers drawn from ``rng`` are the same
+    ones in the same order either way. Without modes this is the original generator, bit for bit.
+    """
+    j = 1.0 if modes is None else MODE_JITTER
 
     def jit(value, rel=0.08):
-        return np.asarray(value, dtype=np.float64) * rng.uniform(1 - rel, 1 + rel, np.shape(value))
+        return np.asarray(value, dtype=np.float64) * rng.uniform(1 - rel * j, 1 + rel * j, np.shape(value))
 
     def move(point, mm=3.0):
-        return np.asarray(point, dtype=np.float64) + rng.uniform(-mm, mm, 3)
+        return np.asarray(point, dtype=np.float64) + rng.uniform(-mm * j, mm * j, 3)
+
+    z = dict.fromkeys(MODE_NAMES, 0.0) if modes is None else modes
+
+    def f(*terms):
+        """exp(sum of coefficient * z): the multiplicative effect of some modes."""
+        return float(np.exp(sum(c * z[name] for name, c in terms)))
 
     eye = np.eye(3)
     lv_r, lv_len = jit(24.0), jit(75.0)
     wall = jit(10.0, 0.1)
+    if modes is not None:
+        # base sizes of the modes population sit at adult CT medians (docs/synthetic_population.md)
+        lv_r = lv_r * _MODE_BASE["lv_r"] * f(("lv_dilation", 0.065), ("lv_hypertrophy", -0.04))
+        lv_len = lv_len * _MODE_BASE["lv_len"] * f(("lv_dilation", 0.03), ("lv_hypertrophy", -0.015))
+        wall = wall * f(("lv_dilation", -0.07), ("lv_hypertrophy", 0.13), ("aortic_ageing", 0.03))
     myo_r, myo_len = lv_r + wall, lv_len + wall
     s = {}
     s["LV"] = [Ellipsoid(np.zeros(3), eye, np.array([lv_r, lv_r, lv_len]), clip_axis=2)]
@@ -147,31 +242,85 @@ def _canonical_structures(rng: np.random.Generator) -> dict[str, list]:
     rv_c = move([18.0, 10.0, 0.0], 2.0)
     rv_c[2] = 0.0
     rv_r = jit([44.0, 36.0, 68.0])
-    s["RV"] = [Ellipsoid(rv_c, eye, rv_r, clip_axis=2), *_tube([move([8, 30, -12]), move([2, 34, 8])], jit(13.0))]
-    la_c = move([-5.0, -32.0, 22.0])
-    s["LA"] = [Ellipsoid(la_c, eye, jit([30.0, 22.0, 22.0]))]
-    s["RA"] = [Ellipsoid(move([38.0, -12.0, 20.0]), eye, jit([24.0, 24.0, 28.0]))]
+    outflow = [move([8, 30, -12]), move([2, 34, 8])]
+    outflow_r = jit(13.0)
+    if modes is not None:
+        rv_grow = np.array([f(("right_heart_load", 0.07)), f(("right_heart_load", 0.07)), f(("right_heart_load", 0.03))])
+        rv_grow = rv_grow * _MODE_BASE["rv"]
+        rv_c = rv_c + np.array([0.6, 0.3, 0.0]) * (myo_r - 34.0) + np.array([0.4, 0.2, 0.0]) * rv_r * (rv_grow - 1)
+        rv_r = rv_r * rv_grow
+        outflow_r = outflow_r * f(("right_heart_load", 0.05))
+    s["RV"] = [Ellipsoid(rv_c, eye, rv_r, clip_axis=2), *_tube(outflow, outflow_r)]
+    la_base = np.array([-5.0, -32.0, 22.0])
+    la_c = move(la_base)
+    la_r = jit([30.0, 22.0, 22.0])
+    la_grow = 1.0
+    if modes is not None:
+        la_grow = _MODE_BASE["la"] * f(("atrial_enlargement", 0.07), ("lv_dilation", 0.04), ("lv_hypertrophy", 0.02),
+                                       ("aortic_ageing", 0.02))
+        # the LA grows away from the valve plane (posterior and up), not into the LV
+        la_c = la_c + np.array([0.0, -1.0, 0.4]) * la_r[1] * (la_grow - 1)
+        la_r = la_r * la_grow
+    s["LA"] = [Ellipsoid(la_c, eye, la_r)]
+    ra_c, ra_r = move([38.0, -12.0, 20.0]), jit([24.0, 24.0, 28.0])
+    if modes is not None:
+        ra_grow = _MODE_BASE["ra"] * f(("right_heart_load", 0.07), ("atrial_enlargement", 0.03))
+        ra_c = ra_c + np.array([1.0, -0.3, 0.2]) * ra_r[0] * (ra_grow - 1)  # grows to the right, away from the RV
+        ra_r = ra_r * ra_grow
+    s["RA"] = [Ellipsoid(ra_c, eye, ra_r)]
     aorta_pts = [[6, 10, -8], [8, 12, 15], [6, 8, 42], [-2, -8, 62], [-18, -28, 68], [-28, -46, 56],
                  [-30, -52, 36]]
-    s["Aorta"] = _tube([move(p, 2.0) for p in aorta_pts], jit(13.0, 0.1))
+    aorta_pts = [move(p, 2.0) for p in aorta_pts]
+    aorta_r = jit(13.0, 0.1)
+    if modes is not None:
+        g = z["aortic_ageing"]
+        rise = (0.0, 0.0, 0.5, 1.0, 1.0, 0.8, 0.5)  # the arch rises (ascending aorta elongates) ...
+        back = (0.0, 0.0, 0.0, 0.2, 0.6, 1.0, 1.0)  # ... and unfolds: the descending limb moves posterior
+        aorta_pts = [p + np.array([0.0, -3.0 * g * b, 3.0 * g * r]) for p, r, b in zip(aorta_pts, rise, back)]
+        aorta_r = aorta_r * f(("aortic_ageing", 0.05))
+    s["Aorta"] = _tube(aorta_pts, aorta_r)
     trunk = [move([2, 34, 6], 2.0), move([-2, 32, 30], 2.0), move([-12, 18, 48], 2.0)]
     branch_r = jit(9.0, 0.1)
-    s["PA"] = (_tube(trunk, jit(13.0, 0.1))
-               + _tube([trunk[-1], move([-35, 5, 52]), move([-50, -12, 48])], branch_r)
-               + _tube([trunk[-1], move([5, -14, 50]), move([30, -20, 46])], branch_r))
+    trunk_r = jit(13.0, 0.1)
+    branch_pts = [move([-35, 5, 52]), move([-50, -12, 48]), move([5, -14, 50]), move([30, -20, 46])]
+    if modes is not None:
+        trunk_r = trunk_r * f(("right_heart_load", 0.08))
+        branch_r = branch_r * f(("right_heart_load", 0.07))
+    s["PA"] = (_tube(trunk, trunk_r)
+               + _tube([trunk[-1], branch_pts[0], branch_pts[1]], branch_r)
+               + _tube([trunk[-1], branch_pts[2], branch_pts[3]], branch_r))
     laa_c = move([-36.0, -8.0, 30.0])
-    s["LAA"] = [Ellipsoid(laa_c, _axes_along(laa_c - la_c), jit([17.0, 8.0, 9.0], 0.1))]
+    if modes is not None:  # the appendage stays on the LA wall as the atrium grows
+        laa_c = la_c + (laa_c - la_base) * la_grow
+    laa_r = jit([17.0, 8.0, 9.0], 0.1)
+    if modes is not None:
+        laa_r = laa_r * _MODE_BASE["laa"] * f(("atrial_enlargement", 0.08))
+    s["LAA"] = [Ellipsoid(laa_c, _axes_along(laa_c - la_c), laa_r)]
     pv_r = jit(7.0, 0.1)
+    if modes is not None:
+        pv_r = pv_r * f(("atrial_enlargement", 0.06))
     s["PV"] = []
     for start, end in (([-22, -42, 32], [-46, -54, 40]), ([-22, -44, 14], [-44, -56, 6]),
                        ([12, -44, 32], [34, -56, 40]), ([12, -46, 14], [32, -58, 6])):
-        s["PV"] += _tube([move(start, 2.0), move(end, 3.0)], pv_r)
-    s["Coronary"] = _coronaries(rng, myo_r, myo_len, rv_c, rv_r)
+        a, b = move(start, 2.0), move(end, 3.0)
+        if modes is not None:  # ostia on the (grown) LA, veins keep their direction and length
+            ostium = la_c + (a - la_base) * la_grow
+            a, b = ostium, ostium + (b - a)
+        s["PV"] += _tube([a, b], pv_r)
+    s["Coronary"] = _coronaries(rng, myo_r, myo_len, rv_c, rv_r, None if modes is None else z["coronary_dominance"])
+    if modes is not None and (z["heart_orientation"] != 0.0 or z["aortic_ageing"] != 0.0):
+        turn = rotation_matrix([0.0, 1.0, 0.0], np.deg2rad(6.0 * z["heart_orientation"] + 3.0 * z["aortic_ageing"]))
+        for name in ("LV", "Myocardium", "RV", "Coronary"):
+            s[name] = [p.transformed(turn, np.zeros(3), 1.0) for p in s[name]]
     return s
 
 
-def _coronaries(rng, myo_r: float, myo_len: float, rv_c: np.ndarray, rv_r: np.ndarray) -> list[Capsule]:
-    """Left main, LAD, LCx and RCA as 1.8 mm-radius tubes just outside the epicardium."""
+def _coronaries(rng, myo_r: float, myo_len: float, rv_c: np.ndarray, rv_r: np.ndarray,
+                dominance: float | None = None) -> list[Capsule]:
+    """Left main, LAD, LCx and RCA as 1.8 mm-radius tubes just outside the epicardium.
+
+    ``dominance`` (z-score, modes only): + lengthens and widens the RCA and shortens and narrows the LCx.
+    """
     radius = 1.8
     offset = radius + 0.7  # centre line outside the myocardium, so the vessel sits on it
 
@@ -182,15 +331,21 @@ def _coronaries(rng, myo_r: float, myo_len: float, rv_c: np.ndarray, rv_r: np.nd
 
     phi_lad = 105.0 + rng.uniform(-5, 5)
     lad = [on_epicardium(phi_lad + 10 * t, -4.0 - t * (myo_len - 12.0)) for t in np.linspace(0, 1, 9)]
-    lcx = [on_epicardium(phi, -4.0) for phi in np.linspace(phi_lad, 250.0 + rng.uniform(-10, 10), 9)]
+    lcx_end = 250.0 + rng.uniform(-10, 10)
+    rca_end = -70.0 + rng.uniform(-10, 10)
+    lcx_r = rca_r = radius
+    if dominance is not None:
+        lcx_end, rca_end = lcx_end - 10.0 * dominance, rca_end - 10.0 * dominance
+        lcx_r, rca_r = radius * float(np.exp(-0.06 * dominance)), radius * float(np.exp(0.06 * dominance))
+    lcx = [on_epicardium(phi, -4.0) for phi in np.linspace(phi_lad, lcx_end, 9)]
     left_main = [np.array([-3.0, 16.0, 4.0]), lad[0]]
     rca = [np.array([20.0, 16.0, 4.0])]
-    for ang in np.linspace(60.0, -70.0 + rng.uniform(-10, 10), 9):
+    for ang in np.linspace(60.0, rca_end, 9):
         a = np.deg2rad(ang)
         rca.append(np.array([rv_c[0] + (rv_r[0] + offset) * np.cos(a), rv_c[1] + (rv_r[1] + offset) * np.sin(a),
                              -4.0]))
-    return (_tube(left_main, radius, 0) + _tube(lad, radius, 1) + _tube(lcx, radius, 1)
-            + _tube(rca, radius, 1))
+    return (_tube(left_main, radius, 0) + _tube(lad, radius, 1) + _tube(lcx, lcx_r, 1)
+            + _tube(rca, rca_r, 1))
 
 
 #: Upright frame -> anatomical orientation: the LV apex points left, anterior and inferior.
@@ -322,18 +477,38 @@ def _paint(labels, prim, box, ijk_to_ras, value) -> None:
 
 def synthetic_heart(seed: int = 0, table: StructureTable | None = None, scale: float | None = None,
                     centre_ras=(0.0, 0.0, 0.0), max_rotation_deg: float = 15.0,
-                    max_translation_mm: float = 10.0) -> SyntheticHeart:
+                    max_translation_mm: float = 10.0, modes: bool | dict = False) -> SyntheticHeart:
     """A random heart from ``seed`` (same seed, same heart), in RAS mm.
 
     ``scale``: overall size factor (default random in 0.9..1.1); the heart is rotated by up to
     ``max_rotation_deg`` about each axis and its valve-plane centre placed within
     ``max_translation_mm`` of ``centre_ras``. Structures of ``table`` that the generator does not
     know (extended tables) are simply absent.
+
+    ``modes``: ``False`` (default) is the original population, each structure jittered on its own
+    (unchanged, bit for bit, for every seed). ``True`` draws the latent modes of :data:`MODES`
+    (z-scores, from a generator of their own, :func:`draw_modes`) that move several structures
+    together, on top of a smaller independent jitter; the overall scale is then
+    ``exp(0.05 * body_size)`` times an independent +-2.5 % (times ``scale`` when given). A dict
+    ``{"lv_dilation": 2.0, ...}`` sets the modes explicitly (unnamed ones at 0). The values used
+    are recorded in ``params["modes"]``; passing them back rebuilds the same heart.
+
+    >>> heart = synthetic_heart(seed=3, modes=True)
+    >>> sorted(heart.params["modes"]) == sorted(MODE_NAMES)
+    True
+    >>> synthetic_heart(seed=3, modes=heart.params["modes"]).params == heart.params
+    True
     """
     table = StructureTable.from_spec(table)
+    mode_values = resolve_modes(modes, seed)
     rng = np.random.default_rng(seed)
-    canonical = _canonical_structures(rng)
-    scale = float(rng.uniform(0.9, 1.1)) if scale is None else float(scale)
+    canonical = _canonical_structures(rng, mode_values)
+    if mode_values is None:
+        scale = float(rng.uniform(0.9, 1.1)) if scale is None else float(scale)
+    else:
+        independent = float(rng.uniform(0.9, 1.1))  # drawn either way: the pose below stays the same stream
+        base = 1.0 + 0.25 * (independent - 1.0) if scale is None else float(scale)  # +-2.5 %
+        scale = base * float(np.exp(0.05 * mode_values["body_size"]))
     angles = np.deg2rad(rng.uniform(-max_rotation_deg, max_rotation_deg, 3))
     pose = (rotation_matrix([0, 0, 1], angles[2]) @ rotation_matrix([0, 1, 0], angles[1])
             @ rotation_matrix([1, 0, 0], angles[0]))
@@ -346,7 +521,18 @@ def synthetic_heart(seed: int = 0, table: StructureTable | None = None, scale: f
             primitives[structure.name] = [p.transformed(rotation, translation, scale) for p in prims]
     params = {"scale": scale, "rotation_deg": np.rad2deg(angles).round(3).tolist(),
               "translation_mm": translation.round(3).tolist()}
+    if mode_values is not None:
+        params["modes"] = dict(mode_values)
     return SyntheticHeart(primitives, table, seed=seed, params=params)
+
+
+def check_grid_size(shape, max_voxels: float | None) -> None:
+    """Raise ``ValueError`` naming the grid when ``shape`` has more than ``max_voxels`` voxels."""
+    voxels = int(np.prod([int(n) for n in shape], dtype=object))
+    if max_voxels is not None and voxels > max_voxels:
+        dims = " x ".join(str(int(n)) for n in shape)
+        raise ValueError(f"grid {dims} = {voxels:.3g} voxels ({voxels * 2 / 1e9:.1f} GB of int16 labels) is above "
+                         f"the limit of {float(max_voxels):.3g} voxels; use a coarser spacing or raise --max_voxels")
 
 
 def crop_label_map(label_map: LabelMap, start, stop) -> LabelMap:
@@ -383,9 +569,23 @@ def truncate_structure(label_map: LabelMap, label: int, depth: float = 0.4) -> L
     return crop_label_map(label_map, start, stop)
 
 
+def synthetic_grid(heart: SyntheticHeart, spacing_mm=(1.0, 1.0, 1.0), shape=None, direction=None, flip_axes=(),
+                   margin_mm: float = 10.0) -> tuple[tuple[int, int, int], np.ndarray]:
+    """``(shape, ijk_to_ras)`` of the grid :func:`synthetic_label_map` rasterises ``heart`` into
+    (nothing is allocated: callers can check the size first)."""
+    spacing = np.asarray(spacing_mm, dtype=np.float64) * np.ones(3)
+    grid_shape, m = heart.default_grid(spacing, direction, flip_axes, margin_mm)
+    if shape is not None:
+        low, high = heart.bounds()
+        grid_shape = tuple(int(d if n is None else n) for n, d in zip(shape, grid_shape))
+        m = centred_grid(grid_shape, spacing_of(m), 0.5 * (low + high), m[:3, :3] / spacing_of(m)[None, :])
+    return grid_shape, m
+
+
 def synthetic_label_map(seed: int = 0, spacing_mm=(1.0, 1.0, 1.0), shape=None, direction=None, flip_axes=(),
                         truncate=None, truncate_depth: float = 0.4, table=None, margin_mm: float = 10.0,
-                        heart: SyntheticHeart | None = None) -> LabelMap:
+                        heart: SyntheticHeart | None = None, modes: bool | dict = False,
+                        max_voxels: float | None = None) -> LabelMap:
     """A synthetic heart rasterised into a grid (labels = table values, int16).
 
     - ``spacing_mm``: voxel size (a number or three); CT-like is ``(0.4, 0.4, 0.5)``.
@@ -394,7 +594,10 @@ def synthetic_label_map(seed: int = 0, spacing_mm=(1.0, 1.0, 1.0), shape=None, d
     - ``direction`` / ``flip_axes``: voxel-axis directions in RAS (columns) and axes to negate.
     - ``truncate``: a structure name/label whose side of the field of view is cut
       (:func:`truncate_structure`, ``truncate_depth`` of its extent removed).
-    - ``heart``: rasterise this heart instead of ``synthetic_heart(seed, table)``.
+    - ``heart``: rasterise this heart instead of ``synthetic_heart(seed, table, modes=modes)``.
+    - ``modes``: passed to :func:`synthetic_heart` (``True``: correlated population; a dict: explicit
+      mode z-scores); recorded in ``metadata["synthetic"]["modes"]``.
+    - ``max_voxels``: refuse (``ValueError`` naming the grid) a grid of more voxels, before allocating it.
 
     ``metadata["synthetic"]`` records the seed, pose and the structures touching the border.
 
@@ -402,13 +605,9 @@ def synthetic_label_map(seed: int = 0, spacing_mm=(1.0, 1.0, 1.0), shape=None, d
     >>> len(lm.present_labels())
     10
     """
-    heart = heart if heart is not None else synthetic_heart(seed, table=table)
-    spacing = np.asarray(spacing_mm, dtype=np.float64) * np.ones(3)
-    grid_shape, m = heart.default_grid(spacing, direction, flip_axes, margin_mm)
-    if shape is not None:
-        low, high = heart.bounds()
-        grid_shape = tuple(int(d if n is None else n) for n, d in zip(shape, grid_shape))
-        m = centred_grid(grid_shape, spacing_of(m), 0.5 * (low + high), m[:3, :3] / spacing_of(m)[None, :])
+    heart = heart if heart is not None else synthetic_heart(seed, table=table, modes=modes)
+    grid_shape, m = synthetic_grid(heart, spacing_mm, shape, direction, flip_axes, margin_mm)
+    check_grid_size(grid_shape, max_voxels)
     label_map = heart.rasterize(grid_shape, m, source=f"<synthetic seed={heart.seed}>")
     info = label_map.metadata["synthetic"]
     if truncate is not None:

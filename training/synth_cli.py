@@ -8,7 +8,10 @@ No patient data is needed to try the pipeline on a fresh clone::
 Each case is an independent random heart (:mod:`HeartCompletionLib.synthetic`) with the table's
 label values. ``--truncate_fraction`` of the cases have their field of view cut through one
 structure (the LAA by default, as in 313 of the 998 ImageCAS cases); ``--drop`` removes
-structures from every case, like a partially annotated dataset.
+structures from every case, like a partially annotated dataset. ``--modes`` draws hearts whose
+structures covary through named latent modes (body size, LV dilation, ...; recorded per case in
+``dataset.json``; docs/synthetic_population.md). A grid above ``--max_voxels`` is refused before
+anything is allocated.
 """
 
 from __future__ import annotations
@@ -23,11 +26,14 @@ import numpy as np
 
 from HeartCompletionLib.labelmap_io import SUPPORTED_SUFFIXES, LabelMapError, write_label_map
 from HeartCompletionLib.structures import StructureTable
-from HeartCompletionLib.synthetic import synthetic_label_map
+from HeartCompletionLib.synthetic import check_grid_size, synthetic_grid, synthetic_heart, synthetic_label_map
 
 DATASET_JSON = "dataset.json"
 CT_LIKE_SPACING_MM = (0.4, 0.4, 0.5)
 CT_LIKE_SHAPE = (512, 512, None)  # None: as many 0.5 mm slices as the heart needs
+#: Largest grid (voxels) heart-synth rasterises: 1.5e9 int16 voxels are 3 GB per case (the CT-like
+#: grid is ~80M); ``--spacing 0.1 0.1 0.1`` (~4e9 voxels) is refused before it allocates anything.
+MAX_VOXELS = 1_500_000_000
 
 
 def case_seed(seed: int, index: int) -> int:
@@ -37,10 +43,15 @@ def case_seed(seed: int, index: int) -> int:
 
 def write_synthetic_dataset(output_dir, cases: int, seed: int = 0, spacing_mm=(1.0, 1.0, 1.0), fmt: str = ".nii.gz",
                             truncate_fraction: float = 0.3, truncate_structure: str = "LAA", drop=(), shape=None,
-                            table=None, progress: bool = True) -> dict:
+                            table=None, progress: bool = True, modes: bool = False,
+                            max_voxels: float | None = MAX_VOXELS) -> dict:
     """Write ``cases`` synthetic label maps and ``dataset.json`` into ``output_dir``; returns the JSON dict.
 
     Files are ``heart_0000<fmt>`` ...; every file is written atomically, ``dataset.json`` last.
+    ``modes``: hearts with correlated latent modes (``synthetic_heart(seed, modes=True)``); each
+    case's mode z-scores go into its record (``"modes": {...}``) and ``"modes": true`` at the top.
+    ``max_voxels``: every case's grid is sized first and a grid above it is refused
+    (``ValueError`` naming the grid) before anything is allocated or written.
     """
     from tqdm import tqdm
 
@@ -53,6 +64,16 @@ def write_synthetic_dataset(output_dir, cases: int, seed: int = 0, spacing_mm=(1
     table = StructureTable.from_spec(table)
     dropped = [s.name for s in table.subset(drop)]
     truncated_name = table.by_name(truncate_structure).name
+    if max_voxels is not None and not max_voxels > 0:
+        raise ValueError(f"--max_voxels must be positive, got {max_voxels}")
+    seeds = [case_seed(seed, index) for index in range(cases)]
+    if max_voxels is not None:  # analytic bounds only: nothing is rasterised here
+        for index, s in enumerate(seeds):
+            grid_shape, _ = synthetic_grid(synthetic_heart(s, table=table, modes=modes), spacing_mm, shape)
+            try:
+                check_grid_size(grid_shape, max_voxels)
+            except ValueError as exc:
+                raise ValueError(f"case {index}: {exc}") from None
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -61,20 +82,23 @@ def write_synthetic_dataset(output_dir, cases: int, seed: int = 0, spacing_mm=(1
     records = []
     for index in tqdm(range(cases), desc="heart-synth", unit="case", disable=not progress):
         truncate = truncated_name if index in truncated_cases else None
-        label_map = synthetic_label_map(case_seed(seed, index), spacing_mm=spacing_mm, shape=shape,
-                                        truncate=truncate, table=table)
+        label_map = synthetic_label_map(seeds[index], spacing_mm=spacing_mm, shape=shape,
+                                        truncate=truncate, table=table, modes=modes, max_voxels=max_voxels)
         for name in dropped:
             label_map.labels[label_map.labels == table.by_name(name).label] = 0
         path = write_label_map(label_map, output_dir / f"heart_{index:04d}{fmt}", table=table)
         info = label_map.metadata["synthetic"]
-        records.append({
+        record = {
             "file": path.name,
             "seed": info["seed"],
             "shape": list(label_map.shape),
             "truncated_structure": info.get("truncated_structure"),
             "touching_border": [n for n in info["touching_border"] if n not in dropped],
             "present": [table.by_label(v).name for v in label_map.present_labels()],
-        })
+        }
+        if "modes" in info:
+            record["modes"] = info["modes"]
+        records.append(record)
     dataset = {
         "name": "HeartCompletionSynthetic",
         "description": "Synthetic hearts from HeartCompletionLib.synthetic (analytic shapes, RAS mm).",
@@ -85,6 +109,7 @@ def write_synthetic_dataset(output_dir, cases: int, seed: int = 0, spacing_mm=(1
         "spacing_mm": [float(v) for v in np.broadcast_to(np.asarray(spacing_mm, dtype=float), (3,))],
         "seed": int(seed),
         "truncate_fraction": float(truncate_fraction),
+        "modes": bool(modes),
         "dropped": dropped,
         "table": table.name,
         "cases": records,
@@ -119,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drop", nargs="*", default=[], metavar="STRUCT",
                         help="structures removed from every case (names or synonyms)")
     parser.add_argument("--table", default=None, help="structure table JSON (default: the ten structures)")
+    parser.add_argument("--modes", action="store_true",
+                        help="hearts whose structures covary through named latent modes (body size, LV dilation, "
+                             "hypertrophy, right-heart load, atrial enlargement, aortic ageing, orientation, coronary "
+                             "dominance; z-scores recorded per case in dataset.json); see docs/synthetic_population.md")
+    parser.add_argument("--max_voxels", type=float, default=MAX_VOXELS,
+                        help="refuse a case grid of more voxels, before allocating it (default: %(default).3g)")
     parser.add_argument("--overwrite", action="store_true", help="write into a folder that has a dataset.json")
     return parser
 
@@ -133,7 +164,7 @@ def main(argv=None) -> int:
     try:
         dataset = write_synthetic_dataset(args.output_dir, args.cases, args.seed, spacing, args.fmt,
                                           args.truncate_fraction, args.truncate_structure, args.drop, shape,
-                                          args.table)
+                                          args.table, modes=args.modes, max_voxels=args.max_voxels)
     except (KeyError, ValueError, LabelMapError) as exc:
         print(f"heart-synth: {exc}", file=sys.stderr)
         return 2

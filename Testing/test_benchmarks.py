@@ -81,6 +81,17 @@ def test_complete_speed_times_a_completion_with_a_checkpoint(tiny_checkpoint):
     assert '"dice_vs_truth"' in text
 
 
+def test_population_stats_prints_ranges_and_r2_with_and_without_modes():
+    text = run_benchmark("population_stats.py", "--hearts", "12", "--spacing", "3", "--folds", "3")
+    lines = text.splitlines()
+    assert lines[0] == "command: python benchmarks/population_stats.py --hearts 12 --spacing 3 --folds 3"
+    assert "with modes: 12/12 hearts" in text and "without modes: 12/12 hearts" in text
+    lv = [line.split("|") for line in lines if line.startswith("| LV ")]
+    assert len(lv) == 3  # modes table, independent table, comparison table
+    assert all(float(x) > 0 for x in lv[0][2:7])  # min / p5 / median / p95 / max mL
+    assert len(lv[2]) == 7 and all(float(x) <= 1.0 for x in lv[2][2:6])  # four R^2
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="bash script")
 def test_gpu_check_script_parses_and_explains_itself():
     subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], check=True)

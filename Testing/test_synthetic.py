@@ -170,3 +170,155 @@ def test_shared_fixture_files(synthetic_heart_files):
         np.testing.assert_allclose(lm.spacing_mm, 1.5, atol=1e-5)
         assert lm.present_labels() == list(range(1, 11))
         assert (TABLE.by_name("LAA").label in lm.border_labels()) == (truncated == "LAA")
+
+
+# --- latent modes (docs/synthetic_population.md) -------------------------------------------------
+
+#: The original generator, measured before the modes existed: seed -> (3 mm grid shape, sha256 of
+#: labels + ijk_to_ras (first 16 hex digits), voxel count per label 1..10). modes=False must keep
+#: every existing seed bit for bit.
+OLD_SEEDS_3MM = {
+    0: ((55, 54, 59), "607c83879d22297a", [4783, 2495, 4329, 3342, 5188, 4252, 2151, 298, 166, 665]),
+    1: ((45, 55, 50), "39dd5cb6a1472f38", [3422, 1766, 2982, 2039, 3396, 2704, 1448, 184, 99, 530]),
+    7: ((53, 54, 58), "d865541c6e75baff", [5458, 2434, 4127, 2548, 3674, 3669, 2266, 234, 131, 573]),
+    123456789: ((58, 61, 53), "af267d92beeb89c7", [5572, 2692, 3719, 2762, 5523, 3851, 2290, 244, 157, 599]),
+}
+
+
+def _checksum(lm) -> str:
+    import hashlib
+
+    return hashlib.sha256(lm.labels.tobytes() + np.ascontiguousarray(lm.ijk_to_ras).tobytes()).hexdigest()[:16]
+
+
+def _volumes_ml(lm) -> dict[str, float]:
+    counts = np.bincount(lm.labels.ravel(), minlength=len(TABLE) + 1)
+    return {s.name: counts[s.label] * lm.voxel_volume_mm3 / 1000.0 for s in TABLE}
+
+
+@pytest.mark.parametrize("seed", sorted(OLD_SEEDS_3MM))
+def test_old_seeds_unchanged_without_modes(seed):
+    shape, digest, counts = OLD_SEEDS_3MM[seed]
+    for lm in (synthetic_label_map(seed=seed, spacing_mm=3.0), synthetic_label_map(seed=seed, spacing_mm=3.0, modes=False)):
+        assert lm.shape == shape
+        assert np.bincount(lm.labels.ravel(), minlength=11)[1:].tolist() == counts
+        assert _checksum(lm) == digest
+        assert "modes" not in lm.metadata["synthetic"]
+
+
+def test_modes_are_reproducible_recorded_and_drawn_from_their_own_stream():
+    from HeartCompletionLib.synthetic import MODE_CLIP, MODE_NAMES, draw_modes
+
+    a = synthetic_label_map(seed=21, spacing_mm=3.0, modes=True)
+    b = synthetic_label_map(seed=21, spacing_mm=3.0, modes=True)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    modes = a.metadata["synthetic"]["modes"]
+    assert list(modes) == list(MODE_NAMES) and modes == draw_modes(21)
+    assert all(isinstance(v, float) and abs(v) <= MODE_CLIP for v in modes.values())
+    # the recorded values rebuild the same heart; another seed draws other modes
+    again = synthetic_label_map(seed=21, spacing_mm=3.0, modes=modes)
+    np.testing.assert_array_equal(again.labels, a.labels)
+    assert draw_modes(22) != modes
+    # the old stream is untouched: same pose as the heart without modes, but another heart
+    plain = synthetic_heart(seed=21)
+    moded = synthetic_heart(seed=21, modes=True)
+    assert moded.params["rotation_deg"] == plain.params["rotation_deg"]
+    assert moded.params["translation_mm"] == plain.params["translation_mm"]
+    assert _checksum(synthetic_label_map(seed=21, spacing_mm=3.0)) != _checksum(a)
+    with pytest.raises(ValueError, match="lv_dilatation"):
+        synthetic_heart(seed=1, modes={"lv_dilatation": 1.0})
+    with pytest.raises(TypeError):
+        synthetic_heart(seed=1, modes="yes")
+
+
+def _pair(mode: str, value: float = 2.0, seed: int = 3, spacing: float = 2.0):
+    """The same heart (same jitter, no pose) at mode = -value and +value, every other mode at 0."""
+    hearts = [synthetic_heart(seed, modes={mode: v}, max_rotation_deg=0.0, max_translation_mm=0.0)
+              for v in (-value, value)]
+    return hearts, [_volumes_ml(synthetic_label_map(heart=h, spacing_mm=spacing)) for h in hearts]
+
+
+def _wall_mm(heart) -> float:
+    return float(heart.primitives["Myocardium"][0].radii[0] - heart.primitives["LV"][0].radii[0])
+
+
+def test_modes_move_the_structures_they_claim():
+    (lo, hi), (v_lo, v_hi) = _pair("lv_dilation")
+    assert v_hi["LV"] > 1.3 * v_lo["LV"] and v_hi["LA"] > 1.1 * v_lo["LA"]
+    assert _wall_mm(hi) < _wall_mm(lo)
+    lv_lo, lv_hi = lo.primitives["LV"][0].radii, hi.primitives["LV"][0].radii
+    assert lv_hi[0] / lv_hi[2] > lv_lo[0] / lv_lo[2]  # more spherical
+
+    (lo, hi), (v_lo, v_hi) = _pair("lv_hypertrophy")
+    assert _wall_mm(hi) > 1.3 * _wall_mm(lo)
+    assert v_hi["LV"] < v_lo["LV"] and v_hi["Myocardium"] > v_lo["Myocardium"]
+
+    _, (v_lo, v_hi) = _pair("right_heart_load")
+    for name in ("RV", "RA", "PA"):
+        assert v_hi[name] > 1.15 * v_lo[name], name
+
+    _, (v_lo, v_hi) = _pair("atrial_enlargement")
+    for name in ("LA", "LAA", "PV"):
+        assert v_hi[name] > 1.15 * v_lo[name], name
+
+    _, (v_lo, v_hi) = _pair("body_size")
+    for name in v_lo:
+        assert v_hi[name] > 1.3 * v_lo[name], name
+
+    (lo, hi), (v_lo, v_hi) = _pair("aortic_ageing")
+    assert v_hi["Aorta"] > 1.1 * v_lo["Aorta"]
+    top = [max(c.b[2] for c in h.primitives["Aorta"]) for h in (lo, hi)]
+    assert top[1] > top[0] + 5.0  # the arch rises
+
+    (lo, hi), _ = _pair("heart_orientation")
+    tilt = [abs(h.primitives["LV"][0].axes[2, 2]) for h in (lo, hi)]  # |cos| of the long axis to superior
+    assert tilt[1] < tilt[0]  # + = more horizontal
+    la = [h.primitives["LA"][0].center for h in (lo, hi)]
+    np.testing.assert_allclose(la[0], la[1])  # the atria stay put: only the ventricles turn
+
+    (lo, hi), _ = _pair("coronary_dominance")
+    rca_r = [h.primitives["Coronary"][-1].radius for h in (lo, hi)]
+    assert rca_r[1] > rca_r[0]
+
+
+def test_fifty_heart_population_within_documented_ranges():
+    from HeartCompletionLib.synthetic import VOLUME_RANGES_ML
+
+    volumes = {name: [] for name in TABLE.names}
+    for seed in range(50):
+        lm = synthetic_label_map(seed=seed, spacing_mm=2.5, modes=True)
+        assert lm.present_labels() == list(range(1, 11)), seed
+        for name, v in _volumes_ml(lm).items():
+            volumes[name].append(v)
+    for name, vals in volumes.items():
+        low, high = VOLUME_RANGES_ML[name]
+        assert low <= min(vals) and max(vals) <= high, f"{name}: {min(vals):.1f}..{max(vals):.1f} mL outside {low}..{high}"
+    # structures covary: LA and LAA volumes, RV and PA volumes correlate across hearts
+    assert np.corrcoef(volumes["LA"], volumes["LAA"])[0, 1] > 0.5
+    assert np.corrcoef(volumes["RV"], volumes["PA"])[0, 1] > 0.5
+
+
+def test_heart_synth_modes_and_grid_size_guard(tmp_path, capsys):
+    from heart_training.synth_cli import MAX_VOXELS
+
+    out = tmp_path / "modes"
+    assert main(["--output_dir", str(out), "--cases", "2", "--spacing", "3", "3", "3", "--modes"]) == 0
+    dataset = json.loads((out / "dataset.json").read_text())
+    assert dataset["modes"] is True
+    for case in dataset["cases"]:
+        assert case["modes"] == synthetic_heart(case["seed"], modes=True).params["modes"]
+    capsys.readouterr()
+    plain = tmp_path / "plain"
+    assert main(["--output_dir", str(plain), "--cases", "1", "--spacing", "3", "3", "3"]) == 0
+    dataset = json.loads((plain / "dataset.json").read_text())
+    assert dataset["modes"] is False and "modes" not in dataset["cases"][0]
+    capsys.readouterr()
+    # a grid above the limit is refused, naming its size, before anything is written
+    assert MAX_VOXELS == 1.5e9
+    huge = tmp_path / "huge"
+    assert main(["--output_dir", str(huge), "--cases", "1", "--spacing", "0.1", "0.1", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "voxels" in err and " x " in err and "--max_voxels" in err
+    assert not huge.exists()
+    assert main(["--output_dir", str(huge), "--cases", "1", "--spacing", "3", "3", "3", "--max_voxels", "1000"]) == 2
+    assert "1e+03" in capsys.readouterr().err and not huge.exists()

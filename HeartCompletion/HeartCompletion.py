@@ -3,9 +3,12 @@
 Thin by design: the widget wires the panel to :class:`HeartCompletionLogic`, which only glues
 ``HeartCompletionLib`` (segment mapping, MRML bridge, background completion process) together.
 The model runs in a separate Python process polled by a ``qt.QTimer``, so Slicer stays
-responsive and Cancel works.
+responsive and Cancel works. The model is a checkpoint file or a registered (bundled) model
+(:mod:`HeartCompletionLib.model_registry`), chosen explicitly in the "Model" box, whose warning is
+shown in red beneath it; its structure table is the one segments are mapped to.
 """
 
+import json
 import logging
 import os
 import pathlib
@@ -29,6 +32,8 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 CHECKPOINT_SETTING = "HeartCompletion/CheckpointPath"
+#: The registered model chosen last ("" = the checkpoint file): remembered, never chosen by default.
+MODEL_SETTING = "HeartCompletion/RegisteredModel"
 #: Python packages the completion needs beyond what Slicer bundles (import name -> pip name).
 #: SimpleITK, vtk and numpy come with Slicer and are never installed here.
 EXTRA_REQUIREMENTS = {"safetensors": "safetensors", "nibabel": "nibabel", "nrrd": "pynrrd", "skimage": "scikit-image"}
@@ -105,10 +110,12 @@ class HeartCompletionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportSegNrrdButton.connect("clicked(bool)", lambda: self.onExport("segnrrd"))
         self.ui.exportMeshesButton.connect("clicked(bool)", lambda: self.onExport("meshes"))
         self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
+        self.fillModelChoices()
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChosen)
         self.ui.checkpointPathLineEdit.connect("currentPathChanged(QString)", self.onCheckpointChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateDeviceInfo)
         self.initializeParameterNode()
-        self.onCheckpointChanged(self.ui.checkpointPathLineEdit.currentPath)
+        self.onModelChosen()
         self.updateDeviceInfo()
 
     def cleanup(self):
@@ -210,10 +217,38 @@ class HeartCompletionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return [table.item(row, 0).text() for row in range(table.rowCount) if table.item(row, 0).checkState() == qt.Qt.Checked]
 
     # --- model and device -----------------------------------------------------------------------
+    def fillModelChoices(self):
+        """"Checkpoint file" plus one item per registered model (with its warning in the item text)."""
+        combo = self.ui.modelComboBox
+        combo.clear()
+        combo.addItem(_("Checkpoint file (choose below)"), "")
+        for entry in self.logic.registeredModels():
+            combo.addItem(_("{0} (bundled; {1})").format(entry.name, entry.warning), entry.name)
+        remembered = qt.QSettings().value(MODEL_SETTING, "") or ""
+        combo.setCurrentIndex(max(combo.findData(remembered), 0))
+
+    def currentCheckpoint(self):
+        """The registered model's name, or the checkpoint file's path ("" when none)."""
+        name = self.ui.modelComboBox.currentData or ""
+        return name or _pathText(self.ui.checkpointPathLineEdit.currentPath)
+
+    def onModelChosen(self, *_args):
+        name = self.ui.modelComboBox.currentData or ""
+        qt.QSettings().setValue(MODEL_SETTING, name)
+        self.ui.checkpointPathLineEdit.enabled = not name
+        self.onCheckpointChanged(self.ui.checkpointPathLineEdit.currentPath)
+
     def onCheckpointChanged(self, path):
-        if path:
+        if path and not (self.ui.modelComboBox.currentData or ""):
             qt.QSettings().setValue(CHECKPOINT_SETTING, path)
-        self.ui.checkpointInfoLabel.text = self.logic.checkpointDescription(path)
+        checkpoint = self.currentCheckpoint()
+        self.ui.checkpointInfoLabel.text = self.logic.checkpointDescription(checkpoint)
+        warning = self.logic.modelWarning(checkpoint)
+        self.ui.modelWarningLabel.text = _("Warning: {0}").format(warning) if warning else ""
+        self.ui.modelWarningLabel.visible = bool(warning)
+        if self.logic.setCheckpoint(checkpoint):  # another structure table: map the segments again
+            self.userChoices = {}
+            self.updateTables()
 
     def updateDeviceInfo(self, *_args):
         self.ui.deviceInfoLabel.text = self.logic.torchDescription()
@@ -240,8 +275,12 @@ class HeartCompletionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ):
                 return
             self.ui.logTextEdit.clear()
+            checkpoint = self.currentCheckpoint()
+            warning = self.logic.modelWarning(checkpoint)
+            if warning:
+                self.appendLog(_("Model {0}: {1}").format(checkpoint, warning))
             self.process = self.logic.startCompletion(
-                p.segmentation, self.mappings, self.checkedStructures(), _pathText(p.checkpointPath), p.device,
+                p.segmentation, self.mappings, self.checkedStructures(), checkpoint, p.device,
                 p.replaceExisting, p.referenceVolume,
             )
             self.result = None
@@ -331,19 +370,72 @@ class HeartCompletionLogic(ScriptedLoadableModuleLogic):
 
         return default_structures_to_complete(mappings, self.table)
 
-    def checkpointDescription(self, path):
-        if not path:
-            return _("Choose a model checkpoint (.safetensors).")
-        from HeartCompletionLib.checkpoint import CheckpointError, describe_checkpoint, read_checkpoint_metadata
+    def registeredModels(self):
+        """The registry's models (``ModelEntry``); none when the registry is unreadable (logged)."""
+        from HeartCompletionLib.model_registry import RegistryError, load_registry
 
         try:
+            return load_registry()
+        except RegistryError as exc:
+            logging.error(str(exc))
+            return []
+
+    def modelWarning(self, checkpoint):
+        """The registry's warning for a registered model name, "" for a checkpoint file (an
+        existing file wins over a name, as everywhere)."""
+        from HeartCompletionLib.model_registry import RegistryError, find_model
+
+        if not checkpoint or os.path.exists(checkpoint):
+            return ""
+        try:
+            entry = find_model(checkpoint)
+        except RegistryError:
+            return ""
+        return entry.warning if entry is not None else ""
+
+    def checkpointDescription(self, checkpoint):
+        """What the panel shows about a checkpoint file or a registered model name."""
+        if not checkpoint:
+            return _("Choose a model checkpoint (.safetensors) or a bundled model.")
+        from HeartCompletionLib.checkpoint import CheckpointError, describe_checkpoint, read_checkpoint_metadata
+        from HeartCompletionLib.model_registry import RegistryError, find_model, resolve_checkpoint
+
+        entry = None
+        try:
+            entry = find_model(checkpoint) if not os.path.exists(checkpoint) else None
+            path, entry = resolve_checkpoint(checkpoint)
             meta = read_checkpoint_metadata(path)
-        except (CheckpointError, OSError) as exc:
-            return _("Not usable: {0}").format(exc)
+        except (CheckpointError, RegistryError, OSError) as exc:
+            prefix = entry.describe() + "\n" if entry is not None else ""
+            return prefix + _("Not usable: {0}").format(exc)
         names = [s["name"] for s in meta["structure_table"]["structures"]]
-        return _("Structures: {0}\n{1}\nformat version {2}").format(
+        text = _("Structures: {0}\n{1}\nformat version {2}").format(
             ", ".join(names), describe_checkpoint(meta), meta.get("format_version")
         )
+        return entry.describe() + "\n" + text if entry is not None else text
+
+    def checkpointTable(self, checkpoint):
+        """The structure table a checkpoint (file or registered name) was trained with; the
+        default table when it cannot be read (the panel says why in its description)."""
+        from HeartCompletionLib.checkpoint import CheckpointError, read_checkpoint_metadata
+        from HeartCompletionLib.model_registry import RegistryError, resolve_checkpoint
+        from HeartCompletionLib.structures import StructureTable
+
+        if not checkpoint:
+            return StructureTable.default()
+        try:
+            path, _entry = resolve_checkpoint(checkpoint)
+            return StructureTable.from_dict(read_checkpoint_metadata(path)["structure_table"])
+        except (CheckpointError, RegistryError, OSError, KeyError, TypeError, ValueError):
+            return StructureTable.default()
+
+    def setCheckpoint(self, checkpoint):
+        """Map segments onto the structure table of ``checkpoint`` from now on (the background
+        process reads the input with that table). Returns True when the table changed."""
+        table = self.checkpointTable(checkpoint)
+        changed = table.names != self.table.names
+        self.table = table
+        return changed
 
     def torchDescription(self):
         from HeartCompletionLib.completion_process import torch_status
@@ -386,15 +478,33 @@ class HeartCompletionLogic(ScriptedLoadableModuleLogic):
         if missing:
             slicer.util.pip_install(missing)
 
-    def startCompletion(self, segmentationNode, mappings, structures, checkpointPath, device, replace, referenceVolume):
-        """Write the input label map and start the background process (returns it)."""
+    def startCompletion(self, segmentationNode, mappings, structures, checkpoint, device, replace, referenceVolume):
+        """Write the input label map (in the values of ``self.table``, which must be the
+        checkpoint's) and start the background process (returns it). ``checkpoint``: a file or
+        a registered model name."""
         from HeartCompletionLib import completion_process, segment_mapping, slicer_bridge
+        from HeartCompletionLib.checkpoint import CheckpointError, read_checkpoint_metadata
         from HeartCompletionLib.labelmap_io import write_label_map
+        from HeartCompletionLib.model_registry import RegistryError, resolve_checkpoint
+        from HeartCompletionLib.structures import StructureTable
 
         if not segmentationNode:
             raise ValueError(_("Select a segmentation."))
-        if not checkpointPath or not os.path.isfile(checkpointPath):
-            raise ValueError(_("Choose an existing model checkpoint file."))
+        if not checkpoint:
+            raise ValueError(_("Choose a model checkpoint file or a bundled model."))
+        try:
+            path, _entry = resolve_checkpoint(checkpoint)
+            if not path.is_file():
+                raise ValueError(_("{0}: not a checkpoint file").format(path))
+            table = StructureTable.from_dict(read_checkpoint_metadata(path)["structure_table"])
+        except (CheckpointError, RegistryError) as exc:
+            raise ValueError(_("Choose an existing model checkpoint file or a bundled model: {0}").format(exc)) from exc
+        if table.names != self.table.names:
+            raise ValueError(
+                _("The segments were mapped to other structures than the model was trained on; choose the model "
+                  "again.\n  segments mapped to: {0}\n  model {1}: {2}").format(self.table.names, checkpoint,
+                                                                                 table.names)
+            )
         if not structures:
             raise ValueError(_("Tick at least one structure to complete."))
         self.cleanupTemporaryFiles()
@@ -402,11 +512,14 @@ class HeartCompletionLogic(ScriptedLoadableModuleLogic):
         labelMap = slicer_bridge.segmentation_to_label_map(
             segmentationNode, segment_mapping.segment_labels(mappings), referenceVolume
         )
-        inputPath = write_label_map(labelMap, os.path.join(self.workDir, "input.nrrd"))
+        inputPath = write_label_map(labelMap, os.path.join(self.workDir, "input.nrrd"), table=self.table)
+        tablePath = os.path.join(self.workDir, "structures.json")
+        with open(tablePath, "w", encoding="utf-8") as f:
+            json.dump(self.table.to_dict(), f)
         self.outputPath = os.path.join(self.workDir, "output.nrrd")
         python = shutil.which("PythonSlicer") or sys.executable
         command = completion_process.build_command(
-            checkpointPath, inputPath, self.outputPath, structures, replace, device, python
+            checkpoint, inputPath, self.outputPath, structures, replace, device, python, table=tablePath
         )
         return completion_process.CompletionProcess(command)
 
@@ -447,23 +560,50 @@ class HeartCompletionLogic(ScriptedLoadableModuleLogic):
 
 
 class HeartCompletionTest(ScriptedLoadableModuleTest):
-    """Self-test inside Slicer: synthetic partial heart + a freshly trained tiny checkpoint."""
+    """Self-test inside Slicer: a synthetic partial heart completed by the bundled synthetic model
+    through the panel (model chooser, its warning) and the background process, then undone."""
+
+    MODEL = "synthetic-demo"
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
+        self.test_BundledModelIsOfferedWithItsWarning()
+        self.setUp()
         self.test_CompleteSyntheticHeart()
+
+    def test_BundledModelIsOfferedWithItsWarning(self):
+        from HeartCompletionLib.model_registry import find_model
+
+        entry = find_model(self.MODEL)
+        self.assertIsNotNone(entry, "the bundled model is not registered")
+        self.assertTrue(entry.installed, f"the bundled model file {entry.path} is not installed")
+        slicer.util.selectModule("HeartCompletion")
+        widget = slicer.modules.heartcompletion.widgetRepresentation().self()
+        combo = widget.ui.modelComboBox
+        index = combo.findData(self.MODEL)
+        self.assertGreaterEqual(index, 1, "the bundled model is not offered in the Model box")
+        self.assertIn(entry.warning, combo.itemText(index))
+        previous = combo.currentIndex
+        combo.setCurrentIndex(index)
+        try:
+            self.assertFalse(widget.ui.modelWarningLabel.isHidden())
+            self.assertIn(entry.warning, widget.ui.modelWarningLabel.text)
+            self.assertIn("Structures:", widget.ui.checkpointInfoLabel.text)
+        finally:
+            combo.setCurrentIndex(previous)  # the user's own choice is kept
 
     def test_CompleteSyntheticHeart(self):
         import numpy as np
 
-        from HeartCompletionLib import segment_mapping, slicer_bridge, slicer_results
+        from HeartCompletionLib import segment_mapping, slicer_bridge
         from HeartCompletionLib.synthetic import synthetic_label_map
 
         self.delayDisplay(_("Building a partial synthetic heart"))
         logic = HeartCompletionLogic()
+        logic.setCheckpoint(self.MODEL)
         heart = synthetic_label_map(seed=3, spacing_mm=2.5)
         partial = np.where(np.isin(heart.labels, [8, 9]), 0, heart.labels)
         labelmapNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "partial")
@@ -476,60 +616,24 @@ class HeartCompletionTest(ScriptedLoadableModuleTest):
             segment = segmentation.GetNthSegment(index)
             segment.SetName(logic.table.by_label(segment.GetLabelValue()).name)
         mappings = logic.segmentMappings(segmentationNode)
-        self.assertEqual([s.name for s in logic.defaultStructures(mappings)], ["LAA", "Coronary"])
+        structures = [s.name for s in logic.defaultStructures(mappings)]
+        self.assertEqual(structures, ["LAA", "Coronary"])
 
-        self.delayDisplay(_("Training a tiny checkpoint"))
-        checkpointPath = os.path.join(tempfile.mkdtemp(), "tiny.safetensors")
-        self._trainTinyCheckpoint(checkpointPath, heart, logic.table)
-        result, undo = slicer_results.complete_segmentation(segmentationNode, mappings, checkpointPath, device="cpu")
+        self.delayDisplay(_("Completing with the bundled model {0}").format(self.MODEL))
+        process = logic.startCompletion(segmentationNode, mappings, structures, self.MODEL, "cpu", False, labelmapNode)
+        events = process.wait(timeout_s=600)
+        self.assertEqual(process.returncode, 0, [e.message for e in events])
+        self.assertTrue(any(e.kind == "log" and "not for patient data" in e.message for e in events))
+        (result,) = [e.payload for e in events if e.kind == "result"]
+        added = logic.finishCompletion(segmentationNode, mappings, result["completed_labels"], False, True)
+        logic.cleanupTemporaryFiles()
+        self.assertEqual(sorted(added), sorted(structures))
+        undo = logic.lastUndo
         names = [segmentation.GetSegment(i).GetName() for i in undo.added]
-        self.assertEqual(sorted(names), sorted(logic.table.by_label(v).name for v in result.completed_labels))
+        self.assertEqual(sorted(names), sorted(structures))
         for segmentId in undo.added:
             entry = segment_mapping.parse_terminology_entry(slicer_bridge.segment_terminology(segmentation.GetSegment(segmentId)))
             self.assertEqual(logic.table.match_terminology(entry.type_code).name, segmentation.GetSegment(segmentId).GetName())
-        undo.undo()
+        logic.undoLastCompletion()
         self.assertEqual(segmentation.GetNumberOfSegments(), len(mappings))
         self.delayDisplay(_("Test passed"))
-
-    def _trainTinyCheckpoint(self, path, heart, table, steps=30):
-        """A few real training steps of the "tiny" model on one synthetic heart (signed
-        distances from Euclidean distance transforms, in mm), saved as an inference checkpoint."""
-        import numpy as np
-        import scipy.ndimage as ndi
-        import torch
-
-        from HeartCompletionLib.checkpoint import save_inference_checkpoint
-        from HeartCompletionLib.encoder_input import encoder_arrays, encoder_centre_mm
-        from HeartCompletionLib.geometry import ijk_to_ras_points
-        from HeartCompletionLib.model import HeartVecSet
-        from HeartCompletionLib.model_configs import get_config
-        from HeartCompletionLib.normalization import Normalization
-        from HeartCompletionLib.surface import sample_structure_surfaces
-
-        rng = np.random.default_rng(0)
-        norm = Normalization()
-        points, _normals, values = sample_structure_surfaces(heart, table.labels, 2048, rng, min_per_structure=32)
-        indices = values.astype(np.int64) - 1
-        centre = encoder_centre_mm(points, indices, range(len(table)))
-        xyz_n, onehot = encoder_arrays(points, indices, centre, norm, len(table))
-        voxels = rng.integers(0, heart.shape, size=(4096, 3))
-        spacing = heart.spacing_mm
-        sdf_mm = np.stack(
-            [
-                ndi.distance_transform_edt(heart.labels != s.label, sampling=spacing)[tuple(voxels.T)]
-                - ndi.distance_transform_edt(heart.labels == s.label, sampling=spacing)[tuple(voxels.T)]
-                for s in table
-            ],
-            axis=-1,
-        )
-        queries_n = norm.points_to_network(ijk_to_ras_points(voxels, heart.ijk_to_ras), centre).astype(np.float32)
-        model = HeartVecSet(get_config("tiny", len(table)))
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        target = torch.from_numpy((sdf_mm / norm.scale_mm).astype(np.float32))[None]
-        for _step in range(steps):
-            out = model(torch.from_numpy(xyz_n)[None], torch.from_numpy(onehot)[None], torch.from_numpy(queries_n)[None])
-            loss = (out["sdf"] - target).abs().mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        save_inference_checkpoint(path, model, table, norm, phase=1, data_summary={"cases": 1, "note": "self-test"})

@@ -106,17 +106,37 @@ def resolve_structures(table, structures) -> list[int]:
     return sorted(labels)
 
 
-def _resolve_checkpoint(checkpoint, device):
+def check_device(device):
+    """The ``torch.device`` for ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+
+    Raises :class:`CompletionError` when CUDA is asked for but not available (callers check this
+    before reading any input).
+    """
     import torch
 
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise CompletionError(f"device {device!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CompletionError(f"device {device!r} was asked for but CUDA is not available (torch {torch.__version__})")
+    return dev
+
+
+def _check_lengths(grid_spacing_mm, margin_mm) -> None:
+    """Refuse decoding-lattice options that would be silently replaced or decode every voxel."""
+    if grid_spacing_mm is not None and not (np.isfinite(grid_spacing_mm) and grid_spacing_mm > 0):
+        raise CompletionError(f"grid_spacing_mm must be a length > 0 mm, got {grid_spacing_mm!r}")
+    if not (np.isfinite(margin_mm) and margin_mm >= 0):
+        raise CompletionError(f"margin_mm must be a length >= 0 mm, got {margin_mm!r}")
+
+
+def _resolve_checkpoint(checkpoint, device):
     from .checkpoint import load_inference_checkpoint
 
-    if device in (None, "auto"):
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise CompletionError(f"device {device!r} was asked for but CUDA is not available (torch {torch.__version__})")
+    dev = check_device(device)
     if isinstance(checkpoint, (str, Path)):
         checkpoint = load_inference_checkpoint(checkpoint, device=dev)
     # a preloaded checkpoint is moved in place (the Slicer module keeps one between runs)
@@ -340,8 +360,9 @@ def complete_label_map(
     ``device``: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``. ``progress(fraction,
     message)`` is called with increasing fractions in [0, 1]; ``cancel()`` returning True raises
     :class:`CompletionCancelled`. ``num_input_points``: encoder points (default: as in training).
-    ``grid_spacing_mm``: coarse lattice spacing (default 8 mm); ``margin_mm``: region around the
-    given structures. ``hierarchical=False`` decodes every region voxel (slow reference);
+    ``grid_spacing_mm``: coarse lattice spacing (> 0; default 8 mm); ``margin_mm``: region around the
+    given structures (>= 0); other values raise :class:`CompletionError`. An input that already
+    holds every requested structure comes back unchanged with a "nothing to complete" message. ``hierarchical=False`` decodes every region voxel (slow reference);
     ``return_signed_distance`` also decodes densely and returns the requested structures' distances.
     ``min_island_fraction``: predicted pieces smaller than this fraction of the structure's largest
     piece are cleared (:mod:`HeartCompletionLib.islands`; 0 keeps every piece).
@@ -357,6 +378,7 @@ def complete_label_map(
         if progress is not None:
             progress(float(min(max(fraction, 0.0), 1.0)), message)
 
+    _check_lengths(grid_spacing_mm, margin_mm)
     step(0.0, "loading the model")
     ck, dev = _resolve_checkpoint(checkpoint, device)
     table, norm = ck.table, ck.normalization
@@ -369,8 +391,9 @@ def complete_label_map(
     timings["load_s"] = time.perf_counter() - t_start
     result = CompletionResult(LabelMap(base, geometry, sample_map.source, dict(sample_map.metadata)), [], given,
                               timings)
-    if not requested:
+    if not requested:  # e.g. a full heart: the input comes back unchanged, with the same timings keys
         result.messages.append(f"{sample_map.source}: nothing to complete (every requested structure is given)")
+        timings["total_s"] = time.perf_counter() - t_start
         step(1.0, "nothing to complete")
         return result
 
@@ -412,7 +435,8 @@ def complete_label_map(
         def report(f: float) -> None:
             step(_P_ENCODED + (_P_DECODED - _P_ENCODED) * f, "decoding signed distances")
 
-        strides = _coarse_strides(spacing_of(geometry), grid_spacing_mm or DEFAULT_GRID_SPACING_MM)
+        strides = _coarse_strides(spacing_of(geometry),
+                                  DEFAULT_GRID_SPACING_MM if grid_spacing_mm is None else grid_spacing_mm)
         sdf = None
         if hierarchical and not return_signed_distance:
             region_labels, stats = _hierarchical_labels(fld, lo, hi, geometry, strides, refine_factor, report)

@@ -1,9 +1,13 @@
 """The background completion process the Slicer module starts, and its line protocol.
 
 Run as ``python -m HeartCompletionLib.completion_process --checkpoint CK --input IN.nrrd
---output OUT.nrrd [--structures LAA PA] [--replace] [--device auto|cpu|cuda]``. It reads the
-label map (table values, any geometry), completes it, writes the result atomically in the
-input's geometry and prints one machine-readable line per event on stdout:
+--output OUT.nrrd [--table TABLE.json] [--structures LAA PA] [--replace] [--device auto|cpu|cuda]``.
+``CK`` is a checkpoint file or a registered model name (:mod:`.model_registry`; its warning is
+printed as a log line). It loads the checkpoint, reads the label map in the values of the
+checkpoint's structure table (any geometry; ``--table``, the table the caller wrote the input
+with, must be the checkpoint's: refused otherwise, both lists in the message), completes it,
+writes the result atomically in the input's geometry (never over the input) and prints one
+machine-readable line per event on stdout:
 
 ``HC-PROGRESS <fraction 0..1> <message>``, ``HC-RESULT <json>`` (once, at the end) and
 ``HC-ERROR <message>``; any other line is plain log text. Exit status 0 on success, 2 for bad
@@ -102,11 +106,18 @@ def build_command(
     replace: bool = False,
     device: str = "auto",
     python_executable: str | None = None,
+    table: str | Path | None = None,
 ) -> list[str]:
-    """The command line that runs a completion in a fresh Python process."""
+    """The command line that runs a completion in a fresh Python process.
+
+    ``checkpoint``: a file or a registered model name; ``table``: the structure table JSON the
+    input label map was written with (the process refuses a checkpoint trained on another one).
+    """
     command = [python_executable or sys.executable, "-m", "HeartCompletionLib.completion_process"]
     command += ["--checkpoint", str(checkpoint), "--input", str(input_path), "--output", str(output_path)]
     command += ["--device", device]
+    if table is not None:
+        command += ["--table", str(table)]
     if structures:
         command += ["--structures", *[str(s) for s in structures]]
     if replace:
@@ -201,6 +212,11 @@ def _emit(line: str) -> None:
     print(line, flush=True)
 
 
+def _one_line(exc: BaseException) -> str:
+    """An error message on one protocol line (multi-line messages, e.g. two structure lists, joined)."""
+    return " | ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m HeartCompletionLib.completion_process",
@@ -209,9 +225,15 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "Prints HC-PROGRESS / HC-RESULT / HC-ERROR lines on stdout."
         ),
     )
-    parser.add_argument("--checkpoint", required=True, help="inference checkpoint (.safetensors)")
-    parser.add_argument("--input", required=True, help="input label map (.nrrd/.nii/.nii.gz/.seg.nrrd) in table values")
-    parser.add_argument("--output", required=True, help="output label map; written atomically in the input's geometry")
+    parser.add_argument("--checkpoint", required=True,
+                        help="inference checkpoint (.safetensors) or a registered model name (an existing file wins)")
+    parser.add_argument("--input", required=True,
+                        help="input label map (.nrrd/.nii/.nii.gz/.seg.nrrd) in the checkpoint table's values")
+    parser.add_argument("--output", required=True,
+                        help="output label map; written atomically in the input's geometry; never the input itself")
+    parser.add_argument("--table", default=None,
+                        help="structure table JSON the input was written with; the checkpoint must have the same "
+                        "structures (refused otherwise)")
     parser.add_argument("--structures", nargs="*", default=None, help="structures to produce (default: the missing ones)")
     parser.add_argument("--replace", action="store_true", help="also replace structures present in the input")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the model runs")
@@ -229,17 +251,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         _emit(f"{ERROR_PREFIX} cannot import the completion code: {exc}")
         return EXIT_FAILED
     try:
-        _emit(format_progress(0.0, f"reading {args.input}"))
-        if not Path(args.checkpoint).is_file():
-            raise CheckpointError(f"{args.checkpoint}: checkpoint file not found")
-        label_map = read_label_map(args.input)
-        result = run(label_map, args)
-        write_label_map(result.label_map, args.output)
+        _check_output(Path(args.input), Path(args.output))
+        checkpoint = _load_checkpoint(args)
+        _emit(format_progress(0.04, f"reading {args.input}"))
+        label_map = read_label_map(args.input, table=checkpoint.table)
+        result = run(label_map, args, checkpoint)
+        write_label_map(result.label_map, args.output, table=checkpoint.table)
+        for message in result.messages:  # "nothing to complete", removed islands, ...
+            _emit(message)
     except (LabelMapError, CheckpointError, FileNotFoundError, KeyError, ValueError) as exc:  # input or arguments
-        _emit(f"{ERROR_PREFIX} {exc}")
+        _emit(f"{ERROR_PREFIX} {_one_line(exc)}")
         return EXIT_BAD_INPUT
     except Exception as exc:  # noqa: BLE001 - every failure must reach the panel as one line
-        _emit(f"{ERROR_PREFIX} {type(exc).__name__}: {exc}")
+        _emit(f"{ERROR_PREFIX} {type(exc).__name__}: {_one_line(exc)}")
         return EXIT_FAILED
     payload = {
         "output": str(Path(args.output).resolve()),
@@ -253,17 +277,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_OK
 
 
-def run(label_map, args: argparse.Namespace):
-    """Load the checkpoint and complete ``label_map`` with progress lines on stdout."""
-    from .checkpoint import load_inference_checkpoint
+def _check_output(input_path: Path, output_path: Path) -> None:
+    """Refuse an output that is the input (the input is never modified)."""
+    same = output_path.resolve() == input_path.resolve()
+    if not same and output_path.exists() and input_path.exists():
+        same = os.path.samefile(output_path, input_path)  # hard links
+    if same:
+        raise ValueError(f"{output_path}: the output would overwrite the input {input_path}; choose another output")
+
+
+def _load_checkpoint(args: argparse.Namespace):
+    """The checkpoint of ``--checkpoint`` (file or registered name), checked against ``--table``."""
+    from .completion import check_device
+    from .model_registry import load_model
+    from .structures import StructureTable
+
+    check_device(args.device)  # an unavailable CUDA is refused before anything is read
+    _emit(format_progress(0.01, f"loading {Path(str(args.checkpoint)).name}"))
+    expected = StructureTable.from_spec(args.table) if args.table else None
+    checkpoint, entry = load_model(args.checkpoint, expected_table=expected, device="cpu")
+    if entry is not None:  # a plain log line: the panel shows it in its log
+        _emit(f"warning: model {entry.name!r} ({entry.path}): {entry.warning}")
+    return checkpoint
+
+
+def run(label_map, args: argparse.Namespace, checkpoint=None):
+    """Complete ``label_map`` with progress lines on stdout (loads ``args.checkpoint`` if not given)."""
     from .completion import complete_label_map
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    _emit(format_progress(0.02, f"loading {Path(args.checkpoint).name}"))
-    checkpoint = load_inference_checkpoint(args.checkpoint, device="cpu")
+    if checkpoint is None:
+        checkpoint = _load_checkpoint(args)
     structures = args.structures or None
     return complete_label_map(
         label_map,

@@ -13,6 +13,7 @@ self-test (``slicer.modules``) still need a real Slicer: README, "3D Slicer modu
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import types
@@ -48,8 +49,8 @@ def _stand_ins() -> dict[str, types.ModuleType]:
     return {"qt": qt, "slicer.i18n": i18n, "slicer.parameterNodeWrapper": wrapper, "slicer.ScriptedLoadableModule": scripted}
 
 
-@pytest.fixture(scope="module")
-def module():
+@contextlib.contextmanager
+def module_file():
     """``HeartCompletion.py`` imported as Slicer imports it (stand-ins only for what is missing)."""
     added = {}
     for name, stand_in in _stand_ins().items():
@@ -66,6 +67,12 @@ def module():
     finally:
         for name in added:
             sys.modules.pop(name, None)
+
+
+@pytest.fixture(scope="module")
+def module():
+    with module_file() as mod:
+        yield mod
 
 
 @pytest.fixture(scope="module")

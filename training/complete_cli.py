@@ -7,8 +7,16 @@ its geometry. Given structures are kept voxel for voxel unless ``--replace``; pr
 structures fill the rest. ``--meshes DIR`` also writes one surface mesh per structure
 (``<case>_<Structure>.stl``, RAS mm, ``SPACE=RAS`` header for 3D Slicer).
 
-Exit codes: 0 success; 1 some case failed (each failure printed with its file); 2 bad usage,
-unusable checkpoint or output that would overwrite an input. The input is never modified.
+``--checkpoint`` takes a checkpoint file or the name of a registered model
+(:mod:`HeartCompletionLib.model_registry`, e.g. ``synthetic-demo``, bundled for trying the tools
+out); a registered model's warning is printed on stderr every time it is used. There is no default
+model. An input that already holds every requested structure is written unchanged ("nothing to
+complete", exit 0).
+
+Exit codes: 0 success; 1 some case failed (each failure printed with its file; the other cases of
+a folder are still processed); 2 bad usage (an option out of range, an unknown structure, an
+unavailable device), unusable checkpoint or output that would overwrite an input, all reported
+before any input is read. The input is never modified.
 
 Example::
 
@@ -19,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -41,6 +50,32 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _positive_mm(text: str) -> float:
+    """argparse type: a finite length > 0 in mm."""
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a length > 0 mm, got {value:g}")
+    return value
+
+
+def _non_negative_mm(text: str) -> float:
+    """argparse type: a finite length >= 0 in mm."""
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a length >= 0 mm, got {value:g}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     from HeartCompletionLib.completion import DEFAULT_GRID_SPACING_MM, DEFAULT_MARGIN_MM
     from HeartCompletionLib.islands import DEFAULT_MIN_ISLAND_FRACTION
@@ -53,7 +88,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Example: heart-complete --checkpoint model.safetensors --input partial.nii.gz "
         "--output completed.nii.gz --meshes meshes/",
     )
-    p.add_argument("--checkpoint", required=True, help="inference checkpoint (.safetensors)")
+    p.add_argument("--checkpoint", required=True, metavar="CK",
+                   help="inference checkpoint (.safetensors), or the name of a registered model: "
+                   f"{_registered_names()} (an existing file of that name wins)")
     p.add_argument("--input", required=True, help="label map file, or a folder of label maps (batch mode)")
     p.add_argument("--output", required=True,
                    help="output file (format from its suffix: .nii, .nii.gz, .nrrd, .seg.nrrd), or a folder "
@@ -72,16 +109,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh_smoothing", type=int, default=10, metavar="N",
                    help="Taubin smoothing iterations of the meshes (0: raw voxel surface; default 10)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the model runs")
-    p.add_argument("--grid_spacing_mm", type=float, default=DEFAULT_GRID_SPACING_MM,
-                   help=f"coarse decoding lattice in mm (default {DEFAULT_GRID_SPACING_MM:g})")
-    p.add_argument("--margin_mm", type=float, default=DEFAULT_MARGIN_MM,
-                   help=f"decoded region around the given structures in mm (default {DEFAULT_MARGIN_MM:g})")
+    p.add_argument("--grid_spacing_mm", type=_positive_mm, default=DEFAULT_GRID_SPACING_MM,
+                   help=f"coarse decoding lattice in mm, > 0 (default {DEFAULT_GRID_SPACING_MM:g})")
+    p.add_argument("--margin_mm", type=_non_negative_mm, default=DEFAULT_MARGIN_MM,
+                   help=f"decoded region around the given structures in mm, >= 0 (default {DEFAULT_MARGIN_MM:g})")
     p.add_argument("--min_island_fraction", type=_fraction, default=DEFAULT_MIN_ISLAND_FRACTION, metavar="F",
                    help="clear predicted pieces smaller than F x the structure's largest piece "
                         f"(default {DEFAULT_MIN_ISLAND_FRACTION:g}; 0 keeps every piece)")
     p.add_argument("--seed", type=int, default=0, help="seed of the input surface sampling (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, only errors")
     return p
+
+
+def _registered_names() -> str:
+    from HeartCompletionLib.model_registry import RegistryError, load_registry
+
+    try:
+        return ", ".join(f"{e.name} ({e.warning})" for e in load_registry()) or "none"
+    except RegistryError as exc:
+        return f"none readable ({exc})"
 
 
 def _case_name(path: Path) -> str:
@@ -147,8 +193,13 @@ def _complete_one(src: Path, dst: Path, checkpoint, args, bar) -> str:
         write_structure_meshes(result.label_map, args.meshes, _case_name(dst), table=table, fmt=args.mesh_format,
                                smoothing_iterations=args.mesh_smoothing)
     names = [table.by_label(lab).name for lab in result.completed_labels]
+    seconds = result.timings.get("total_s", 0.0)
+    if names:
+        summary = f"{src.name} -> {dst}: completed {', '.join(names)} in {seconds:.1f} s"
+    else:
+        summary = f"{src.name} -> {dst}: nothing to complete (every requested structure is given); written unchanged"
+        result.messages = [m for m in result.messages if "nothing to complete" not in m]
     notes += result.messages
-    summary = f"{src.name} -> {dst}: completed {', '.join(names) or 'nothing'} in {result.timings['total_s']:.1f} s"
     return "\n".join([summary, *notes])
 
 
@@ -156,16 +207,25 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from tqdm import tqdm
 
-    from HeartCompletionLib.checkpoint import CheckpointError, load_inference_checkpoint
-    from HeartCompletionLib.completion import CompletionError
+    from HeartCompletionLib.checkpoint import CheckpointError
+    from HeartCompletionLib.completion import CompletionError, check_device, resolve_structures
     from HeartCompletionLib.labelmap_io import LabelMapError
+    from HeartCompletionLib.model_registry import load_model
     from HeartCompletionLib.structures import StructureTable
 
     try:
         jobs = _jobs(Path(args.input), Path(args.output))
+        check_device(args.device)
         expected = StructureTable.from_spec(args.table) if args.table else None
-        checkpoint = load_inference_checkpoint(args.checkpoint, expected_table=expected, device="cpu")
-    except (CliError, CheckpointError, ValueError) as exc:
+        checkpoint, entry = load_model(args.checkpoint, expected_table=expected, device="cpu")
+        if entry is not None:  # every time a registered model is used, quiet or not
+            print(f"heart-complete: warning: model {entry.name!r} ({entry.path}): {entry.warning}", file=sys.stderr)
+        if args.structures:
+            try:
+                resolve_structures(checkpoint.table, args.structures)
+            except KeyError as exc:
+                raise CliError(f"--structures: {exc.args[0]}") from None
+    except (CliError, CheckpointError, ValueError) as exc:  # RegistryError and CompletionError are ValueErrors
         print(f"heart-complete: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
@@ -183,6 +243,9 @@ def main(argv=None) -> int:
             failures += 1
             text = str(exc) if str(src) in str(exc) else f"{src}: {exc}"
             tqdm.write(f"heart-complete: error: {text}", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - one case's failure must never stop the later cases
+            failures += 1
+            tqdm.write(f"heart-complete: error: {src}: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
         finally:
             if bar is not None:
                 bar.close()

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job, end to end on bundled synthetic hearts (no patient data needed):
 #   synthetic label maps -> heart-prepare (+ --check) -> heart-split -> heart-train (smoke config)
-#   -> heart-eval (metrics, baseline, HTML report) -> heart-complete on a partial heart.
+#   -> heart-eval (metrics, baseline, HTML report) -> heart-complete on a partial heart, once with
+#   the smoke model just trained and once with the bundled model "synthetic-demo" (trained on
+#   synthetic hearts only, for trying the tools out; not for patient data).
 # Sets up .venv itself (scripts/setup_env.sh). Outputs go to ${DEMO_DIR:-demo_output}/.
 # A few minutes on a 2-core CPU.
 set -euo pipefail
@@ -24,14 +26,22 @@ heart-train --config smoke --output_dir "$OUT/train" data.datasets.0.data_dir="$
 CKPT="$OUT/train/model_best.safetensors"
 echo "== 5/6 heart-eval"
 heart-eval --checkpoint "$CKPT" --data_dir "$OUT/prepared" --split val --label_dir "$OUT/labelmaps" --output_dir "$OUT/eval" --scenarios subset_A missing_LAA drop_k
-echo "== 6/6 heart-complete on a partial heart"
+echo "== 6/6 heart-complete on a partial heart: with the smoke model trained above, then with the bundled model"
 heart-synth --overwrite --output_dir "$OUT/partial" --cases 1 --seed 1000 --spacing 1.0 1.0 1.0 --drop LAA PA Coronary
 PARTIAL=$(ls "$OUT"/partial/*.nii.gz | head -n 1)
-heart-complete --checkpoint "$CKPT" --input "$PARTIAL" --output "$OUT/completed/$(basename "$PARTIAL")" --meshes "$OUT/completed/meshes"
+NAME=$(basename "$PARTIAL")
+echo "-- with the smoke model trained above ($CKPT)"
+heart-complete --checkpoint "$CKPT" --input "$PARTIAL" --output "$OUT/completed/smoke_model/$NAME" \
+    --meshes "$OUT/completed/smoke_model/meshes"
+echo "-- with the bundled model synthetic-demo (synthetic hearts only: not for patient data)"
+heart-complete --checkpoint synthetic-demo --input "$PARTIAL" --output "$OUT/completed/bundled_synthetic_demo/$NAME" \
+    --meshes "$OUT/completed/bundled_synthetic_demo/meshes"
 echo
 echo "Outputs:"
 echo "  label maps:        $OUT/labelmaps"
 echo "  training data:     $OUT/prepared (manifest.json, train.csv, val.csv)"
 echo "  checkpoint:        $CKPT (TensorBoard/JSONL logs in $OUT/train)"
 echo "  evaluation report: $OUT/eval/report.html (CSV, summary JSON, plots beside it)"
-echo "  completed heart:   $OUT/completed/$(basename "$PARTIAL") (meshes in $OUT/completed/meshes)"
+echo "  partial heart:     $PARTIAL"
+echo "  completed heart, smoke model trained above:  $OUT/completed/smoke_model/$NAME (meshes beside it)"
+echo "  completed heart, bundled synthetic-demo:     $OUT/completed/bundled_synthetic_demo/$NAME (meshes beside it)"

@@ -41,6 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .atomic_io import atomic_write_bytes
+from .errors import HeartCompletionError
 from .model_configs import ModelConfig, count_parameters
 from .normalization import Normalization
 from .structures import StructureTable
@@ -57,7 +58,7 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024
 _REQUIRED_KEYS = ("model_config", "structure_table", "normalization", "encoder_input")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(HeartCompletionError, ValueError):
     """A checkpoint that cannot be used; the message starts with the file path."""
 
 
@@ -186,13 +187,47 @@ def _read_header(path: Path) -> dict:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors checkpoint (header is not a JSON object)")
     # tensors lie back to back after the header; the last one must end exactly at the file end
-    ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    ends = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise CheckpointError(f"{path}: malformed safetensors header (__metadata__ must map names to strings)")
+            continue
+        problem = _tensor_entry_problem(entry)
+        if problem:
+            raise CheckpointError(f"{path}: malformed safetensors header (tensor {key[:80]!r}: {problem})")
+        ends.append(entry["data_offsets"][1])
     expected = 8 + n + max(ends, default=0)
     if expected != size:
         raise CheckpointError(
             f"{path}: truncated or damaged checkpoint ({size} bytes, the header describes {expected})"
         )
     return header
+
+
+#: bytes per element of the safetensors dtypes
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _tensor_entry_problem(entry) -> str | None:
+    """Why one tensor entry of a safetensors header is malformed (None: it is fine)."""
+    if not isinstance(entry, dict):
+        return f"a {type(entry).__name__}, not an object"
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in _DTYPE_BYTES:
+        return f"unknown dtype {str(dtype)[:20]!r}"
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        return f"shape {str(shape)[:40]} is not a list of sizes"
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
+        return f"data_offsets {str(offsets)[:40]} are not [begin, end]"
+    size = _DTYPE_BYTES[dtype]
+    for d in shape:
+        size *= d
+    if size != offsets[1] - offsets[0]:
+        return f"shape {shape} of {dtype} needs {size} bytes but data_offsets span {offsets[1] - offsets[0]}"
+    return None
 
 
 def read_checkpoint_metadata(path) -> dict:
@@ -225,6 +260,10 @@ def read_checkpoint_metadata(path) -> dict:
     missing = [k for k in _REQUIRED_KEYS if k not in meta]
     if missing:
         raise CheckpointError(f"{path}: garbled HeartCompletion metadata: missing {missing}")
+    try:  # names end up in segment names, file headers and CSV cells: validated before anyone shows them
+        StructureTable.from_dict(meta["structure_table"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: garbled HeartCompletion metadata: structure table: {exc}") from exc
     return meta
 
 
@@ -270,25 +309,30 @@ def load_inference_checkpoint(path, expected_table: StructureTable | None = None
             f"{path}: model config predicts {config.num_classes} structures but the table has {len(table)}"
         )
     target = _resolve_device(device)
-    try:
-        tensors = load_file(str(path), device="cpu")
-    except (getattr(safetensors, "SafetensorError", RuntimeError), OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: cannot read the weights: {exc}") from exc
+    # The header's config is compared with the stored tensor shapes on the "meta" device (shapes
+    # only, no memory) BEFORE the model is built: a crafted config (width 32768, depth 48) would
+    # otherwise allocate tens of GB; the stored tensors are bounded by the file's size.
+    import torch
 
-    model = HeartVecSet(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [
-        f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in tensors and tensors[k].shape != v.shape
-    ]
+    stored = {k: tuple(v["shape"]) for k, v in _read_header(path).items() if k != "__metadata__"}
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in HeartVecSet(config).state_dict().items()}
+    except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
+        raise CheckpointError(f"{path}: garbled HeartCompletion metadata: model config {meta['model_config']}: {exc}") from exc
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    wrong = [f"{k} {stored[k]} != {v}" for k, v in expected.items() if k in stored and stored[k] != v]
     if missing or unexpected or wrong:
         raise CheckpointError(
             f"{path}: weights do not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"wrong shape {wrong[:5]}"
         )
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (getattr(safetensors, "SafetensorError", RuntimeError), OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: cannot read the weights: {exc}") from exc
+    model = HeartVecSet(config)
     model.load_state_dict(tensors, strict=True)
     model.to(target).eval()
     return InferenceCheckpoint(model, config, table, normalization, meta, path)

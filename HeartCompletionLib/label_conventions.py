@@ -71,6 +71,9 @@ def load_convention(spec: str | Path | dict | None, table: StructureTable) -> di
             raise ValueError(f"{path}: cannot read label convention: {exc}") from exc
         if isinstance(raw, dict) and "labels" in raw and isinstance(raw["labels"], dict):
             raw = raw["labels"]
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: a label convention must be a JSON object {{value: structure name}}, "
+                         f"got a {type(raw).__name__}")
     mapping: dict[int, int] = {}
     unknown = []
     for key, value in raw.items():

@@ -17,7 +17,16 @@ A label map without any structure is **not** an error here (callers decide; ``he
 skips such cases): ``label_map.present_labels()`` is empty. Anything that is not a label map
 (float image with non-integer values, RGB/vector data, 4-D non-segmentation, negative values,
 missing, unreadable or corrupt file) raises :class:`LabelMapError`, whose message starts with the
-file path. Writing is atomic (temporary file in the same folder, then ``os.replace``); the input
+file path. So is an image whose values and histogram are not a label map's (an 8-bit intensity
+image: more distinct values than the table and convention allow, most voxels of unknown values,
+and not piecewise constant).
+
+Size guard: before any voxel is read, the size the header promises is compared with the file
+(an uncompressed file must hold it; a deflated one cannot expand more than ~1032:1) and with a
+voxel limit (``max_voxels``; default :data:`DEFAULT_MAX_VOXELS` = 1.5 G voxels, or the
+environment variable ``HEARTCOMPLETION_MAX_VOXELS``), so a crafted or truncated header never
+allocates more memory than the file could justify; running out of memory anyway becomes a
+:class:`LabelMapError` too. Writing is atomic (temporary file in the same folder, then ``os.replace``); the input
 file is never modified.
 
 >>> suffix_of("case_001.seg.nrrd"), suffix_of("CASE.NII.GZ")
@@ -27,12 +36,14 @@ file is never modified.
 from __future__ import annotations
 
 import gzip
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .atomic_io import atomic_open
+from .errors import HeartCompletionError
 from .geometry import LPS_TO_RAS
 from .label_conventions import apply_convention, load_convention
 from .labelmap import LabelMap
@@ -44,13 +55,27 @@ SUPPORTED_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".seg.nrrd")
 #: Largest label value accepted in a plain label map (beyond it, it is an intensity image).
 MAX_LABEL_VALUE = 65535
 
+#: Largest image read by default (voxels, all layers); 1.5 G voxels is a 1144^3 volume, far beyond
+#: any cardiac CT (512 x 512 x 300 = 79 M) and still readable on a 32 GB workstation.
+DEFAULT_MAX_VOXELS = 1_500_000_000
+#: environment variable that changes the default voxel limit for every command
+MAX_VOXELS_ENV = "HEARTCOMPLETION_MAX_VOXELS"
+#: deflate (gzip/zlib) expands at most ~1032:1; a header promising more is lying
+MAX_DEFLATE_RATIO = 1032
+
+#: intensity-image test: refused when more distinct values than the table/convention allows, more
+#: than this fraction of the non-zero voxels has a value it lacks, and fewer than
+#: :data:`MIN_EQUAL_NEIGHBOURS` of neighbouring voxel pairs are equal (label maps are piecewise constant)
+MAX_UNKNOWN_FRACTION = 0.5
+MIN_EQUAL_NEIGHBOURS = 0.9
+
 _AXIS_SIGNS = {"right": (0, 1), "left": (0, -1), "anterior": (1, 1), "posterior": (1, -1),
                "superior": (2, 1), "inferior": (2, -1)}
 _SPACE_ABBREVIATIONS = {"r": "right", "l": "left", "a": "anterior", "p": "posterior", "s": "superior",
                         "i": "inferior"}
 
 
-class LabelMapError(ValueError):
+class LabelMapError(HeartCompletionError, ValueError):
     """A file that cannot be read or written as a label map; the message starts with its path."""
 
     def __init__(self, path, problem: str):
@@ -81,12 +106,58 @@ def _structure_of_segment(table: StructureTable, name: str, terminology: str | N
 
 
 # --- reading -------------------------------------------------------------------------------
-def read_label_map(path, table=None, convention=None) -> LabelMap:
+def voxel_limit(max_voxels=None) -> tuple[int, str]:
+    """``(limit, where it comes from)``: ``max_voxels`` if given, else ``$HEARTCOMPLETION_MAX_VOXELS``,
+    else :data:`DEFAULT_MAX_VOXELS`. A bad value raises ``ValueError`` naming it."""
+    if max_voxels is not None:
+        source, raw = "max_voxels", max_voxels
+    elif os.environ.get(MAX_VOXELS_ENV, "").strip():
+        source, raw = MAX_VOXELS_ENV, os.environ[MAX_VOXELS_ENV]
+    else:
+        return DEFAULT_MAX_VOXELS, "default"
+    try:
+        limit = int(float(raw))
+    except (TypeError, ValueError):
+        limit = 0
+    if limit < 1:
+        raise ValueError(f"{source} must be a positive number of voxels, got {raw!r}")
+    return limit, source
+
+
+def _check_promise(path: Path, shape, itemsize: int, data_bytes: int | None, encoding: str, max_voxels) -> None:
+    """Refuse a header whose voxel count exceeds the limit or whose data the file cannot hold,
+    before anything of that size is allocated. ``data_bytes``: bytes after the header (None:
+    unknown, e.g. a detached data file)."""
+    limit, source = voxel_limit(max_voxels)
+    shape = [int(n) for n in shape]
+    if any(n < 0 for n in shape):
+        raise LabelMapError(path, f"header gives a negative size {shape}")
+    voxels = int(np.prod(shape, dtype=object)) if shape else 0
+    if voxels > limit:
+        hint = f"raise it with {MAX_VOXELS_ENV}" if source != MAX_VOXELS_ENV else f"{MAX_VOXELS_ENV} sets it"
+        raise LabelMapError(path, f"image of {' x '.join(map(str, shape))} = {voxels:,} voxels exceeds the limit of "
+                                  f"{limit:,} voxels ({source}; {hint} or --max_voxels where a command offers it)")
+    promised = voxels * int(itemsize)
+    if data_bytes is None:
+        return
+    if encoding == "raw" and promised > data_bytes:
+        raise LabelMapError(path, f"header promises {promised:,} bytes of voxel data ({' x '.join(map(str, shape))}) "
+                                  f"but the file holds {data_bytes:,}: truncated or damaged")
+    if encoding == "deflate" and promised > MAX_DEFLATE_RATIO * data_bytes + 4096:
+        raise LabelMapError(path, f"header promises {promised:,} bytes of voxel data ({' x '.join(map(str, shape))}) "
+                                  f"but {data_bytes:,} compressed bytes cannot hold them: truncated or damaged")
+    if encoding == "text" and 2 * voxels > data_bytes + 1:
+        raise LabelMapError(path, f"header promises {voxels:,} values but the file holds {data_bytes:,} bytes of "
+                                  "text: truncated or damaged")
+
+
+def read_label_map(path, table=None, convention=None, max_voxels=None) -> LabelMap:
     """Read a label map file into table labels (int16) and its exact IJK->RAS matrix (mm).
 
     ``table``: a :class:`StructureTable`, a table JSON path or ``None`` (default ten structures).
     ``convention``: another dataset's numbering (see :mod:`label_conventions`) for plain label
     maps and for segments whose name/terminology match nothing.
+    ``max_voxels``: refuse larger images (default: :func:`voxel_limit`).
     """
     path = Path(path)
     suffix = suffix_of(path)
@@ -95,26 +166,41 @@ def read_label_map(path, table=None, convention=None) -> LabelMap:
     table = StructureTable.from_spec(table)
     try:
         if suffix in (".nii", ".nii.gz"):
-            values, ijk_to_ras, meta = _read_nifti(path)
+            values, ijk_to_ras, meta = _read_nifti(path, max_voxels)
             labels = _plain_labels(path, values, table, convention)
         else:
-            labels, ijk_to_ras, meta = _read_nrrd(path, table, convention)
+            labels, ijk_to_ras, meta = _read_nrrd(path, table, convention, max_voxels)
         meta["format"] = suffix
         # C order whatever the file's layout, so downstream ravel/reshape never copy by surprise
         return LabelMap(np.ascontiguousarray(labels), ijk_to_ras, source=str(path), metadata=meta)
     except LabelMapError:
         raise
-    except (ValueError, TypeError, IndexError) as exc:  # geometry/convention problems
+    except MemoryError as exc:
+        raise LabelMapError(path, f"not enough memory to read this image ({exc or 'MemoryError'}); free memory, or "
+                                  f"lower the voxel limit ({MAX_VOXELS_ENV}) to refuse such files early") from None
+    except (ValueError, TypeError, IndexError, OverflowError) as exc:  # geometry/convention problems
         message = str(exc)
         raise LabelMapError(path, message[len(str(path)) + 2:] if message.startswith(str(path)) else message) from exc
 
 
-def _read_nifti(path: Path):
+def _read_nifti(path: Path, max_voxels=None):
     import nibabel as nib
 
     try:
-        img = nib.load(str(path))
+        img = nib.load(str(path))  # the header only
+        shape, itemsize = img.shape, img.get_data_dtype().itemsize
+        offset = int(getattr(img.dataobj, "offset", 0))
+    except MemoryError:
+        raise
+    except Exception as exc:  # nibabel/gzip/zlib raise many types for corrupt files
+        raise LabelMapError(path, f"cannot read NIfTI file ({type(exc).__name__}: {exc})") from exc
+    compressed = path.name.lower().endswith(".gz")
+    _check_promise(path, shape, itemsize, max(path.stat().st_size - (0 if compressed else offset), 0),
+                   "deflate" if compressed else "raw", max_voxels)
+    try:
         data = np.asanyarray(img.dataobj)
+    except MemoryError:
+        raise
     except Exception as exc:  # nibabel/gzip/zlib raise many types for corrupt files
         raise LabelMapError(path, f"cannot read NIfTI file ({type(exc).__name__}: {exc})") from exc
     if data.dtype.names is not None:
@@ -152,7 +238,47 @@ def _plain_labels(path, data, table, convention) -> np.ndarray:
     data = _integer_values(path, data)
     if convention in (None, "", "default") and (data.size == 0 or int(data.max()) <= len(table)):
         return data.astype(np.int16, order="C")  # already table values: skip the lookup (a CT-sized map is 70M voxels)
+    _refuse_intensity_image(path, data, table, convention)
     return apply_convention(data, table, convention, source=str(path)).astype(np.int16, copy=False)
+
+
+def equal_neighbour_fraction(data: np.ndarray) -> float:
+    """Fraction of neighbouring voxel pairs (along every axis) with equal values: ~1 for a label map."""
+    equal = total = 0
+    for axis in range(data.ndim):
+        if data.shape[axis] < 2:
+            continue
+        for start in range(0, data.shape[0], 32):  # plane blocks: no full-size boolean temporaries
+            block = data[start:start + 33] if axis == 0 else data[start:start + 32]
+            if axis == 0 and block.shape[0] < 2:
+                continue
+            a = np.moveaxis(block, axis, 0)
+            equal += int(np.count_nonzero(a[1:] == a[:-1]))
+            total += (a.shape[0] - 1) * (a[0].size)
+    return equal / total if total else 1.0
+
+
+def _refuse_intensity_image(path, data: np.ndarray, table: StructureTable, convention) -> None:
+    """:class:`LabelMapError` for an intensity image (e.g. 8-bit CT or noise) posing as a label map."""
+    counts = np.bincount(data.ravel())
+    mapping = load_convention(convention, table)
+    known = set(table.labels) if mapping is None else {v for v, lab in mapping.items() if lab > 0}
+    values = np.flatnonzero(counts)
+    nonzero = int(counts[1:].sum())
+    if len(values) <= len(known) + 1 or nonzero == 0:
+        return
+    unknown = int(sum(int(counts[v]) for v in values if v > 0 and v not in known))
+    if unknown <= MAX_UNKNOWN_FRACTION * nonzero:
+        return
+    equal = equal_neighbour_fraction(data)
+    if equal >= MIN_EQUAL_NEIGHBOURS:
+        return  # piecewise constant: a label map of another numbering (warned about by apply_convention)
+    raise LabelMapError(
+        path, f"not a label map but an intensity image: {len(values)} distinct values (the structure table "
+              f"{'and convention ' if mapping is not None else ''}allow {len(known)} + background), "
+              f"{100 * unknown / nonzero:.0f} % of the non-zero voxels have values it lacks, and only "
+              f"{100 * equal:.0f} % of neighbouring voxels are equal (a label map is piecewise constant). "
+              "Give the segmentation, not the image (or --label_map for another numbering)")
 
 
 def _nrrd_space_to_ras(path: Path, header: dict) -> np.ndarray:
@@ -181,11 +307,33 @@ def _nrrd_space_to_ras(path: Path, header: dict) -> np.ndarray:
     return np.diag(signs)
 
 
-def _read_nrrd(path: Path, table, convention):
+def _nrrd_promise(path: Path, max_voxels) -> None:
+    """Check what the NRRD header promises (see :func:`_check_promise`) before pynrrd reads data."""
+    import nrrd
+    from nrrd.reader import _determine_datatype
+
+    with open(path, "rb") as handle:
+        header = nrrd.read_header(handle)
+        data_bytes = max(path.stat().st_size - handle.tell(), 0)
+    sizes = header.get("sizes")
+    if sizes is None:
+        raise LabelMapError(path, "NRRD header has no 'sizes'")
+    itemsize = _determine_datatype(header).itemsize
+    encoding = str(header.get("encoding", "raw")).lower()
+    kind = {"raw": "raw", "gzip": "deflate", "gz": "deflate", "ascii": "text", "text": "text", "txt": "text"}.get(
+        encoding, "unknown")
+    detached = "data file" in header or "datafile" in header
+    _check_promise(path, np.atleast_1d(sizes).tolist(), itemsize, None if detached else data_bytes, kind, max_voxels)
+
+
+def _read_nrrd(path: Path, table, convention, max_voxels=None):
     import nrrd
 
     try:
+        _nrrd_promise(path, max_voxels)
         data, header = nrrd.read(str(path), index_order="F")
+    except (LabelMapError, MemoryError):
+        raise
     except Exception as exc:  # NRRDError, gzip/zlib errors, truncated data
         raise LabelMapError(path, f"cannot read NRRD file ({type(exc).__name__}: {exc})") from exc
     kinds = [str(k).lower() for k in header.get("kinds", ["domain"] * data.ndim)]
@@ -355,6 +503,9 @@ def _write_nrrd(handle, data: np.ndarray, ijk_to_ras: np.ndarray, table: Structu
     }
     if table is not None:
         header.update(_segmentation_header(data, ijk_to_ras, table))
+        broken = [k for k, v in header.items() if isinstance(v, str) and any(c in v for c in "\r\n\0")]
+        if broken:  # a line break would end the field and garble the header (names come from checkpoints)
+            raise ValueError(f"segment fields {broken} contain line breaks")
     nrrd.write(handle, data, header, index_order="F", compression_level=6)
 
 

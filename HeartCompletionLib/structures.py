@@ -88,6 +88,9 @@ class Structure:
             name = str(entry["name"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"structure entry needs an integer 'label' and a 'name': {entry!r}") from exc
+        check_name(name, "structure name")
+        for synonym in entry.get("synonyms", ()):
+            check_name(str(synonym), f"synonym of {name!r}")
         color = tuple(int(c) for c in entry.get("color", (128, 128, 128)))
         if len(color) != 3 or not all(0 <= c <= 255 for c in color):
             raise ValueError(f"structure {name!r}: color must be three integers 0..255, got {color}")
@@ -105,6 +108,21 @@ class Structure:
             synonyms=tuple(str(s) for s in entry.get("synonyms", ())),
             snomed_alternatives=alternatives,
         )
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """``name`` if it is usable as a segment name in every output (one line of a ``.seg.nrrd``
+    header, a CSV cell, a file name part); else ``ValueError`` saying why."""
+    import unicodedata
+
+    if not name.strip():
+        raise ValueError(f"{what} {name!r} is empty")
+    bad = [c for c in name if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")]
+    if bad:
+        raise ValueError(f"{what} {name!r} contains control character(s) {bad}")
+    if len(name) > 200:
+        raise ValueError(f"{what} {name[:40]!r}... is {len(name)} characters long (at most 200)")
+    return name
 
 
 @dataclass(frozen=True)
@@ -150,6 +168,9 @@ class StructureTable:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path}: cannot read structure table: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a structure table must be a JSON object {{\"structures\": [...]}}, "
+                             f"got a {type(data).__name__}")
         base: list[Structure] = []
         extends = data.get("extends")
         if extends:

@@ -49,6 +49,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from HeartCompletionLib.atomic_io import atomic_open
+from HeartCompletionLib.errors import HeartCompletionError
 from HeartCompletionLib.geometry import ijk_to_ras_points, ras_to_ijk_points
 from HeartCompletionLib.labelmap import LabelMap
 
@@ -56,7 +57,7 @@ from HeartCompletionLib.labelmap import LabelMap
 DESCRIPTOR_VERSION = 1
 
 
-class BaselineError(ValueError):
+class BaselineError(HeartCompletionError, ValueError):
     """No training case can complete the request (message says which structures are lacking)."""
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from HeartCompletionLib.atomic_io import atomic_open, atomic_write_text
+from HeartCompletionLib.errors import HeartCompletionError
 
 FORMAT_NAME = "heartcompletion-case"
 FORMAT_VERSION = 1
@@ -53,7 +54,7 @@ OPTIONAL_KEYS = {
 _DTYPES = {**{k: v[0] for k, v in REQUIRED_KEYS.items()}, **{k: v[0] for k, v in OPTIONAL_KEYS.items()}}
 
 
-class CaseFormatError(ValueError):
+class CaseFormatError(HeartCompletionError, ValueError):
     """A prepared case that is missing keys or has the wrong dtypes/shapes (message names the file)."""
 
 
@@ -111,6 +112,23 @@ def load_case(path: str | Path, keys=None, optional=(), mmap: bool = False) -> d
         )
     out["meta"] = meta
     return out
+
+
+def verify_checksums(path: str | Path) -> None:
+    """Check every member of a case file against the CRC-32 its zip directory stores (the whole
+    file is read once, ~30 ms for a 30 MB case); :class:`CaseFormatError` naming the file and the
+    damaged member. ``heart-prepare`` runs it before it trusts an existing case on resume."""
+    import zlib
+
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError, zlib.error, ValueError, struct.error, NotImplementedError) as exc:
+        raise CaseFormatError(f"{path}: damaged case file ({type(exc).__name__}: {exc})") from exc
+    if bad is not None:
+        raise CaseFormatError(f"{path}: member {bad!r} does not match its stored checksum (CRC-32): the file "
+                              "was damaged after it was written")
 
 
 #: members smaller than this are read, not mapped (a map costs a file handle and a page)
@@ -191,14 +209,18 @@ def write_manifest(output_dir: str | Path, input_dir: str | Path, options, entri
                     "with_warnings": sum(bool(e.get("warnings")) for e in rows)},
         "cases": rows,
     }
-    atomic_write_text(output_dir / MANIFEST_JSON, json.dumps(manifest, indent=1) + "\n")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     for entry in rows:
         writer.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else ("" if v is None else v)
                          for k, v in entry.items()})
-    atomic_write_text(output_dir / MANIFEST_CSV, buffer.getvalue())
+    for name, text in ((MANIFEST_JSON, json.dumps(manifest, indent=1) + "\n"), (MANIFEST_CSV, buffer.getvalue())):
+        try:
+            atomic_write_text(output_dir / name, text)
+        except OSError as exc:  # read-only folder, full disk: the previous manifest stays as it was
+            raise CaseFormatError(f"{output_dir / name}: cannot write the manifest ({exc.strerror or exc}); "
+                                  "the cases written so far are complete and a new run resumes them") from exc
     return manifest
 
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from HeartCompletionLib.errors import HeartCompletionError
+
 CONFIG_DIR = Path(__file__).with_name("configs")
 
 MASK_KINDS = ("all", "drop_random", "subsets", "annotated")
@@ -30,7 +32,7 @@ TRUNCATION_MODES = ("near_cut", "structure", "ignore")
 QUERY_BALANCES = ("area", "structure")
 
 
-class ConfigError(ValueError):
+class ConfigError(HeartCompletionError, ValueError):
     """A config that cannot be used (message names the file and the key)."""
 
 

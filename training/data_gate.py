@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from HeartCompletionLib.errors import HeartCompletionError
+
 from .case_format import load_case
 from .dataset import QUERY_NEAR, QUERY_VOLUME, CaseRef
 
@@ -28,7 +30,7 @@ RATIO_RANGE = (0.75, 1.33)
 INSIDE_FRACTION_RANGE = (0.02, 0.98)
 
 
-class DataGateError(RuntimeError):
+class DataGateError(HeartCompletionError, RuntimeError):
     """The training data failed the gate; the message lists every problem found."""
 
 

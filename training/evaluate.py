@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from HeartCompletionLib.completion import CompletionError
+from HeartCompletionLib.errors import HeartCompletionError
 from HeartCompletionLib.labelmap import LabelMap
 from HeartCompletionLib.metrics import structure_metrics
 
@@ -43,7 +44,7 @@ SPLIT_CHOICES = ("test", "val", "train", "all")
 METHODS = ("model", "baseline")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(HeartCompletionError, ValueError):
     """Bad evaluation input (message names the file or folder and the problem)."""
 
 

@@ -37,12 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
+from HeartCompletionLib.errors import HeartCompletionError
 from HeartCompletionLib.structures import StructureTable
 
 from .case_format import FORMAT_VERSION, manifest_entry, save_case
 
 
-class PrepareError(ValueError):
+class PrepareError(HeartCompletionError, ValueError):
     """A case that cannot be prepared; the message names the file and the problem."""
 
 
@@ -69,6 +70,9 @@ class PrepareOptions:
     #: structures with fewer voxels than this are kept but warned about
     min_structure_voxels: int = 50
     seed: int = 0
+    #: refuse label maps of more voxels (None: ``read_label_map``'s default, 1.5 G or $HEARTCOMPLETION_MAX_VOXELS);
+    #: it decides whether a case is read, never its arrays, so it is not part of the fingerprint
+    max_voxels: int | None = None
 
     def fingerprint(self) -> str:
         """Hash of everything that changes the arrays of a case (resume keeps only matching cases):
@@ -76,7 +80,9 @@ class PrepareOptions:
         convention = self.convention
         if convention and Path(convention).is_file():
             convention = Path(convention).read_text(encoding="utf-8", errors="replace")
-        text = json.dumps({"options": asdict(self), "format_version": FORMAT_VERSION, "convention": convention,
+        options = asdict(self)
+        options.pop("max_voxels")
+        text = json.dumps({"options": options, "format_version": FORMAT_VERSION, "convention": convention,
                            "table": StructureTable.from_spec(self.table).to_dict()}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -191,7 +197,8 @@ def prepare_case(input_path, output_path, options: PrepareOptions | None = None,
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        label_map = read_label_map(input_path, table=table, convention=options.convention)
+        label_map = read_label_map(input_path, table=table, convention=options.convention,
+                                   max_voxels=options.max_voxels)
     notes += [str(w.message) for w in caught]
     timings["read_s"] = time.perf_counter() - t_start
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from HeartCompletionLib.structures import StructureTable
 
-from .case_format import load_case, manifest_entry, write_manifest
+from .case_format import CaseFormatError, load_case, manifest_entry, verify_checksums, write_manifest
 from .prepare import PrepareError, PrepareOptions, file_sha256, prepare_case, strip_label_map_suffix
 
 
@@ -56,6 +56,7 @@ def _entry_from_existing(ctx: _CaseContext, options: PrepareOptions) -> dict | N
         return None
     try:
         meta = load_case(ctx.output, keys=["annotated"])["meta"]
+        verify_checksums(ctx.output)  # a file damaged in place reads its meta fine
     except ValueError as exc:
         ctx.notes.append(f"{ctx.output}: existing file is not a valid case ({exc}); prepared again")
         return None
@@ -84,6 +85,32 @@ def _run_case(ctx: _CaseContext, options: PrepareOptions) -> dict:
 
 def _failed(ctx: _CaseContext, reason: str) -> dict:
     return {"case": ctx.case_id, "source": str(ctx.source), "output": str(ctx.output), "status": "failed", "reason": reason}
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: the worker ends when ``heart-prepare`` ends, even by ``kill -9``.
+
+    Linux delivers SIGKILL to the worker when its parent dies (``PR_SET_PDEATHSIG``); a watchdog
+    thread that polls the parent's pid covers other systems and the race before the call."""
+    import os
+    import threading
+
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 def remove_stale_temporaries(output_dir: Path) -> list[Path]:
@@ -143,8 +170,11 @@ def prepare_dataset(
             bar.write(f"FAILED {entry['case']}: {entry['reason']}", file=sys.stderr)
         bar.update()
         if time.monotonic() - last_write[0] > 5.0:  # progress survives a kill; not rewritten per case
-            write_manifest(output_dir, input_dir, options, entries.values())
             last_write[0] = time.monotonic()
+            try:
+                write_manifest(output_dir, input_dir, options, entries.values())
+            except CaseFormatError as exc:  # the cases go on; the final write reports it
+                bar.write(f"warning: {exc}", file=sys.stderr)
 
     with tqdm(total=len(contexts), initial=len(contexts) - len(pending), desc="heart-prepare", unit="case",
               disable=not progress) as bar:
@@ -157,10 +187,11 @@ def prepare_dataset(
 
 
 def _run_parallel(pending: list, options: PrepareOptions, workers: int, on_done) -> None:
+    import os
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(_run_case, ctx, options): ctx for ctx in pending}
         for future in as_completed(futures):
             ctx = futures[future]
@@ -208,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="box padding as a fraction of the structures' extent per axis")
     parser.add_argument("--min_padding_mm", type=float, default=defaults.min_padding_mm, help="minimum box padding (mm)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="dataset seed (each case derives its own)")
+    parser.add_argument("--max_voxels", type=float, default=None,
+                        help="refuse label maps of more voxels (default 1.5e9, or $HEARTCOMPLETION_MAX_VOXELS); "
+                        "a header promising more than its file holds is always refused")
     parser.add_argument("--overwrite", action="store_true", help="prepare every case again (default: resume)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     from .dataset_check import add_check_arguments
@@ -231,12 +265,18 @@ def options_from_args(args: argparse.Namespace) -> PrepareOptions:
         num_surface=args.num_surface, num_volume=args.num_volume, num_near=args.num_near,
         min_surface_per_structure=args.min_surface_per_structure, near_sigmas_mm=tuple(args.near_sigma_mm),
         padding_fraction=args.padding_fraction, min_padding_mm=args.min_padding_mm, seed=args.seed,
+        max_voxels=None if args.max_voxels is None else int(args.max_voxels),
     )
+    if options.max_voxels is not None and options.max_voxels < 1:
+        raise PrepareError(f"--max_voxels must be a positive number of voxels, got {args.max_voxels:g}")
     # unknown names fail here, once, instead of in every case
     table = StructureTable.from_spec(options.table)
     for names in (options.structures, options.annotated):
         if names is not None:
             table.subset(names)
+    from HeartCompletionLib.label_conventions import load_convention
+
+    load_convention(options.convention, table)  # a bad --label_map file fails once, up front
     return options
 
 

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from HeartCompletionLib.atomic_io import atomic_write_text
+from HeartCompletionLib.errors import HeartCompletionError
 
 from .case_format import CaseFormatError, load_case, read_manifest
 
@@ -32,7 +33,7 @@ SPLIT_COLUMNS = ("case", "dataset", "annotated", "truncated", "case_id", "source
 SPLITS = ("train", "val", "test")
 
 
-class SplitError(ValueError):
+class SplitError(HeartCompletionError, ValueError):
     """Bad data folders or fractions (message names the folder or the value)."""
 
 

@@ -288,7 +288,7 @@ def _check_output(input_path: Path, output_path: Path) -> None:
 
 def _load_checkpoint(args: argparse.Namespace):
     """The checkpoint of ``--checkpoint`` (file or registered name), checked against ``--table``."""
-    from .completion import check_device
+    from .completion import check_device, resolve_structures
     from .model_registry import load_model
     from .structures import StructureTable
 
@@ -298,6 +298,11 @@ def _load_checkpoint(args: argparse.Namespace):
     checkpoint, entry = load_model(args.checkpoint, expected_table=expected, device="cpu")
     if entry is not None:  # a plain log line: the panel shows it in its log
         _emit(f"warning: model {entry.name!r} ({entry.path}): {entry.warning}")
+    if args.structures:  # an unknown name is refused before the input is read
+        try:
+            resolve_structures(checkpoint.table, args.structures)
+        except KeyError as exc:
+            raise ValueError(f"--structures: {exc.args[0]}") from None
     return checkpoint
 
 

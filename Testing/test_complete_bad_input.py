@@ -285,3 +285,22 @@ def test_help_states_the_ranges():
     text = " ".join(buffer.getvalue().split())
     assert "> 0 (default 8)" in text and ">= 0 (default 60)" in text
 
+
+
+def test_background_process_checks_structures_and_device_before_reading_input(checkpoints, tmp_path):
+    import torch
+
+    garbage = tmp_path / "garbage.nrrd"
+    garbage.write_bytes(b"not a label map")
+    command = completion_process.build_command(checkpoints["ten"], garbage, tmp_path / "o.nrrd", ["LAA", "Spleen"],
+                                               device="cpu")
+    code, events = run_process(command)
+    (error,) = [e.message for e in events if e.kind == "error"]
+    assert code == completion_process.EXIT_BAD_INPUT
+    assert "--structures" in error and "Spleen" in error and "garbage" not in error
+    if not torch.cuda.is_available():  # where CUDA exists this refusal cannot happen
+        command = completion_process.build_command(checkpoints["ten"], garbage, tmp_path / "o.nrrd", device="cuda")
+        code, events = run_process(command)
+        (error,) = [e.message for e in events if e.kind == "error"]
+        assert code == completion_process.EXIT_BAD_INPUT
+        assert "CUDA is not available" in error and "garbage" not in error

@@ -6,6 +6,12 @@ when complete (``os.replace`` is atomic on one file system). A crash, a kill or 
 at most a ``<name>.<random>.tmp`` file, never a truncated output, and the previous version of the
 file stays intact until the new one is complete.
 
+The temporary is removed on any exception (including ``KeyboardInterrupt``) and on SIGTERM/SIGHUP
+(while a write is in progress in the main thread, a handler removes the live temporaries and then
+lets the signal end the process as it would have; handlers someone else installed are left
+alone). Only ``kill -9`` or a power cut can leave one: :func:`remove_stale_temporaries` sweeps
+those of our own naming when a command starts again.
+
 >>> import tempfile, pathlib
 >>> folder = pathlib.Path(tempfile.mkdtemp())
 >>> atomic_write_text(folder / "a.txt", "hello").read_text()
@@ -17,7 +23,10 @@ file stays intact until the new one is complete.
 from __future__ import annotations
 
 import os
+import re
+import signal
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
@@ -37,14 +46,60 @@ def _default_permissions(path: str) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
+#: temporaries being written now (removed by the signal handler)
+_LIVE: set[str] = set()
+_LOCK = threading.Lock()
+_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None)
+_INSTALLED: dict = {}  # signal -> the handler we replaced (always SIG_DFL: we only replace that)
+
+
+def _remove_live_and_resignal(signum, frame) -> None:  # noqa: ARG001
+    for tmp in list(_LIVE):
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)  # die by the signal, as without us
+
+
+def _track(tmp: str) -> None:
+    with _LOCK:
+        _LIVE.add(tmp)
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in _SIGNALS:
+            if sig not in _INSTALLED and signal.getsignal(sig) == signal.SIG_DFL:
+                try:
+                    signal.signal(sig, _remove_live_and_resignal)
+                    _INSTALLED[sig] = signal.SIG_DFL
+                except (ValueError, OSError):
+                    pass
+
+
+def _untrack(tmp: str) -> None:
+    with _LOCK:
+        _LIVE.discard(tmp)
+        if _LIVE or threading.current_thread() is not threading.main_thread():
+            return
+        for sig in list(_INSTALLED):
+            if signal.getsignal(sig) is _remove_live_and_resignal:
+                try:
+                    signal.signal(sig, _INSTALLED[sig])
+                except (ValueError, OSError):
+                    continue
+            del _INSTALLED[sig]
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` for writers that need a file name (nibabel, torch);
-    on success it replaces ``path``; on any exception it is removed and the error re-raised."""
+    on success it replaces ``path``; on any exception (or SIGTERM/SIGHUP) it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temporary_name_for(path)
     os.close(fd)
+    _track(tmp)
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as handle:
@@ -54,6 +109,28 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        _untrack(tmp)
+
+
+def remove_stale_temporaries(folder: str | Path, names, recursive: bool = False) -> list[Path]:
+    """Delete temporaries of our own naming (``<name>.<8 random characters>.tmp``, as
+    :func:`temporary_name_for` makes them) that a killed run left in ``folder`` for the given file
+    ``names`` (exact names or ``fnmatch`` patterns such as ``"*.safetensors"``). Other ``*.tmp``
+    files are never touched. Returns what was removed."""
+    import fnmatch
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    pattern = re.compile(r"^(?P<name>.+)\.[a-z0-9_]{8}" + re.escape(TMP_SUFFIX) + "$")
+    removed = []
+    for candidate in (folder.rglob("*" + TMP_SUFFIX) if recursive else folder.glob("*" + TMP_SUFFIX)):
+        match = pattern.match(candidate.name)
+        if match and candidate.is_file() and any(fnmatch.fnmatchcase(match["name"], n) for n in names):
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
 
 
 @contextmanager

@@ -149,7 +149,9 @@ class RunConfig:
     checkpoint_every: int = 1000
     keep_best: bool = True  #: export model_best.safetensors when the validation IoU improves
     data_gate: bool = True  #: refuse to train on data that fails the checks (data_gate.py)
-    gate_cases: int = 8  #: cases the data gate inspects
+    gate_cases: int = 8  #: kept for old configs; the data gate now checks every case (verdicts cached by file hash)
+    gate_workers: int = 0  #: threads of the data gate (0: one per core, up to 8)
+    gate_cache_dir: str = ""  #: data-gate verdicts by file hash ("": $HEARTCOMPLETION_CACHE_DIR or ~/.cache/heartcompletion)
     tensorboard: bool = True
     progress: bool = True  #: tqdm bar on rank 0
     threads: int = 0  #: torch CPU threads per process (0: leave torch's default)
@@ -284,7 +286,11 @@ def apply_override(tree: dict, assignment: str, where: str = "command line") -> 
     if "=" not in assignment:
         raise ConfigError(f"{where}: override {assignment!r} is not of the form key=value")
     key, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        problem = str(exc).replace("\n", " ")
+        raise ConfigError(f"{where}: override {assignment!r}: the value is not valid YAML ({problem})") from exc
     parts = key.strip().split(".")
     node: Any = tree
     for i, part in enumerate(parts[:-1]):

@@ -19,7 +19,9 @@ Rules (``K`` = number of structures, all lengths in mm):
   ``|d(p) - d(q)| / |p - q|`` over neighbouring volume points is 0.7..1.2 (ideal 0.9);
 - volume points cover the surface samples; near points lie around the surface samples of their own
   structure (median distance at most 6 mm);
-- sign: every annotated structure has negative and positive distances among volume+near points,
+- sign: the sign of near-point distances agrees with the stored outward normals (the side of the
+  nearest surface sample) for more than 75 % of the points (distances positive inside fail);
+  every annotated structure has negative and positive distances among volume+near points,
   and a near point is no farther from its own structure than its offset from the surface sample
   it was drawn around (plus half a voxel), for 99 % of the points within 8 mm of their sample
   (``near_labels``/``near_offset_mm``).
@@ -178,6 +180,14 @@ def _check_units_and_sign(case: dict, limits: CheckLimits, names: list[str]) -> 
     if slope is not None and not limits.slope_p90[0] <= slope <= limits.slope_p90[1]:
         problems.append(f"|d(p)-d(q)|/|p-q| of neighbouring volume points is {slope:.3g} at the 90th percentile "
                         f"(a distance in mm gives ~0.9): distances and points are in different units")
+    if len(near):
+        labels = (case["near_labels"].astype(np.int64) if "near_labels" in case
+                  else np.flatnonzero(annotated)[np.nanargmin(np.abs(near_sdf[:, annotated]), axis=1)])
+        signed_own = near_sdf[np.arange(len(near)), labels]
+        problem = sign_problem(sign_agreement(surface, case["surface_normals"].astype(np.float64),
+                                              case["surface_labels"], near, signed_own, labels))
+        if problem:
+            problems.append(problem)
     both = np.concatenate([case["volume_sdf"], near_sdf])
     for k in np.flatnonzero(annotated):
         if not (both[:, k] < 0).any() or not (both[:, k] > 0).any():
@@ -194,6 +204,48 @@ def _check_units_and_sign(case: dict, limits: CheckLimits, names: list[str]) -> 
             problems.append(f"{100 * bad:.1f} % of near points are farther from their structure than from the surface "
                             f"sample they were drawn around: surface samples and distances disagree")
     return problems
+
+
+#: at least this fraction of near points must lie on the side of the surface their sign says
+MIN_SIGN_AGREEMENT = 0.75
+
+
+def sign_agreement(surface, normals, surface_labels, points, own_sdf, point_labels, max_points: int = 20_000,
+                   min_side_mm: float = 0.5, max_gap_mm: float = 6.0) -> float | None:
+    """Fraction of points whose distance sign agrees with the stored outward normals.
+
+    For each point the nearest surface sample of its own structure gives the side
+    ``(p - s) . n`` (positive outside); a correct SDF is positive outside, so the signs agree for
+    nearly every point clearly off the surface (~0.95+); distances stored with the wrong sign
+    (positive inside) agree for almost none. ``None`` when too few points are usable.
+    """
+    from scipy.spatial import cKDTree
+
+    step = max(1, len(points) // max_points)
+    points, own_sdf = np.asarray(points[::step], np.float64), np.asarray(own_sdf[::step], np.float64)
+    point_labels = np.asarray(point_labels[::step]).astype(np.int64)
+    surface_labels = np.asarray(surface_labels).astype(np.int64)
+    agree = total = 0
+    for k in np.unique(point_labels):
+        own = surface_labels == k
+        sel = (point_labels == k) & np.isfinite(own_sdf)
+        if own.sum() < 10 or not sel.any():
+            continue
+        gap, idx = cKDTree(surface[own]).query(points[sel])
+        side = np.einsum("ij,ij->i", points[sel] - surface[own][idx], normals[own][idx])
+        usable = (np.abs(side) > min_side_mm) & (gap < max_gap_mm) & (np.abs(own_sdf[sel]) > min_side_mm)
+        agree += int(np.count_nonzero(np.sign(side[usable]) == np.sign(own_sdf[sel][usable])))
+        total += int(usable.sum())
+    return agree / total if total >= 20 else None
+
+
+def sign_problem(agreement: float | None) -> str | None:
+    """The message for a :func:`sign_agreement` below :data:`MIN_SIGN_AGREEMENT` (None: fine)."""
+    if agreement is None or agreement >= MIN_SIGN_AGREEMENT:
+        return None
+    return (f"the sign of the distances agrees with the outward surface normals for only {100 * agreement:.0f} % of "
+            f"the near points (expected > {100 * MIN_SIGN_AGREEMENT:.0f} %): distances stored positive inside "
+            "(sign flipped), or normals pointing inwards")
 
 
 def _median_gap_to_own_surface(surface, surface_labels, near, near_labels, max_points: int = 20_000) -> float:

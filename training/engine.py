@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from HeartCompletionLib.atomic_io import remove_stale_temporaries
 from HeartCompletionLib.normalization import Normalization
 from HeartCompletionLib.structures import StructureTable
 
@@ -26,7 +27,7 @@ from .distributed import DistContext, all_reduce_sum, any_rank, barrier
 from .losses import compute_losses, eikonal_queries, iou_from_counts
 from .phase_masks import MaskStatistics
 from .train_logging import RunLogger
-from .train_state import STATE_NAME, load_state, rng_state, save_state, set_rng_state
+from .train_state import STATE_NAME, TrainStateError, load_state, rng_state, save_state, set_rng_state
 
 
 class NonFiniteLossError(RuntimeError):
@@ -100,6 +101,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, ctx: DistContext):
         self.cfg, self.ctx = cfg, ctx
         self.out = Path(cfg.run.output_dir)
+        if ctx.is_main:  # what a killed run (kill -9) left half-written: our own temporaries only
+            remove_stale_temporaries(self.out, (STATE_NAME, "*.safetensors", "*.yaml", "*.json", "*.csv"))
         self.table = StructureTable.from_spec(cfg.structures)
         self.norm = Normalization(scale_mm=cfg.scale_mm)
         self.log = RunLogger(self.out, ctx.is_main, cfg.run.tensorboard)
@@ -250,11 +253,17 @@ class Trainer:
         if state["world_size"] != self.ctx.world_size:
             raise RuntimeError(f"{path}: written by {state['world_size']} processes, resumed with "
                                f"{self.ctx.world_size}; the data plan differs (use the same process count)")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.epoch, self.consumed, self.best = state["step"], state["epoch"], state["consumed"], state["best"]
-        set_rng_state(state["rng"][self.ctx.rank])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step, self.epoch, self.consumed = int(state["step"]), int(state["epoch"]), int(state["consumed"])
+            self.best = state["best"]
+            set_rng_state(state["rng"][self.ctx.rank])
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TrainStateError(f"{path}: the training state does not fit this run ({reason}); it was written "
+                                  "by another model or config") from exc
         self.log.info(f"resumed from {path} at step {self.step} (epoch {self.epoch}, item {self.consumed})")
         return True
 

@@ -308,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score a HeartCompletion checkpoint on held-out label maps under named scenarios "
         "(Dice, HD95/ASSD in mm, volume error, on the original image grid), next to a nearest-case baseline. "
         "Writes metrics.csv, summary.json, box plots and report.html.",
+        epilog="Exit status: 0 every case scored; 1 some label maps could not be read (the outputs cover the "
+        "others, summary.json lists them under 'failed'); 2 refused (bad checkpoint, options or data folder).",
     )
     parser.add_argument("--checkpoint", type=Path, required=True, help="inference checkpoint (.safetensors)")
     parser.add_argument("--data_dir", type=Path, required=True,
@@ -357,6 +359,13 @@ def main(argv=None) -> int:
           f"{Path(args.output_dir) / 'report.html'}")
     for line in summary.get("headline", []):
         print("  " + line)
+    failed = summary["meta"].get("failed") or []
+    if failed:  # the report covers only the readable cases: not a success
+        print(f"heart-eval: error: {len(failed)} case(s) could not be read and are missing from every figure:",
+              file=sys.stderr)
+        for entry in failed:
+            print(f"  {entry['error']}", file=sys.stderr)
+        return 1
     return 0
 
 

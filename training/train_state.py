@@ -18,9 +18,16 @@ import numpy as np
 import torch
 
 from HeartCompletionLib.atomic_io import atomic_open
+from HeartCompletionLib.errors import HeartCompletionError
 
 STATE_NAME = "state_last.pt"
 STATE_VERSION = 1
+#: keys :meth:`Trainer.resume` reads
+STATE_KEYS = ("model", "optimizer", "scheduler", "step", "epoch", "consumed", "best", "rng", "world_size")
+
+
+class TrainStateError(HeartCompletionError, RuntimeError):
+    """A training state that cannot be read or written; the message names the file."""
 
 
 def rng_state() -> dict:
@@ -48,8 +55,13 @@ def set_rng_state(state: dict) -> None:
 def save_state(path: Path, state: dict) -> Path:
     """Write ``state`` atomically (temporary file in the same folder, then ``os.replace``)."""
     path = Path(path)
-    with atomic_open(path, "wb") as handle:
-        torch.save({"version": STATE_VERSION, **state}, handle)
+    try:
+        with atomic_open(path, "wb") as handle:
+            torch.save({"version": STATE_VERSION, **state}, handle)
+    except (OSError, RuntimeError) as exc:  # full disk (torch wraps it in RuntimeError), read-only folder
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise TrainStateError(f"{path}: cannot save the training state ({reason}); the previous state file is "
+                              "intact, free space and continue with --resume") from exc
     return path
 
 
@@ -59,7 +71,14 @@ def load_state(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling problem is "not a usable state file"
-        raise RuntimeError(f"{path}: cannot read the training state ({exc})") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "Weights only load failed" in str(exc):
+            reason = "it holds objects other than tensors and plain data, and loading them could execute code"
+        raise TrainStateError(f"{path}: cannot read the training state: {reason}. Move it away to start this run "
+                              "from step 0, or point --output_dir at another run") from exc
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-        raise RuntimeError(f"{path}: not a heart-train state file of version {STATE_VERSION}")
+        raise TrainStateError(f"{path}: not a heart-train state file of version {STATE_VERSION}")
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise TrainStateError(f"{path}: incomplete training state (missing {missing})")
     return state

@@ -15,14 +15,16 @@ import argparse
 import signal
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from HeartCompletionLib.atomic_io import atomic_write_text
+from HeartCompletionLib.errors import HeartCompletionError
 
 from . import data_gate
-from .config import ConfigError, TrainConfig, config_to_yaml, load_config
+from .config import TrainConfig, config_to_yaml, load_config
 from .dataset import collate
 from .distributed import (
     all_reduce_sum,
@@ -83,7 +85,8 @@ def run_data_gate(trainer: Trainer) -> None:
     problems: list[str] = []
     if trainer.ctx.is_main:
         cfg = trainer.cfg
-        problems = data_gate.run_case_checks(trainer.train_ds.refs, cfg.run.gate_cases, cfg.seed)
+        cache = Path(cfg.run.gate_cache_dir) if cfg.run.gate_cache_dir else data_gate.default_cache_dir()
+        problems = data_gate.run_case_checks(trainer.train_ds.refs, cfg.seed, cfg.run.gate_workers, cache)
         if not problems:
             keys = trainer.sampler.plan(0)[: cfg.optim.batch_size]
             batch = _to(collate([trainer.train_ds[k] for k in keys]), trainer.ctx.device)
@@ -93,7 +96,7 @@ def run_data_gate(trainer: Trainer) -> None:
                 res = trainer.forward_loss(batch, model=trainer.model)
             problems = data_gate.check_first_loss(res.terms, batch, zero_init=zero)
             trainer.log.info(
-                f"data gate: {min(len(trainer.train_ds), cfg.run.gate_cases)} cases checked; first loss "
+                f"data gate: all {len(trainer.train_ds)} cases checked; first loss "
                 f"volume {float(res.terms['volume']):.4f} near {float(res.terms['near']):.4f} network units "
                 f"({'zero-initialised output: equals mean |target|' if zero else 'fine-tuning: magnitude checked'})"
                 + (": OK" if not problems else ": FAILED"))
@@ -224,8 +227,12 @@ def main(argv=None) -> int:
         overrides = list(args.overrides) + ([f"run.output_dir={args.output_dir}"] if args.output_dir else [])
         cfg = load_config(args.config, overrides)
         result = train(cfg, resume=args.resume)
-    except (ConfigError, data_gate.DataGateError, NonFiniteLossError, FileNotFoundError, ValueError) as exc:
+    except (HeartCompletionError, NonFiniteLossError, FileNotFoundError, ValueError) as exc:
         print(f"heart-train: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk or a read-only folder while writing logs, checkpoints
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"heart-train: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     if result.final_checkpoint:
         print(f"heart-train: finished at step {result.step}; inference checkpoint {result.final_checkpoint}")

@@ -104,13 +104,20 @@ class ModelConfig:
         return replace(self, **changes)
 
 
+#: Every named size draws its latent queries from the input points (``fps``): with learnt queries
+#: the encoder collapsed in training -- the same latents for every heart, so the decoder learnt one
+#: mean field (two hearts scaled 0.8 / 1.2: latent difference 2e-4 of their spread at step 300
+#: with learnt queries, 0.83 at step 1,200 with fps; docs/experiments.md, "Encoder collapse").
 _NAMED = {
     # ~0.1M parameters: unit tests, trains on one synthetic heart in seconds on CPU.
-    "tiny": dict(num_latents=32, width=64, depth=2, heads=4, decoder_heads=4, num_frequencies=6, latent_dim=16),
+    "tiny": dict(num_latents=32, width=64, depth=2, heads=4, decoder_heads=4, num_frequencies=6, latent_dim=16,
+                 latent_queries="fps"),
     # ~6M parameters: encode + hierarchical decode of a heart in seconds on a laptop CPU.
-    "small": dict(num_latents=256, width=256, depth=6, heads=8, decoder_heads=8, num_frequencies=8, latent_dim=32),
+    "small": dict(num_latents=256, width=256, depth=6, heads=8, decoder_heads=8, num_frequencies=8, latent_dim=32,
+                  latent_queries="fps"),
     # ~40M parameters: bf16 on 4 x A100 40 GB with ~1,000 hearts (more would overfit, not 425M).
-    "base": dict(num_latents=512, width=512, depth=12, heads=8, decoder_heads=8, num_frequencies=8, latent_dim=64),
+    "base": dict(num_latents=512, width=512, depth=12, heads=8, decoder_heads=8, num_frequencies=8, latent_dim=64,
+                 latent_queries="fps"),
 }
 
 

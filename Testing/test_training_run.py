@@ -55,6 +55,49 @@ def test_tiny_model_learns_the_synthetic_hearts(tiny_training_run, tiny_checkpoi
     print("validation", {k: round(v, 3) for k, v in run.val_metrics.items()})
 
 
+#: the session model must tell its two (deliberately different) hearts apart; measured on the
+#: 1,200-step run: see the print of the test
+OUTPUT_DIFFERENCE_MIN_MM = 2.0
+DISAGREEMENT_ACCURACY_MIN = 0.7
+
+
+def test_tiny_model_uses_its_input(tiny_checkpoint, prepared_synthetic_dataset):
+    """Two different hearts in -> different outputs; where the hearts disagree the model is right
+    for both far more often than the 0.5 any input-ignoring (mean) field gets. A collapsed encoder
+    (the same latents for every heart, simulated below) fails both measures."""
+    import copy
+
+    from heart_training.input_use import input_dependence, label_lookup
+
+    from HeartCompletionLib.checkpoint import load_inference_checkpoint
+    from HeartCompletionLib.labelmap_io import read_label_map
+
+    ck = load_inference_checkpoint(tiny_checkpoint)
+    paths = sorted(prepared_synthetic_dataset.glob("*.npz"))
+    cases = [load_case(p) for p in paths]
+    lookups = [label_lookup(read_label_map(prepared_synthetic_dataset / "label_maps" / f"{p.stem}.nii.gz"))
+               for p in paths]
+    args = (ck.normalization, cases[0], cases[1], *lookups, ck.num_input_points, ck.min_per_structure)
+    measured = input_dependence(ck.model, *args)
+    print("input dependence", measured)
+    assert measured["disagreement_points"] > 1000
+    assert measured["output_difference_mm"] > OUTPUT_DIFFERENCE_MIN_MM
+    assert measured["disagreement_accuracy"] > DISAGREEMENT_ACCURACY_MIN
+
+    collapsed = copy.deepcopy(ck.model)
+    first = {}
+
+    def same_latents(points_n, onehot, normals=None):  # every heart gets the first heart's latents
+        if "latents" not in first:
+            first["latents"] = ck.model.encode(points_n, onehot, normals)
+        return first["latents"]
+
+    collapsed.encode = same_latents
+    control = input_dependence(collapsed, *args)
+    assert control["output_difference_mm"] == 0.0
+    assert control["disagreement_accuracy"] == pytest.approx(0.5)
+
+
 def test_run_folder_has_logs_config_and_loadable_checkpoints(tiny_training_run, tiny_checkpoint):
     from HeartCompletionLib.checkpoint import read_checkpoint_metadata
 

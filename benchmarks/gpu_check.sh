@@ -11,14 +11,17 @@
 #             batch 16, the phase-1 sample sizes, 8 data-loader workers);
 #   phase1    a short phase-1 run on that data through torchrun (NCCL process group, DDP wrapper,
 #             bf16 autocast, validation, export): loss curve, IoU and samples/s in log.jsonl;
-#   complete  benchmarks/complete_speed.py on CUDA with that run's checkpoint (1 mm output).
+#   complete  benchmarks/complete_speed.py on CUDA with that run's checkpoint (1 mm output);
+#   study     benchmarks/completion_study.py --budget gpu (hearts, prepare, phases 1-3, held-out
+#             evaluation against the nearest-heart baseline, study.md), limit STUDY_LIMIT_S (default
+#             540 s); results and checkpoints copied to $OUT. Not in the default PARTS.
 #
 # Set-up on the machine: the wheels in .whl/ (this project's wheel + nibabel, pynrrd, edt; see
 # README "GPU checks") are installed to /tmp/site. Results go to $OUT (default /tmp/gpu_check).
 #   DEVICE=cpu OUT=/tmp/x SWEEP_STEPS=20 PHASE1_STEPS=10 PHASE1_CASES=3 SPEED_CONFIGS=tiny BATCH=2 \
 #       SPEED_STEPS=1 bash benchmarks/gpu_check.sh                          # a dry run on CPU
 set -u
-if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
 OUT="${OUT:-/tmp/gpu_check}"
 PARTS="${PARTS:-sweep data speed phase1 complete}"
 SWEEP_STEPS="${SWEEP_STEPS:-2500}"
@@ -29,6 +32,8 @@ SWEEP_NAMES="${SWEEP_NAMES:-test balanced bal_f8 bal_w128 bal_b8 bal_near2 bal_l
 PHASE1_STEPS="${PHASE1_STEPS:-1200}"
 PHASE1_LIMIT_S="${PHASE1_LIMIT_S:-130}"
 PHASE1_CASES="${PHASE1_CASES:-24}"
+STUDY_LIMIT_S="${STUDY_LIMIT_S:-540}"
+STUDY_ARGS="${STUDY_ARGS:-}"
 SPEED_STEPS="${SPEED_STEPS:-10}"
 SPEED_CONFIGS="${SPEED_CONFIGS:-small base}"
 BATCH="${BATCH:-16}"
@@ -113,6 +118,22 @@ part_complete() {
     else
         echo "no checkpoint from the phase-1 run"
     fi
+}
+
+part_study() {
+    stamp "study: completion_study.py --budget gpu (limit $STUDY_LIMIT_S s) $STUDY_ARGS"
+    # shellcheck disable=SC2086
+    timeout "$STUDY_LIMIT_S" python3 benchmarks/completion_study.py --budget gpu --device "$DEVICE" \
+        --output_dir "$WORK/study" --workers "$(nproc)" $STUDY_ARGS > "$OUT/study_console.txt" 2>&1
+    echo "exit $?"
+    grep -v "it/s\|s/it\|case/s\|heart/s" "$OUT/study_console.txt" | tail -n 40
+    for phase in 1 2 3; do
+        cp "$WORK/study/phase$phase/model_best.safetensors" "$OUT/study_phase${phase}_best.safetensors" 2>/dev/null
+    done
+    cp "$WORK/study/eval/report.html" "$OUT/study_report.html" 2>/dev/null
+    (cd "$WORK/study" && tar czf "$OUT/study_files.tgz" --ignore-failed-read study.md study.json timings.json \
+        hearts/hearts.json phase*/log.jsonl phase*/stdout.log phase*/config.yaml eval/summary.json eval/metrics.csv \
+        eval/shards/*/stdout.log 2>/dev/null)
 }
 
 stamp "machine"

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -315,10 +316,19 @@ def load_inference_checkpoint(path, expected_table: StructureTable | None = None
     import torch
 
     stored = {k: tuple(v["shape"]) for k, v in _read_header(path).items() if k != "__metadata__"}
+    # every size of the config is bounded by what the file stores (depth by the tensor count, the
+    # others by the element count): even the meta-device model stays as small as the file
+    elements = sum(math.prod(shape) for shape in stored.values())
+    for name, value in config.to_dict().items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            limit = len(stored) if name == "depth" else elements
+            if not (math.isfinite(value) and 0 <= value <= limit):
+                raise CheckpointError(f"{path}: weights do not match the model config: {name}={value!r} is "
+                                      f"impossible for {len(stored)} stored tensors of {elements} values")
     try:
         with torch.device("meta"):
             expected = {k: tuple(v.shape) for k, v in HeartVecSet(config).state_dict().items()}
-    except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
+    except (TypeError, ValueError, RuntimeError, AssertionError, OverflowError, ZeroDivisionError) as exc:
         raise CheckpointError(f"{path}: garbled HeartCompletion metadata: model config {meta['model_config']}: {exc}") from exc
     missing = sorted(set(expected) - set(stored))
     unexpected = sorted(set(stored) - set(expected))

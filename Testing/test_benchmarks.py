@@ -99,3 +99,9 @@ def test_gpu_check_script_parses_and_explains_itself():
                                check=True).stdout
     for part in ("sweep", "data", "speed", "phase1", "complete"):
         assert part in help_text
+
+
+def test_fuzz_readers_runs_at_its_smallest_size():
+    text = run_benchmark("fuzz_readers.py", "--count", "6", "--seed", "1")
+    assert text.startswith("command: ") and "fuzz_readers.py --count 6" in text
+    assert "6 mutations in" in text and "total" in text and "FAIL" not in text

@@ -15,8 +15,11 @@ negative inside. The loader applies the scale ``S`` (see
 from __future__ import annotations
 
 import json
+import math
 import struct
+import tokenize
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +95,7 @@ def load_case(path: str | Path, keys=None, optional=(), mmap: bool = False) -> d
             if missing:
                 raise CaseFormatError(f"{path}: missing keys {missing}")
             names = [*wanted, *(k for k in optional if k in npz.files and k not in wanted)]
+            _check_members(path, npz, names)
             out = dict.fromkeys(names)
             if mmap:  # one pass over the local headers, then a map per large stored member
                 with open(path, "rb") as fh:
@@ -99,12 +103,18 @@ def load_case(path: str | Path, keys=None, optional=(), mmap: bool = False) -> d
             out = {k: npz[k] if v is None else v for k, v in out.items()}
     except CaseFormatError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, struct.error) as exc:
-        raise CaseFormatError(f"{path}: unreadable case file ({exc})") from exc
+    except MemoryError:
+        raise CaseFormatError(f"{path}: not enough memory to read the case") from None
+    # numpy parses .npy headers with the tokenizer (TokenError/SyntaxError on a damaged one)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, struct.error, tokenize.TokenError, SyntaxError,
+            KeyError, TypeError, NotImplementedError, zlib.error) as exc:
+        raise CaseFormatError(f"{path}: unreadable case file ({type(exc).__name__}: {exc})") from exc
     try:
         meta = json.loads(str(out["meta"]))
     except json.JSONDecodeError as exc:
         raise CaseFormatError(f"{path}: 'meta' is not JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise CaseFormatError(f"{path}: 'meta' is a JSON {type(meta).__name__}, not an object")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CaseFormatError(
             f"{path}: case format version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}; "
@@ -112,6 +122,28 @@ def load_case(path: str | Path, keys=None, optional=(), mmap: bool = False) -> d
         )
     out["meta"] = meta
     return out
+
+
+def _check_members(path: Path, npz, names) -> None:
+    """Refuse a member whose .npy header promises more bytes than the member holds (a damaged or
+    crafted header would otherwise allocate its promise before the read fails)."""
+    size = path.stat().st_size
+    for name in names:
+        info = npz.zip.getinfo(f"{name}.npy")
+        if info.compress_size > size or info.file_size > 1032 * info.compress_size + 4096:
+            raise CaseFormatError(f"{path}: member {name!r} claims {info.file_size} bytes from {info.compress_size} "
+                                  f"stored bytes in a {size}-byte file: damaged")
+        with npz.zip.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            if version not in ((1, 0), (2, 0)):
+                continue  # numpy reads (or refuses) other versions itself
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = reader(member)
+            header_bytes = member.tell() if member.seekable() else 0
+        promised = math.prod(shape) * dtype.itemsize
+        if promised > info.file_size - header_bytes:
+            raise CaseFormatError(f"{path}: member {name!r} promises {promised} bytes ({dtype}, shape {shape}) but "
+                                  f"holds {info.file_size - header_bytes}: damaged")
 
 
 def verify_checksums(path: str | Path) -> None:

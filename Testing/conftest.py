@@ -4,12 +4,15 @@ re-exported here so every test file sees them."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 # Keep the 2-core CI machine responsive and results reproducible.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# The data gate caches verdicts by file hash; tests keep that cache out of the user's home.
+os.environ.setdefault("HEARTCOMPLETION_CACHE_DIR", tempfile.mkdtemp(prefix="hc-test-cache-"))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data"

@@ -90,12 +90,12 @@ BUDGETS = {
                             "num_near_queries": 128, "num_surface_queries": 32}),
     "cpu": Budget("cpu", train_hearts=200, heldout_hearts=24, train_spacing_mm=1.5, heldout_spacing_mm=1.5,
                   oblique_spacing_mm=(1.2, 1.2, 2.0), oblique_fraction=0.34, prepare_points=(60_000, 40_000, 60_000),
-                  model="small", model_overrides=STUDY_MODEL, steps=(2500, 4000, 1500), lr=(2e-3, 1e-3, 5e-4),
-                  batch_size=8, val_every=500, num_workers=1, device="cpu", threads=2,
+                  model="small", model_overrides=STUDY_MODEL, steps=(1000, 1700, 600), lr=(2e-3, 1e-3, 5e-4),
+                  batch_size=8, val_every=300, num_workers=1, device="cpu", threads=2,
                   scenarios=("full", "subset_A", "subset_B", "drop_k", "missing_*"), sample=SAMPLE),
     "gpu": Budget("gpu", train_hearts=200, heldout_hearts=24, train_spacing_mm=1.5, heldout_spacing_mm=1.5,
                   oblique_spacing_mm=(1.2, 1.2, 2.0), oblique_fraction=0.34, prepare_points=(60_000, 60_000, 100_000),
-                  model="small", model_overrides=STUDY_MODEL, steps=(2000, 3000, 1000), lr=(2e-3, 1e-3, 5e-4),
+                  model="small", model_overrides=STUDY_MODEL, steps=(1500, 2500, 1000), lr=(2e-3, 1e-3, 5e-4),
                   batch_size=32, val_every=500, num_workers=12, device="cuda", threads=0,
                   scenarios=("full", "subset_A", "subset_B", "drop_k", "missing_*"), sample=SAMPLE),
 }
@@ -267,7 +267,18 @@ def _read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def stage_eval(out: Path, budget: Budget, device: str, eval_workers: int) -> float:
+def _describe(args):
+    """Nearest-case baseline descriptor of one training label map (a worker process)."""
+    from heart_training.baseline import describe_label_map
+
+    from HeartCompletionLib.labelmap_io import read_label_map
+
+    path, case_id = args
+    return describe_label_map(read_label_map(path), case_id, source=path)
+
+
+def stage_eval(out: Path, budget: Budget, device: str, eval_workers: int, workers: int) -> float:
+    from heart_training.baseline import save_descriptor_cache
     from heart_training.evaluate import find_cases, load_baseline
     from heart_training.report import write_outputs
 
@@ -284,8 +295,12 @@ def stage_eval(out: Path, budget: Budget, device: str, eval_workers: int) -> flo
     train_dir = out / "hearts" / "train"
     cache = eval_dir / "baseline_index.npz"
     eval_dir.mkdir(parents=True, exist_ok=True)
-    log(f"eval: baseline index of {len(find_cases(train_dir))} training hearts")
-    load_baseline(find_cases(train_dir), table, progress=True, cache_path=cache)
+    train_cases = find_cases(train_dir)
+    log(f"eval: baseline index of {len(train_cases)} training hearts ({workers} processes)")
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        described = list(pool.map(_describe, [(c.path.resolve(), c.case_id) for c in train_cases], chunksize=4))
+    save_descriptor_cache(cache, described)
+    load_baseline(train_cases, table, progress=False, cache_path=cache)  # every file a cache hit: checks the index
     shards = [heldout[i::eval_workers] for i in range(eval_workers) if heldout[i::eval_workers]]
     procs = []
     log(f"eval: {len(heldout)} held-out hearts x {len(budget.scenarios)} scenario kinds in {len(shards)} shard(s)")
@@ -300,7 +315,7 @@ def stage_eval(out: Path, budget: Budget, device: str, eval_workers: int) -> flo
         cmd = [sys.executable, "-m", "heart_training.evaluate", "--checkpoint", str(checkpoint), "--data_dir",
                str(shard_dir / "cases.csv"), "--train_dir", str(train_dir), "--baseline_cache", str(cache),
                "--output_dir", str(shard_dir), "--device", device, "--quiet", "--figure_cases",
-               "2" if k == 0 else "0", "--scenarios", *budget.scenarios]
+               "1" if k == 0 else "0", "--scenarios", *budget.scenarios]
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // max(1, len(shards))))}
         procs.append((k, subprocess.Popen(cmd, stdout=open(shard_dir / "stdout.log", "w", encoding="utf-8"),
                                           stderr=subprocess.STDOUT, env=env)))
@@ -464,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cpu | cuda (default: the budget's)")
     parser.add_argument("--workers", type=int, default=None, help="processes for hearts and prepare (default: cores)")
     parser.add_argument("--eval_workers", type=int, default=None,
-                        help="parallel heart-eval shards (default: 1 on CPU, min(12, cores) on CUDA)")
+                        help="parallel heart-eval shards (default: the CPU cores, at most 12 on CUDA)")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
                         help="run only these stages (default: all; finished ones are skipped anyway)")
     parser.add_argument("--steps", type=int, nargs=3, default=None, metavar=("P1", "P2", "P3"),
@@ -500,7 +515,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 2
     workers = args.workers or cores
-    eval_workers = args.eval_workers or (min(12, cores) if device.startswith("cuda") else 1)
+    eval_workers = args.eval_workers or (min(12, cores) if device.startswith("cuda") else cores)
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     log(f"budget {budget.name} -> {out} (device {device}, {workers} workers)")
@@ -515,7 +530,7 @@ def main(argv=None) -> int:
         if "train" in args.stages:
             timings["train_s"] = {**timings.get("train_s", {}), **stage_train(out, budget, device)}
         if "eval" in args.stages:
-            timings["eval_s"] = stage_eval(out, budget, device, eval_workers)
+            timings["eval_s"] = stage_eval(out, budget, device, eval_workers, workers)
     finally:
         timings_path.write_text(json.dumps(timings), encoding="utf-8")
     if "report" in args.stages:

@@ -81,7 +81,8 @@ def _stl_bytes(vertices, faces, title: str) -> bytes:
     data = np.zeros(len(faces), dtype=record)
     data["normal"] = _face_normals(vertices, faces)
     data["v"] = vertices[faces]
-    header = f"{title} {COORDINATE_TAG}".encode("ascii", "replace")[:80].ljust(80, b" ")
+    # the tag must survive the 80-byte header, so a long title is cut instead
+    header = f"{title[:80 - len(COORDINATE_TAG) - 1]} {COORDINATE_TAG}".encode("ascii", "replace").ljust(80, b" ")
     return header + np.uint32(len(faces)).tobytes() + data.tobytes()
 
 

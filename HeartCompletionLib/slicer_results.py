@@ -24,10 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import slicer
 import vtk
+from vtk.util import numpy_support
 
 from .labelmap import LabelMap
+from .meshes import MESH_FORMATS, write_mesh
 from .segment_mapping import terminology_entry
 from .slicer_bridge import (
     BINARY_LABELMAP,
@@ -175,22 +178,35 @@ def write_seg_nrrd(segmentation_node, path: str | Path) -> Path:
     return path
 
 
+def _triangle_arrays(surface) -> tuple[np.ndarray, np.ndarray]:
+    """``(vertices (V, 3) float64 mm, faces (F, 3) int64)`` of a vtkPolyData, strips and polygons
+    split into triangles."""
+    triangles = vtk.vtkTriangleFilter()
+    triangles.SetInputData(surface)
+    triangles.PassVertsOff()
+    triangles.PassLinesOff()
+    triangles.Update()
+    mesh = triangles.GetOutput()
+    vertices = numpy_support.vtk_to_numpy(mesh.GetPoints().GetData()).astype(np.float64)
+    faces = numpy_support.vtk_to_numpy(mesh.GetPolys().GetConnectivityArray()).astype(np.int64).reshape(-1, 3)
+    return vertices, faces
+
+
 def export_meshes(
     segmentation_node,
     folder: str | Path,
     segment_ids: Sequence[str] | None = None,
     file_format: str = "STL",
-    lps: bool = False,
     file_names: dict[str, str] | None = None,
 ) -> list[Path]:
-    """One closed-surface mesh per segment, ``folder/<name>.stl`` (or ``.obj``), in mm, RAS by
-    default (``lps=True`` for tools that expect DICOM's LPS). ``name`` is ``file_names[segment
-    ID]`` or else the segment's name. Each file is written to a temporary name and moved into
-    place, so a failed export leaves no partial file."""
-    file_format = file_format.upper()
-    writers = {"STL": vtk.vtkSTLWriter, "OBJ": vtk.vtkOBJWriter}
-    if file_format not in writers:
-        raise ValueError(f"mesh format must be STL or OBJ, got {file_format!r}")
+    """One closed-surface mesh per segment, ``folder/<name>.stl`` (or ``.obj``, ``.ply``,
+    ``.vtk``), vertices in RAS mm. ``name`` is ``file_names[segment ID]`` or else the segment's
+    name. The files are written by :func:`HeartCompletionLib.meshes.write_mesh`, the project's one
+    mesh writer, so each carries the ``SPACE=RAS`` tag without which Slicer reads a mesh as LPS
+    and shows it mirrored; each is written atomically, so a failed export leaves no partial file."""
+    fmt = file_format.lower()
+    if fmt not in MESH_FORMATS:
+        raise ValueError(f"mesh format must be one of {', '.join(f.upper() for f in MESH_FORMATS)}, got {file_format!r}")
     ensure_segmentation_converters()
     segmentation_node.CreateClosedSurfaceRepresentation()
     folder = Path(folder)
@@ -203,26 +219,10 @@ def export_meshes(
         slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentClosedSurfaceRepresentation(segmentation_node, segment_id, surface)
         if surface.GetNumberOfPoints() == 0:
             continue  # an empty segment has no surface to write
-        if lps:
-            flip = vtk.vtkTransformPolyDataFilter()
-            transform = vtk.vtkTransform()
-            transform.Scale(-1.0, -1.0, 1.0)
-            flip.SetTransform(transform)
-            flip.SetInputData(surface)
-            flip.Update()
-            surface = flip.GetOutput()
+        vertices, faces = _triangle_arrays(surface)
         name = (file_names or {}).get(segment_id) or segmentation.GetSegment(segment_id).GetName()
         name = re.sub(r"[^\w\-. ]+", "_", name).strip() or segment_id
-        target = folder / f"{name}.{file_format.lower()}"
-        tmp = folder / f".{name}.tmp.{file_format.lower()}"
-        writer = writers[file_format]()
-        writer.SetFileName(str(tmp))
-        writer.SetInputData(surface)
-        if not writer.Write():
-            tmp.unlink(missing_ok=True)
-            raise OSError(f"{target}: writing the mesh failed")
-        os.replace(tmp, target)
-        written.append(target)
+        written.append(write_mesh(folder / f"{name}.{fmt}", vertices, faces, fmt, title=name))
     return written
 
 

@@ -209,6 +209,54 @@ def test_segment_mapping_mixed_conventions(scene, heart):
     assert [s.name for s in default_structures_to_complete(mappings, TABLE)] == list(DROPPED)
 
 
+# --- export ------------------------------------------------------------------------------------
+
+
+def mesh_header(path: Path) -> bytes:
+    """The part of a mesh file where a coordinate-system tag lives: STL's 80-byte header, or the
+    text lines before the data of OBJ, PLY and legacy VTK."""
+    data = path.read_bytes()
+    if path.suffix == ".stl":
+        return data[:80]
+    if path.suffix == ".obj":
+        return b"\n".join(line for line in data.splitlines() if line.startswith(b"#"))
+    end = data.find(b"end_header") if path.suffix == ".ply" else data.find(b"POINTS")
+    return data[:end]
+
+
+@pytest.mark.parametrize("file_format", ["STL", "OBJ", "PLY", "VTK"])
+def test_exported_meshes_say_they_are_ras(scene, heart, tmp_path, file_format):
+    """Slicer reads a mesh without ``SPACE=RAS`` as LPS and shows it mirrored, so the panel's mesh
+    export must write the tag (read back from the file here), and the vertices must be RAS mm."""
+    import vtk
+
+    from HeartCompletionLib.geometry import ijk_to_ras_points
+
+    node, _ = partial_segmentation(scene, heart)
+    meshes = slicer_results.export_structure_meshes(node, tmp_path, TABLE, file_format)
+    assert sorted(p.name for p in meshes) == sorted(f"{n}.{file_format.lower()}" for n in NAMES)  # no Tumor
+    for path in meshes:
+        assert b"SPACE=RAS" in mesh_header(path), path.name
+    readers = {"STL": vtk.vtkSTLReader, "OBJ": vtk.vtkOBJReader, "PLY": vtk.vtkPLYReader, "VTK": vtk.vtkPolyDataReader}
+    reader = readers[file_format]()
+    reader.SetFileName(str(tmp_path / f"LV.{file_format.lower()}"))
+    reader.Update()
+    bounds = np.array(reader.GetOutput().GetBounds()).reshape(3, 2)  # RAS mm: not mirrored
+    lv_ras = ijk_to_ras_points(np.argwhere(heart.labels == TABLE.by_name("LV").label), heart.ijk_to_ras)
+    tolerance = heart.spacing_mm.max()
+    np.testing.assert_allclose(bounds[:, 0], lv_ras.min(0), atol=tolerance)
+    np.testing.assert_allclose(bounds[:, 1], lv_ras.max(0), atol=tolerance)
+
+
+def test_a_long_segment_name_keeps_the_stl_tag(scene, heart, tmp_path):
+    node, _ = partial_segmentation(scene, heart)
+    (segment_id,) = [i.segment_id for i in slicer_bridge.segment_infos(node) if i.name == "left ventricle"]
+    (path,) = slicer_results.export_meshes(node, tmp_path, [segment_id], "STL", file_names={segment_id: "LV" * 60})
+    assert path.read_bytes()[:80].rstrip().endswith(b"SPACE=RAS")
+    with pytest.raises(ValueError, match="mesh format"):
+        slicer_results.export_meshes(node, tmp_path, [segment_id], "GLB")
+
+
 # --- end to end ----------------------------------------------------------------------------------
 
 

@@ -107,7 +107,7 @@ class ModelConfig:
 #: Every named size draws its latent queries from the input points (``fps``): with learnt queries
 #: the encoder collapsed in training -- the same latents for every heart, so the decoder learnt one
 #: mean field (two hearts scaled 0.8 / 1.2: latent difference 2e-4 of their spread at step 300
-#: with learnt queries, 0.83 at step 1,200 with fps; docs/experiments.md, "Encoder collapse").
+#: with learnt queries, 0.83 at step 1,200 with fps; docs/completion_study.md, "Encoder collapse").
 _NAMED = {
     # ~0.1M parameters: unit tests, trains on one synthetic heart in seconds on CPU.
     "tiny": dict(num_latents=32, width=64, depth=2, heads=4, decoder_heads=4, num_frequencies=6, latent_dim=16,

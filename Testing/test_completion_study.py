@@ -1,0 +1,58 @@
+"""The completion study (benchmarks/completion_study.py) end to end at its smallest size: synthetic
+hearts -> prepare -> phases 1-3 -> held-out evaluation against the baseline -> study.md; a rerun
+skips every finished stage. Real files, real training steps, real heart-eval."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+STUDY = Path(__file__).resolve().parents[1] / "benchmarks" / "completion_study.py"
+
+
+def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(STUDY), "--budget", "smoke", "--output_dir", str(out), "--workers", "2",
+                           "--eval_workers", "2", *extra], capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_smoke_study_runs_end_to_end_and_resumes(tmp_path):
+    out = tmp_path / "study"
+    first = _run(out)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    study = (out / "study.md").read_text(encoding="utf-8")
+    assert "## Verdict against the targets" in study and "## Per scenario and structure" in study
+    for scenario in ("full", "subset_A", "drop_k", "missing_LAA"):
+        assert f"| {scenario} | all scored |" in study
+    assert "Git commit:" in study and "Wall time:" in study
+    hearts = json.loads((out / "hearts" / "hearts.json").read_text())["hearts"]
+    train_seeds = {h["seed"] for h in hearts if h["split"] == "train"}
+    heldout = [h for h in hearts if h["split"] == "heldout"]
+    assert len(train_seeds) == 5 and len(heldout) == 2 and not train_seeds & {h["seed"] for h in heldout}
+    assert any(h["oblique"] for h in heldout) and all(h["modes"] for h in hearts)
+    for phase in (1, 2, 3):
+        assert (out / f"phase{phase}" / "model_best.safetensors").is_file()
+    config3 = (out / "phase3" / "config.yaml").read_text()
+    assert "phase2/model_best.safetensors" in config3  # each phase starts from the previous best
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    assert {"model", "baseline"} <= set(summary["scenarios"]["subset_A"]["overall"])
+    verdict = json.loads((out / "study.json").read_text())["verdict"]
+    assert set(verdict) >= {"subset_A", "drop_k", "missing_X", "full_chambers"}
+
+    started = time.perf_counter()
+    again = _run(out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("skipped") >= 5  # hearts, prepare, three phases, eval
+    assert time.perf_counter() - started < 120
+
+
+def test_bad_arguments_are_usage_errors(tmp_path):
+    result = _run(tmp_path / "s", "--steps", "0", "1", "1")
+    assert result.returncode == 2 and "--steps must be positive" in result.stderr
+    result = _run(tmp_path / "s", "--train_hearts", "1")
+    assert result.returncode == 2 and "at least 3" in result.stderr

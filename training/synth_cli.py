@@ -24,16 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
-from HeartCompletionLib.labelmap_io import SUPPORTED_SUFFIXES, LabelMapError, write_label_map
+from HeartCompletionLib.labelmap_io import DEFAULT_MAX_VOXELS, SUPPORTED_SUFFIXES, LabelMapError, write_label_map
 from HeartCompletionLib.structures import StructureTable
 from HeartCompletionLib.synthetic import check_grid_size, synthetic_grid, synthetic_heart, synthetic_label_map
 
 DATASET_JSON = "dataset.json"
 CT_LIKE_SPACING_MM = (0.4, 0.4, 0.5)
 CT_LIKE_SHAPE = (512, 512, None)  # None: as many 0.5 mm slices as the heart needs
-#: Largest grid (voxels) heart-synth rasterises: 1.5e9 int16 voxels are 3 GB per case (the CT-like
-#: grid is ~80M); ``--spacing 0.1 0.1 0.1`` (~4e9 voxels) is refused before it allocates anything.
-MAX_VOXELS = 1_500_000_000
+#: Largest grid (voxels) heart-synth rasterises: the readers' limit (1.5e9 int16 voxels are 3 GB per
+#: case; the CT-like grid is ~80M), so what heart-synth writes the tools can read;
+#: ``--spacing 0.1 0.1 0.1`` (~4e9 voxels) is refused before it allocates anything.
+MAX_VOXELS = DEFAULT_MAX_VOXELS
 
 
 def case_seed(seed: int, index: int) -> int:

@@ -98,6 +98,38 @@ def load_convention(spec: str | Path | dict | None, table: StructureTable) -> di
     return mapping
 
 
+def convention_structures(spec: str | Path | dict | None, table: StructureTable) -> list[str] | None:
+    """Names of the table's structures a convention names (table order), ``None`` without a convention.
+
+    This is what a dataset *can* annotate (DESIGN.md, phase 4): a structure its convention does not
+    name is not annotated (unknown), not "absent". ``heart-prepare`` and ``heart-eval`` use it as the
+    default annotated set of every case of a convention (a sidecar or ``--annotated`` still wins).
+
+    >>> from HeartCompletionLib.structures import StructureTable
+    >>> convention_structures({"1": "RV", "2": "Myocardium", "3": "LV"}, StructureTable.default())
+    ['Myocardium', 'LV', 'RV']
+    >>> convention_structures(None, StructureTable.default()) is None
+    True
+    """
+    mapping = load_convention(spec, table)
+    if mapping is None:
+        return None
+    labels = {label for label in mapping.values() if label > 0}
+    return [s.name for s in table if s.label in labels]
+
+
+def default_annotated(table: StructureTable, convention=None, annotated=None, sidecar=None) -> list[str]:
+    """The structures a case annotates, by the one rule of ``heart-prepare`` and ``heart-eval``:
+    a sidecar's list wins, then ``annotated`` (``--annotated``), then the structures the convention
+    names, else every structure of the table. Names come back as the table's, in table order."""
+    for names in (sidecar, annotated):
+        if names is not None:
+            wanted = {s.name for s in table.subset(names)}
+            return [n for n in table.names if n in wanted]
+    named = convention_structures(convention, table)
+    return list(table.names) if named is None else named
+
+
 def label_lookup(table: StructureTable, spec: str | Path | dict | None, max_value: int = 1024) -> np.ndarray:
     """A lookup array ``lut[source value] -> table label`` (0 for values the convention lacks)."""
     mapping = load_convention(spec, table)

@@ -13,7 +13,8 @@ For every case, scenario (:mod:`.scenarios`) and scored structure it writes Dice
 
 Where the cases come from (``--data_dir``)
     a folder of label maps (``.nii``, ``.nii.gz``, ``.nrrd``, ``.seg.nrrd``; all of them are
-    used), a ``heart-split`` CSV, or a folder holding ``train.csv``/``val.csv``/``test.csv`` (the
+    used; what each annotates follows ``heart-prepare``'s rule: sidecar, ``--annotated``, the
+    structures ``--convention`` names, else all), a ``heart-split`` CSV, or a folder holding ``train.csv``/``val.csv``/``test.csv`` (the
     one named by ``--split``; ``all`` = every CSV). CSV rows name the label map in ``source``; when
     the label maps have moved, ``--label_dir`` is searched by file name / case id.
 Training cases for the baseline (``--train_dir``)
@@ -160,6 +161,23 @@ def find_training_cases(train: Path | None, data: Path, label_dir: Path | None) 
     )
 
 
+def resolve_annotated(cases: list[EvalCase], table, convention=None, annotated=None) -> None:
+    """Fill in ``annotated`` of the cases that lack it, by ``heart-prepare``'s rule: the sidecar
+    ``<case>.json`` beside the label map, then ``annotated`` (``--annotated``), then the structures
+    the convention names, else every structure. A split CSV's ``annotated`` column already holds
+    that rule's answer (from ``heart-prepare``) and is kept. A structure outside a case's annotated
+    set is never hidden from the input nor scored."""
+    from HeartCompletionLib.label_conventions import default_annotated
+
+    from .prepare import read_sidecar
+
+    if annotated is not None:
+        table.subset(annotated)  # an unknown name fails once, up front
+    for case in cases:
+        if case.annotated is None:
+            case.annotated = default_annotated(table, convention, annotated, read_sidecar(case.path, table))
+
+
 # --- scoring ---------------------------------------------------------------------------------
 def keep_only(label_map: LabelMap, labels) -> LabelMap:
     """A copy holding only ``labels`` (the scenario's input); never modifies ``label_map``."""
@@ -251,6 +269,7 @@ def run_evaluation(args) -> dict:
     table = checkpoint.table
     scenarios = resolve_scenarios(args.scenarios, table)
     cases = find_cases(args.data_dir, args.split, args.label_dir)[: args.max_cases or None]
+    resolve_annotated(cases, table, args.convention, args.annotated)
     baseline = None
     if not args.no_baseline:
         cache = args.baseline_cache or Path(args.output_dir) / "baseline_index.npz"
@@ -324,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--convention", default=None,
                         help="label numbering of the files when it is not the table's: mmwhs, totalsegmentator or a "
                         "JSON file (see label_conventions)")
+    parser.add_argument("--annotated", nargs="+", default=None, metavar="NAME",
+                        help="structures the label maps annotate, for a folder of label maps (default: a "
+                        "<case>.json sidecar, else those the --convention names, else all; a split CSV's "
+                        "annotated column wins). Only annotated structures are hidden and scored")
     parser.add_argument("--no_baseline", action="store_true", help="score the model only")
     parser.add_argument("--baseline_cache", type=Path, default=None,
                         help="descriptor cache of the training cases, reused across runs while the files are "

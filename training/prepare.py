@@ -15,8 +15,10 @@ Per case (:func:`prepare_case`), all geometry in RAS millimetres from the file's
    does not annotate are NaN.
 
 Annotation (which structures a label map claims to contain): a sidecar ``<case>.json`` beside the
-label map with ``{"annotated": [names]}`` wins, then ``--annotated``, else every structure of the
-table (``--structures`` narrows all three). An annotated structure with no voxels is warned about
+label map with ``{"annotated": [names]}`` wins, then ``--annotated``, then the structures the label
+convention (``--label_map``) names, else every structure of the table (``--structures`` narrows all
+four; :func:`HeartCompletionLib.label_conventions.default_annotated`). A dataset cannot annotate
+what its convention does not name: ACDC's ``{1: RV, 2: Myocardium, 3: LV}`` annotates those three. An annotated structure with no voxels is warned about
 and stored as *not* annotated (NaN): an absent structure has no finite distance to learn.
 ``truncated`` flags annotated structures with a voxel on the image border (cut by the field of view).
 
@@ -38,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from HeartCompletionLib.errors import HeartCompletionError
+from HeartCompletionLib.label_conventions import default_annotated
 from HeartCompletionLib.structures import StructureTable
 
 from .case_format import FORMAT_VERSION, manifest_entry, save_case
@@ -82,6 +85,8 @@ class PrepareOptions:
             convention = Path(convention).read_text(encoding="utf-8", errors="replace")
         options = asdict(self)
         options.pop("max_voxels")
+        if self.convention:  # cases prepared before conventions defined the annotated set are redone
+            options["annotation_rule"] = "convention-names"
         text = json.dumps({"options": options, "format_version": FORMAT_VERSION, "convention": convention,
                            "table": StructureTable.from_spec(self.table).to_dict()}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -113,7 +118,8 @@ def sidecar_path(input_path: Path) -> Path:
     return input_path.with_name(stem + ".json")
 
 
-def _read_sidecar(input_path: Path, table: StructureTable) -> list[str] | None:
+def read_sidecar(input_path: Path, table: StructureTable) -> list[str] | None:
+    """The ``{"annotated": [names]}`` sidecar beside a label map (table names), ``None`` when absent."""
     path = sidecar_path(input_path)
     if not path.is_file():
         return None
@@ -149,9 +155,7 @@ def _structures_to_use(label_map, table: StructureTable, options: PrepareOptions
     (sidecar > ``options.annotated`` > all, within ``options.structures``). Appends warnings to ``notes``."""
     K = len(table)
     selected = table.names if options.structures is None else [s.name for s in table.subset(options.structures)]
-    claimed = _read_sidecar(input_path, table)
-    if claimed is None:
-        claimed = table.names if options.annotated is None else [s.name for s in table.subset(options.annotated)]
+    claimed = default_annotated(table, options.convention, options.annotated, read_sidecar(input_path, table))
     claimed_labels = [table.by_name(n).label for n in table.names if n in claimed and n in selected]
 
     counts = np.zeros(K + 1, dtype=np.int64)

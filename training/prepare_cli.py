@@ -226,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--structures", nargs="+", default=None, metavar="NAME",
                         help="process only these structures (the others are stored as not annotated)")
     parser.add_argument("--annotated", nargs="+", default=None, metavar="NAME",
-                        help="structures the label maps annotate (default all; a <case>.json sidecar "
-                        "{\"annotated\": [...]} overrides it per case)")
+                        help="structures the label maps annotate (default: those the --label_map convention "
+                        "names, else all; a <case>.json sidecar {\"annotated\": [...]} overrides it per case)")
     parser.add_argument("--num_surface", type=int, default=defaults.num_surface, help="surface samples per case")
     parser.add_argument("--num_volume", type=int, default=defaults.num_volume, help="uniform points in the padded box")
     parser.add_argument("--num_near", type=int, default=defaults.num_near, help="near-surface points per case")

@@ -1,8 +1,25 @@
 """``heart-split``: deterministic train / val / test lists of prepared cases.
 
-Each case goes to a split by a hash of ``(seed, dataset name, case name)`` alone, so the
+Each case goes to a split by a hash of ``(seed, dataset name, group)`` alone, so the
 assignment is the same on every run and machine, and adding cases to a dataset never moves the
-cases already there. Several prepared folders (datasets) are merged; a case is in exactly one
+cases already there.
+
+Splits are by patient (DESIGN.md, phase 4): cases of one *group* always land on the same side.
+A case's group comes from ``--group_by REGEX`` searched (``re.search``) in its case name (the
+``.npz`` path relative to its data folder, without ``.npz``): the first capturing group when it
+took part in the match, else the whole match. A case the regex does not match is its own group,
+named by its case name, so its hash (and side) is exactly what it was without grouping. The
+default, :data:`DEFAULT_GROUP_BY`, groups
+
+- the frames or phases of one name: everything before an ``_ED``, ``_ES`` or ``_frameNN`` tag
+  (``-`` works too; any case; the tag must end at ``_``, ``-``, ``.`` or the end of the name):
+  ``patient001_ED_label`` and ``patient001_ES_label`` -> ``patient001``,
+  ``sub/P7-frame01`` -> ``sub/P7``;
+- else everything up to and including ``patient`` followed by digits (``patient001_4d`` ->
+  ``patient001``).
+
+Names such as ``06SR5RBREL16DQ6M8LWS_LA_label`` or ``case_0001`` match neither and stay single.
+``--group_by none`` turns grouping off. Groups never span datasets. Several prepared folders (datasets) are merged; a case is in exactly one
 split. The fractions are met on average (a hash is a fair coin per case), not exactly; when
 ``val_fraction > 0`` at least one case is put in validation (taken from train, the one with the
 lowest hash score, the only departure from stability and only in tiny datasets).
@@ -21,6 +38,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -29,7 +47,9 @@ from HeartCompletionLib.errors import HeartCompletionError
 
 from .case_format import CaseFormatError, load_case, read_manifest
 
-SPLIT_COLUMNS = ("case", "dataset", "annotated", "truncated", "case_id", "source")
+SPLIT_COLUMNS = ("case", "dataset", "annotated", "truncated", "case_id", "source", "group")
+#: default ``--group_by``: frames/phases of one patient (``patient001_ED_label`` / ``_ES_label``)
+DEFAULT_GROUP_BY = r"(?i)^(.+?)[_-](?:ED|ES|frame\d+)(?=[_.-]|$)|^.*?patient[_-]?\d+"
 SPLITS = ("train", "val", "test")
 
 
@@ -41,6 +61,35 @@ def split_score(seed: int, dataset: str, case_id: str) -> float:
     """A number in [0, 1) that depends only on ``(seed, dataset, case_id)``."""
     digest = hashlib.sha256(f"{int(seed)}\0{dataset}\0{case_id}".encode()).digest()
     return int.from_bytes(digest[:8], "little") / 2.0**64
+
+
+def compile_group_by(group_by: str | None):
+    """The compiled ``--group_by`` regex, ``None`` for no grouping (``None``, ``""``, ``"none"``)."""
+    if group_by is None or str(group_by).strip().lower() in ("", "none"):
+        return None
+    try:
+        return re.compile(group_by)
+    except re.error as exc:
+        raise SplitError(f"--group_by {group_by!r} is not a regular expression: {exc}") from exc
+
+
+def case_group(case_id: str, pattern) -> str:
+    """The group (patient) of a case name: the first capturing group of ``pattern`` when it took
+    part in the match, else the whole match; the case name itself when nothing matches.
+
+    >>> p = compile_group_by(DEFAULT_GROUP_BY)
+    >>> case_group("patient001_ED_label", p), case_group("patient001_ES_label", p)
+    ('patient001', 'patient001')
+    >>> case_group("06SR5RBREL16DQ6M8LWS_LA_label", p), case_group("patient012_4d", p)
+    ('06SR5RBREL16DQ6M8LWS_LA_label', 'patient012')
+    """
+    if pattern is None:
+        return case_id
+    match = pattern.search(case_id)
+    if match is None:
+        return case_id
+    group = match.group(1) if pattern.groups and match.group(1) is not None else match.group(0)
+    return group or case_id
 
 
 def collect_cases(data_dir: Path, dataset: str | None = None) -> list[dict]:
@@ -73,17 +122,26 @@ def collect_cases(data_dir: Path, dataset: str | None = None) -> list[dict]:
     return cases
 
 
-def assign_splits(cases: list[dict], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[dict]]:
-    """``{"train": [...], "val": [...], "test": [...]}``; every case in exactly one list."""
+def assign_splits(cases: list[dict], val_fraction: float, test_fraction: float, seed: int,
+                  group_by: str | None = DEFAULT_GROUP_BY) -> dict[str, list[dict]]:
+    """``{"train": [...], "val": [...], "test": [...]}``; every case in exactly one list, every
+    group (:func:`case_group` of ``group_by``, per dataset) in exactly one split."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise SplitError(f"fractions must be in [0, 1) with a sum below 1, got val {val_fraction}, test {test_fraction}")
-    out: dict[str, list[dict]] = {name: [] for name in SPLITS}
-    scored = sorted(((split_score(seed, c["dataset"], c["case_id"]), c) for c in cases), key=lambda sc: sc[0])
-    for score, case in scored:
+    pattern = compile_group_by(group_by)
+    groups: dict[tuple, list[dict]] = {}
+    for case in cases:
+        case["group"] = case_group(case["case_id"], pattern)
+        groups.setdefault((case["dataset"], case["group"]), []).append(case)
+    out: dict[str, list[list[dict]]] = {name: [] for name in SPLITS}
+    scored = sorted(((split_score(seed, d, g), members) for (d, g), members in groups.items()), key=lambda sc: sc[0])
+    for score, members in scored:
         name = "test" if score < test_fraction else "val" if score < test_fraction + val_fraction else "train"
-        out[name].append(case)
+        out[name].append(members)
     if val_fraction > 0 and not out["val"] and len(out["train"]) >= 2:
         out["val"].append(out["train"].pop(0))  # lowest score among train: the closest to the val band
+    flat: dict[str, list[dict]] = {name: [c for members in out[name] for c in members] for name in SPLITS}
+    out = flat  # type: ignore[assignment]
     for name in SPLITS:
         out[name].sort(key=lambda c: (c["dataset"], c["case_id"]))
     return out
@@ -101,11 +159,13 @@ def _csv_text(cases: list[dict], output_dir: Path) -> str:
         writer.writerow({
             "case": path, "dataset": case["dataset"], "annotated": ";".join(case["annotated"]),
             "truncated": ";".join(case["truncated"]), "case_id": case["case_id"], "source": case["source"],
+            "group": case.get("group", case["case_id"]),
         })
     return buffer.getvalue()
 
 
-def write_splits(data_dirs, output_dir=None, val_fraction: float = 0.1, test_fraction: float = 0.0, seed: int = 0) -> dict:
+def write_splits(data_dirs, output_dir=None, val_fraction: float = 0.1, test_fraction: float = 0.0, seed: int = 0,
+                 group_by: str | None = DEFAULT_GROUP_BY) -> dict:
     """Write ``train.csv``/``val.csv`` (and ``test.csv``) plus ``split.json``; returns the counts.
 
     ``output_dir`` defaults to the first data folder. Dataset names are the folders' names; two
@@ -129,14 +189,15 @@ def write_splits(data_dirs, output_dir=None, val_fraction: float = 0.1, test_fra
         if not found:
             raise SplitError(f"{data_dir}: no prepared cases (.npz); run heart-prepare first")
         cases += found
-    splits = assign_splits(cases, val_fraction, test_fraction, seed)
+    splits = assign_splits(cases, val_fraction, test_fraction, seed, group_by)
     output_dir.mkdir(parents=True, exist_ok=True)
     for name in SPLITS:
         if name == "test" and test_fraction <= 0:
             continue
         atomic_write_text(output_dir / f"{name}.csv", _csv_text(splits[name], output_dir))
     summary = {
-        "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
+        "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction, "group_by": group_by,
+        "groups": {n: len({(c["dataset"], c["group"]) for c in splits[n]}) for n in SPLITS},
         "datasets": {n: str(d) for n, d in zip(names, data_dirs)},
         "counts": {n: len(v) for n, v in splits.items()},
         "counts_per_dataset": {n: {s: sum(c["dataset"] == n for c in splits[s]) for s in SPLITS} for n in names},
@@ -167,9 +228,15 @@ def main(argv=None) -> int:
     parser.add_argument("--test_fraction", type=float, default=0.0, help="share of cases for test (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="changes the assignment (default 0)")
     parser.add_argument("--output_dir", type=Path, default=None, help="where the CSVs go (default: the first --data_dir)")
+    parser.add_argument("--group_by", default=DEFAULT_GROUP_BY, metavar="REGEX",
+                        help="cases whose names give the same patient stay on one side: the regex's first group "
+                        "(or whole match, re.search in the case name) names the patient; unmatched cases stay "
+                        "single; 'none' turns grouping off. Default: frames of one name (everything before an "
+                        "_ED/_ES/_frameNN tag, e.g. patient001_ED_label -> patient001), else 'patient' + digits")
     args = parser.parse_args(argv)
     try:
-        summary = write_splits(args.data_dir, args.output_dir, args.val_fraction, args.test_fraction, args.seed)
+        summary = write_splits(args.data_dir, args.output_dir, args.val_fraction, args.test_fraction, args.seed,
+                               args.group_by)
     except SplitError as exc:
         print(f"heart-split: error: {exc}", file=sys.stderr)
         return 2

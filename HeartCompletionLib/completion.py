@@ -35,6 +35,12 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from .decode_grid import (
+    DEFAULT_INTERP_CELL_MM,
+    DEFAULT_NODE_BAND_MM,
+    DEFAULT_VOXEL_BAND_MM,
+    fast_hierarchical_labels,
+)
 from .encoder_input import encoder_arrays, encoder_centre_mm, select_encoder_points
 from .geometry import direction_of, ijk_to_ras_points, spacing_of
 from .islands import DEFAULT_MIN_ISLAND_FRACTION, remove_small_islands
@@ -52,6 +58,14 @@ DEFAULT_MARGIN_MM = 60.0
 DEFAULT_REFINE_FACTOR = 1.0
 #: Queries decoded per model call: bounds memory (~0.5 GB for the small config on CPU).
 DEFAULT_CHUNK = 16_384
+
+#: Decoding of the fine levels: "fast" interpolates inside cells of at most ~2 mm and decodes
+#: exactly only where a label could change (:mod:`.decode_grid`); "exact" decodes every voxel of
+#: every cell near a surface (the reference).
+DECODE_MODES = ("fast", "exact")
+DEFAULT_DECODE = "fast"
+FAST_OPTION_DEFAULTS = {"interp_cell_mm": DEFAULT_INTERP_CELL_MM, "node_band_mm": DEFAULT_NODE_BAND_MM,
+                        "voxel_band_mm": DEFAULT_VOXEL_BAND_MM}
 
 _CORNERS = np.array(list(product((0, 1), repeat=3)), dtype=np.int64)
 # progress fractions: sampling+encoding, then decoding, then fusion
@@ -131,6 +145,24 @@ def _check_lengths(grid_spacing_mm, margin_mm) -> None:
         raise CompletionError(f"grid_spacing_mm must be a length > 0 mm, got {grid_spacing_mm!r}")
     if not (np.isfinite(margin_mm) and margin_mm >= 0):
         raise CompletionError(f"margin_mm must be a length >= 0 mm, got {margin_mm!r}")
+
+
+def _check_decode(decode, fast_options) -> dict:
+    """The fast decode's options (defaults filled in); refuses an unknown mode, key or value."""
+    if decode not in DECODE_MODES:
+        raise CompletionError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    options = dict(FAST_OPTION_DEFAULTS)
+    for key, value in (fast_options or {}).items():
+        if key not in FAST_OPTION_DEFAULTS:
+            raise CompletionError(f"fast decode option {key!r} is unknown (known: {', '.join(FAST_OPTION_DEFAULTS)})")
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if not (np.isfinite(value) and value >= 0):
+            raise CompletionError(f"fast decode option {key} must be a length >= 0 mm, got {fast_options[key]!r}")
+        options[key] = value
+    return options
 
 
 def _resolve_checkpoint(checkpoint, device):
@@ -264,6 +296,22 @@ class _Field:
             report(stop / n)
         return labels, margin, sdf_out
 
+    def competing_sdf(self, points_mm: np.ndarray, report: Callable[[float], None]) -> np.ndarray:
+        """Signed distances (n, C) float32 mm of the competing structures at ``points_mm``."""
+        torch, n = self.torch, len(points_mm)
+        out = np.zeros((n, len(self.competing)), dtype=np.float32)
+        for start in range(0, n, self.chunk):
+            if self.cancel is not None and self.cancel():
+                raise CompletionCancelled("completion cancelled")
+            stop = min(n, start + self.chunk)
+            q = self.norm.points_to_network(points_mm[start:stop], self.centre).astype(np.float32)
+            q = torch.from_numpy(q).to(self.device)[None]
+            sdf_mm = self.norm.distance_to_mm(self.model.decode(self.latents, q, chunk_size=None)[0])
+            out[start:stop] = sdf_mm[:, self.competing].float().cpu().numpy()
+            self.queries += stop - start
+            report(stop / n)
+        return out
+
 
 def _coarse_strides(spacing: np.ndarray, grid_spacing_mm: float) -> np.ndarray:
     """Per-axis powers of two (voxels) closest below ``grid_spacing_mm`` (nested lattices)."""
@@ -349,6 +397,8 @@ def complete_label_map(
     chunk_size: int = DEFAULT_CHUNK,
     ijk_to_ras=None,
     min_island_fraction: float = DEFAULT_MIN_ISLAND_FRACTION,
+    decode: str = DEFAULT_DECODE,
+    fast_options: Mapping[str, float] | None = None,
 ) -> CompletionResult:
     """Complete ``label_map`` with the model of ``checkpoint``; see the module docstring for the steps.
 
@@ -379,6 +429,7 @@ def complete_label_map(
             progress(float(min(max(fraction, 0.0), 1.0)), message)
 
     _check_lengths(grid_spacing_mm, margin_mm)
+    fast = _check_decode(decode, fast_options)
     step(0.0, "loading the model")
     ck, dev = _resolve_checkpoint(checkpoint, device)
     table, norm = ck.table, ck.normalization
@@ -438,7 +489,10 @@ def complete_label_map(
         strides = _coarse_strides(spacing_of(geometry),
                                   DEFAULT_GRID_SPACING_MM if grid_spacing_mm is None else grid_spacing_mm)
         sdf = None
-        if hierarchical and not return_signed_distance:
+        if hierarchical and not return_signed_distance and decode == "fast":
+            region_labels, stats = fast_hierarchical_labels(fld.competing_sdf, write, lo, hi, geometry, strides,
+                                                            refine_factor, report, **fast)
+        elif hierarchical and not return_signed_distance:
             region_labels, stats = _hierarchical_labels(fld, lo, hi, geometry, strides, refine_factor, report)
         else:
             region_labels, sdf = _dense_labels(fld, lo, hi, geometry, report)

@@ -82,6 +82,19 @@ def build_datasets(cfg: TrainConfig, table: StructureTable, norm: Normalization)
     return train_ds, val_ds, sizes, weights
 
 
+def compile_model(model: torch.nn.Module) -> list[str]:
+    """``run.compile``: ``torch.compile`` the attention blocks in place (``Module.compile``: the
+    state-dict keys do not change, checkpoints stay interchangeable with eager runs). The
+    farthest-point sampling of the latent queries (a Python loop over the latents) stays eager:
+    compiling it would unroll that loop. Returns the names of the compiled modules."""
+    names = []
+    for name, module in model.named_modules():
+        if name == "encoder" or name == "decoder" or (name.startswith("trunk.") and name.count(".") == 1):
+            module.compile()
+            names.append(name)
+    return names
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to ``min_lr_ratio`` at ``max_steps``."""
     o = cfg.optim
@@ -115,8 +128,17 @@ class Trainer:
         wanted = cfg.data.samples_per_epoch or max(len(self.train_ds), per_step * 500)
         self.samples_per_epoch = int(math.ceil(wanted / per_step) * per_step)
         self.sampler = MixingSampler(sizes, weights, self.samples_per_epoch, ctx.rank, ctx.world_size, cfg.seed)
+        self.device_sampler = None
+        if cfg.data.device_cache:  # cases in device (or pinned) memory, samples drawn there
+            from .device_data import build_device_sampler
+
+            self.device_sampler = build_device_sampler(self.train_ds, cfg.data, cfg.mask, cfg.augment, cfg.scale_mm,
+                                                       ctx.device)
+            self.log.info(self.device_sampler.store.memory_line())
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = build_model(cfg, self.table).to(ctx.device)
+        if cfg.run.compile:
+            self.log.info(f"torch.compile: {', '.join(compile_model(self.model))}")
         self.ddp = self.model
         if ctx.distributed:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
@@ -141,6 +163,9 @@ class Trainer:
 
     def batches(self):
         """Micro-batches forever, tracking (epoch, items consumed) for exact resumption."""
+        if self.device_sampler is not None:
+            yield from self._device_batches()
+            return
         loader = None  # one loader: its workers live across epochs (the sampler runs in this process)
         while True:
             self.sampler.set_position(self.epoch, self.consumed)
@@ -149,6 +174,19 @@ class Trainer:
             for batch in loader:
                 self.consumed += self.cfg.optim.batch_size
                 yield batch
+            self.epoch, self.consumed = self.epoch + 1, 0
+
+    def _device_batches(self):
+        """``data.device_cache``: the same plan (cases, positions) as the loader path; each
+        micro-batch is drawn on the device by :class:`heart_training.device_data.DeviceSampler`
+        with a generator seeded from its plan position, so (epoch, consumed) resumes exactly."""
+        bs = self.cfg.optim.batch_size
+        while True:
+            local = self.sampler.plan(self.epoch)[self.ctx.rank:: self.ctx.world_size]
+            while self.consumed < len(local):
+                items = local[self.consumed: self.consumed + bs]
+                self.consumed += bs
+                yield self.device_sampler.batch(items)
             self.epoch, self.consumed = self.epoch + 1, 0
 
     # --- one forward ------------------------------------------------------------------------
@@ -171,7 +209,7 @@ class Trainer:
         self.ddp.train()
         accum = self.cfg.optim.grad_accum
         sums, inter, union = {}, 0, 0
-        masks = MaskStatistics(len(self.table))
+        masks = MaskStatistics(len(self.table), [spec.name for spec in self.cfg.data.datasets])
         for i in range(accum):
             batch = _to(next(micro_batches), self.ctx.device)
             sync = i == accum - 1 or not self.ctx.distributed
@@ -187,7 +225,7 @@ class Trainer:
             for k, v in res.terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / accum
             inter, union = inter + res.intersection, union + res.union
-            masks.add(batch["input_mask"].cpu().numpy())
+            masks.add_batch(batch)
         if self.cfg.optim.grad_clip > 0:
             sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
         self.optimizer.step()

@@ -89,13 +89,22 @@ class InputMasker:
 
 
 class MaskStatistics:
-    """Counts of input structures and input-set sizes (logged so a phase's masks can be checked)."""
+    """Counts of input structures and input-set sizes (logged so a phase's masks can be checked).
 
-    def __init__(self, num_classes: int):
+    With ``datasets`` (names, the config's order) it also counts what the log needs to show a
+    phase-4 mix is right (:meth:`add_batch`): samples drawn from each dataset, samples with a loss
+    target on each structure, and target entries on structures a sample does not annotate (always
+    0: the dataset masks them; logged so that a run proves it)."""
+
+    def __init__(self, num_classes: int, datasets=()):
         self.num_classes = num_classes
         self.per_structure = np.zeros(num_classes, dtype=np.int64)
         self.sizes = np.zeros(num_classes + 1, dtype=np.int64)
         self.count = 0
+        self.datasets = list(datasets)
+        self.per_dataset = np.zeros(len(self.datasets), dtype=np.int64)
+        self.target_samples = np.zeros(num_classes, dtype=np.int64)
+        self.unannotated_targets = 0
 
     def add(self, masks: np.ndarray) -> None:
         masks = np.atleast_2d(np.asarray(masks, dtype=bool))
@@ -103,10 +112,25 @@ class MaskStatistics:
         np.add.at(self.sizes, masks.sum(axis=1), 1)
         self.count += len(masks)
 
+    def add_batch(self, batch: dict) -> None:
+        """Input masks, datasets and loss targets of one collated batch (CPU or device tensors)."""
+        self.add(batch["input_mask"].cpu().numpy())
+        for name in batch.get("dataset", []):
+            if name in self.datasets:
+                self.per_dataset[self.datasets.index(name)] += 1
+        target = batch["target_mask"].cpu().numpy().astype(bool)  # (B, Q, K)
+        annotated = batch["annotated"].cpu().numpy().astype(bool)  # (B, K)
+        self.target_samples += target.any(axis=1).sum(axis=0)
+        self.unannotated_targets += int((target & ~annotated[:, None, :]).sum())
+
     def add_stats(self, other: MaskStatistics) -> None:
         self.per_structure += other.per_structure
         self.sizes += other.sizes
         self.count += other.count
+        if len(other.per_dataset) == len(self.per_dataset):
+            self.per_dataset += other.per_dataset
+        self.target_samples += other.target_samples
+        self.unannotated_targets += other.unannotated_targets
 
     def frequencies(self) -> np.ndarray:
         """Fraction of samples in which each structure is an input."""

@@ -112,7 +112,7 @@ def _loop(trainer: Trainer) -> TrainResult:
     micro = trainer.batches()
     bar = tqdm(total=cfg.optim.max_steps, initial=trainer.step, disable=not (ctx.is_main and cfg.run.progress),
                desc=f"phase {cfg.phase}", dynamic_ncols=True, file=sys.stderr)
-    window = _Window(len(trainer.table))
+    window = _Window(trainer)
     val: dict = {}
     samples_per_step = cfg.optim.batch_size * cfg.optim.grad_accum * ctx.world_size
     stop_at = trainer.step + cfg.run.stop_after if cfg.run.stop_after > 0 else None
@@ -132,7 +132,7 @@ def _loop(trainer: Trainer) -> TrainResult:
             if ctx.device.type == "cuda":
                 postfix["mem"] = f"{torch.cuda.max_memory_allocated(ctx.device) / 2**30:.1f}G"
             bar.set_postfix(postfix)
-            window = _Window(len(trainer.table))
+            window = _Window(trainer)
         if (cfg.run.val_every > 0 and step % cfg.run.val_every == 0) or last:
             val = trainer.validate()
             if val:
@@ -164,12 +164,13 @@ def _loop(trainer: Trainer) -> TrainResult:
 class _Window:
     """Training metrics accumulated between two log lines (reduced over ranks when logged)."""
 
-    def __init__(self, num_classes: int):
+    def __init__(self, trainer: Trainer):
+        num_classes = len(trainer.table)
         self.sums: dict = {}
         self.steps = 0
         self.inter = torch.zeros(num_classes, dtype=torch.float64)
         self.union = torch.zeros(num_classes, dtype=torch.float64)
-        self.masks = MaskStatistics(num_classes)
+        self.masks = MaskStatistics(num_classes, [spec.name for spec in trainer.cfg.data.datasets])
         self.start = time.perf_counter()
 
     def add(self, sums, inter, union, masks) -> None:
@@ -194,6 +195,16 @@ class _Window:
         freq = (counts / n_masks.clamp_min(1)).tolist()
         values.update({f"input_freq/{n}": f for n, f in zip(trainer.table.names, freq)})
         values["input_structures_mean"] = float(sum(freq))
+        # what the mix really drew: each dataset's share of the samples (compare with its weight),
+        # the share of samples with a loss target on each structure, and target entries on
+        # structures a sample does not annotate (must stay 0)
+        drawn = all_reduce_sum(torch.from_numpy(self.masks.per_dataset.astype(np.float64)), ctx)
+        targets = all_reduce_sum(torch.from_numpy(self.masks.target_samples.astype(np.float64)), ctx)
+        stray = all_reduce_sum(torch.tensor([float(self.masks.unannotated_targets)], dtype=torch.float64), ctx)
+        n = float(n_masks.clamp_min(1))
+        values.update({f"draw_freq/{d}": float(c) / n for d, c in zip(self.masks.datasets, drawn.tolist())})
+        values.update({f"target_freq/{name}": float(c) / n for name, c in zip(trainer.table.names, targets.tolist())})
+        values["targets_on_unannotated"] = float(stray.item())
         if ctx.device.type == "cuda":
             values["gpu_mem_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
         return trainer.metrics(values, inter, union)

@@ -30,6 +30,7 @@ CONFIG_DIR = Path(__file__).with_name("configs")
 MASK_KINDS = ("all", "drop_random", "subsets", "annotated")
 TRUNCATION_MODES = ("near_cut", "structure", "ignore")
 QUERY_BALANCES = ("area", "structure")
+DEVICE_CACHE_MEMORY = ("device", "pinned")
 
 
 class ConfigError(HeartCompletionError, ValueError):
@@ -71,6 +72,10 @@ class DataConfig:
     num_workers: int = 2  #: DataLoader workers per process
     cache_cases: int = 0  #: cases kept in memory per worker (0: reload the .npz each time)
     max_val_cases: int = 0  #: 0: all validation cases
+    #: keep every training case in memory and draw the samples there with torch ops (no loader
+    #: workers in the hot loop; heart_training.device_data). Validation still uses the loader.
+    device_cache: bool = False
+    device_cache_memory: str = "device"  #: device_cache: "device" (the training device) or "pinned" host memory
 
 
 @dataclass
@@ -156,6 +161,7 @@ class RunConfig:
     progress: bool = True  #: tqdm bar on rank 0
     threads: int = 0  #: torch CPU threads per process (0: leave torch's default)
     stop_after: int = 0  #: stop (state saved, resumable) after this many steps of this invocation; 0: off
+    compile: bool = False  #: torch.compile the model's attention blocks (encoder, trunk, decoder)
 
 
 @dataclass
@@ -185,6 +191,9 @@ class TrainConfig:
             raise ConfigError(f"{where}: mask.kind {self.mask.kind!r} is not one of {MASK_KINDS}")
         if self.data.query_balance not in QUERY_BALANCES:
             raise ConfigError(f"{where}: data.query_balance {self.data.query_balance!r} is not one of {QUERY_BALANCES}")
+        if self.data.device_cache_memory not in DEVICE_CACHE_MEMORY:
+            raise ConfigError(f"{where}: data.device_cache_memory {self.data.device_cache_memory!r} is not one of "
+                              f"{DEVICE_CACHE_MEMORY}")
         if self.mask.truncated not in TRUNCATION_MODES:
             raise ConfigError(f"{where}: mask.truncated {self.mask.truncated!r} is not one of {TRUNCATION_MODES}")
         if not 0 <= self.mask.drop_min <= self.mask.drop_max:

@@ -8,7 +8,7 @@ translation, empty base classes, a no-op parameter-node decorator), and only whe
 missing: inside Slicer the real ones are used. Everything the Logic does then runs for real: the
 MRML scene, segment mapping, the background completion process with the tiny checkpoint trained
 in this session, result segments, undo and the three exports. The Widget (pure Qt wiring) and the
-self-test (``slicer.modules``) still need a real Slicer: README, "3D Slicer module".
+self-test (``slicer.modules``) still need a real Slicer: docs/slicer.md, "Build and test".
 """
 
 from __future__ import annotations
@@ -121,6 +121,7 @@ def test_logic_completes_undoes_and_exports_like_the_panel(module, scene, heart,
     assert logic.export("segnrrd", node, str(tmp_path))[0].name == "heart.seg.nrrd"
     meshes = logic.export("meshes", node, str(tmp_path), volume, "OBJ")
     assert meshes and all(p.suffix == ".obj" and p.stat().st_size > 0 for p in meshes)
+    assert all(b"SPACE=RAS" in p.read_bytes().splitlines()[0] for p in meshes)  # else Slicer mirrors them
 
     logic.undoLastCompletion()
     assert {info.segment_id: info.name for info in slicer_bridge.segment_infos(node)} == before

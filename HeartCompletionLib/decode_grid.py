@@ -5,12 +5,13 @@ near a surface down to single voxels and decodes every voxel of those cells. Bel
 the network's fields are smooth, so this module decodes the coarse levels the same way, and on
 the fine levels (cells whose largest edge is at most ``interp_cell_mm``) it **interpolates** the
 competing structures' signed distances trilinearly from the cell corners and decodes exactly only
-where the interpolated value is *ambiguous*:
+where the interpolated value is *ambiguous*. Bands are fractions of the split cell's half
+diagonal (the unit of the refinement test, so they scale with the cell):
 
-- a fine lattice node (between two levels) is decoded when its ambiguity is under ``node_band_mm``
-  (so the nodes around every surface are exact, and the voxels below interpolate from exact
-  corners);
-- a voxel is decoded when its ambiguity is under ``voxel_band_mm``.
+- a lattice node of a finer level is decoded when its ambiguity is under ``node_band`` x half
+  the parent cell's diagonal (so the nodes around every surface are exact, and the voxels below
+  interpolate from exact corners);
+- a voxel is decoded when its ambiguity is under ``voxel_band`` x half the diagonal of its cell.
 
 The *ambiguity* of a vector of competing distances ``d`` (mm, negative inside) is how far it is
 from changing the voxel's label: ``|d1|`` (the smallest distance against the zero level), and
@@ -28,6 +29,7 @@ the exact decode; only the values inside the finest cells are cheaper.
 
 from __future__ import annotations
 
+import time
 from itertools import product
 from typing import Callable
 
@@ -36,11 +38,11 @@ import numpy as np
 from .geometry import ijk_to_ras_points, spacing_of
 
 #: fine levels are interpolated when the parent cell's largest edge is at most this (mm)
-DEFAULT_INTERP_CELL_MM = 2.0
-#: interpolated lattice nodes with an ambiguity under this are decoded exactly (mm)
-DEFAULT_NODE_BAND_MM = 1.0
-#: interpolated voxels with an ambiguity under this are decoded exactly (mm)
-DEFAULT_VOXEL_BAND_MM = 0.1
+DEFAULT_INTERP_CELL_MM = 4.0
+#: interpolated lattice nodes with an ambiguity under this x half the cell diagonal are decoded exactly
+DEFAULT_NODE_BAND = 0.35
+#: interpolated voxels with an ambiguity under this x half the cell diagonal are decoded exactly
+DEFAULT_VOXEL_BAND = 0.066
 
 _CORNERS = np.array(list(product((0, 1), repeat=3)), dtype=np.int64)
 
@@ -52,14 +54,21 @@ def label_margin_ambiguity(values: np.ndarray, write: np.ndarray):
     the smallest ``|d|`` (the refinement test of the exact decode); ``ambiguity``: distance to a
     label change (see the module docstring).
     """
-    which = values.argmin(axis=-1)
-    d1 = np.take_along_axis(values, which[..., None], axis=-1)[..., 0]
+    values = np.asarray(values)
+    d1 = values[..., 0].copy()
+    which = np.zeros(d1.shape, dtype=np.intp)
+    d2 = np.full(d1.shape, np.inf, dtype=values.dtype)
+    margin = np.abs(d1)
+    for c in range(1, values.shape[-1]):  # C is small: one vectorised pass per structure
+        x = values[..., c]
+        lower = x < d1
+        np.minimum(d2, np.where(lower, d1, x), out=d2)
+        which[lower] = c
+        np.minimum(d1, x, out=d1)
+        np.minimum(margin, np.abs(x), out=margin)
     labels = np.where(d1 < 0, write[which], 0).astype(np.int16)
-    margin = np.abs(values).min(axis=-1)
     ambiguity = np.abs(d1)
-    if values.shape[-1] > 1:
-        d2 = np.partition(values, 1, axis=-1)[..., 1]
-        ambiguity = np.where(d1 < 0, np.minimum(ambiguity, 0.5 * (d2 - d1)), ambiguity)
+    np.minimum(ambiguity, 0.5 * (d2 - d1), out=ambiguity, where=d1 < 0)
     return labels, margin, ambiguity
 
 
@@ -82,8 +91,8 @@ def fast_hierarchical_labels(
     refine_factor: float,
     report: Callable[[float], None],
     interp_cell_mm: float = DEFAULT_INTERP_CELL_MM,
-    node_band_mm: float = DEFAULT_NODE_BAND_MM,
-    voxel_band_mm: float = DEFAULT_VOXEL_BAND_MM,
+    node_band: float = DEFAULT_NODE_BAND,
+    voxel_band: float = DEFAULT_VOXEL_BAND,
 ):
     """Labels (int16) of the region voxels ``[lo, hi)`` and decoding statistics.
 
@@ -105,17 +114,20 @@ def fast_hierarchical_labels(
         return np.ravel_multi_index(np.asarray(ijk).T, dims)
 
     # level 0: every coarse node, exactly
+    t = time.perf_counter()
     cells = np.stack(np.meshgrid(*[np.arange(n) for n in n_cells], indexing="ij"), -1).reshape(-1, 3)
     keys = np.unique((lin(cells * strides)[:, None] + lin(_CORNERS * strides)[None]).reshape(-1))
     node_ijk = np.stack(np.unravel_index(keys, dims), -1)
     vals = decode(ijk_to_ras_points(node_ijk + lo, ijk_to_ras), lambda f: report(f / levels))
     exact = np.ones(len(keys), dtype=bool)
-    per_level.append({"stride_vox": strides.tolist(), "cells": len(cells), "queries": len(keys), "interpolated": 0})
+    per_level.append({"stride_vox": strides.tolist(), "cells": len(cells), "queries": len(keys), "interpolated": 0,
+                      "seconds": round(time.perf_counter() - t, 3)})
     stride = strides.copy()
     level = 0
     final_done = False
     while len(cells) and not (stride == 1).all():
         level += 1
+        t = time.perf_counter()
         span = (level / levels, (level + 1) / levels)
 
         def sub_report(f, s=span):
@@ -132,26 +144,29 @@ def fast_hierarchical_labels(
         blocks[idle[:, 0], :, idle[:, 1], :, idle[:, 2], :] = idle_lab[:, None, None, None]
         cells, corner_vals, at = cells[active], corner_vals[active], at[active]
         interp = float((stride * spacing).max()) <= interp_cell_mm + 1e-9
+        half_diagonal = 0.5 * float(np.linalg.norm(stride * spacing))
         split = np.where(stride > 1, 2, 1)
         child_stride = stride // split
         if (child_stride == 1).all():
             # last level: every voxel of the active cells' blocks, interpolated or decoded
             offs = np.array(list(product(*[range(s) for s in stride])), dtype=np.int64)  # (v, 3)
             w = _trilinear_weights(offs / stride)
-            v = np.einsum("vk,nkc->nvc", w, corner_vals)
+            v = np.matmul(w[None], corner_vals)  # (cells, voxels, C)
             v_labs, _, amb = label_margin_ambiguity(v, write)
-            need = amb < voxel_band_mm if interp else np.ones(amb.shape, dtype=bool)
+            need = amb < voxel_band * half_diagonal if interp else np.ones(amb.shape, dtype=bool)
             need[:, 0] &= ~exact[at[:, 0]]  # the block's first voxel is its exact corner node
-            vox = cells[:, None, :] * stride + offs[None]
-            need &= (vox < size).all(-1)  # voxels beyond the region are cropped anyway
             n_idx, v_idx = np.nonzero(need)
+            vox = cells[n_idx] * stride + offs[v_idx]
+            inside = (vox < size).all(-1)  # voxels beyond the region are cropped anyway
+            n_idx, v_idx, vox = n_idx[inside], v_idx[inside], vox[inside]
             if len(n_idx):
-                exact_vals = decode(ijk_to_ras_points(vox[n_idx, v_idx] + lo, ijk_to_ras), sub_report)
+                exact_vals = decode(ijk_to_ras_points(vox + lo, ijk_to_ras), sub_report)
                 v_labs[n_idx, v_idx] = label_margin_ambiguity(exact_vals, write)[0]
             blocks[cells[:, 0], :, cells[:, 1], :, cells[:, 2], :] = v_labs.reshape(len(cells), *stride)
             per_level.append({"stride_vox": [1, 1, 1], "cells": int(len(cells) * len(offs)),
                               "queries": int(len(n_idx)),
-                              "interpolated": int(len(cells) * len(offs) - len(n_idx)) if interp else 0})
+                              "interpolated": int(len(cells) * len(offs) - len(n_idx)) if interp else 0,
+                              "seconds": round(time.perf_counter() - t, 3)})
             final_done = True
             break
         # an intermediate level: the child lattice nodes of the active cells
@@ -163,16 +178,16 @@ def fast_hierarchical_labels(
         new_keys, src = uniq[new], first[new]
         n_src, j_src = src // len(pos), src % len(pos)
         w = _trilinear_weights(pos * child_stride / stride)
-        new_vals = np.einsum("nk,nkc->nc", w[j_src], corner_vals[n_src])
+        new_vals = np.matmul(w[j_src][:, None, :], corner_vals[n_src])[:, 0]
         if interp:
-            need = label_margin_ambiguity(new_vals, write)[2] < node_band_mm
+            need = label_margin_ambiguity(new_vals, write)[2] < node_band * half_diagonal
         else:
             need = np.ones(len(new_keys), dtype=bool)
         if need.any():
             ijk = np.stack(np.unravel_index(new_keys[need], dims), -1) + lo
             new_vals[need] = decode(ijk_to_ras_points(ijk, ijk_to_ras), sub_report)
         per_level.append({"stride_vox": child_stride.tolist(), "cells": int(len(cells)), "queries": int(need.sum()),
-                          "interpolated": int((~need).sum())})
+                          "interpolated": int((~need).sum()), "seconds": round(time.perf_counter() - t, 3)})
         order = np.argsort(np.concatenate([keys, new_keys]), kind="stable")
         keys = np.concatenate([keys, new_keys])[order]
         vals = np.concatenate([vals, new_vals])[order]

@@ -1,7 +1,8 @@
 """The background completion process the Slicer module starts, and its line protocol.
 
 Run as ``python -m HeartCompletionLib.completion_process --checkpoint CK --input IN.nrrd
---output OUT.nrrd [--table TABLE.json] [--structures LAA PA] [--replace] [--device auto|cpu|cuda]``.
+--output OUT.nrrd [--table TABLE.json] [--structures LAA PA] [--replace] [--device auto|cpu|cuda]
+[--decode fast|exact]`` (the options of ``heart-complete``, same meaning).
 ``CK`` is a checkpoint file or a registered model name (:mod:`.model_registry`; its warning is
 printed as a log line). It loads the checkpoint, reads the label map in the values of the
 checkpoint's structure table (any geometry; ``--table``, the table the caller wrote the input
@@ -42,6 +43,8 @@ PROGRESS_PREFIX = "HC-PROGRESS"
 RESULT_PREFIX = "HC-RESULT"
 ERROR_PREFIX = "HC-ERROR"
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+#: ``completion.DECODE_MODES`` / ``DEFAULT_DECODE`` (repeated: this module is imported by the panel without numpy work)
+DECODE_MODES, DEFAULT_DECODE = ("fast", "exact"), "fast"
 
 
 @dataclass(frozen=True)
@@ -107,11 +110,13 @@ def build_command(
     device: str = "auto",
     python_executable: str | None = None,
     table: str | Path | None = None,
+    decode: str | None = None,
 ) -> list[str]:
     """The command line that runs a completion in a fresh Python process.
 
     ``checkpoint``: a file or a registered model name; ``table``: the structure table JSON the
-    input label map was written with (the process refuses a checkpoint trained on another one).
+    input label map was written with (the process refuses a checkpoint trained on another one);
+    ``decode``: ``"fast"`` or ``"exact"`` (None: the library default, fast).
     """
     command = [python_executable or sys.executable, "-m", "HeartCompletionLib.completion_process"]
     command += ["--checkpoint", str(checkpoint), "--input", str(input_path), "--output", str(output_path)]
@@ -122,6 +127,8 @@ def build_command(
         command += ["--structures", *[str(s) for s in structures]]
     if replace:
         command.append("--replace")
+    if decode is not None:
+        command += ["--decode", str(decode)]
     return command
 
 
@@ -238,6 +245,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--replace", action="store_true", help="also replace structures present in the input")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the model runs")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    parser.add_argument("--decode", default=DEFAULT_DECODE, choices=DECODE_MODES,
+                        help="fine-level decoding: fast (interpolate inside fine cells, decode exactly where a label "
+                        f"could change) or exact (every voxel near a surface; the reference); default {DEFAULT_DECODE}")
     return parser.parse_args(argv)
 
 
@@ -323,6 +333,7 @@ def run(label_map, args: argparse.Namespace, checkpoint=None):
         structures=structures,
         replace=args.replace,
         device=args.device,
+        decode=getattr(args, "decode", DEFAULT_DECODE),
         progress=lambda fraction, message: _emit(format_progress(0.05 + 0.9 * fraction, message)),
     )
 

@@ -77,7 +77,7 @@ def _finite(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from HeartCompletionLib.completion import DEFAULT_GRID_SPACING_MM, DEFAULT_MARGIN_MM
+    from HeartCompletionLib.completion import DECODE_MODES, DEFAULT_DECODE, DEFAULT_GRID_SPACING_MM, DEFAULT_MARGIN_MM
     from HeartCompletionLib.islands import DEFAULT_MIN_ISLAND_FRACTION
     from HeartCompletionLib.meshes import MESH_FORMATS
 
@@ -111,6 +111,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the model runs")
     p.add_argument("--grid_spacing_mm", type=_positive_mm, default=DEFAULT_GRID_SPACING_MM,
                    help=f"coarse decoding lattice in mm, > 0 (default {DEFAULT_GRID_SPACING_MM:g})")
+    p.add_argument("--decode", default=DEFAULT_DECODE, choices=DECODE_MODES,
+                   help="fine-level decoding: fast (interpolate the distances inside cells of <= 4 mm, decode exactly "
+                   "where a label could change) or exact (decode every voxel of every cell near a surface; the "
+                   f"reference, several times slower at CT resolution); default {DEFAULT_DECODE}")
     p.add_argument("--margin_mm", type=_non_negative_mm, default=DEFAULT_MARGIN_MM,
                    help=f"decoded region around the given structures in mm, >= 0 (default {DEFAULT_MARGIN_MM:g})")
     p.add_argument("--min_island_fraction", type=_fraction, default=DEFAULT_MIN_ISLAND_FRACTION, metavar="F",
@@ -186,7 +190,7 @@ def _complete_one(src: Path, dst: Path, checkpoint, args, bar) -> str:
     result = complete_label_map(
         label_map, checkpoint, structures=args.structures, replace=args.replace, device=args.device,
         progress=progress, seed=args.seed, grid_spacing_mm=args.grid_spacing_mm, margin_mm=args.margin_mm,
-        min_island_fraction=args.min_island_fraction,
+        min_island_fraction=args.min_island_fraction, decode=args.decode,
     )
     write_label_map(result.label_map, dst, table=table)
     if args.meshes:

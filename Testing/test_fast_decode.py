@@ -1,0 +1,143 @@
+"""The fast decode (HeartCompletionLib.decode_grid) against the exact hierarchical decode.
+
+Real parts only: the bundled ``synthetic-demo`` checkpoint (a narrow ``small`` trained on
+synthetic hearts, so its fields and surfaces are realistic) on a synthetic heart rasterised at a
+fine anisotropic spacing (0.9 x 0.9 x 1.2 mm: the coarse lattice has strides 8 x 8 x 4, so split
+and unsplit axes, interpolated lattice nodes and interpolated voxels are all exercised). No
+timing is asserted: speed is measured by ``benchmarks/complete_speed.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from HeartCompletionLib.completion import (
+    DECODE_MODES,
+    DEFAULT_DECODE,
+    CompletionError,
+    complete_label_map,
+    complete_masks,
+)
+from HeartCompletionLib.decode_grid import label_margin_ambiguity
+from HeartCompletionLib.labelmap import LabelMap
+from HeartCompletionLib.metrics import assd_mm, dice
+from HeartCompletionLib.synthetic import synthetic_label_map
+
+DEMO = Path(__file__).resolve().parents[1] / "HeartCompletionLib" / "models" / "synthetic_demo.safetensors"
+SUBSET_B = (6, 7, 8, 9, 10)  # Aorta, PA, LAA, Coronary, PV: completed from Myocardium, LA, LV, RA, RV
+SPACING = (0.9, 0.9, 1.2)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from HeartCompletionLib.checkpoint import load_inference_checkpoint
+
+    return load_inference_checkpoint(DEMO, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def fine_partial():
+    truth = synthetic_label_map(seed=3, spacing_mm=SPACING)
+    labels = truth.labels.copy()
+    labels[np.isin(labels, SUBSET_B)] = 0
+    return LabelMap(labels, truth.ijk_to_ras, source="<synthetic seed=3, fine>")
+
+
+@pytest.fixture(scope="module")
+def both(demo, fine_partial):
+    fast = complete_label_map(fine_partial, demo, device="cpu", decode="fast")
+    exact = complete_label_map(fine_partial, demo, device="cpu", decode="exact")
+    return fast, exact
+
+
+def test_default_is_fast_and_modes_are_listed():
+    assert DEFAULT_DECODE == "fast" and set(DECODE_MODES) == {"fast", "exact"}
+
+
+def test_fast_agrees_with_exact_within_the_bar(both, fine_partial):
+    fast, exact = both
+    assert fast.completed_labels == exact.completed_labels == list(SUBSET_B)
+    for label in SUBSET_B:
+        a, b = fast.label_map.labels == label, exact.label_map.labels == label
+        assert b.sum() > 100, f"the exact decode predicts almost nothing for {label}: not a useful reference"
+        assert dice(a, b) >= 0.99, (label, dice(a, b))
+        assert assd_mm(a, b, fine_partial.ijk_to_ras) <= 0.2, (label, assd_mm(a, b, fine_partial.ijk_to_ras))
+    # the point of it: far fewer network queries, and most fine voxels come from interpolation
+    assert fast.grid["queries"] < 0.6 * exact.grid["queries"], (fast.grid["queries"], exact.grid["queries"])
+    assert sum(level.get("interpolated", 0) for level in fast.grid["levels"]) > fast.grid["queries"]
+
+
+def test_fast_keeps_given_voxels_exactly_and_writes_one_label_per_voxel(both, fine_partial):
+    fast, _ = both
+    given = fine_partial.labels > 0
+    assert np.array_equal(fast.label_map.labels[given], fine_partial.labels[given])
+    assert not np.isin(fast.label_map.labels[~given], [1, 2, 3, 4, 5]).any(), "a given structure grew"
+    assert fast.label_map.labels.shape == fine_partial.shape
+    assert np.array_equal(fast.label_map.ijk_to_ras, fine_partial.ijk_to_ras)
+
+
+def test_unbounded_bands_reproduce_the_exact_decode(demo, fine_partial):
+    """With every band infinite, every interpolated value is decoded: the exact result, voxel for voxel."""
+    crop = LabelMap(fine_partial.labels[40:140, 40:140, 30:110].copy(), fine_partial.ijk_to_ras, source="crop")
+    big = {"node_band": 1e9, "voxel_band": 1e9}
+    fast = complete_label_map(crop, demo, device="cpu", decode="fast", fast_options=big)
+    exact = complete_label_map(crop, demo, device="cpu", decode="exact")
+    differ = int((fast.label_map.labels != exact.label_map.labels).sum())
+    assert differ <= 2, f"{differ} voxels differ"  # float noise of batching at |d| ~ 1e-6 mm at most
+
+
+def test_fast_masks_never_overlap_overlapping_given_masks(demo):
+    truth = synthetic_label_map(seed=1, spacing_mm=2.0)
+    masks = {lab: truth.labels == lab for lab in (1, 2, 3, 4, 5)}
+    masks[4] = masks[4] | np.roll(masks[2], 2, axis=0)  # RA overlaps LA: the given masks overlap
+    result = complete_masks(masks, truth.ijk_to_ras, demo, device="cpu", decode="fast")
+    given_any = np.logical_or.reduce(list(masks.values()))
+    for label in result.completed_labels:
+        assert not (result.predicted_mask(label) & given_any).any()
+
+
+def test_options_are_validated_with_clear_errors(demo, fine_partial):
+    with pytest.raises(CompletionError, match=r"decode must be one of fast, exact, got 'slow'"):
+        complete_label_map(fine_partial, demo, decode="slow")
+    with pytest.raises(CompletionError, match=r"option 'band' is unknown \(known: interp_cell_mm, node_band, voxel_band\)"):
+        complete_label_map(fine_partial, demo, fast_options={"band": 0.1})
+    for bad in (-0.1, float("nan"), float("inf"), "wide", None):
+        with pytest.raises(CompletionError, match=r"voxel_band must be a number >= 0"):
+            complete_label_map(fine_partial, demo, fast_options={"voxel_band": bad})
+
+
+def test_cli_and_background_process_pass_the_same_option(capsys):
+    from heart_training.complete_cli import _parser
+
+    from HeartCompletionLib import completion_process
+
+    assert _parser().parse_args(["--checkpoint", "c", "--input", "i", "--output", "o"]).decode == DEFAULT_DECODE
+    assert _parser().parse_args(["--checkpoint", "c", "--input", "i", "--output", "o", "--decode", "exact"]).decode == "exact"
+    with pytest.raises(SystemExit) as exit_info:
+        _parser().parse_args(["--checkpoint", "c", "--input", "i", "--output", "o", "--decode", "slow"])
+    assert exit_info.value.code == 2 and "invalid choice: 'slow'" in capsys.readouterr().err
+    assert (completion_process.DECODE_MODES, completion_process.DEFAULT_DECODE) == (DECODE_MODES, DEFAULT_DECODE)
+    command = completion_process.build_command("ck", "in.nrrd", "out.nrrd", decode="exact")
+    assert command[command.index("--decode") + 1] == "exact"
+    args = completion_process._parse_args(command[3:])
+    assert args.decode == "exact"
+    assert completion_process._parse_args(["--checkpoint", "c", "--input", "i", "--output", "o"]).decode == "fast"
+    with pytest.raises(SystemExit):
+        completion_process._parse_args(["--checkpoint", "c", "--input", "i", "--output", "o", "--decode", "slow"])
+
+
+def test_label_margin_ambiguity_matches_a_sort_based_reference():
+    rng = np.random.default_rng(0)
+    values = rng.normal(scale=2.0, size=(4000, 5)).astype(np.float32)
+    write = np.array([6, 0, 8, 9, 10], dtype=np.int16)  # structure 1 competes but is not asked for
+    labels, margin, ambiguity = label_margin_ambiguity(values, write)
+    order = np.sort(values, axis=1)
+    d1, d2 = order[:, 0], order[:, 1]
+    assert np.array_equal(labels, np.where(d1 < 0, write[values.argmin(1)], 0))
+    assert np.allclose(margin, np.abs(values).min(1))
+    assert np.allclose(ambiguity, np.where(d1 < 0, np.minimum(-d1, (d2 - d1) / 2), d1))
+    one = label_margin_ambiguity(values[:, :1], write[:1])  # a single competing structure
+    assert np.allclose(one[2], np.abs(values[:, 0]))

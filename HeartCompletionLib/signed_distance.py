@@ -22,7 +22,7 @@ tiers, all vectorised over the points:
 
 Outside the image there is no structure: the mask is zero there, so points beyond the image are
 outside every structure and their distances still measure the way back to the surface.
-Measured accuracy and speed: README, "Surfaces and signed distances".
+Measured accuracy and speed: docs/surfaces_and_distances.md.
 
 >>> import numpy as np
 >>> from HeartCompletionLib.geometry import make_ijk_to_ras

@@ -36,6 +36,18 @@ def shared_real_cases() -> list[Path]:
     return cases
 
 
+#: Fixtures that make every test using them slow: the session's tiny model is trained for about two
+#: minutes of one CPU core before its first user runs. Such tests are marked ``slow`` here, in one
+#: place, so the fast tier (``bash scripts/test.sh --fast`` = ``-m "not slow"``) never trains it.
+SLOW_FIXTURES = frozenset({"tiny_training_run", "tiny_checkpoint"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 # Area fixtures (one file per area, owned by that area's tests).
 from fixtures_data import *  # noqa: E402,F401,F403
 from fixtures_training import *  # noqa: E402,F401,F403

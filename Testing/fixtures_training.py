@@ -236,7 +236,7 @@ def tiny_overrides(data_dir: Path, output_dir: Path, steps: int = TINY_STEPS) ->
 #: mlp_ratio 8, 8 Fourier octaves, 2,048 input points, 1,536 near queries, clamp 5 mm: no better.
 #: Queries by area, not the trainers' default "structure" balance: at 1,200 CPU steps the balanced
 #: run left the myocardium (the largest structure, a tenth of the queries) at 0.47 for a mean of
-#: 0.64 (benchmarks/overfit_iou.py); balance pays from about 2,500 steps on (README, "Training").
+#: 0.64 (benchmarks/overfit_iou.py); balance pays from about 2,500 steps on (docs/experiments.md).
 #: QK-norm (LayerNorm on each head's queries and keys) with lr 6e-3: mean 0.69 / 0.68 (seeds 0 / 1)
 #: against 0.64 / 0.63 for lr 3e-3 without it; lr 6e-3 alone 0.64, QK-norm at 3e-3 0.63, at 1.2e-2 0.62.
 #: Those runs used learnt latent queries, and their encoder had collapsed (issue 10): the two similar

@@ -96,6 +96,7 @@ def _alive(pid: int) -> bool:
 
 
 # --- row 4: sign-flipped training data ------------------------------------------------------
+@pytest.mark.slow
 def test_row4_sign_flipped_case_fails_check_and_gate(tmp_path, capsys):
     from heart_training import prepare
     from heart_training.data_gate import check_case as gate_check
@@ -120,6 +121,7 @@ def test_row4_sign_flipped_case_fails_check_and_gate(tmp_path, capsys):
 
 
 # --- row 5: the data gate checks every case, once, in parallel -------------------------------
+@pytest.mark.slow
 def test_row5_gate_checks_every_case_and_caches_by_hash(tmp_path):
     from heart_training.config import load_config
     from heart_training.data_gate import DataGateError, run_case_checks
@@ -156,6 +158,7 @@ def test_row5_gate_checks_every_case_and_caches_by_hash(tmp_path):
 
 
 # --- row 6: a crafted checkpoint header --------------------------------------------------------
+@pytest.mark.slow
 def test_row6_crafted_header_is_refused_before_building(tmp_path):
     good = _tiny_checkpoint(tmp_path / "tiny.safetensors")
     crafted = _rewrite_metadata(good, tmp_path / "huge.safetensors",
@@ -222,6 +225,7 @@ def test_row7_voxel_limit_option(tmp_path, monkeypatch):
     assert "limit" in json.loads((out / "manifest.json").read_text())["cases"][0]["reason"]
 
 
+@pytest.mark.slow
 def test_row7_memory_error_becomes_a_clear_error(tmp_path):
     import nibabel as nib
 
@@ -267,6 +271,7 @@ def test_row8_intensity_image_is_refused(tmp_path):
 
 
 # --- row 9: workers die with their parent ----------------------------------------------------
+@pytest.mark.slow
 def test_row9_kill_9_of_prepare_leaves_no_orphan_workers(tmp_path):
     source = tmp_path / "in"
     for seed in range(6):
@@ -384,6 +389,7 @@ def test_row10_override_with_invalid_yaml(capsys):
     assert "optim.lr=[1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_row10_full_disk_while_saving_training_state(short_run, tmp_path):
     import shutil
 
@@ -461,6 +467,7 @@ def test_row12_stale_temporaries_are_swept_at_start(short_run, tmp_path):
 
 
 # --- row 13: heart-eval does not exit 0 after skipping files ------------------------------------
+@pytest.mark.slow
 def test_row13_heart_eval_fails_when_a_file_was_unreadable(tmp_path, capsys):
     from heart_training.evaluate import main
 

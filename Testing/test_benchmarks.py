@@ -2,7 +2,7 @@
 
 Each script runs as a user runs it (``python benchmarks/NAME.py ...`` in a subprocess) with sizes
 small enough for a few seconds; the tests check the figures they print, never their values' speed
-(speed targets live in the benchmarks themselves, see README "Benchmarks").
+(speed targets live in the benchmarks themselves, see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def run_benchmark(name: str, *args: str, timeout: int = 300) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_overfit_iou_runs_and_writes_its_records(prepared_synthetic_dataset, tmp_path):
     out = tmp_path / "records.json"
     text = run_benchmark("overfit_iou.py", "--steps", "2", "--eval_every", "1", "--data_dir",
@@ -37,6 +38,7 @@ def test_overfit_iou_runs_and_writes_its_records(prepared_synthetic_dataset, tmp
     assert "model tiny" in text and "overrides: model.overrides.width=32" in text
 
 
+@pytest.mark.slow
 def test_overfit_iou_refuses_a_bad_override_before_making_data(tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH / "overfit_iou.py"), "optim.no_such_key=1", "--data_dir",
                            str(tmp_path / "never")], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -44,6 +46,7 @@ def test_overfit_iou_refuses_a_bad_override_before_making_data(tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.slow
 def test_field_fit_iou_fits_a_prepared_case(prepared_synthetic_dataset):
     case = sorted(prepared_synthetic_dataset.glob("*.npz"))[0]
     text = run_benchmark("field_fit_iou.py", "--case", str(case), "--steps", "8", "--queries", "64", "--width", "16")
@@ -52,6 +55,7 @@ def test_field_fit_iou_fits_a_prepared_case(prepared_synthetic_dataset):
     assert all(len(r) == 3 + 10 + 2 and 0.0 <= float(r[-2]) <= 1.0 for r in rows)
 
 
+@pytest.mark.slow
 def test_field_fit_iou_names_a_bad_case_file(tmp_path):
     bad = tmp_path / "not_a_case.npz"
     bad.write_bytes(b"garbage")
@@ -60,6 +64,7 @@ def test_field_fit_iou_names_a_bad_case_file(tmp_path):
     assert proc.returncode == 2 and "not_a_case.npz" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_train_speed_prints_samples_per_second_and_memory():
     text = run_benchmark("train_speed.py", "--configs", "tiny", "--steps", "1", "--warmup", "0", "--batch_size", "1",
                          "--threads", "1")
@@ -67,6 +72,7 @@ def test_train_speed_prints_samples_per_second_and_memory():
     assert "samples/s" in line and "GiB" in line and "params" in line
 
 
+@pytest.mark.slow
 def test_prepare_speed_times_the_stages_and_the_whole_case():
     text = run_benchmark("prepare_speed.py", "--num_surface", "2000", "--num_volume", "2000", "--num_near", "2000",
                          "--repeats", "1", "--threads", "1", "--real_dir", str(ROOT / "no_such_folder"))
@@ -81,6 +87,7 @@ def test_complete_speed_times_a_completion_with_a_checkpoint(tiny_checkpoint):
     assert '"dice_vs_truth"' in text
 
 
+@pytest.mark.slow
 def test_population_stats_prints_ranges_and_r2_with_and_without_modes():
     text = run_benchmark("population_stats.py", "--hearts", "12", "--spacing", "3", "--folds", "3")
     lines = text.splitlines()
@@ -101,6 +108,7 @@ def test_gpu_check_script_parses_and_explains_itself():
         assert part in help_text
 
 
+@pytest.mark.slow
 def test_fuzz_readers_runs_at_its_smallest_size():
     text = run_benchmark("fuzz_readers.py", "--count", "6", "--seed", "1")
     assert text.startswith("command: ") and "fuzz_readers.py --count 6" in text

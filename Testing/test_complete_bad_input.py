@@ -78,6 +78,7 @@ def run_process(*args) -> tuple[int, list]:
 # --- 1. nothing to complete ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_full_heart_comes_back_unchanged_with_exit_0(checkpoints, hearts, tmp_path, capsys):
     out = tmp_path / "full.nii.gz"
     code, err = run_cli(["--checkpoint", checkpoints["ten"], "--input", hearts["full"], "--output", out], capsys)
@@ -117,6 +118,7 @@ def test_library_nothing_to_complete_has_the_timings(checkpoints, hearts):
     assert any("nothing to complete" in m for m in result.messages)
 
 
+@pytest.mark.slow
 def test_background_process_full_heart_exit_0(checkpoints, hearts, tmp_path):
     code, events = run_process(checkpoints["ten"], hearts["full"], tmp_path / "out.nrrd")
     assert code == 0, [e.message for e in events]
@@ -154,6 +156,7 @@ def heart_with_svc() -> LabelMap:
     return LabelMap(labels, heart.ijk_to_ras)
 
 
+@pytest.mark.slow
 def test_background_process_reads_with_the_checkpoint_table(checkpoints, tmp_path):
     source = write_label_map(heart_with_svc(), tmp_path / "svc.nrrd")
     svc = read_label_map(source, table=TABLE16_PATH).labels == SVC
@@ -176,6 +179,7 @@ def test_background_process_refuses_a_checkpoint_of_another_table(checkpoints, h
     assert not (tmp_path / "out.nrrd").exists()
 
 
+@pytest.mark.slow
 def test_panel_maps_and_completes_with_the_checkpoint_table(checkpoints, tmp_path):
     slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
     import test_slicer_module_file
@@ -287,6 +291,7 @@ def test_help_states_the_ranges():
 
 
 
+@pytest.mark.slow
 def test_background_process_checks_structures_and_device_before_reading_input(checkpoints, tmp_path):
     import torch
 

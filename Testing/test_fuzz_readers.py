@@ -21,6 +21,7 @@ def _fuzz_module():
 
 
 @pytest.mark.parametrize("seed", [7])
+@pytest.mark.slow
 def test_mutated_files_load_correctly_or_are_refused_naming_the_file(tmp_path, seed):
     fuzz = _fuzz_module()
     result = fuzz.fuzz(480, seed=seed, folder=tmp_path, progress=False)

@@ -222,6 +222,7 @@ def test_help_names_the_registered_models():
     assert out.returncode == 0 and "registered model" in out.stdout and "synthetic-demo" in out.stdout
 
 
+@pytest.mark.slow
 def test_background_process_resolves_a_name_and_logs_the_warning(models, partial_heart, tmp_path, monkeypatch):
     monkeypatch.setenv(MODELS_DIR_ENV, str(models))  # inherited by the child
     output = tmp_path / "out.nrrd"

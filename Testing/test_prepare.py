@@ -226,6 +226,7 @@ def _same_case(a: Path, b: Path) -> None:
             assert np.array_equal(ca[key], cb[key], equal_nan=True), key
 
 
+@pytest.mark.slow
 def test_resume_after_kill_gives_the_uninterrupted_result(synth_dir, prepared, tmp_path):
     out = tmp_path / "resumed"
     command = [sys.executable, "-m", "heart_training.prepare", "--input_dir", str(synth_dir), "--output_dir", str(out),
@@ -264,6 +265,7 @@ GEOMETRIES = {
 }
 
 
+@pytest.mark.slow
 def test_geometry_invariance(tmp_path):
     """One heart in four geometries: the same physical surface samples and origin."""
     heart = synthetic_heart(seed=5)
@@ -399,6 +401,7 @@ def test_annotated_but_absent_and_cli_errors(tmp_path, capsys):
     assert "--num_surface" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_real_cases_convert_and_pass_check(shared_real_cases, tmp_path):
     folder = tmp_path / "real"
     folder.mkdir()

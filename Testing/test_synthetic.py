@@ -281,6 +281,7 @@ def test_modes_move_the_structures_they_claim():
     assert rca_r[1] > rca_r[0]
 
 
+@pytest.mark.slow
 def test_fifty_heart_population_within_documented_ranges():
     from HeartCompletionLib.synthetic import VOLUME_RANGES_ML
 

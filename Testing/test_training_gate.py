@@ -41,6 +41,7 @@ def test_gate_rejects_wrong_units_naming_the_file(tmp_path, factors, message):
     assert all(str(path) in p for p in problems)
 
 
+@pytest.mark.slow
 def test_trainer_refuses_to_start_on_voxel_distances(tmp_path):
     data = tmp_path / "data"
     data.mkdir()

@@ -23,7 +23,7 @@ from heart_training.trainer import train
 #: NOT the issue's 0.9: near-surface points are Gaussian draws 1 mm / 4 mm around the surface, so
 #: 0.9 needs the zero level within ~0.2 mm of the label map's (true sdf + N(0, 0.2 mm) noise gives
 #: 0.87-0.94), and even a plain neural field memorising one heart is at a mean of 0.86 (coronaries
-#: 0.75) after 4,000 steps / 3.5 minutes (benchmarks/field_fit_iou.py; README, "Training").
+#: 0.75) after 4,000 steps / 3.5 minutes (benchmarks/field_fit_iou.py; docs/experiments.md).
 #: Raise these with HEART_TINY_STEPS / HEART_TINY_IOU_MIN when training longer.
 NEAR_IOU_MIN = float(os.environ.get("HEART_TINY_IOU_MIN", "0.55"))
 LARGER = ["Myocardium", "LA", "LV", "RA", "RV", "Aorta", "PA", "LAA"]
@@ -130,6 +130,7 @@ def _quick(data, out, *extra):
                                      "augment.scale=0.05", "augment.translation_mm=3", *extra])
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(small_dataset, tmp_path):
     full = train(_quick(small_dataset, tmp_path / "full"))
     assert [s for s, _ in full.losses] == list(range(1, 9))
@@ -196,6 +197,7 @@ def test_ddp_two_cpu_processes_match_one_process(small_dataset, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_phases_2_to_4_fine_tune_from_a_checkpoint(small_dataset, tmp_path):
     """Each phase's masks drive real steps; phase 4 trains on a partially annotated case with the
     exclusion term and starts from the previous phase's inference checkpoint."""

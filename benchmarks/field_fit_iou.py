@@ -7,7 +7,7 @@ trainer's L1 terms (volume, near-surface, own-structure surface distance 0), Ada
 learning rate. Every VecSet model has to learn at least this much per heart, so the near-surface
 IoU this reaches after N steps and T seconds bounds what the learning test can expect::
 
-    python benchmarks/field_fit_iou.py --steps 4000 --lr 0.005     # the README's reference row
+    python benchmarks/field_fit_iou.py --steps 4000 --lr 0.005     # the reference row of docs/experiments.md
 
 Prints the IoU (inside = sdf < 0) of each structure on 4,000 of the case's near-surface points,
 their mean and minimum, at four points of the run. Makes the test fixture's heart (seed 0,

@@ -17,7 +17,7 @@
 #             540 s); results and checkpoints copied to $OUT. Not in the default PARTS.
 #
 # Set-up on the machine: the wheels in .whl/ (this project's wheel + nibabel, pynrrd, edt; see
-# README "GPU checks") are installed to /tmp/site. Results go to $OUT (default /tmp/gpu_check).
+# docs/benchmarks.md, "GPU checks") are installed to /tmp/site. Results go to $OUT (default /tmp/gpu_check).
 #   DEVICE=cpu OUT=/tmp/x SWEEP_STEPS=20 PHASE1_STEPS=10 PHASE1_CASES=3 SPEED_CONFIGS=tiny BATCH=2 \
 #       SPEED_STEPS=1 bash benchmarks/gpu_check.sh                          # a dry run on CPU
 set -u

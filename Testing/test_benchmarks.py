@@ -66,13 +66,32 @@ def test_field_fit_iou_names_a_bad_case_file(tmp_path):
 
 @pytest.mark.slow
 def test_train_speed_prints_samples_per_second_and_memory():
-    text = run_benchmark("train_speed.py", "--configs", "tiny", "--steps", "1", "--warmup", "0", "--batch_size", "1",
-                         "--threads", "1")
-    line = next(line for line in text.splitlines() if line.startswith("tiny"))
-    assert "samples/s" in line and "GiB" in line and "params" in line
+    args = ("--configs", "tiny", "--steps", "1", "--warmup", "0", "--batch_size", "1", "--threads", "1",
+            "--data", "both", "--peak_tflops", "989", "--max_batch_for_gib", "40")
+    text = run_benchmark("train_speed.py", *args)
+    lines = text.splitlines()
+    assert lines[0] == "command: python benchmarks/train_speed.py " + " ".join(args)
+    rows = [line for line in lines if line.startswith("tiny") and "samples/s (" in line]
+    assert len(rows) == 2 and "loader, 0 workers" in rows[0] and "device cache" in rows[1]
+    for line in rows:
+        assert "GiB" in line and "params" in line and "MFU" in line
+    # counted FLOPs of one sample; the MFU printed is samples/s x FLOPs / peak
+    flops = next(line for line in lines if "GFLOP per sample" in line)
+    gflop = float(flops.split()[1])
+    forward, backward = (float(flops.split(f"{w} ")[1].split()[0].rstrip(";")) for w in ("forward", "backward"))
+    assert abs(forward + backward - gflop) < 0.02 and 1.5 < backward / forward < 2.5  # backward ~ 2 x forward
+    # tiny: ~0.2 M parameters, 3,840 decoder queries (3,072 + 768 eikonal) through 128-wide layers
+    assert 0.3 < gflop < 5
+    for line in rows:
+        samples_per_s = float(line.split(" samples/s (")[0].split()[-1])
+        mfu = float(line.split("MFU ")[1].split()[0])
+        assert mfu == pytest.approx(100 * samples_per_s * gflop / 1e3 / 989, rel=0.05)
+    assert any("device cache / loader:" in line for line in lines)
+    memory = next(line for line in lines if "largest batch for 40 GiB" in line)
+    assert int(memory.split("largest batch for 40 GiB: ")[1].split()[0]) > 100  # tiny: MiB per sample
+    assert any(line.startswith("tiny   device cache: 2 cases in") and "bytes per case" in line for line in lines)
 
 
-@pytest.mark.slow
 def test_prepare_speed_times_the_stages_and_the_whole_case():
     text = run_benchmark("prepare_speed.py", "--num_surface", "2000", "--num_volume", "2000", "--num_near", "2000",
                          "--repeats", "1", "--threads", "1", "--real_dir", str(ROOT / "no_such_folder"))

@@ -7,8 +7,11 @@
 #             as the CPU test runs): near-surface IoU per structure against steps (SWEEP_NAMES,
 #             SWEEP_STEPS, SWEEP_SPACING: voxel size of the two synthetic hearts, default 1.5 mm);
 #   data      synthetic sample data for the phase-1 run (heart-synth, heart-prepare, heart-split);
-#   speed     benchmarks/train_speed.py: samples/s and CUDA memory of `small` and `base` (bf16,
-#             batch 16, the phase-1 sample sizes, 8 data-loader workers);
+#   speed     benchmarks/train_speed.py: GFLOP per sample, samples/s, MFU against PEAK_TFLOPS
+#             (default 989: H100 SXM / H200 dense bf16), CUDA memory and the largest batch for 40 GiB
+#             of `small` and `base` (bf16, batch 16, the phase-1 sizes), the loader with 8 workers
+#             against the device-resident cache (data.device_cache=true); SPEED_COMPILE=1 adds a
+#             run.compile=true pass on the device cache;
 #   phase1    a short phase-1 run on that data through torchrun (NCCL process group, DDP wrapper,
 #             bf16 autocast, validation, export): loss curve, IoU and samples/s in log.jsonl;
 #   complete  benchmarks/complete_speed.py on CUDA with that run's checkpoint (1 mm output);
@@ -21,7 +24,7 @@
 #   DEVICE=cpu OUT=/tmp/x SWEEP_STEPS=20 PHASE1_STEPS=10 PHASE1_CASES=3 SPEED_CONFIGS=tiny BATCH=2 \
 #       SPEED_STEPS=1 bash benchmarks/gpu_check.sh                          # a dry run on CPU
 set -u
-if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
 OUT="${OUT:-/tmp/gpu_check}"
 PARTS="${PARTS:-sweep data speed phase1 complete}"
 SWEEP_STEPS="${SWEEP_STEPS:-2500}"
@@ -36,6 +39,8 @@ STUDY_LIMIT_S="${STUDY_LIMIT_S:-540}"
 STUDY_ARGS="${STUDY_ARGS:-}"
 SPEED_STEPS="${SPEED_STEPS:-10}"
 SPEED_CONFIGS="${SPEED_CONFIGS:-small base}"
+PEAK_TFLOPS="${PEAK_TFLOPS:-989}"
+SPEED_COMPILE="${SPEED_COMPILE:-}"
 BATCH="${BATCH:-16}"
 DEVICE="${DEVICE:-cuda}"
 WORK="${WORK:-/tmp/gpu_work}"
@@ -90,9 +95,18 @@ part_data() {
 }
 
 part_speed() {
-    stamp "speed: train_speed ($SPEED_CONFIGS; batch $BATCH, 8 workers)"
-    timeout 150 python3 benchmarks/train_speed.py --configs $SPEED_CONFIGS --batch_size "$BATCH" --steps "$SPEED_STEPS" \
-        --warmup 3 --workers 8 2>&1 | grep -v Warning | tee "$OUT/train_speed.txt"
+    stamp "speed: train_speed ($SPEED_CONFIGS; batch $BATCH; loader with 8 workers vs device cache; peak $PEAK_TFLOPS TFLOP/s)"
+    # shellcheck disable=SC2086
+    timeout 240 python3 benchmarks/train_speed.py --configs $SPEED_CONFIGS --batch_size "$BATCH" --steps "$SPEED_STEPS" \
+        --warmup 3 --workers 8 --data both --peak_tflops "$PEAK_TFLOPS" --max_batch_for_gib 40 2>&1 \
+        | grep -v Warning | tee "$OUT/train_speed.txt"
+    if [ -n "$SPEED_COMPILE" ]; then
+        stamp "speed: the same with run.compile=true on the device cache"
+        # shellcheck disable=SC2086
+        timeout 300 python3 benchmarks/train_speed.py --configs $SPEED_CONFIGS --batch_size "$BATCH" \
+            --steps "$SPEED_STEPS" --warmup 3 --data device --compile --peak_tflops "$PEAK_TFLOPS" --no_flops 2>&1 \
+            | grep -v Warning | tee "$OUT/train_speed_compile.txt"
+    fi
 }
 
 part_phase1() {

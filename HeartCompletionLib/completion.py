@@ -209,15 +209,26 @@ def _present_values(labels: np.ndarray) -> np.ndarray:
     return np.flatnonzero(counts).astype(labels.dtype)
 
 
-def _bounding_box(mask: np.ndarray):
-    """Slices of the bounding box of ``mask`` (None when empty)."""
-    box = []
-    for axis in range(mask.ndim):
-        idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if len(idx) == 0:
-            return None
-        box.append(slice(int(idx[0]), int(idx[-1]) + 1))
-    return tuple(box)
+def _fuse_slabs(sub: np.ndarray, region_labels: np.ndarray, labels) -> dict:
+    """Write ``region_labels`` into the free (0) voxels of ``sub`` in place, one slab at a time (no
+    full-size temporaries), and return the bounding box (slices) of each of ``labels`` in ``sub``."""
+    seen = {lab: [np.zeros(n, dtype=bool) for n in sub.shape] for lab in labels}
+    for i in range(sub.shape[0]):
+        r, s = region_labels[i], sub[i]
+        if not r.any():
+            continue
+        np.copyto(s, r, casting="unsafe", where=(r > 0) & (s == 0))
+        for lab in labels:
+            m = s == lab
+            if m.any():
+                seen[lab][0][i] = True
+                seen[lab][1] |= m.any(axis=1)
+                seen[lab][2] |= m.any(axis=0)
+    boxes = {}
+    for lab, flags in seen.items():
+        if flags[0].any():
+            boxes[lab] = tuple(slice(int(np.argmax(f)), int(len(f) - np.argmax(f[::-1]))) for f in flags)
+    return boxes
 
 
 def _given_input(source, ijk_to_ras, table, structures, replace):
@@ -268,12 +279,18 @@ def _given_input(source, ijk_to_ras, table, structures, replace):
 
 
 def _region(given_any: np.ndarray, ijk_to_ras, margin_mm: float):
-    """``(lo, hi)`` voxel box (half-open) around the given voxels plus ``margin_mm``, in the image."""
+    """``(lo, hi)`` voxel box (half-open) around the given (> 0) voxels plus ``margin_mm``, in the image."""
     lo, hi = [], []
     spacing = spacing_of(ijk_to_ras)
+    seen = [np.zeros(n, dtype=bool) for n in given_any.shape]
+    for i, plane in enumerate(given_any):  # slab by slab: no full-size temporary
+        m = plane > 0
+        if m.any():
+            seen[0][i] = True
+            seen[1] |= m.any(axis=1)
+            seen[2] |= m.any(axis=0)
     for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        idx = np.flatnonzero(given_any.any(axis=other))
+        idx = np.flatnonzero(seen[axis])
         pad = int(np.ceil(margin_mm / spacing[axis]))
         lo.append(max(0, int(idx[0]) - pad))
         hi.append(min(given_any.shape[axis], int(idx[-1]) + 1 + pad))
@@ -507,7 +524,7 @@ def complete_label_map(
         write = [lab if lab in requested else 0 for lab in table.labels if lab not in kept]
         fld = _Field(ck.model, latents, centre, norm, competing, write, dev, int(chunk_size), cancel,
                      keep_sdf=[lab - 1 for lab in requested] if return_signed_distance else None)
-        lo, hi = _region(sample_map.labels > 0, geometry, margin_mm)
+        lo, hi = _region(sample_map.labels, geometry, margin_mm)
 
         def report(f: float) -> None:
             step(_P_ENCODED + (_P_DECODED - _P_ENCODED) * f, "decoding signed distances")
@@ -531,23 +548,19 @@ def complete_label_map(
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
     out = result.label_map.labels
     sub = out[box]
-    write_mask = (region_labels > 0) & (sub == 0)
-    np.copyto(sub, region_labels, casting="unsafe", where=write_mask)
+    boxes = _fuse_slabs(sub, region_labels, requested)
     timings["fusion_write_s"] = time.perf_counter() - t
     t_islands = time.perf_counter()
-    removed, predicted = {}, []
-    for lab in requested:  # each structure in its own bounding box: the same pieces, far fewer voxels
-        crop = _bounding_box(sub == lab) if lab in write else None  # (a kept label is never requested)
-        if crop is None:
-            continue
-        predicted.append(lab)
-        removed.update(remove_small_islands(sub[crop], [lab], min_island_fraction, where=write_mask[crop]))
+    removed = {}
+    for lab, crop in boxes.items():  # each structure in its own bounding box: the same pieces, far fewer voxels
+        # a requested label occurs only where it was just written (kept labels are never requested)
+        removed.update(remove_small_islands(sub[crop], [lab], min_island_fraction))
     timings["islands_s"] = time.perf_counter() - t_islands
     result.messages += [f"{table.by_label(lab).name}: removed {n} voxels in small disconnected pieces"
                         for lab, n in removed.items() if n]
     result.completed_labels = list(requested)
     result.messages += [f"{table.by_label(lab).name}: the model predicts no voxel" for lab in requested
-                        if lab not in predicted]
+                        if lab not in boxes]
     if sdf is not None:
         result.signed_distance_mm = {}
         for j, lab in enumerate(requested):

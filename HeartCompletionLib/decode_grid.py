@@ -135,25 +135,41 @@ def fast_hierarchical_labels(
 
         at = np.searchsorted(keys, lin(cells * stride)[:, None] + lin(_CORNERS * stride)[None])
         corner_vals = vals[at]  # (cells, 8, C)
-        labs, marg, _ = label_margin_ambiguity(corner_vals, write)
+        labs, marg, corner_amb = label_margin_ambiguity(corner_vals, write)
         tau = refine_factor * 0.5 * float(np.linalg.norm(stride * spacing))
         active = (labs != labs[:, :1]).any(1) | (marg.min(1) < tau)
-        idle, idle_lab = cells[~active], labs[~active, 0]
         blocks = out.reshape(out.shape[0] // stride[0], stride[0], out.shape[1] // stride[1], stride[1],
                              out.shape[2] // stride[2], stride[2])
-        blocks[idle[:, 0], :, idle[:, 1], :, idle[:, 2], :] = idle_lab[:, None, None, None]
-        cells, corner_vals, at = cells[active], corner_vals[active], at[active]
+        if level == 1:  # every coarse cell in order: one broadcast (active cells are overwritten below)
+            blocks[...] = labs[:, 0].reshape(tuple(n_cells))[:, None, :, None, :, None]
+        else:  # uniform cells: fill their voxel block from the corners (finer levels write the rest)
+            idle, idle_lab = cells[~active], labs[~active, 0]
+            blocks[idle[:, 0], :, idle[:, 1], :, idle[:, 2], :] = idle_lab[:, None, None, None]
+        cells, corner_vals, at, labs, corner_amb = (cells[active], corner_vals[active], at[active], labs[active],
+                                                    corner_amb[active])
         interp = float((stride * spacing).max()) <= interp_cell_mm + 1e-9
         half_diagonal = 0.5 * float(np.linalg.norm(stride * spacing))
         split = np.where(stride > 1, 2, 1)
         child_stride = stride // split
         if (child_stride == 1).all():
-            # last level: every voxel of the active cells' blocks, interpolated or decoded
+            # last level: every voxel of the active cells' blocks, interpolated or decoded. A cell whose
+            # corners share one label, each at least the band from a label change, has that label in
+            # every voxel under trilinear interpolation (each distance, and each difference of two,
+            # stays within its corner values): filled without interpolating
+            if interp:
+                band = voxel_band * half_diagonal
+                uniform = (labs == labs[:, :1]).all(1) & (corner_amb.min(1) >= band)
+                fill = cells[uniform]
+                blocks[fill[:, 0], :, fill[:, 1], :, fill[:, 2], :] = labs[uniform, 0][:, None, None, None]
+                n_uniform = int(uniform.sum()) * int(np.prod(stride))
+                cells, corner_vals, at = cells[~uniform], corner_vals[~uniform], at[~uniform]
+            else:
+                n_uniform = 0
             offs = np.array(list(product(*[range(s) for s in stride])), dtype=np.int64)  # (v, 3)
             w = _trilinear_weights(offs / stride)
             v = np.matmul(w[None], corner_vals)  # (cells, voxels, C)
             v_labs, _, amb = label_margin_ambiguity(v, write)
-            need = amb < voxel_band * half_diagonal if interp else np.ones(amb.shape, dtype=bool)
+            need = amb < band if interp else np.ones(amb.shape, dtype=bool)
             need[:, 0] &= ~exact[at[:, 0]]  # the block's first voxel is its exact corner node
             n_idx, v_idx = np.nonzero(need)
             vox = cells[n_idx] * stride + offs[v_idx]
@@ -163,9 +179,9 @@ def fast_hierarchical_labels(
                 exact_vals = decode(ijk_to_ras_points(vox + lo, ijk_to_ras), sub_report)
                 v_labs[n_idx, v_idx] = label_margin_ambiguity(exact_vals, write)[0]
             blocks[cells[:, 0], :, cells[:, 1], :, cells[:, 2], :] = v_labs.reshape(len(cells), *stride)
-            per_level.append({"stride_vox": [1, 1, 1], "cells": int(len(cells) * len(offs)),
+            per_level.append({"stride_vox": [1, 1, 1], "cells": int(len(cells) * len(offs)) + n_uniform,
                               "queries": int(len(n_idx)),
-                              "interpolated": int(len(cells) * len(offs) - len(n_idx)) if interp else 0,
+                              "interpolated": int(len(cells) * len(offs) - len(n_idx)) + n_uniform if interp else 0,
                               "seconds": round(time.perf_counter() - t, 3)})
             final_done = True
             break

@@ -120,6 +120,7 @@ def test_real_acdc_prepares_with_its_three_structures_only(tmp_path):
                          "--min_near", "500", "--min_samples_per_structure", "50"]) == 0
 
 
+@pytest.mark.slow
 def test_heart_eval_hides_and_scores_only_what_the_convention_names(tmp_path):
     """The rule in heart-eval, with the bundled model on a synthetic ACDC-like stack: only RV,
     Myocardium and LV are hidden/scored; a sidecar narrows it further."""

@@ -89,6 +89,7 @@ def test_real_structures_lie_in_their_envelope(folder, label_file, envelope_file
         "inside_fraction"] < 0.5
 
 
+@pytest.mark.slow
 def test_envelope_check_help_and_one_real_case(tmp_path):
     script = ROOT / "benchmarks" / "envelope_check.py"
     help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=True).stdout

@@ -57,6 +57,7 @@ def test_default_is_fast_and_modes_are_listed():
     assert DEFAULT_DECODE == "fast" and set(DECODE_MODES) == {"fast", "exact"}
 
 
+@pytest.mark.slow
 def test_fast_agrees_with_exact_within_the_bar(both, fine_partial):
     fast, exact = both
     assert fast.completed_labels == exact.completed_labels == list(SUBSET_B)
@@ -70,6 +71,7 @@ def test_fast_agrees_with_exact_within_the_bar(both, fine_partial):
     assert sum(level.get("interpolated", 0) for level in fast.grid["levels"]) > fast.grid["queries"]
 
 
+@pytest.mark.slow
 def test_fast_keeps_given_voxels_exactly_and_writes_one_label_per_voxel(both, fine_partial):
     fast, _ = both
     given = fine_partial.labels > 0
@@ -79,6 +81,7 @@ def test_fast_keeps_given_voxels_exactly_and_writes_one_label_per_voxel(both, fi
     assert np.array_equal(fast.label_map.ijk_to_ras, fine_partial.ijk_to_ras)
 
 
+@pytest.mark.slow
 def test_unbounded_bands_reproduce_the_exact_decode(demo, fine_partial):
     """With every band infinite, every interpolated value is decoded: the exact result, voxel for voxel."""
     crop = LabelMap(fine_partial.labels[40:140, 40:140, 30:110].copy(), fine_partial.ijk_to_ras, source="crop")

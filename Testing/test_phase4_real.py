@@ -194,6 +194,7 @@ def _tiny_phase1_checkpoint(synthetic: Path, out: Path) -> Path:
     return result.final_checkpoint
 
 
+@pytest.mark.slow
 def test_tiny_real_phase4_run_logs_the_mix(real_mix, tmp_path):
     """2 ACDC + 2 LA real cases and 2 synthetic hearts, phase 4 from a tiny phase-1 checkpoint."""
     from heart_training.trainer import main as train_main

@@ -114,6 +114,7 @@ def test_float_label_image(tmp_path):
     assert str(info.value).startswith(str(bad))
 
 
+@pytest.mark.slow
 def test_ten_mm_slices_prepare_and_pass_check(tmp_path):
     src = _real("acdc_cmr", "patient001_ED_label.nii.gz")
     code, entry = _prepare_one(src, tmp_path, "--label_map", str(_real("acdc_cmr", "labels.json")))
@@ -121,6 +122,7 @@ def test_ten_mm_slices_prepare_and_pass_check(tmp_path):
     assert prepare_main(["--check", str(tmp_path / "out"), *SMALL_CHECK]) == 0
 
 
+@pytest.mark.slow
 def test_two_and_a_half_mm_ct_without_table_structures_stops_naming_the_file(tmp_path, capsys):
     src = _real("deepcac_ct", "0187_msk.nrrd")
     code, entry = _prepare_one(src, tmp_path, "--label_map", str(_real("deepcac_ct", "labels.json")))

@@ -92,6 +92,7 @@ def test_train_speed_prints_samples_per_second_and_memory():
     assert any(line.startswith("tiny   device cache: 2 cases in") and "bytes per case" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_prepare_speed_times_the_stages_and_the_whole_case():
     text = run_benchmark("prepare_speed.py", "--num_surface", "2000", "--num_volume", "2000", "--num_near", "2000",
                          "--repeats", "1", "--threads", "1", "--real_dir", str(ROOT / "no_such_folder"))

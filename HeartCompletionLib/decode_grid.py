@@ -40,9 +40,9 @@ from .geometry import ijk_to_ras_points, spacing_of
 #: fine levels are interpolated when the parent cell's largest edge is at most this (mm)
 DEFAULT_INTERP_CELL_MM = 4.0
 #: interpolated lattice nodes with an ambiguity under this x half the cell diagonal are decoded exactly
-DEFAULT_NODE_BAND = 0.35
+DEFAULT_NODE_BAND = 0.23
 #: interpolated voxels with an ambiguity under this x half the cell diagonal are decoded exactly
-DEFAULT_VOXEL_BAND = 0.066
+DEFAULT_VOXEL_BAND = 0.088
 
 _CORNERS = np.array(list(product((0, 1), repeat=3)), dtype=np.int64)
 
@@ -149,6 +149,7 @@ def fast_hierarchical_labels(
                                                     corner_amb[active])
         interp = float((stride * spacing).max()) <= interp_cell_mm + 1e-9
         half_diagonal = 0.5 * float(np.linalg.norm(stride * spacing))
+        scale = half_diagonal ** 2  # trilinear error grows with the square of the cell size
         split = np.where(stride > 1, 2, 1)
         child_stride = stride // split
         if (child_stride == 1).all():
@@ -157,7 +158,7 @@ def fast_hierarchical_labels(
             # every voxel under trilinear interpolation (each distance, and each difference of two,
             # stays within its corner values): filled without interpolating
             if interp:
-                band = voxel_band * half_diagonal
+                band = voxel_band * scale
                 uniform = (labs == labs[:, :1]).all(1) & (corner_amb.min(1) >= band)
                 fill = cells[uniform]
                 blocks[fill[:, 0], :, fill[:, 1], :, fill[:, 2], :] = labs[uniform, 0][:, None, None, None]
@@ -196,7 +197,7 @@ def fast_hierarchical_labels(
         w = _trilinear_weights(pos * child_stride / stride)
         new_vals = np.matmul(w[j_src][:, None, :], corner_vals[n_src])[:, 0]
         if interp:
-            need = label_margin_ambiguity(new_vals, write)[2] < node_band * half_diagonal
+            need = label_margin_ambiguity(new_vals, write)[2] < node_band * scale
         else:
             need = np.ones(len(new_keys), dtype=bool)
         if need.any():

@@ -99,12 +99,25 @@ def test_prepare_speed_times_the_stages_and_the_whole_case():
     assert "staged (best of 1)" in text and "full prepare_case" in text and "skipped" in text
 
 
-def test_complete_speed_times_a_completion_with_a_checkpoint(tiny_checkpoint):
-    text = run_benchmark("complete_speed.py", "--checkpoint", str(tiny_checkpoint), "--spacing", "2.0",
-                         "--threads", "1")
-    last = text.strip().splitlines()[-1]
-    assert "peak RSS" in last and "output voxels" in last and "refined queries" in last, last
+def test_complete_speed_times_stages_and_checks_fast_against_exact():
+    """The bundled model (realistic fields, no training needed) at 2 mm: stage times, peak memory
+    and the fast-vs-exact accuracy check are printed; an exact run prints no check."""
+    demo = ROOT / "HeartCompletionLib" / "models" / "synthetic_demo.safetensors"
+    text = run_benchmark("complete_speed.py", "--checkpoint", str(demo), "--spacing", "2.0", "--threads", "1")
+    lines = text.strip().splitlines()
+    assert lines[0].startswith("command: python benchmarks/complete_speed.py --checkpoint"), lines[0]
+    last = lines[-1]
+    assert "peak RSS" in last and "output voxels" in last and "refined queries" in last and "fast decode" in last, last
+    assert "accuracy vs exact" in last and ("PASS" in last or "FAIL" in last), last
+    stages = next(line for line in lines if line.startswith("stages (s):"))
+    for stage in ("surfaces", "encode", "decode", "fusion", "islands", "writing"):
+        assert stage in stages, stages
+    check = next(line for line in lines if line.startswith("accuracy fast vs exact:"))
+    assert check.count("Dice") == 5 and check.count("ASSD") == 5, check
     assert '"dice_vs_truth"' in text
+    exact = run_benchmark("complete_speed.py", "--checkpoint", str(demo), "--spacing", "3.0", "--threads", "1",
+                          "--decode", "exact")
+    assert "(exact decode)" in exact.strip().splitlines()[-1] and "accuracy" not in exact
 
 
 @pytest.mark.slow

@@ -135,7 +135,9 @@ def _stage_line(result, writing_s) -> str:
     levels = " + ".join(f"{lv['queries']:,} q {lv.get('seconds', 0):.2f} s" for lv in result.grid["levels"])
     parts = [f"load {t.get('load_s', 0):.2f}", f"surfaces {t.get('surface_s', 0):.2f}", f"encode {t.get('encode_s', 0):.2f}",
              f"decode {t.get('decode_s', 0):.2f} [{levels}]", f"fusion {t.get('fusion_write_s', 0):.2f}",
-             f"islands {t.get('islands_s', 0):.2f}", f"writing {writing_s:.2f}"]
+             f"islands {t.get('islands_s', 0):.2f}"]
+    if writing_s is not None:
+        parts.append(f"writing {writing_s:.2f}")
     return ", ".join(parts)
 
 
@@ -228,7 +230,7 @@ def main(argv=None) -> int:
         exact = complete_label_map(source, checkpoint, **options)
         exact_wall = time.perf_counter() - t
         print(f"exact decode: {exact_wall:.1f} s, {exact.grid['queries']:,} queries; "
-              f"stages (s): {_stage_line(exact, 0.0)}")
+              f"stages (s): {_stage_line(exact, None)}")
         rows, ok = [], True
         for v in result.completed_labels:
             a, b = result.label_map.labels == v, exact.label_map.labels == v

@@ -174,7 +174,9 @@ def test_balance_comparison_catches_a_sampler_with_area_balance(case_dir, phase4
     area = [dev.batch(plan[i: i + 40]) for i in range(0, 120, 40)]
     area = {k: torch.cat([b[k] for b in area]) for k in ("target", "target_mask", "query_kind")}
     sub = {k: loader[k][:120] for k in ("target", "target_mask", "query_kind")}
-    assert _balance_difference(sub, area) > 0.05
+    difference = _balance_difference(sub, area)
+    print("control: largest per-structure count difference with area balance", round(difference, 4))
+    assert difference > 0.05
 
 
 def test_distances_truncation_and_augmentation_match(phase4_draws):
@@ -281,9 +283,9 @@ def test_augmentation_draws_match_the_loaders_exactly_in_distribution():
     angles = np.degrees(np.arccos(np.clip((rot.diagonal(dim1=1, dim2=2).sum(-1).numpy() - 1) / 2, -1, 1)))
     assert angles.max() <= 10.0 + 1e-3 and scale.min() >= 1 / 1.05 - 1e-6 and scale.max() <= 1.05 + 1e-6
     assert shift.abs().max() <= 5.0 and shift.abs().max() > 4.99
-    # 20,000 draws: 0.0195 is the 0.1 % critical value of the two-sample KS statistic
-    assert ks_2samp(angles_np, angles).statistic < 0.0195
-    assert ks_2samp(scales_np, scale.numpy()).statistic < 0.0195
+    ks = ks_2samp(angles_np, angles).statistic, ks_2samp(scales_np, scale.numpy()).statistic
+    print("KS angle, scale (20,000 draws)", np.round(ks, 4))
+    assert max(ks) < 0.0195  # 20,000 draws: the 0.1 % critical value of the two-sample KS statistic
 
 
 @pytest.mark.parametrize("mask", [

@@ -17,9 +17,9 @@ Prints the command first, then per config:
   backward). Attention is counted through PyTorch's math kernel (matrix products), the
   convention of model FLOPs: a fused kernel's recomputation in the backward pass is not counted,
   and PyTorch's counter has no formula for the CPU flash kernel (which would count 0);
-- samples/s (after warm-up steps) for each data path (``--data``: the loader with ``--workers``,
-  the device-resident cache ``data.device_cache=true``, or both and their ratio), the achieved
-  TFLOP/s and, with ``--peak_tflops``, the model FLOP utilisation (MFU) against that peak;
+- samples/s (after warm-up steps), and of the data path alone (batches drawn, not trained on),
+  for each data path (``--data``: the loader with ``--workers``, the device-resident cache
+  ``data.device_cache=true``, or both and their ratio), the achieved TFLOP/s and, with ``--peak_tflops``, the model FLOP utilisation (MFU) against that peak;
 - peak memory: CUDA max allocated, or on CPU the growth of the process's peak resident set size;
 - with ``--max_batch_for_gib G``: memory per sample and the largest batch that fits in G GiB. On
   CUDA it is measured (peak allocated of a forward + backward at batch 1 and at the run's batch,
@@ -174,7 +174,8 @@ def fps_seconds(trainer, batch) -> float:
 
 
 def measure(config_name: str, batch_size: int, steps: int, warmup: int, data_dir: Path, out: Path, threads: int,
-            workers: int = 0, device_cache: bool = False, compile_model: bool = False, trainer=None) -> dict:
+            workers: int = 0, device_cache: bool = False, compile_model: bool = False, trainer=None,
+            data_batches: int = 5) -> dict:
     trainer = trainer or make_trainer(config_name, batch_size, data_dir, out, threads, workers, device_cache,
                                       compile_model)
     cfg = trainer.cfg
@@ -197,8 +198,14 @@ def measure(config_name: str, batch_size: int, steps: int, warmup: int, data_dir
     else:
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB process peak RSS " \
                f"(+{(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 2**10:.0f} MiB in the timed steps)"
+    data_start = time.perf_counter()  # the data path alone: batches drawn without training on them
+    for _ in range(data_batches):
+        next(batches)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    data_rate = data_batches * batch_size / max(time.perf_counter() - data_start, 1e-9) if data_batches else 0.0
     n_params = sum(p.numel() for p in trainer.model.parameters())
-    return {"config": config_name, "params": n_params, "device": str(device), "batch": batch_size,
+    return {"config": config_name, "data_samples_per_s": data_rate, "params": n_params, "device": str(device), "batch": batch_size,
             "samples_per_s": steps * batch_size / elapsed, "step_s": elapsed / steps, "peak": peak,
             "queries": cfg.data.num_volume_queries + cfg.data.num_near_queries + cfg.data.num_surface_queries,
             "eikonal_queries": 6 * cfg.loss.eikonal_queries if cfg.loss.eikonal > 0 else 0,
@@ -263,7 +270,8 @@ def main(argv=None) -> int:
             for r in rows:
                 line = (f"{r['config']:<6} {r['params']:>11,d} params  {r['device']} {r['amp']}  batch {r['batch']} "
                         f"({r['input_points']} input points, {r['queries']} queries + eikonal, {r['data']})  "
-                        f"{r['samples_per_s']:.2f} samples/s ({r['step_s']:.2f} s/step)  peak {r['peak']}")
+                        f"{r['samples_per_s']:.2f} samples/s ({r['step_s']:.2f} s/step; data path alone "
+                        f"{r['data_samples_per_s']:.1f} samples/s)  peak {r['peak']}")
                 if flops is not None:
                     achieved = r["samples_per_s"] * flops / 1e12
                     line += f"  {achieved:.3g} TFLOP/s"

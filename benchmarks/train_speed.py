@@ -19,7 +19,8 @@ Prints the command first, then per config:
   and PyTorch's counter has no formula for the CPU flash kernel (which would count 0);
 - samples/s (after warm-up steps), and of the data path alone (batches drawn, not trained on),
   for each data path (``--data``: the loader with ``--workers``, the device-resident cache
-  ``data.device_cache=true``, or both and their ratio), the achieved TFLOP/s and, with ``--peak_tflops``, the model FLOP utilisation (MFU) against that peak;
+  ``data.device_cache=true``, or both and their ratio), the achieved TFLOP/s and, with
+  ``--peak_tflops``, the model FLOP utilisation (MFU) against that peak;
 - peak memory: CUDA max allocated, or on CPU the growth of the process's peak resident set size;
 - with ``--max_batch_for_gib G``: memory per sample and the largest batch that fits in G GiB. On
   CUDA it is measured (peak allocated of a forward + backward at batch 1 and at the run's batch,

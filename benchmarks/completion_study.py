@@ -90,7 +90,7 @@ BUDGETS = {
                             "num_near_queries": 128, "num_surface_queries": 32}),
     "cpu": Budget("cpu", train_hearts=200, heldout_hearts=24, train_spacing_mm=1.5, heldout_spacing_mm=1.5,
                   oblique_spacing_mm=(1.2, 1.2, 2.0), oblique_fraction=0.34, prepare_points=(60_000, 40_000, 60_000),
-                  model="small", model_overrides=STUDY_MODEL, steps=(1000, 1700, 600), lr=(2e-3, 1e-3, 5e-4),
+                  model="small", model_overrides=STUDY_MODEL, steps=(700, 1200, 400), lr=(2e-3, 1e-3, 5e-4),
                   batch_size=8, val_every=300, num_workers=1, device="cpu", threads=2,
                   scenarios=("full", "subset_A", "subset_B", "drop_k", "missing_*"), sample=SAMPLE),
     "gpu": Budget("gpu", train_hearts=200, heldout_hearts=24, train_spacing_mm=1.5, heldout_spacing_mm=1.5,

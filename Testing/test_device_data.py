@@ -233,6 +233,7 @@ def _fit_similarity(ref: np.ndarray, moved: np.ndarray, weights: np.ndarray):
     return angle, scale, q0 - scale * rot @ p0
 
 
+@pytest.mark.slow  # ~14 s on one loaded CPU thread; the 20,000-draw test below covers the fast tier
 def test_rotation_scale_and_shift_ranges_match(case_dir):
     """Mask "all" on the fully annotated case: the mean encoder point of each structure is
     ``s R (m - c) + t`` of its unaugmented position, so a weighted similarity fit over the ten

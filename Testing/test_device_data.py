@@ -317,3 +317,14 @@ def test_input_mask_frequencies_per_phase(mask):
 class _EmptyStore:
     device = torch.device("cpu")
     num_classes = K
+
+
+def test_config_fields_and_a_wrong_memory_place(case_dir):
+    from heart_training.config import ConfigError, load_config
+
+    cfg = load_config("tiny_test", [f"data.datasets.0.data_dir={case_dir}", "data.device_cache=true",
+                                    "data.device_cache_memory=pinned", "run.compile=true"])
+    assert cfg.data.device_cache and cfg.data.device_cache_memory == "pinned" and cfg.run.compile
+    assert not load_config("phase1").data.device_cache and not load_config("phase1").run.compile  # off by default
+    with pytest.raises(ConfigError, match="device_cache_memory 'gpu' is not one of"):
+        load_config("tiny_test", [f"data.datasets.0.data_dir={case_dir}", "data.device_cache_memory=gpu"])

@@ -327,4 +327,4 @@ def test_config_fields_and_a_wrong_memory_place(case_dir):
     assert cfg.data.device_cache and cfg.data.device_cache_memory == "pinned" and cfg.run.compile
     assert not load_config("phase1").data.device_cache and not load_config("phase1").run.compile  # off by default
     with pytest.raises(ConfigError, match="device_cache_memory 'gpu' is not one of"):
-        load_config("tiny_test", [f"data.datasets.0.data_dir={case_dir}", "data.device_cache_memory=gpu"])
+        load_config("tiny_test", [f"data.datasets.0.data_dir={case_dir}", "data.device_cache_memory=gpu"]).validate()

@@ -99,6 +99,7 @@ def test_prepare_speed_times_the_stages_and_the_whole_case():
     assert "staged (best of 1)" in text and "full prepare_case" in text and "skipped" in text
 
 
+@pytest.mark.slow
 def test_complete_speed_times_stages_and_checks_fast_against_exact():
     """The bundled model (realistic fields, no training needed) at 2 mm: stage times, peak memory
     and the fast-vs-exact accuracy check are printed; an exact run prints no check."""

@@ -97,9 +97,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     on success it replaces ``path``; on any exception (or SIGTERM/SIGHUP) it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temporary_name_for(path)
-    os.close(fd)
-    _track(tmp)
+    # SIGTERM/SIGHUP are held back while the file is created and tracked: a signal between the two
+    # would otherwise kill the process with the temporary left behind (seen under load)
+    blocking = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS) if blocking else None
+    try:
+        fd, tmp = temporary_name_for(path)
+        os.close(fd)
+        _track(tmp)
+    finally:
+        if blocking:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as handle:

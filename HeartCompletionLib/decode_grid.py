@@ -44,6 +44,11 @@ DEFAULT_NODE_BAND = 0.23
 #: interpolated voxels with an ambiguity under this x half the cell diagonal are decoded exactly
 DEFAULT_VOXEL_BAND = 0.088
 
+#: the measured interpolation error (this quantile of |exact - interpolated| over the decoded
+#: values, times the safety factor) widens a level's band: a field that is not smooth at the cell
+#: size (e.g. an under-trained network) is decoded more exactly instead of being smoothed over
+ERROR_QUANTILE, ERROR_SAFETY = 0.99, 1.0
+
 _CORNERS = np.array(list(product((0, 1), repeat=3)), dtype=np.int64)
 
 
@@ -70,6 +75,19 @@ def label_margin_ambiguity(values: np.ndarray, write: np.ndarray):
     ambiguity = np.abs(d1)
     np.minimum(ambiguity, 0.5 * (d2 - d1), out=ambiguity, where=d1 < 0)
     return labels, margin, ambiguity
+
+
+def _measured_band(exact_vals: np.ndarray, interp_vals: np.ndarray) -> float:
+    """``ERROR_SAFETY`` x the ``ERROR_QUANTILE`` of the interpolation error (mm) of the two smallest
+    competing distances at decoded values."""
+    if len(exact_vals) == 0:
+        return 0.0
+    # the label depends on the two smallest distances only (their signs and their difference)
+    k = min(2, exact_vals.shape[-1])
+    two_exact = np.partition(exact_vals, k - 1, axis=-1)[..., :k]
+    two_interp = np.partition(interp_vals, k - 1, axis=-1)[..., :k]
+    err = np.abs(np.sort(two_exact, axis=-1) - np.sort(two_interp, axis=-1)).max(axis=-1)
+    return ERROR_SAFETY * float(np.quantile(err, ERROR_QUANTILE))
 
 
 def _trilinear_weights(t: np.ndarray) -> np.ndarray:
@@ -125,6 +143,7 @@ def fast_hierarchical_labels(
     stride = strides.copy()
     level = 0
     final_done = False
+    error_per_scale = 0.0  # measured band / cell scale of the last interpolated level (mm per mm^2)
     while len(cells) and not (stride == 1).all():
         level += 1
         t = time.perf_counter()
@@ -158,7 +177,7 @@ def fast_hierarchical_labels(
             # every voxel under trilinear interpolation (each distance, and each difference of two,
             # stays within its corner values): filled without interpolating
             if interp:
-                band = voxel_band * scale
+                band = max(voxel_band * scale, error_per_scale * scale)
                 uniform = (labs == labs[:, :1]).all(1) & (corner_amb.min(1) >= band)
                 fill = cells[uniform]
                 blocks[fill[:, 0], :, fill[:, 1], :, fill[:, 2], :] = labs[uniform, 0][:, None, None, None]
@@ -179,10 +198,24 @@ def fast_hierarchical_labels(
             if len(n_idx):
                 exact_vals = decode(ijk_to_ras_points(vox + lo, ijk_to_ras), sub_report)
                 v_labs[n_idx, v_idx] = label_margin_ambiguity(exact_vals, write)[0]
+            measured = _measured_band(exact_vals, v[n_idx, v_idx]) if interp and len(n_idx) else 0.0
+            if measured > band:  # rougher than the band assumed: decode the wider band too
+                more = (amb < measured) & ~need
+                more[:, 0] &= ~exact[at[:, 0]]
+                m_idx, mv_idx = np.nonzero(more)
+                mvox = cells[m_idx] * stride + offs[mv_idx]
+                keep = (mvox < size).all(-1)
+                m_idx, mv_idx, mvox = m_idx[keep], mv_idx[keep], mvox[keep]
+                if len(m_idx):
+                    v_labs[m_idx, mv_idx] = label_margin_ambiguity(
+                        decode(ijk_to_ras_points(mvox + lo, ijk_to_ras), sub_report), write)[0]
+                n_idx = np.concatenate([n_idx, m_idx])
             blocks[cells[:, 0], :, cells[:, 1], :, cells[:, 2], :] = v_labs.reshape(len(cells), *stride)
             per_level.append({"stride_vox": [1, 1, 1], "cells": int(len(cells) * len(offs)) + n_uniform,
                               "queries": int(len(n_idx)),
                               "interpolated": int(len(cells) * len(offs) - len(n_idx)) + n_uniform if interp else 0,
+                              "band_mm": round(band, 4) if interp else None,
+                              "measured_band_mm": round(measured, 4) if interp else None,
                               "seconds": round(time.perf_counter() - t, 3)})
             final_done = True
             break
@@ -196,15 +229,31 @@ def fast_hierarchical_labels(
         n_src, j_src = src // len(pos), src % len(pos)
         w = _trilinear_weights(pos * child_stride / stride)
         new_vals = np.matmul(w[j_src][:, None, :], corner_vals[n_src])[:, 0]
+        band = measured = None
         if interp:
-            need = label_margin_ambiguity(new_vals, write)[2] < node_band * scale
+            amb = label_margin_ambiguity(new_vals, write)[2]
+            band = max(node_band * scale, error_per_scale * scale)
+            need = amb < band
         else:
             need = np.ones(len(new_keys), dtype=bool)
         if need.any():
             ijk = np.stack(np.unravel_index(new_keys[need], dims), -1) + lo
+            interp_vals = new_vals[need]
             new_vals[need] = decode(ijk_to_ras_points(ijk, ijk_to_ras), sub_report)
+            if interp:
+                measured = _measured_band(new_vals[need], interp_vals)
+                error_per_scale = max(error_per_scale, measured / scale)
+                if measured > band:  # rougher than the band assumed: decode the wider band too
+                    more = (amb < measured) & ~need
+                    if more.any():
+                        ijk = np.stack(np.unravel_index(new_keys[more], dims), -1) + lo
+                        new_vals[more] = decode(ijk_to_ras_points(ijk, ijk_to_ras), sub_report)
+                        need |= more
         per_level.append({"stride_vox": child_stride.tolist(), "cells": int(len(cells)), "queries": int(need.sum()),
-                          "interpolated": int((~need).sum()), "seconds": round(time.perf_counter() - t, 3)})
+                          "interpolated": int((~need).sum()),
+                          "band_mm": None if band is None else round(band, 4),
+                          "measured_band_mm": None if measured is None else round(measured, 4),
+                          "seconds": round(time.perf_counter() - t, 3)})
         order = np.argsort(np.concatenate([keys, new_keys]), kind="stable")
         keys = np.concatenate([keys, new_keys])[order]
         vals = np.concatenate([vals, new_vals])[order]

@@ -61,8 +61,11 @@ DEFAULT_MARGIN_MM = 60.0
 #: A cell is refined when a corner's |signed distance| < factor x half its diagonal (1 is exact
 #: for a true distance function; > 1 allows for a network that is not perfectly 1-Lipschitz).
 DEFAULT_REFINE_FACTOR = 1.0
-#: Queries decoded per model call: bounds memory (~0.5 GB for the small config on CPU).
+#: Queries decoded per model call on a GPU: bounds memory.
 DEFAULT_CHUNK = 16_384
+#: Queries per model call on the CPU: activations that stay in the caches decode about twice as
+#: fast as 16,384 (small: 66k vs 34k queries/s on 2 threads of the 2-core machine).
+DEFAULT_CPU_CHUNK = 4_096
 
 #: Decoding of the fine levels: "fast" interpolates inside cells of at most ~2 mm and decodes
 #: exactly only where a label could change (:mod:`.decode_grid`); "exact" decodes every voxel of
@@ -450,7 +453,7 @@ def complete_label_map(
     refine_factor: float = DEFAULT_REFINE_FACTOR,
     hierarchical: bool = True,
     return_signed_distance: bool = False,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
     ijk_to_ras=None,
     min_island_fraction: float = DEFAULT_MIN_ISLAND_FRACTION,
     decode: str = DEFAULT_DECODE,
@@ -474,7 +477,8 @@ def complete_label_map(
     piece are cleared (:mod:`HeartCompletionLib.islands`; 0 keeps every piece). ``decode``: ``"fast"``
     (default) or ``"exact"`` (see the module docstring); ``fast_options`` tunes the fast decode
     (``interp_cell_mm``, ``node_band``, ``voxel_band``, see :mod:`.decode_grid`); an unknown mode,
-    key or a negative value raises :class:`CompletionError`.
+    key or a negative value raises :class:`CompletionError`. ``chunk_size``: queries per model call
+    (default 4,096 on the CPU, 16,384 on a GPU).
     """
     import torch
 
@@ -541,6 +545,8 @@ def complete_label_map(
         t = time.perf_counter()
         competing = [lab - 1 for lab in table.labels if lab not in kept]
         write = [lab if lab in requested else 0 for lab in table.labels if lab not in kept]
+        if chunk_size is None:
+            chunk_size = DEFAULT_CPU_CHUNK if dev.type == "cpu" else DEFAULT_CHUNK
         fld = _Field(ck.model, latents, centre, norm, competing, write, dev, int(chunk_size), cancel,
                      keep_sdf=[lab - 1 for lab in requested] if return_signed_distance else None)
         lo, hi = _region(given_lo, given_hi, sample_map.shape, geometry, margin_mm)

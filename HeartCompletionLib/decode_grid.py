@@ -199,7 +199,7 @@ def fast_hierarchical_labels(
                 exact_vals = decode(ijk_to_ras_points(vox + lo, ijk_to_ras), sub_report)
                 v_labs[n_idx, v_idx] = label_margin_ambiguity(exact_vals, write)[0]
             measured = _measured_band(exact_vals, v[n_idx, v_idx]) if interp and len(n_idx) else 0.0
-            if measured > band:  # rougher than the band assumed: decode the wider band too
+            if interp and measured > band:  # rougher than the band assumed: decode the wider band too
                 more = (amb < measured) & ~need
                 more[:, 0] &= ~exact[at[:, 0]]
                 m_idx, mv_idx = np.nonzero(more)
@@ -243,7 +243,7 @@ def fast_hierarchical_labels(
             if interp:
                 measured = _measured_band(new_vals[need], interp_vals)
                 error_per_scale = max(error_per_scale, measured / scale)
-                if measured > band:  # rougher than the band assumed: decode the wider band too
+                if interp and measured > band:  # rougher than the band assumed: decode the wider band too
                     more = (amb < measured) & ~need
                     if more.any():
                         ijk = np.stack(np.unravel_index(new_keys[more], dims), -1) + lo

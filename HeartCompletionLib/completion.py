@@ -331,42 +331,39 @@ class _Field:
         self.keep_sdf = None if keep_sdf is None else torch.as_tensor(keep_sdf, device=device)
         self.queries = 0
 
-    def __call__(self, points_mm: np.ndarray, report: Callable[[float], None]):
-        torch, n = self.torch, len(points_mm)
-        labels = np.zeros(n, dtype=np.int16)
-        margin = np.zeros(n, dtype=np.float32)
-        sdf_out = None if self.keep_sdf is None else np.zeros((n, len(self.keep_sdf)), dtype=np.float32)
+    def _decoded_mm(self, points_mm: np.ndarray, report: Callable[[float], None]):
+        """Yield ``(start, stop, sdf_mm)``: every structure's distance (mm, a device tensor) at
+        ``points_mm[start:stop]``, chunk by chunk, honouring cancel and reporting progress."""
+        n = len(points_mm)
         for start in range(0, n, self.chunk):
             if self.cancel is not None and self.cancel():
                 raise CompletionCancelled("completion cancelled")
             stop = min(n, start + self.chunk)
             q = self.norm.points_to_network(points_mm[start:stop], self.centre).astype(np.float32)
-            q = torch.from_numpy(q).to(self.device)[None]
-            sdf_mm = self.norm.distance_to_mm(self.model.decode(self.latents, q, chunk_size=None)[0])
+            q = self.torch.from_numpy(q).to(self.device)[None]
+            yield start, stop, self.norm.distance_to_mm(self.model.decode(self.latents, q, chunk_size=None)[0])
+            self.queries += stop - start
+            report(stop / n)
+
+    def __call__(self, points_mm: np.ndarray, report: Callable[[float], None]):
+        torch, n = self.torch, len(points_mm)
+        labels = np.zeros(n, dtype=np.int16)
+        margin = np.zeros(n, dtype=np.float32)
+        sdf_out = None if self.keep_sdf is None else np.zeros((n, len(self.keep_sdf)), dtype=np.float32)
+        for start, stop, sdf_mm in self._decoded_mm(points_mm, report):
             comp = sdf_mm[:, self.competing]
             best, which = comp.min(dim=1)
             labels[start:stop] = torch.where(best < 0, self.write[which], 0).cpu().numpy()
             margin[start:stop] = comp.abs().min(dim=1).values.cpu().numpy()
             if sdf_out is not None:
                 sdf_out[start:stop] = sdf_mm[:, self.keep_sdf].cpu().numpy()
-            self.queries += stop - start
-            report(stop / n)
         return labels, margin, sdf_out
 
     def competing_sdf(self, points_mm: np.ndarray, report: Callable[[float], None]) -> np.ndarray:
         """Signed distances (n, C) float32 mm of the competing structures at ``points_mm``."""
-        torch, n = self.torch, len(points_mm)
-        out = np.zeros((n, len(self.competing)), dtype=np.float32)
-        for start in range(0, n, self.chunk):
-            if self.cancel is not None and self.cancel():
-                raise CompletionCancelled("completion cancelled")
-            stop = min(n, start + self.chunk)
-            q = self.norm.points_to_network(points_mm[start:stop], self.centre).astype(np.float32)
-            q = torch.from_numpy(q).to(self.device)[None]
-            sdf_mm = self.norm.distance_to_mm(self.model.decode(self.latents, q, chunk_size=None)[0])
+        out = np.zeros((len(points_mm), len(self.competing)), dtype=np.float32)
+        for start, stop, sdf_mm in self._decoded_mm(points_mm, report):
             out[start:stop] = sdf_mm[:, self.competing].float().cpu().numpy()
-            self.queries += stop - start
-            report(stop / n)
         return out
 
 

@@ -130,6 +130,15 @@ def _quick(data, out, *extra):
                                      "augment.scale=0.05", "augment.translation_mm=3", *extra])
 
 
+def _assert_same_run(full, resumed, full_dir: Path, cut_dir: Path) -> None:
+    """The resumed run's last losses and final weights equal the uninterrupted run's."""
+    np.testing.assert_allclose([v for _, v in resumed.losses], [v for _, v in full.losses[5:]], rtol=1e-6)
+    a = torch.load(full_dir / "state_last.pt", weights_only=True)["model"]
+    b = torch.load(cut_dir / "state_last.pt", weights_only=True)["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(small_dataset, tmp_path):
     full = train(_quick(small_dataset, tmp_path / "full"))
@@ -139,11 +148,7 @@ def test_resume_reproduces_the_uninterrupted_run(small_dataset, tmp_path):
     assert first.step == 5 and first.final_checkpoint is None and first.state_path.is_file()
     second = train(_quick(small_dataset, tmp_path / "cut", "data.num_workers=1"), resume=True)
     assert [s for s, _ in second.losses] == [6, 7, 8]
-    np.testing.assert_allclose([v for _, v in second.losses], [v for _, v in full.losses[5:]], rtol=1e-6)
-    a = torch.load(tmp_path / "full" / "state_last.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "cut" / "state_last.pt", weights_only=True)["model"]
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+    _assert_same_run(full, second, tmp_path / "full", tmp_path / "cut")
 
 
 @pytest.mark.slow
@@ -157,11 +162,7 @@ def test_resume_reproduces_the_uninterrupted_run_with_the_device_cache(small_dat
     assert first.step == 5 and first.state_path.is_file()
     second = train(_quick(small_dataset, tmp_path / "cut", cache), resume=True)
     assert [s for s, _ in second.losses] == [6, 7, 8]
-    np.testing.assert_allclose([v for _, v in second.losses], [v for _, v in full.losses[5:]], rtol=1e-6)
-    a = torch.load(tmp_path / "full" / "state_last.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "cut" / "state_last.pt", weights_only=True)["model"]
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+    _assert_same_run(full, second, tmp_path / "full", tmp_path / "cut")
     messages = [json.loads(line).get("message", "") for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
     assert any(m.startswith("device cache: 2 cases in") and "bytes per case" in m for m in messages)
 

@@ -317,10 +317,12 @@ def stage_eval(out: Path, budget: Budget, device: str, eval_workers: int, worker
                "--output_dir", str(shard_dir), "--device", device, "--quiet", "--figure_cases",
                "1" if k == 0 else "0", "--scenarios", *budget.scenarios]
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // max(1, len(shards))))}
-        procs.append((k, subprocess.Popen(cmd, stdout=open(shard_dir / "stdout.log", "w", encoding="utf-8"),
-                                          stderr=subprocess.STDOUT, env=env)))
-    for k, proc in procs:
-        if proc.wait() != 0:
+        log_file = open(shard_dir / "stdout.log", "w", encoding="utf-8")  # noqa: SIM115 - closed after wait()
+        procs.append((k, subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env), log_file))
+    for k, proc, log_file in procs:
+        returncode = proc.wait()
+        log_file.close()
+        if returncode != 0:
             raise RuntimeError(f"heart-eval shard {k} failed (exit {proc.returncode}); see "
                                f"{eval_dir / 'shards' / str(k) / 'stdout.log'}")
     rows, figures, scenarios = [], [], None

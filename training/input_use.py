@@ -28,16 +28,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from HeartCompletionLib.encoder_input import encoder_arrays, encoder_centre_mm, select_encoder_points
+from .near_iou import encoder_input_of_case
 
 
 def _encode(model, normalization, case: dict, num_input_points: int, min_per_structure: int, rng):
-    k = case["near_sdf"].shape[1]
-    labels = case["surface_labels"].astype(np.int64)
-    inputs = np.flatnonzero(case["annotated"])
-    centre = encoder_centre_mm(case["surface_points"], labels, inputs)
-    idx = select_encoder_points(labels, inputs, num_input_points, rng, min_per_structure)
-    xyz, onehot = encoder_arrays(case["surface_points"][idx], labels[idx], centre, normalization, k)
+    xyz, onehot, centre = encoder_input_of_case(case, normalization, num_input_points, min_per_structure, rng)
     device = next(model.parameters()).device
     latents, _ = model.encode(torch.from_numpy(xyz)[None].to(device), torch.from_numpy(onehot)[None].to(device))
     return latents, centre

@@ -15,17 +15,25 @@ import torch
 from HeartCompletionLib.encoder_input import encoder_arrays, encoder_centre_mm, select_encoder_points
 
 
+def encoder_input_of_case(case: dict, normalization, num_input_points: int, min_per_structure: int,
+                          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(xyz_n (N, 3), onehot (N, K), centre_mm (3,))`` of a prepared case with every annotated
+    structure as input, by the completion rule (:mod:`HeartCompletionLib.encoder_input`)."""
+    k = case["near_sdf"].shape[1]
+    labels = case["surface_labels"].astype(np.int64)
+    inputs = np.flatnonzero(case["annotated"])
+    centre = encoder_centre_mm(case["surface_points"], labels, inputs)
+    idx = select_encoder_points(labels, inputs, num_input_points, rng, min_per_structure)
+    xyz, onehot = encoder_arrays(case["surface_points"][idx], labels[idx], centre, normalization, k)
+    return xyz, onehot, centre
+
+
 @torch.no_grad()
 def near_surface_iou(model: torch.nn.Module, normalization, case: dict, num_input_points: int,
                      min_per_structure: int, num_points: int = 4000, seed: int = 0) -> np.ndarray:
     """(K,) IoU per structure (NaN where neither prediction nor target has an inside point)."""
-    k = case["near_sdf"].shape[1]
-    labels = case["surface_labels"].astype(np.int64)
-    inputs = np.flatnonzero(case["annotated"])
     rng = np.random.default_rng(seed)
-    centre = encoder_centre_mm(case["surface_points"], labels, inputs)
-    idx = select_encoder_points(labels, inputs, num_input_points, rng, min_per_structure)
-    xyz, onehot = encoder_arrays(case["surface_points"][idx], labels[idx], centre, normalization, k)
+    xyz, onehot, centre = encoder_input_of_case(case, normalization, num_input_points, min_per_structure, rng)
     n = len(case["near_points"])
     pick = rng.choice(n, size=min(num_points, n), replace=False) if num_points else np.arange(n)
     queries = normalization.points_to_network(case["near_points"][pick].astype(np.float64), centre)

@@ -39,6 +39,9 @@ def test_smoke_study_runs_end_to_end_and_resumes(tmp_path):
         assert (out / f"phase{phase}" / "model_best.safetensors").is_file()
     config3 = (out / "phase3" / "config.yaml").read_text()
     assert "phase2/model_best.safetensors" in config3  # each phase starts from the previous best
+    # the study's recipe: phase 2 drops 1-5 structures, phase 3 mixes the subsets with random drops
+    assert "drop_min: 1" in (out / "phase2" / "config.yaml").read_text()
+    assert "random_drop_prob: 0.5" in config3 and "drop_min: 1" in config3
     summary = json.loads((out / "eval" / "summary.json").read_text())
     assert {"model", "baseline"} <= set(summary["scenarios"]["subset_A"]["overall"])
     verdict = json.loads((out / "study.json").read_text())["verdict"]
@@ -51,8 +54,23 @@ def test_smoke_study_runs_end_to_end_and_resumes(tmp_path):
     assert time.perf_counter() - started < 120
 
 
+def test_steps_fitted_to_a_time_budget_are_kept_for_reruns(tmp_path):
+    sys.path.insert(0, str(STUDY.parent))
+    import completion_study as cs
+
+    gpu = cs.BUDGETS["gpu"]  # 2,500 / 4,000 / 2,500 steps, 270 training seconds
+    assert cs.fitted_steps(gpu, 100.0) == (2500, 2600, 1600)  # 25 steps/s x 170 s left, split 8:5
+    assert cs.fitted_steps(gpu, 400.0) == (2500, 1, 1)  # no time left: a step each, never zero
+    assert cs.planned_budget(tmp_path, gpu).steps == gpu.steps
+    (tmp_path / "steps.json").write_text(json.dumps({"steps": [2500, 3000, 2000]}))
+    assert cs.planned_budget(tmp_path, gpu).steps == (2500, 3000, 2000)
+    assert cs.planned_budget(tmp_path, cs.BUDGETS["cpu"]).steps == cs.BUDGETS["cpu"].steps  # fixed-step budget
+
+
 def test_bad_arguments_are_usage_errors(tmp_path):
     result = _run(tmp_path / "s", "--steps", "0", "1", "1")
     assert result.returncode == 2 and "--steps must be positive" in result.stderr
     result = _run(tmp_path / "s", "--train_hearts", "1")
     assert result.returncode == 2 and "at least 3" in result.stderr
+    result = _run(tmp_path / "s", "--train_seconds", "-5")
+    assert result.returncode == 2 and "--train_seconds must be >= 0" in result.stderr

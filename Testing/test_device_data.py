@@ -292,8 +292,9 @@ def test_augmentation_draws_match_the_loaders_exactly_in_distribution():
 @pytest.mark.parametrize("mask", [
     MaskConfig(kind="drop_random", drop_min=2, drop_max=5),
     MaskConfig(kind="subsets", subset_choices=["A", "B", "A+B"], subset_weights=[2, 1, 1]),
+    MaskConfig(kind="subsets", subset_choices=["A", "B"], random_drop_prob=0.5, drop_min=1, drop_max=5),
     MaskConfig(kind="annotated", extra_drop_prob=0.3, extra_drop_max=2),
-], ids=["phase2", "phase3", "phase4"])
+], ids=["phase2", "phase3", "phase3_mixed", "phase4"])
 def test_input_mask_frequencies_per_phase(mask):
     """The batched torch masks against InputMasker.choose over the same annotated masks."""
     full = np.ones(K, bool)

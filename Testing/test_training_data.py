@@ -94,6 +94,17 @@ def test_phase_masks_produce_the_intended_input_sets():
     assert seen == {frozenset(s.name for s in a), frozenset(TABLE.names) - frozenset(s.name for s in a),
                     frozenset(TABLE.names)}
 
+    # phase 3 mixed with random drops: about half the masks are named subsets, the rest drop 1-5
+    mixed = InputMasker(MaskConfig(kind="subsets", subset_choices=["A", "B"], random_drop_prob=0.5, drop_min=1,
+                                   drop_max=5), TABLE)
+    named = {frozenset(s.name for s in a), frozenset(TABLE.names) - frozenset(s.name for s in a)}
+    drawn = [frozenset(TABLE[i].name for i in np.flatnonzero(mixed.choose(full, rng))) for _ in range(1000)]
+    share_named = np.mean([d in named for d in drawn])
+    assert 0.45 < share_named < 0.6  # 0.5 + the drops of exactly 5 that hit a named subset (2/252 of 1/5)
+    assert {len(d) for d in drawn if d not in named} == {5, 6, 7, 8, 9}
+    with pytest.raises(ValueError, match="random_drop_prob"):
+        InputMasker(MaskConfig(kind="subsets", random_drop_prob=1.5), TABLE)
+
     partial = np.zeros(K, bool)
     partial[[0, 2, 5]] = True
     annotated = InputMasker(MaskConfig(kind="annotated", extra_drop_prob=0.5, extra_drop_max=2), TABLE)

@@ -72,6 +72,10 @@ class Budget:
     scenarios: tuple
     sample: dict = field(default_factory=dict)  #: data.* overrides (points per sample)
     extra: tuple = ()  #: further heart-train overrides, every phase
+    phase_extra: tuple = ((), (), ())  #: further heart-train overrides of phases 1, 2, 3
+    #: > 0: phases 2 and 3 get the steps that fill this many training seconds at phase 1's
+    #: measured speed (their ratio kept; written to steps.json, so a rerun trains the same steps)
+    train_seconds: float = 0.0
 
 
 #: the study's model: `small` narrowed to about 1.2 M parameters (a ~5 MB checkpoint, bundled),
@@ -80,6 +84,11 @@ STUDY_MODEL = {"width": 128, "depth": 4, "num_latents": 256, "latent_queries": "
 SAMPLE = {"num_input_points": 2048, "min_points_per_structure": 32, "num_volume_queries": 512,
           "num_near_queries": 1024, "num_surface_queries": 256}
 
+#: the curriculum's masks as the study trains them: phase 2 also drops a single structure (the
+#: design's 2-5 never shows the model the missing_X case), phase 3 mixes the named subsets with
+#: half random drops (a phase 3 of subsets only forgets drop_k; docs/completion_study.md)
+RECIPE = ((), ("mask.drop_min=1",), ("mask.random_drop_prob=0.5", "mask.drop_min=1"))
+
 BUDGETS = {
     "smoke": Budget("smoke", train_hearts=5, heldout_hearts=2, train_spacing_mm=2.0, heldout_spacing_mm=3.0,
                     oblique_spacing_mm=(2.5, 2.5, 3.5), oblique_fraction=0.34, prepare_points=(40_000, 6000, 8000),
@@ -87,17 +96,19 @@ BUDGETS = {
                     lr=(3e-3, 2e-3, 1e-3), batch_size=2, val_every=4, num_workers=0, device="cpu", threads=1,
                     scenarios=("full", "subset_A", "drop_k", "missing_LAA"),
                     sample={"num_input_points": 256, "min_points_per_structure": 8, "num_volume_queries": 64,
-                            "num_near_queries": 128, "num_surface_queries": 32}),
+                            "num_near_queries": 128, "num_surface_queries": 32}, phase_extra=RECIPE),
     "cpu": Budget("cpu", train_hearts=200, heldout_hearts=24, train_spacing_mm=1.5, heldout_spacing_mm=1.5,
                   oblique_spacing_mm=(1.2, 1.2, 2.0), oblique_fraction=0.34, prepare_points=(60_000, 40_000, 60_000),
                   model="small", model_overrides=STUDY_MODEL, steps=(700, 1200, 400), lr=(2e-3, 1e-3, 5e-4),
                   batch_size=8, val_every=300, num_workers=1, device="cpu", threads=2,
-                  scenarios=("full", "subset_A", "subset_B", "drop_k", "missing_*"), sample=SAMPLE),
+                  scenarios=("full", "subset_A", "subset_B", "drop_k", "missing_*"), sample=SAMPLE,
+                  phase_extra=RECIPE),
     "gpu": Budget("gpu", train_hearts=200, heldout_hearts=24, train_spacing_mm=1.5, heldout_spacing_mm=1.5,
                   oblique_spacing_mm=(1.2, 1.2, 2.0), oblique_fraction=0.34, prepare_points=(60_000, 60_000, 100_000),
-                  model="small", model_overrides=STUDY_MODEL, steps=(1500, 2500, 1000), lr=(2e-3, 1e-3, 5e-4),
+                  model="small", model_overrides=STUDY_MODEL, steps=(2500, 4000, 2500), lr=(2e-3, 1e-3, 5e-4),
                   batch_size=32, val_every=500, num_workers=12, device="cuda", threads=0,
-                  scenarios=("full", "subset_A", "subset_B", "drop_k", "missing_*"), sample=SAMPLE),
+                  scenarios=("full", "subset_A", "subset_B", "drop_k", "missing_*"), sample=SAMPLE,
+                  extra=("data.device_cache=true",), phase_extra=RECIPE, train_seconds=270.0),
 }
 
 
@@ -210,12 +221,41 @@ def phase_overrides(budget: Budget, phase: int, out: Path, device: str) -> list[
     o += [f"data.{k}={v}" for k, v in budget.sample.items()]
     if phase > 1:
         o.append(f"model.init_from={out / f'phase{phase - 1}' / 'model_best.safetensors'}")
-    return o + list(budget.extra)
+    return o + list(budget.extra) + list(budget.phase_extra[phase - 1])
 
 
-def stage_train(out: Path, budget: Budget, device: str) -> dict:
+def fitted_steps(budget: Budget, phase1_seconds: float) -> tuple:
+    """Steps of phases 2 and 3 that fill ``budget.train_seconds`` at phase 1's measured speed
+    (start-up included, so it errs short), in the budget's ratio; rounded to 100 above 100, at least 1."""
+    rate = budget.steps[0] / max(phase1_seconds, 1e-6)
+    left = max(0.0, budget.train_seconds - phase1_seconds) * rate
+    share = budget.steps[1] / (budget.steps[1] + budget.steps[2])
+
+    def rounded(n: float) -> int:
+        return int(round(n, -2)) if n >= 100 else max(1, int(round(n)))
+
+    return (budget.steps[0], rounded(left * share), rounded(left * (1 - share)))
+
+
+def planned_budget(out: Path, budget: Budget) -> Budget:
+    """The budget with the steps fitted earlier (``steps.json``), if any."""
+    path = out / "steps.json"
+    if budget.train_seconds > 0 and path.is_file():
+        return replace(budget, steps=tuple(json.loads(path.read_text(encoding="utf-8"))["steps"]))
+    return budget
+
+
+def stage_train(out: Path, budget: Budget, device: str) -> tuple[dict, Budget]:
+    """Trains phases 1 -> 2 -> 3; returns their wall seconds and the budget with the steps trained."""
     seconds = {}
     for phase in PHASES:
+        if phase == 2 and budget.train_seconds > 0 and not (out / "steps.json").is_file():
+            steps = fitted_steps(budget, seconds[1])
+            log(f"train: phase 1 took {seconds[1]:.0f} s for {budget.steps[0]} steps; phases 2 and 3 get "
+                f"{steps[1]} and {steps[2]} steps to fill {budget.train_seconds:.0f} s")
+            (out / "steps.json").write_text(json.dumps({"steps": steps, "phase1_seconds": seconds[1],
+                                                        "train_seconds": budget.train_seconds}), encoding="utf-8")
+        budget = planned_budget(out, budget)
         run_dir = out / f"phase{phase}"
         marker = run_dir / "DONE"
         if marker.is_file():
@@ -236,7 +276,7 @@ def stage_train(out: Path, budget: Budget, device: str) -> dict:
         log(f"train: phase {phase} finished in {seconds[phase]:.0f} s; validation IoU "
             + ", ".join(f"{s}: {v:.3f}" for s, v in curve))
         marker.write_text(json.dumps({"seconds": seconds[phase]}), encoding="utf-8")
-    return seconds
+    return seconds, budget
 
 
 def validation_curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -403,8 +443,12 @@ def write_report(out: Path, budget: Budget, args, timings: dict) -> Path:
               f"{'x'.join(str(s) for s in budget.oblique_spacing_mm)} mm grids). Baseline: the nearest of the "
               f"{budget.train_hearts} training hearts, aligned on the given structures' centroids.", "",
               f"Model: `{budget.model}` with {json.dumps(budget.model_overrides)}; steps per phase "
-              f"{'/'.join(map(str, budget.steps))}, peak lr {'/'.join(map(str, budget.lr))}, batch "
-              f"{budget.batch_size}.", ""]
+              f"{'/'.join(map(str, budget.steps))}"
+              + (f" (phases 2 and 3 fitted to {budget.train_seconds:.0f} training seconds at phase 1's speed; "
+                 f"`--steps {' '.join(map(str, budget.steps))}` reruns them)" if budget.train_seconds > 0 else "")
+              + f", peak lr {'/'.join(map(str, budget.lr))}, batch {budget.batch_size}; further overrides: "
+              + "; ".join(f"phase {p}: {' '.join(list(budget.extra) + list(budget.phase_extra[p - 1])) or '-'}"
+                          for p in PHASES) + ".", ""]
     lines += ["## Verdict against the targets", "", "| target | model | baseline | met |", "|---|---|---|---|"]
     for name in TARGET_SCENARIOS:
         if name in checks:
@@ -485,7 +529,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
                         help="run only these stages (default: all; finished ones are skipped anyway)")
     parser.add_argument("--steps", type=int, nargs=3, default=None, metavar=("P1", "P2", "P3"),
-                        help="override the budget's steps per phase")
+                        help="override the budget's steps per phase (and its --train_seconds fitting)")
+    parser.add_argument("--train_seconds", type=float, default=None,
+                        help="fit the steps of phases 2 and 3 to this many training seconds from phase 1's speed "
+                             "(0: the budget's steps as they are; default: the budget's, gpu 270)")
     parser.add_argument("--train_hearts", type=int, default=None, help="override the budget's training hearts")
     parser.add_argument("--heldout_hearts", type=int, default=None, help="override the budget's held-out hearts")
     return parser
@@ -500,7 +547,11 @@ def main(argv=None) -> int:
     if args.steps:
         if min(args.steps) < 1:
             parser.error("--steps must be positive")
-        budget = replace(budget, steps=tuple(args.steps))
+        budget = replace(budget, steps=tuple(args.steps), train_seconds=0.0)
+    if args.train_seconds is not None:
+        if args.train_seconds < 0:
+            parser.error("--train_seconds must be >= 0")
+        budget = replace(budget, train_seconds=float(args.train_seconds))
     for name in ("train_hearts", "heldout_hearts"):
         value = getattr(args, name)
         if value is not None:
@@ -530,12 +581,14 @@ def main(argv=None) -> int:
                 stage_prepare(out, budget, workers)
             timings["data_s"] = timings.get("data_s", 0) + round(time.perf_counter() - started, 1)
         if "train" in args.stages:
-            timings["train_s"] = {**timings.get("train_s", {}), **stage_train(out, budget, device)}
+            seconds, budget = stage_train(out, budget, device)
+            timings["train_s"] = {**timings.get("train_s", {}), **seconds}
         if "eval" in args.stages:
             timings["eval_s"] = stage_eval(out, budget, device, eval_workers, workers)
     finally:
         timings_path.write_text(json.dumps(timings), encoding="utf-8")
     if "report" in args.stages:
+        budget = planned_budget(out, budget)
         timings["train_s"] = {int(k): v for k, v in timings.get("train_s", {}).items()}
         path = write_report(out, budget, args, timings)
         log(f"report: {path}")

@@ -17,8 +17,14 @@
 #   complete  benchmarks/complete_speed.py on CUDA with that run's checkpoint (1 mm output);
 #   study     benchmarks/completion_study.py --budget gpu (hearts, prepare, phases 1-3, held-out
 #             evaluation against the nearest-heart baseline, study.md), limit STUDY_LIMIT_S (default
-#             540 s); results and checkpoints copied to $OUT. Not in the default PARTS.
+#             540 s); results and checkpoints copied to $OUT. Not in the default PARTS;
+#   small     a phase-1 run of the named `small` config (width 256) on the study's prepared hearts
+#             with the device cache (SMALL_STEPS, limit SMALL_LIMIT_S), its best checkpoint to $OUT
+#             (in parts of 15 MB: cat small_best.safetensors.part* > small_best.safetensors);
+#   ct        benchmarks/complete_speed.py --ct on $DEVICE with that checkpoint (CT grid and 1 mm);
+#   pack      every text result in $OUT into texts.tgz (the machine returns at most 8 files).
 #
+# Every part's time limit is cut to what is left of DEADLINE_S (default 580 s) from the start.
 # Set-up on the machine: the wheels in .whl/ (this project's wheel + nibabel, pynrrd, edt; see
 # docs/benchmarks.md, "GPU checks") are installed to /tmp/site. Results go to $OUT (default /tmp/gpu_check).
 #   DEVICE=cpu OUT=/tmp/x SWEEP_STEPS=20 PHASE1_STEPS=10 PHASE1_CASES=3 SPEED_CONFIGS=tiny BATCH=2 \
@@ -37,6 +43,9 @@ PHASE1_LIMIT_S="${PHASE1_LIMIT_S:-130}"
 PHASE1_CASES="${PHASE1_CASES:-24}"
 STUDY_LIMIT_S="${STUDY_LIMIT_S:-540}"
 STUDY_ARGS="${STUDY_ARGS:-}"
+SMALL_STEPS="${SMALL_STEPS:-3000}"
+SMALL_LIMIT_S="${SMALL_LIMIT_S:-70}"
+DEADLINE_S="${DEADLINE_S:-580}"
 SPEED_STEPS="${SPEED_STEPS:-10}"
 SPEED_CONFIGS="${SPEED_CONFIGS:-small base}"
 PEAK_TFLOPS="${PEAK_TFLOPS:-989}"
@@ -53,6 +62,8 @@ if [ -d .whl ] && [ -z "${SKIP_INSTALL:-}" ]; then
 fi
 T0=$(date +%s)
 stamp() { echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
+# limit LIMIT_S: the smaller of LIMIT_S and the seconds left before DEADLINE_S (at least 1)
+limit() { local left=$(( DEADLINE_S - ($(date +%s) - T0) )); [ "$left" -lt "$1" ] && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
 
 BAL="data.query_balance=structure"   # recipes build on these: queries shared equally among structures,
 W128="$BAL model.overrides.width=128" # + a 128-wide tiny model
@@ -97,13 +108,13 @@ part_data() {
 part_speed() {
     stamp "speed: train_speed ($SPEED_CONFIGS; batch $BATCH; loader with 8 workers vs device cache; peak $PEAK_TFLOPS TFLOP/s)"
     # shellcheck disable=SC2086
-    timeout 240 python3 benchmarks/train_speed.py --configs $SPEED_CONFIGS --batch_size "$BATCH" --steps "$SPEED_STEPS" \
+    timeout "$(limit 240)" python3 benchmarks/train_speed.py --configs $SPEED_CONFIGS --batch_size "$BATCH" --steps "$SPEED_STEPS" \
         --warmup 3 --workers 8 --data both --peak_tflops "$PEAK_TFLOPS" --max_batch_for_gib 40 2>&1 \
         | grep -v Warning | tee "$OUT/train_speed.txt"
     if [ -n "$SPEED_COMPILE" ]; then
         stamp "speed: the same with run.compile=true on the device cache"
         # shellcheck disable=SC2086
-        timeout 300 python3 benchmarks/train_speed.py --configs $SPEED_CONFIGS --batch_size "$BATCH" \
+        timeout "$(limit 300)" python3 benchmarks/train_speed.py --configs $SPEED_CONFIGS --batch_size "$BATCH" \
             --steps "$SPEED_STEPS" --warmup 3 --data device --compile --peak_tflops "$PEAK_TFLOPS" --no_flops 2>&1 \
             | grep -v Warning | tee "$OUT/train_speed_compile.txt"
     fi
@@ -137,17 +148,51 @@ part_complete() {
 part_study() {
     stamp "study: completion_study.py --budget gpu (limit $STUDY_LIMIT_S s) $STUDY_ARGS"
     # shellcheck disable=SC2086
-    timeout "$STUDY_LIMIT_S" python3 benchmarks/completion_study.py --budget gpu --device "$DEVICE" \
+    timeout "$(limit "$STUDY_LIMIT_S")" python3 benchmarks/completion_study.py --budget gpu --device "$DEVICE" \
         --output_dir "$WORK/study" --workers "$(nproc)" $STUDY_ARGS > "$OUT/study_console.txt" 2>&1
     echo "exit $?"
     grep -v "it/s\|s/it\|case/s\|heart/s" "$OUT/study_console.txt" | tail -n 40
     for phase in 1 2 3; do
         cp "$WORK/study/phase$phase/model_best.safetensors" "$OUT/study_phase${phase}_best.safetensors" 2>/dev/null
     done
-    cp "$WORK/study/eval/report.html" "$OUT/study_report.html" 2>/dev/null
+    (cd "$OUT" && tar czf study_phase12.tgz study_phase1_best.safetensors study_phase2_best.safetensors \
+        && rm -f study_phase1_best.safetensors study_phase2_best.safetensors) 2>/dev/null
     (cd "$WORK/study" && tar czf "$OUT/study_files.tgz" --ignore-failed-read study.md study.json timings.json \
-        hearts/hearts.json phase*/log.jsonl phase*/stdout.log phase*/config.yaml eval/summary.json eval/metrics.csv \
-        eval/shards/*/stdout.log 2>/dev/null)
+        steps.json hearts/hearts.json phase*/log.jsonl phase*/stdout.log phase*/config.yaml eval/summary.json \
+        eval/metrics.csv eval/report.html eval/shards/*/stdout.log 2>/dev/null)
+}
+
+part_small() {
+    stamp "small: phase 1 of the named small config, device cache, $SMALL_STEPS steps (limit $(limit "$SMALL_LIMIT_S") s)"
+    timeout "$(limit "$SMALL_LIMIT_S")" python3 -m heart_training.trainer --config phase1 --output_dir "$WORK/small" \
+        "data.datasets.0.data_dir=$WORK/study/prepared" model.config=small optim.batch_size=32 \
+        "optim.max_steps=$SMALL_STEPS" optim.warmup_steps=200 optim.lr=0.001 data.device_cache=true \
+        run.log_every=100 run.val_every=250 run.checkpoint_every=250 data.max_val_cases=16 run.progress=false \
+        > "$OUT/small_console.txt" 2>&1
+    echo "exit $? (124: stopped at its time limit; the best checkpoint so far is kept)"
+    cp "$WORK/small/log.jsonl" "$OUT/small_log.txt" 2>/dev/null
+    grep '"split": "val"' "$WORK/small/log.jsonl" 2>/dev/null | tail -n 3
+    [ -f "$WORK/small/model_best.safetensors" ] && split -b 15M -d "$WORK/small/model_best.safetensors" \
+        "$OUT/small_best.safetensors.part"
+}
+
+part_ct() {
+    CK="$WORK/small/model_best.safetensors"
+    [ -f "$CK" ] || { echo "ct: no small checkpoint"; return; }
+    stamp "ct: complete_speed --ct on $DEVICE with the trained small (limit $(limit 60) s)"
+    timeout "$(limit 60)" python3 benchmarks/complete_speed.py --ct --checkpoint "$CK" --device "$DEVICE" --repeats 3 \
+        --threads 8 > "$OUT/complete_ct.txt" 2>&1
+    grep -v "^ " "$OUT/complete_ct.txt" | tail -n 14
+    stamp "ct: the same at 1 mm (limit $(limit 30) s)"
+    timeout "$(limit 30)" python3 benchmarks/complete_speed.py --checkpoint "$CK" --device "$DEVICE" --repeats 3 \
+        --threads 8 > "$OUT/complete_1mm.txt" 2>&1
+    grep -v "^ " "$OUT/complete_1mm.txt" | tail -n 8
+}
+
+part_pack() {
+    (cd "$OUT" && shopt -s nullglob && files=(./*.txt ./*.json) && [ ${#files[@]} -gt 0 ] \
+        && tar czf texts.tgz "${files[@]}" && rm -f "${files[@]}")
+    ls -la "$OUT"
 }
 
 stamp "machine"

@@ -103,6 +103,7 @@ class MaskConfig:
     )
     subset_choices: list = field(default_factory=lambda: ["A", "B", "A+B"])  #: names or unions "A+B"
     subset_weights: list = field(default_factory=list)  #: optional weights of subset_choices
+    random_drop_prob: float = 0.0  #: subsets: share of samples masked as drop_random (drop_min..drop_max) instead
     extra_drop_prob: float = 0.0  #: annotated: probability of dropping further structures
     extra_drop_max: int = 2  #: annotated: most further structures dropped
     truncated: str = "near_cut"  #: near_cut | structure | ignore (targets of structures cut by the image border)

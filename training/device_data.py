@@ -195,7 +195,11 @@ class DeviceSampler:
             none = ~usable.any(dim=1)
             p = torch.where(none[:, None], torch.ones_like(p), p)
             pick = torch.multinomial(p, 1, generator=gen).squeeze(1)
-            return torch.where(none[:, None], avail, self.choices[pick] & avail)
+            out = torch.where(none[:, None], avail, self.choices[pick] & avail)
+            if cfg.random_drop_prob > 0:
+                mixed = _uniform(avail.shape[:1], gen, self.device) < cfg.random_drop_prob
+                out = torch.where(mixed[:, None], self._drop(avail, cfg.drop_min, cfg.drop_max), out)
+            return out
         if kind == "annotated":
             out = avail.clone()
             if cfg.extra_drop_prob > 0:

@@ -6,6 +6,8 @@ The target is always every *annotated* structure; the mask only decides the enco
 - ``drop_random`` (phase 2): drop a random ``drop_min..drop_max`` structures, keep >= ``min_keep``;
 - ``subsets`` (phase 3): one of the named subsets (default A = Myocardium, LA, LV, RA, RV and
   B = Aorta, PA, LAA, Coronary, PV) or a union such as ``"A+B"``, intersected with the annotated;
+  with ``random_drop_prob`` > 0 that share of the samples is masked as ``drop_random`` instead
+  (so the phase keeps what phase 2 learnt while it learns the subsets);
 - ``annotated`` (phase 4): the case's own annotated structures, optionally dropping a few more.
 
 >>> from HeartCompletionLib.structures import StructureTable
@@ -48,6 +50,8 @@ class InputMasker:
             if len(weights) != len(self.choices) or np.any(weights < 0) or weights.sum() <= 0:
                 raise ValueError("mask.subset_weights must be non-negative, one per subset choice")
             self.choice_p = weights / weights.sum()
+        if not 0.0 <= float(cfg.random_drop_prob) <= 1.0:
+            raise ValueError(f"mask.random_drop_prob must lie in [0, 1], got {cfg.random_drop_prob}")
 
     def choose(self, annotated: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Input mask (K,) bool, a non-empty subset of ``annotated`` (a case with nothing
@@ -62,6 +66,8 @@ class InputMasker:
         if kind == "drop_random":
             return self._drop(present, self.cfg.drop_min, self.cfg.drop_max, rng)
         if kind == "subsets":
+            if self.cfg.random_drop_prob > 0 and rng.random() < self.cfg.random_drop_prob:
+                return self._drop(present, self.cfg.drop_min, self.cfg.drop_max, rng)
             # Draw among the choices that keep at least one annotated structure.
             usable = [i for i, m in enumerate(self.choices) if np.any(m & annotated)]
             if not usable:

@@ -533,6 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train_seconds", type=float, default=None,
                         help="fit the steps of phases 2 and 3 to this many training seconds from phase 1's speed "
                              "(0: the budget's steps as they are; default: the budget's, gpu 270)")
+    parser.add_argument("--data_path", choices=("budget", "loader", "device"), default="budget",
+                        help="training data path: the budget's (default; gpu: device), the DataLoader, or the "
+                             "device-resident cache (data.device_cache=true)")
     parser.add_argument("--train_hearts", type=int, default=None, help="override the budget's training hearts")
     parser.add_argument("--heldout_hearts", type=int, default=None, help="override the budget's held-out hearts")
     return parser
@@ -552,6 +555,9 @@ def main(argv=None) -> int:
         if args.train_seconds < 0:
             parser.error("--train_seconds must be >= 0")
         budget = replace(budget, train_seconds=float(args.train_seconds))
+    if args.data_path != "budget":
+        extra = tuple(o for o in budget.extra if not o.startswith("data.device_cache="))
+        budget = replace(budget, extra=extra + (f"data.device_cache={str(args.data_path == 'device').lower()}",))
     for name in ("train_hearts", "heldout_hearts"):
         value = getattr(args, name)
         if value is not None:

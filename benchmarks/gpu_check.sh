@@ -150,8 +150,21 @@ part_study() {
     # shellcheck disable=SC2086
     timeout "$(limit "$STUDY_LIMIT_S")" python3 benchmarks/completion_study.py --budget gpu --device "$DEVICE" \
         --output_dir "$WORK/study" --workers "$(nproc)" $STUDY_ARGS > "$OUT/study_console.txt" 2>&1
-    echo "exit $?"
-    grep -v "it/s\|s/it\|case/s\|heart/s" "$OUT/study_console.txt" | tail -n 40
+    rc=$?
+    echo "exit $rc"
+    if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ]; then  # e.g. the device cache failing on this card: say so, use the loader
+        grep -v "it/s\|s/it\|case/s\|heart/s" "$OUT/study_console.txt" | tail -n 15
+        for phase in 1 2 3; do [ -f "$WORK/study/phase$phase/DONE" ] || rm -rf "$WORK/study/phase$phase"; done
+        stamp "study FAILED (exit $rc); again with --data_path loader (limit $(limit "$STUDY_LIMIT_S") s)"
+        SMALL_CACHE=false
+        # shellcheck disable=SC2086
+        timeout "$(limit "$STUDY_LIMIT_S")" python3 benchmarks/completion_study.py --budget gpu --device "$DEVICE" \
+            --output_dir "$WORK/study" --workers "$(nproc)" --data_path loader $STUDY_ARGS > "$OUT/study_console2.txt" 2>&1
+        echo "exit $?"
+        grep -v "it/s\|s/it\|case/s\|heart/s" "$OUT/study_console2.txt" | tail -n 40
+    else
+        grep -v "it/s\|s/it\|case/s\|heart/s" "$OUT/study_console.txt" | tail -n 40
+    fi
     for phase in 1 2 3; do
         cp "$WORK/study/phase$phase/model_best.safetensors" "$OUT/study_phase${phase}_best.safetensors" 2>/dev/null
     done
@@ -166,7 +179,8 @@ part_small() {
     stamp "small: phase 1 of the named small config, device cache, $SMALL_STEPS steps (limit $(limit "$SMALL_LIMIT_S") s)"
     timeout "$(limit "$SMALL_LIMIT_S")" python3 -m heart_training.trainer --config phase1 --output_dir "$WORK/small" \
         "data.datasets.0.data_dir=$WORK/study/prepared" model.config=small optim.batch_size=32 \
-        "optim.max_steps=$SMALL_STEPS" optim.warmup_steps=200 optim.lr=0.001 data.device_cache=true \
+        "optim.max_steps=$SMALL_STEPS" optim.warmup_steps=200 optim.lr=0.001 "data.device_cache=${SMALL_CACHE:-true}" \
+        data.num_workers=12 \
         run.log_every=100 run.val_every=250 run.checkpoint_every=250 data.max_val_cases=16 run.progress=false \
         > "$OUT/small_console.txt" 2>&1
     echo "exit $? (124: stopped at its time limit; the best checkpoint so far is kept)"

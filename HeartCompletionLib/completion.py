@@ -47,7 +47,7 @@ from .decode_grid import (
     fast_hierarchical_labels,
 )
 from .encoder_input import encoder_arrays, encoder_centre_mm, select_encoder_points
-from .geometry import direction_of, ijk_to_ras_points, spacing_of
+from .geometry import direction_of, ijk_to_ras_points, spacing_of, validate_ijk_to_ras
 from .islands import DEFAULT_MIN_ISLAND_FRACTION, remove_small_islands
 from .labelmap import LabelMap
 
@@ -455,6 +455,7 @@ def complete_label_map(
     min_island_fraction: float = DEFAULT_MIN_ISLAND_FRACTION,
     decode: str = DEFAULT_DECODE,
     fast_options: Mapping[str, float] | None = None,
+    output_grid=None,
 ) -> CompletionResult:
     """Complete ``label_map`` with the model of ``checkpoint``; see the module docstring for the steps.
 
@@ -475,7 +476,10 @@ def complete_label_map(
     (default) or ``"exact"`` (see the module docstring); ``fast_options`` tunes the fast decode
     (``interp_cell_mm``, ``node_band``, ``voxel_band``, see :mod:`.decode_grid`); an unknown mode,
     key or a negative value raises :class:`CompletionError`. ``chunk_size``: queries per model call
-    (default 4,096 on the CPU, 16,384 on a GPU).
+    (default 4,096 on the CPU, 16,384 on a GPU). ``output_grid``: ``(shape, ijk_to_ras)`` of another
+    grid to write the result on (:mod:`.output_grid`: grown, resampled or a reference image's); the
+    given structures are carried onto it by nearest neighbour and kept, their surfaces still
+    sampled on the input's grid (default: the input's grid).
     """
     import torch
 
@@ -499,6 +503,24 @@ def complete_label_map(
     except KeyError as exc:
         raise CompletionError(f"structures to complete: {exc.args[0]}") from exc
     geometry = sample_map.ijk_to_ras
+    given_lo, given_hi = _given_box(sample_map.labels)
+    region_lo, region_hi = given_lo, given_hi  # the given box on the grid the result is written on
+    if output_grid is not None:
+        from .output_grid import box_on_grid, resample_nearest
+
+        out_shape, out_matrix = output_grid
+        try:
+            out_matrix = validate_ijk_to_ras(out_matrix, "output grid")
+        except ValueError as exc:
+            raise CompletionError(str(exc)) from None
+        out_shape = tuple(int(n) for n in out_shape)
+        if len(out_shape) != 3 or min(out_shape) < 1:
+            raise CompletionError(f"output grid: shape {out_shape} is not a 3-D grid")
+        base = resample_nearest(base, geometry, out_shape, out_matrix)
+        region_lo, region_hi = box_on_grid(given_lo, given_hi, geometry, out_shape, out_matrix)
+        if np.any(region_hi <= region_lo):
+            raise CompletionError(f"{sample_map.source}: the given structures lie outside the output grid")
+        geometry = out_matrix
     timings["load_s"] = time.perf_counter() - t_start
     result = CompletionResult(LabelMap(base, geometry, sample_map.source, dict(sample_map.metadata)), [], given,
                               timings)
@@ -515,7 +537,6 @@ def complete_label_map(
     t = time.perf_counter()
     rng = np.random.default_rng(seed)
     floor = max(1, int(SURFACE_SAMPLES * SURFACE_FLOOR_FRACTION))
-    given_lo, given_hi = _given_box(sample_map.labels)
     # the given structures' box only: the same surfaces without passes over the whole image
     points, normals, point_labels = sample_structure_surfaces(
         closest_canonical(_cropped(sample_map, given_lo, given_hi)), given, SURFACE_SAMPLES, rng,
@@ -546,7 +567,7 @@ def complete_label_map(
             chunk_size = DEFAULT_CPU_CHUNK if dev.type == "cpu" else DEFAULT_CHUNK
         fld = _Field(ck.model, latents, centre, norm, competing, write, dev, int(chunk_size), cancel,
                      keep_sdf=[lab - 1 for lab in requested] if return_signed_distance else None)
-        lo, hi = _region(given_lo, given_hi, sample_map.shape, geometry, margin_mm)
+        lo, hi = _region(region_lo, region_hi, base.shape, geometry, margin_mm)
 
         def report(f: float) -> None:
             step(_P_ENCODED + (_P_DECODED - _P_ENCODED) * f, "decoding signed distances")

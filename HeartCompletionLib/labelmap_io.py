@@ -307,6 +307,70 @@ def _nrrd_space_to_ras(path: Path, header: dict) -> np.ndarray:
     return np.diag(signs)
 
 
+def _nrrd_ijk_to_ras(path: Path, header: dict, directions) -> np.ndarray:
+    """IJK -> RAS (4x4) of an NRRD header; ``directions``: its 3 x 3 space directions or None."""
+    space_to_ras = _nrrd_space_to_ras(path, header)
+    ijk_to_space = np.eye(4)
+    if directions is None:
+        spacings = np.asarray(header.get("spacings", [1.0, 1.0, 1.0]), dtype=np.float64)[-3:]
+        warnings.warn(f"{path}: NRRD has no 'space directions'; using spacings {spacings.tolist()} and the "
+                      "ITK default orientation (LPS axes)", UserWarning, stacklevel=4)
+        ijk_to_space[:3, :3] = np.diag(spacings)
+    else:
+        directions = np.asarray(directions, dtype=np.float64)
+        if directions.shape != (3, 3) or not np.all(np.isfinite(directions)):
+            raise LabelMapError(path, f"invalid 'space directions' {directions.tolist()}")
+        ijk_to_space[:3, :3] = directions.T  # each row of the header is one voxel axis
+    ijk_to_space[:3, 3] = np.asarray(header.get("space origin", [0.0, 0.0, 0.0]), dtype=np.float64)
+    return space_to_ras @ ijk_to_space
+
+
+def read_image_geometry(path) -> tuple[tuple[int, int, int], np.ndarray]:
+    """``(shape, ijk_to_ras)`` of any 3-D NIfTI or NRRD image (a CT, a label map, a Slicer
+    segmentation), from its header alone: the grid of a reference image."""
+    path = Path(path)
+    suffix = suffix_of(path)
+    if not path.is_file():
+        raise LabelMapError(path, "file not found" if not path.exists() else "not a regular file")
+    try:
+        if suffix in (".nii", ".nii.gz"):
+            import nibabel as nib
+
+            img = nib.load(str(path))
+            shape = tuple(int(n) for n in img.shape)
+            while len(shape) > 3 and shape[-1] == 1:
+                shape = shape[:-1]
+            matrix = np.asarray(img.affine, dtype=np.float64)
+        else:
+            import nrrd
+
+            with open(path, "rb") as handle:
+                header = nrrd.read_header(handle)
+            shape = tuple(int(n) for n in np.atleast_1d(header.get("sizes", [])))
+            directions = header.get("space directions")
+            kinds = [str(k).lower() for k in header.get("kinds", ["domain"] * len(shape))]
+            if len(shape) == 4 and directions is not None:  # a segmentation's list axis: no direction
+                keep = [i for i, k in enumerate(kinds) if k in ("domain", "space")] or [1, 2, 3]
+                shape = tuple(shape[i] for i in keep)
+                directions = np.asarray(directions, dtype=np.float64)
+                directions = directions[np.all(np.isfinite(directions), axis=1)]
+            matrix = _nrrd_ijk_to_ras(path, header, directions)
+    except LabelMapError:
+        raise
+    except Exception as exc:  # nibabel / pynrrd raise many types for corrupt headers
+        raise LabelMapError(path, f"cannot read the image header ({type(exc).__name__}: {exc})") from exc
+    if len(shape) != 3 or min(shape) < 1:
+        raise LabelMapError(path, f"image of shape {shape} is not a 3-D grid")
+    from .geometry import validate_ijk_to_ras
+
+    try:
+        matrix = validate_ijk_to_ras(matrix, str(path))
+    except ValueError as exc:
+        message = str(exc)
+        raise LabelMapError(path, message[len(str(path)) + 2:] if message.startswith(str(path)) else message) from None
+    return shape, matrix
+
+
 def _nrrd_promise(path: Path, max_voxels) -> None:
     """Check what the NRRD header promises (see :func:`_check_promise`) before pynrrd reads data."""
     import nrrd
@@ -351,20 +415,7 @@ def _read_nrrd(path: Path, table, convention, max_voxels=None):
             directions = directions[np.all(np.isfinite(directions), axis=1)]
     elif data.ndim != 3:
         raise LabelMapError(path, f"image is {data.ndim}-D with shape {data.shape}; a label map must be 3-D")
-    space_to_ras = _nrrd_space_to_ras(path, header)
-    ijk_to_space = np.eye(4)
-    if directions is None:
-        spacings = np.asarray(header.get("spacings", [1.0, 1.0, 1.0]), dtype=np.float64)[-3:]
-        warnings.warn(f"{path}: NRRD has no 'space directions'; using spacings {spacings.tolist()} and the "
-                      "ITK default orientation (LPS axes)", UserWarning, stacklevel=3)
-        ijk_to_space[:3, :3] = np.diag(spacings)
-    else:
-        directions = np.asarray(directions, dtype=np.float64)
-        if directions.shape != (3, 3) or not np.all(np.isfinite(directions)):
-            raise LabelMapError(path, f"invalid 'space directions' {directions.tolist()}")
-        ijk_to_space[:3, :3] = directions.T  # each row of the header is one voxel axis
-    ijk_to_space[:3, 3] = np.asarray(header.get("space origin", [0.0, 0.0, 0.0]), dtype=np.float64)
-    ijk_to_ras = space_to_ras @ ijk_to_space
+    ijk_to_ras = _nrrd_ijk_to_ras(path, header, directions)
     meta = {"original_dtype": str(data.dtype), "nrrd_space": header.get("space")}
     if is_segmentation:
         labels, meta["segments"] = _segmentation_labels(path, data, header, table, convention)

@@ -3,8 +3,11 @@
 One label map (``--input case.nii.gz --output done.nii.gz``) or a folder of them (``--input
 DIR --output OUTDIR``, same file names, a progress bar over the cases). The output has the
 input's format (by the output name's suffix; a folder output keeps the input's name) and exactly
-its geometry. Given structures are kept voxel for voxel unless ``--replace``; predicted
-structures fill the rest. ``--meshes DIR`` also writes one surface mesh per structure
+its geometry, unless ``--extend_mm MM`` (grow the grid around the given structures),
+``--output_spacing MM`` (another voxel size, e.g. isotropic from a short-axis stack) or
+``--reference IMAGE`` (another image's grid) asks for another grid
+(:mod:`HeartCompletionLib.output_grid`). Given structures are kept voxel for voxel (on another
+grid: carried over by nearest neighbour) unless ``--replace``; predicted structures fill the rest. ``--meshes DIR`` also writes one surface mesh per structure
 (``<case>_<Structure>.stl``, RAS mm, ``SPACE=RAS`` header for 3D Slicer).
 
 ``--checkpoint`` takes a checkpoint file or the name of a registered model
@@ -84,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="heart-complete",
         description="Complete a partially segmented heart label map with a HeartCompletion checkpoint. "
-        "Reads and writes .nii, .nii.gz, .nrrd and .seg.nrrd; keeps the input's geometry.",
+        "Reads and writes .nii, .nii.gz, .nrrd and .seg.nrrd; keeps the input's geometry unless an output grid "
+        "option (--extend_mm, --output_spacing, --reference) asks for another.",
         epilog="Example: heart-complete --checkpoint model.safetensors --input partial.nii.gz "
         "--output completed.nii.gz --meshes meshes/",
     )
@@ -120,9 +124,35 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min_island_fraction", type=_fraction, default=DEFAULT_MIN_ISLAND_FRACTION, metavar="F",
                    help="clear predicted pieces smaller than F x the structure's largest piece "
                         f"(default {DEFAULT_MIN_ISLAND_FRACTION:g}; 0 keeps every piece)")
+    grid = p.add_argument_group("output grid (default: the input's own grid)")
+    grid.add_argument("--extend_mm", type=_non_negative_mm, default=None, metavar="MM",
+                      help="grow the output grid (the input's axes) to cover the given structures plus MM on every "
+                           "side, e.g. 40 for a short-axis stack or a crop around one vessel")
+    grid.add_argument("--output_spacing", type=_positive_mm, nargs="+", default=None, metavar="MM",
+                      help="voxel size of the output grid in mm: one value (isotropic) or three; given voxels are "
+                           "carried over by nearest neighbour and kept")
+    grid.add_argument("--reference", default=None, metavar="IMAGE",
+                      help="write the result on this image's grid (a NIfTI/NRRD image, e.g. the CT the labels were "
+                           "drawn on); not with --extend_mm/--output_spacing")
     p.add_argument("--seed", type=int, default=0, help="seed of the input surface sampling (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, only errors")
     return p
+
+
+def _reference_grid(args, jobs):
+    """The grid of ``--reference`` (read before any input), or None; refuses mixing it with the
+    grown-grid options or a folder of inputs (each case has its own image)."""
+    if args.output_spacing is not None and len(args.output_spacing) not in (1, 3):
+        raise CliError(f"--output_spacing: give one value (isotropic) or three, got {len(args.output_spacing)}")
+    if args.reference is None:
+        return None
+    if args.extend_mm is not None or args.output_spacing is not None:
+        raise CliError("--reference: the reference image fixes the output grid; drop --extend_mm/--output_spacing")
+    if len(jobs) > 1:
+        raise CliError("--reference: one reference image fits one input file, not a folder of inputs")
+    from HeartCompletionLib.labelmap_io import read_image_geometry
+
+    return read_image_geometry(args.reference)
 
 
 def _registered_names() -> str:
@@ -167,6 +197,17 @@ def _jobs(input_path: Path, output_path: Path) -> list[tuple[Path, Path]]:
     return jobs
 
 
+def _output_grid(label_map, args):
+    """``(shape, ijk_to_ras)`` the options ask for, or None (the input's grid)."""
+    from HeartCompletionLib.output_grid import grown_grid
+
+    if args.reference_grid is not None:
+        return args.reference_grid
+    if args.extend_mm is None and args.output_spacing is None:
+        return None
+    return grown_grid(label_map, args.extend_mm or 0.0, args.output_spacing)
+
+
 def _complete_one(src: Path, dst: Path, checkpoint, args, bar) -> str:
     from HeartCompletionLib.completion import complete_label_map
     from HeartCompletionLib.labelmap_io import read_label_map, write_label_map
@@ -190,7 +231,7 @@ def _complete_one(src: Path, dst: Path, checkpoint, args, bar) -> str:
     result = complete_label_map(
         label_map, checkpoint, structures=args.structures, replace=args.replace, device=args.device,
         progress=progress, seed=args.seed, grid_spacing_mm=args.grid_spacing_mm, margin_mm=args.margin_mm,
-        min_island_fraction=args.min_island_fraction, decode=args.decode,
+        min_island_fraction=args.min_island_fraction, decode=args.decode, output_grid=_output_grid(label_map, args),
     )
     write_label_map(result.label_map, dst, table=table)
     if args.meshes:
@@ -224,6 +265,7 @@ def main(argv=None) -> int:
         checkpoint, entry = load_model(args.checkpoint, expected_table=expected, device="cpu")
         if entry is not None:  # every time a registered model is used, quiet or not
             print(f"heart-complete: warning: model {entry.name!r} ({entry.path}): {entry.warning}", file=sys.stderr)
+        args.reference_grid = _reference_grid(args, jobs)
         if args.structures:
             try:
                 resolve_structures(checkpoint.table, args.structures)

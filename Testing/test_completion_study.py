@@ -58,9 +58,9 @@ def test_steps_fitted_to_a_time_budget_are_kept_for_reruns(tmp_path):
     sys.path.insert(0, str(STUDY.parent))
     import completion_study as cs
 
-    gpu = cs.BUDGETS["gpu"]  # 2,500 / 4,000 / 2,500 steps, 270 training seconds
-    assert cs.fitted_steps(gpu, 100.0) == (2500, 2600, 1600)  # 25 steps/s x 170 s left, split 8:5
-    assert cs.fitted_steps(gpu, 400.0) == (2500, 1, 1)  # no time left: a step each, never zero
+    gpu = cs.BUDGETS["gpu"]  # 1,500 / 4,000 / 2,500 steps, 360 training seconds
+    assert cs.fitted_steps(gpu, 100.0) == (1500, 2400, 1500)  # 15 steps/s x 260 s left, split 8:5
+    assert cs.fitted_steps(gpu, 400.0) == (1500, 1, 1)  # no time left: a step each, never zero
     assert cs.planned_budget(tmp_path, gpu).steps == gpu.steps
     (tmp_path / "steps.json").write_text(json.dumps({"steps": [2500, 3000, 2000]}))
     assert cs.planned_budget(tmp_path, gpu).steps == (2500, 3000, 2000)

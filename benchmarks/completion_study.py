@@ -105,10 +105,10 @@ BUDGETS = {
                   phase_extra=RECIPE),
     "gpu": Budget("gpu", train_hearts=200, heldout_hearts=24, train_spacing_mm=1.5, heldout_spacing_mm=1.5,
                   oblique_spacing_mm=(1.2, 1.2, 2.0), oblique_fraction=0.34, prepare_points=(60_000, 60_000, 100_000),
-                  model="small", model_overrides=STUDY_MODEL, steps=(2500, 4000, 2500), lr=(2e-3, 1e-3, 5e-4),
-                  batch_size=32, val_every=500, num_workers=12, device="cuda", threads=0,
+                  model="small", model_overrides=STUDY_MODEL, steps=(1500, 4000, 2500), lr=(2e-3, 1e-3, 5e-4),
+                  batch_size=64, val_every=500, num_workers=12, device="cuda", threads=0,
                   scenarios=("full", "subset_A", "subset_B", "drop_k", "missing_*"), sample=SAMPLE,
-                  extra=("data.device_cache=true",), phase_extra=RECIPE, train_seconds=270.0),
+                  extra=("data.device_cache=true",), phase_extra=RECIPE, train_seconds=360.0),
 }
 
 
@@ -532,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override the budget's steps per phase (and its --train_seconds fitting)")
     parser.add_argument("--train_seconds", type=float, default=None,
                         help="fit the steps of phases 2 and 3 to this many training seconds from phase 1's speed "
-                             "(0: the budget's steps as they are; default: the budget's, gpu 270)")
+                             "(0: the budget's steps as they are; default: the budget's, gpu 360)")
     parser.add_argument("--data_path", choices=("budget", "loader", "device"), default="budget",
                         help="training data path: the budget's (default; gpu: device), the DataLoader, or the "
                              "device-resident cache (data.device_cache=true)")

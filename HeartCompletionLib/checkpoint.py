@@ -33,7 +33,6 @@ the trainer.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import struct
@@ -364,26 +363,3 @@ def describe_checkpoint(meta: dict) -> str:
         parts.append(f"{cases} training cases")
     parts.append(f"created {meta.get('created')} with torch {meta.get('torch_version')}")
     return ", ".join(parts)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m HeartCompletionLib.checkpoint",
-        description="Show (and check) a HeartCompletion inference checkpoint without loading unsafe code.",
-    )
-    parser.add_argument("checkpoint", help=f"inference checkpoint ({SUFFIX})")
-    parser.add_argument("--load", action="store_true", help="also load the weights into the model (full check)")
-    parser.add_argument("--json", action="store_true", help="print the whole metadata as JSON")
-    args = parser.parse_args(argv)
-    try:
-        meta = read_checkpoint_metadata(args.checkpoint)
-        if args.load:
-            load_inference_checkpoint(args.checkpoint)
-    except CheckpointError as exc:
-        parser.exit(2, f"error: {exc}\n")
-    print(json.dumps(meta, indent=2) if args.json else f"{args.checkpoint}: {describe_checkpoint(meta)}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,8 +1,9 @@
-"""The background completion process the Slicer module starts, and its line protocol.
+"""The background completion process the Slicer module starts: its line protocol and the parent side.
 
-Run as ``python -m HeartCompletionLib.completion_process --checkpoint CK --input IN.nrrd
+The process runs ``python -m HeartCompletionLib.completion_process_cli --checkpoint CK --input IN.nrrd
 --output OUT.nrrd [--table TABLE.json] [--structures LAA PA] [--replace] [--device auto|cpu|cuda]
-[--decode fast|exact]`` (the options of ``heart-complete``, same meaning).
+[--decode fast|exact]`` (the options of ``heart-complete``, same meaning; :func:`build_command`
+writes that line, :mod:`.completion_process_cli` is the child side).
 ``CK`` is a checkpoint file or a registered model name (:mod:`.model_registry`; its warning is
 printed as a log line). It loads the checkpoint, reads the label map in the values of the
 checkpoint's structure table (any geometry; ``--table``, the table the caller wrote the input
@@ -11,8 +12,9 @@ writes the result atomically in the input's geometry (never over the input) and 
 machine-readable line per event on stdout:
 
 ``HC-PROGRESS <fraction 0..1> <message>``, ``HC-RESULT <json>`` (once, at the end) and
-``HC-ERROR <message>``; any other line is plain log text. Exit status 0 on success, 2 for bad
-input (the message names the file), 1 for any other failure. Cancel = terminate the process:
+``HC-ERROR <message>``; any other line is plain log text. Exit status
+(:class:`~HeartCompletionLib.errors.ExitCode`) 0 on success, 2 (``BAD_INPUT``) for bad input
+(the message names the file), 1 (``FAILED``) for any other failure. Cancel = terminate the process:
 the output is only ever replaced whole, so a killed run leaves nothing half-written.
 
 The module polls a :class:`CompletionProcess` from a ``qt.QTimer``; tests poll it in a loop.
@@ -27,7 +29,6 @@ The module polls a :class:`CompletionProcess` from a ``qt.QTimer``; tests poll i
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import queue
@@ -42,7 +43,8 @@ from typing import Sequence
 PROGRESS_PREFIX = "HC-PROGRESS"
 RESULT_PREFIX = "HC-RESULT"
 ERROR_PREFIX = "HC-ERROR"
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+#: the module the child process runs (``python -m CHILD_MODULE``)
+CHILD_MODULE = "HeartCompletionLib.completion_process_cli"
 #: ``completion.DECODE_MODES`` / ``DEFAULT_DECODE`` (repeated: this module is imported by the panel without numpy work)
 DECODE_MODES, DEFAULT_DECODE = ("fast", "exact"), "fast"
 
@@ -118,7 +120,7 @@ def build_command(
     input label map was written with (the process refuses a checkpoint trained on another one);
     ``decode``: ``"fast"`` or ``"exact"`` (None: the library default, fast).
     """
-    command = [python_executable or sys.executable, "-m", "HeartCompletionLib.completion_process"]
+    command = [python_executable or sys.executable, "-m", CHILD_MODULE]
     command += ["--checkpoint", str(checkpoint), "--input", str(input_path), "--output", str(output_path)]
     command += ["--device", device]
     if table is not None:
@@ -210,133 +212,3 @@ class CompletionProcess:
                 raise TimeoutError(f"completion process did not finish within {timeout_s} s: {self.command}")
             time.sleep(0.05)
         return events + self.poll()
-
-
-# --- the child side ----------------------------------------------------------------------------
-
-
-def _emit(line: str) -> None:
-    print(line, flush=True)
-
-
-def _one_line(exc: BaseException) -> str:
-    """An error message on one protocol line (multi-line messages, e.g. two structure lists, joined)."""
-    return " | ".join(part.strip() for part in str(exc).splitlines() if part.strip())
-
-
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m HeartCompletionLib.completion_process",
-        description=(
-            "Complete a partial heart label map in a background process (used by the Slicer module). "
-            "Prints HC-PROGRESS / HC-RESULT / HC-ERROR lines on stdout."
-        ),
-    )
-    parser.add_argument("--checkpoint", required=True,
-                        help="inference checkpoint (.safetensors) or a registered model name (an existing file wins)")
-    parser.add_argument("--input", required=True,
-                        help="input label map (.nrrd/.nii/.nii.gz/.seg.nrrd) in the checkpoint table's values")
-    parser.add_argument("--output", required=True,
-                        help="output label map; written atomically in the input's geometry; never the input itself")
-    parser.add_argument("--table", default=None,
-                        help="structure table JSON the input was written with; the checkpoint must have the same "
-                        "structures (refused otherwise)")
-    parser.add_argument("--structures", nargs="*", default=None, help="structures to produce (default: the missing ones)")
-    parser.add_argument("--replace", action="store_true", help="also replace structures present in the input")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the model runs")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    parser.add_argument("--decode", default=DEFAULT_DECODE, choices=DECODE_MODES,
-                        help="fine-level decoding: fast (interpolate inside fine cells, decode exactly where a label "
-                        f"could change) or exact (every voxel near a surface; the reference); default {DEFAULT_DECODE}")
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse_args(argv)
-    started = time.perf_counter()
-    try:
-        from .checkpoint import CheckpointError
-        from .labelmap_io import LabelMapError, read_label_map, write_label_map
-    except ImportError as exc:  # torch or a reader is missing in this Python
-        _emit(f"{ERROR_PREFIX} cannot import the completion code: {exc}")
-        return EXIT_FAILED
-    try:
-        _check_output(Path(args.input), Path(args.output))
-        checkpoint = _load_checkpoint(args)
-        _emit(format_progress(0.04, f"reading {args.input}"))
-        label_map = read_label_map(args.input, table=checkpoint.table)
-        result = run(label_map, args, checkpoint)
-        write_label_map(result.label_map, args.output, table=checkpoint.table)
-        for message in result.messages:  # "nothing to complete", removed islands, ...
-            _emit(message)
-    except (LabelMapError, CheckpointError, FileNotFoundError, KeyError, ValueError) as exc:  # input or arguments
-        _emit(f"{ERROR_PREFIX} {_one_line(exc)}")
-        return EXIT_BAD_INPUT
-    except Exception as exc:  # noqa: BLE001 - every failure must reach the panel as one line
-        _emit(f"{ERROR_PREFIX} {type(exc).__name__}: {_one_line(exc)}")
-        return EXIT_FAILED
-    payload = {
-        "output": str(Path(args.output).resolve()),
-        "completed_labels": [int(v) for v in result.completed_labels],
-        "given_labels": [int(v) for v in result.given_labels],
-        "timings": {k: float(v) for k, v in dict(result.timings).items()},
-        "total_seconds": time.perf_counter() - started,
-    }
-    _emit(format_progress(1.0, "done"))
-    _emit(f"{RESULT_PREFIX} {json.dumps(payload)}")
-    return EXIT_OK
-
-
-def _check_output(input_path: Path, output_path: Path) -> None:
-    """Refuse an output that is the input (the input is never modified)."""
-    same = output_path.resolve() == input_path.resolve()
-    if not same and output_path.exists() and input_path.exists():
-        same = os.path.samefile(output_path, input_path)  # hard links
-    if same:
-        raise ValueError(f"{output_path}: the output would overwrite the input {input_path}; choose another output")
-
-
-def _load_checkpoint(args: argparse.Namespace):
-    """The checkpoint of ``--checkpoint`` (file or registered name), checked against ``--table``."""
-    from .completion import check_device, resolve_structures
-    from .model_registry import load_model
-    from .structures import StructureTable
-
-    check_device(args.device)  # an unavailable CUDA is refused before anything is read
-    _emit(format_progress(0.01, f"loading {Path(str(args.checkpoint)).name}"))
-    expected = StructureTable.from_spec(args.table) if args.table else None
-    checkpoint, entry = load_model(args.checkpoint, expected_table=expected, device="cpu")
-    if entry is not None:  # a plain log line: the panel shows it in its log
-        _emit(f"warning: model {entry.name!r} ({entry.path}): {entry.warning}")
-    if args.structures:  # an unknown name is refused before the input is read
-        try:
-            resolve_structures(checkpoint.table, args.structures)
-        except KeyError as exc:
-            raise ValueError(f"--structures: {exc.args[0]}") from None
-    return checkpoint
-
-
-def run(label_map, args: argparse.Namespace, checkpoint=None):
-    """Complete ``label_map`` with progress lines on stdout (loads ``args.checkpoint`` if not given)."""
-    from .completion import complete_label_map
-
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    if checkpoint is None:
-        checkpoint = _load_checkpoint(args)
-    structures = args.structures or None
-    return complete_label_map(
-        label_map,
-        checkpoint,
-        structures=structures,
-        replace=args.replace,
-        device=args.device,
-        decode=getattr(args, "decode", DEFAULT_DECODE),
-        progress=lambda fraction, message: _emit(format_progress(0.05 + 0.9 * fraction, message)),
-    )
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

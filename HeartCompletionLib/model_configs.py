@@ -13,14 +13,13 @@ A :class:`ModelConfig` fully describes the network's shapes; it is stored in eve
 >>> ModelConfig.from_dict(cfg.to_dict()) == cfg
 True
 
-Print the parameter count of every named config::
+Print the parameter count of every named config (:mod:`.model_configs_cli`)::
 
-    python -m HeartCompletionLib.model_configs --num_classes 10
+    python -m HeartCompletionLib.model_configs_cli --num_classes 10
 """
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict, dataclass, fields, replace
 
 CONFIG_NAMES = ("tiny", "small", "base")
@@ -134,26 +133,3 @@ def get_config(name: str, num_classes: int = 10, **overrides) -> ModelConfig:
 def count_parameters(model, trainable_only: bool = False) -> int:
     """Number of parameters of a ``torch.nn.Module`` (all, or only those with ``requires_grad``)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m HeartCompletionLib.model_configs",
-        description="Print the shapes and parameter counts of the named HeartVecSet configs.",
-    )
-    parser.add_argument("--num_classes", type=int, default=10, help="K, structures in the table (default 10)")
-    parser.add_argument("--names", nargs="+", default=list(CONFIG_NAMES), choices=CONFIG_NAMES, help="configs to print")
-    args = parser.parse_args(argv)
-
-    from .model import HeartVecSet  # torch only when actually counting
-
-    print(f"{'config':<7} {'params':>12}  M x width, depth, heads, latent_dim")
-    for name in args.names:
-        cfg = get_config(name, args.num_classes)
-        n = count_parameters(HeartVecSet(cfg))
-        print(f"{name:<7} {n:>12,d}  {cfg.num_latents} x {cfg.width}, {cfg.depth}, {cfg.heads}, {cfg.latent_dim}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -33,6 +33,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import HeartCompletionError
+
 #: Environment variable naming another models folder (its ``models.json`` replaces the bundled one).
 MODELS_DIR_ENV = "HEART_MODELS_DIR"
 REGISTRY_FILE = "models.json"
@@ -40,7 +42,7 @@ BUNDLED_MODELS_DIR = Path(__file__).resolve().parent / "models"
 _REQUIRED = ("name", "file", "structures", "trained_on", "warning", "description")
 
 
-class RegistryError(ValueError):
+class RegistryError(HeartCompletionError, ValueError):
     """A registry that cannot be read, a name it does not hold, or a model file that is missing."""
 
 

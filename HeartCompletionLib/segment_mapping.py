@@ -7,7 +7,8 @@ SNOMED CT type code (and modifier) first, then by its name and the table's synon
 generic default entry ("Tissue") says nothing, so such segments fall through to their names.
 
 The extension's ``.term.json`` (a Slicer terminology context) is generated from the structure
-table here, so names, colours and codes live in one place (``structures_default.json``).
+table here, so names, colours and codes live in one place (``structures_default.json``); the
+command that rewrites it is :mod:`.segment_mapping_cli`.
 
 >>> from HeartCompletionLib.structures import StructureTable
 >>> table = StructureTable.default()
@@ -22,7 +23,6 @@ table here, so names, colours and codes live in one place (``structures_default.
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,21 +258,3 @@ def write_terminology_context(path: str | Path, table: StructureTable | None = N
     table = StructureTable.from_spec(table)
     text = json.dumps(terminology_context(table), indent=2) + "\n"
     return atomic_write_text(path, text)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Regenerate the module's ``.term.json`` from a structure table."""
-    parser = argparse.ArgumentParser(
-        prog="python -m HeartCompletionLib.segment_mapping",
-        description="Write the Slicer terminology context (.term.json) generated from the structure table.",
-    )
-    parser.add_argument("--output", required=True, help="path of the .term.json to write")
-    parser.add_argument("--table", default=None, help="structure table JSON (default: the ten structures)")
-    args = parser.parse_args(argv)
-    path = write_terminology_context(args.output, StructureTable.from_spec(args.table))
-    print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -18,7 +18,7 @@ from HeartCompletionLib.checkpoint import (
     read_checkpoint_metadata,
     save_inference_checkpoint,
 )
-from HeartCompletionLib.checkpoint import main as checkpoint_main
+from HeartCompletionLib.checkpoint_cli import main as checkpoint_main
 from HeartCompletionLib.model import HeartVecSet
 from HeartCompletionLib.model_configs import get_config
 from HeartCompletionLib.normalization import Normalization

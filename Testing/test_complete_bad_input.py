@@ -1,5 +1,5 @@
 """Completion on bad input (issue 14, rows 1, 2, 3 and 14): ``heart-complete``, the panel's
-background process (``python -m HeartCompletionLib.completion_process``) and the panel's logic.
+background process (``python -m HeartCompletionLib.completion_process_cli``) and the panel's logic.
 
 Real files and real (untrained ``tiny``) checkpoints: an untrained model predicts little, which is
 all these tests need; they check what happens around the model, never its accuracy.
@@ -19,6 +19,7 @@ from test_model_registry import save_untrained_checkpoint
 
 from HeartCompletionLib import completion_process
 from HeartCompletionLib.completion import CompletionError, complete_label_map
+from HeartCompletionLib.errors import ExitCode
 from HeartCompletionLib.labelmap import LabelMap
 from HeartCompletionLib.labelmap_io import read_label_map, write_label_map
 from HeartCompletionLib.structures import DEFAULT_TABLE_PATH, StructureTable
@@ -137,7 +138,7 @@ def test_background_process_refuses_output_equal_to_input(checkpoints, hearts, t
     output = {"same": source, "dotted": tmp_path / "sub" / ".." / "input.nrrd"}[spelling]
     (tmp_path / "sub").mkdir()
     code, events = run_process(checkpoints["ten"], source, output)
-    assert code == completion_process.EXIT_BAD_INPUT
+    assert code == ExitCode.BAD_INPUT
     assert any(e.kind == "error" and "overwrite the input" in e.message for e in events)
     assert digest(source) == before
 
@@ -173,7 +174,7 @@ def test_background_process_refuses_a_checkpoint_of_another_table(checkpoints, h
     command = completion_process.build_command(checkpoints["swapped"], hearts["partial"], tmp_path / "out.nrrd",
                                                device="cpu", table=DEFAULT_TABLE_PATH)
     code, events = run_process(command)
-    assert code == completion_process.EXIT_BAD_INPUT
+    assert code == ExitCode.BAD_INPUT
     (error,) = [e.message for e in events if e.kind == "error"]
     assert "swapped.safetensors" in error and str(swapped_lv_rv().names) in error and str(TABLE.names) in error
     assert not (tmp_path / "out.nrrd").exists()
@@ -301,11 +302,11 @@ def test_background_process_checks_structures_and_device_before_reading_input(ch
                                                device="cpu")
     code, events = run_process(command)
     (error,) = [e.message for e in events if e.kind == "error"]
-    assert code == completion_process.EXIT_BAD_INPUT
+    assert code == ExitCode.BAD_INPUT
     assert "--structures" in error and "Spleen" in error and "garbage" not in error
     if not torch.cuda.is_available():  # where CUDA exists this refusal cannot happen
         command = completion_process.build_command(checkpoints["ten"], garbage, tmp_path / "o.nrrd", device="cuda")
         code, events = run_process(command)
         (error,) = [e.message for e in events if e.kind == "error"]
-        assert code == completion_process.EXIT_BAD_INPUT
+        assert code == ExitCode.BAD_INPUT
         assert "CUDA is not available" in error and "garbage" not in error

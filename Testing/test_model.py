@@ -9,7 +9,7 @@ import torch
 
 from HeartCompletionLib.model import HeartVecSet, farthest_point_indices
 from HeartCompletionLib.model_configs import CONFIG_NAMES, ModelConfig, count_parameters, get_config
-from HeartCompletionLib.model_configs import main as configs_main
+from HeartCompletionLib.model_configs_cli import main as configs_main
 
 K = 10
 

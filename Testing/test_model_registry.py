@@ -20,6 +20,7 @@ from heart_training.complete_cli import main as complete_main
 
 from HeartCompletionLib import completion_process
 from HeartCompletionLib.checkpoint import CheckpointError
+from HeartCompletionLib.errors import ExitCode
 from HeartCompletionLib.labelmap import LabelMap
 from HeartCompletionLib.labelmap_io import read_label_map, write_label_map
 from HeartCompletionLib.model_registry import (
@@ -238,7 +239,7 @@ def test_background_process_resolves_a_name_and_logs_the_warning(models, partial
     process = completion_process.CompletionProcess(
         completion_process.build_command("ghost", partial_heart, tmp_path / "ghost.nrrd", device="cpu"))
     events = process.wait(timeout_s=300)
-    assert process.returncode == completion_process.EXIT_BAD_INPUT
+    assert process.returncode == ExitCode.BAD_INPUT
     assert any(e.kind == "error" and "'ghost' is not installed" in e.message for e in events)
 
 

@@ -18,6 +18,7 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
 
 from HeartCompletionLib import completion_process, slicer_bridge, slicer_results  # noqa: E402
+from HeartCompletionLib.errors import ExitCode  # noqa: E402
 from HeartCompletionLib.geometry import make_ijk_to_ras, rotation_matrix  # noqa: E402
 from HeartCompletionLib.labelmap import LabelMap  # noqa: E402
 from HeartCompletionLib.segment_mapping import (  # noqa: E402
@@ -380,7 +381,7 @@ def test_process_reports_bad_input(tmp_path, tiny_checkpoint):
     missing = tmp_path / "nothing.nrrd"
     command = completion_process.build_command(tiny_checkpoint, missing, tmp_path / "out.nrrd")
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=_child_env())
-    assert done.returncode == completion_process.EXIT_BAD_INPUT
+    assert done.returncode == ExitCode.BAD_INPUT
     errors = [completion_process.parse_line(line) for line in done.stdout.splitlines()]
     assert any(e.kind == "error" and "nothing.nrrd" in e.message for e in errors)
     assert not (tmp_path / "out.nrrd").exists()

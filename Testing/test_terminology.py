@@ -65,7 +65,7 @@ def test_shipped_term_json_is_generated_from_the_table(tmp_path):
     shipped = json.loads(TERM_JSON.read_text(encoding="utf-8"))
     assert shipped == terminology_context(TABLE), (
         "HeartCompletion.term.json is stale: regenerate with "
-        "python -m HeartCompletionLib.segment_mapping --output HeartCompletion/Resources/HeartCompletion.term.json"
+        "python -m HeartCompletionLib.segment_mapping_cli --output HeartCompletion/Resources/HeartCompletion.term.json"
     )
     regenerated = write_terminology_context(tmp_path / "t.term.json")
     assert regenerated.read_text(encoding="utf-8") == TERM_JSON.read_text(encoding="utf-8")

@@ -31,6 +31,11 @@ file is never modified.
 
 >>> suffix_of("case_001.seg.nrrd"), suffix_of("CASE.NII.GZ")
 ('.seg.nrrd', '.nii.gz')
+>>> case_name("data/Case_001.Seg.NRRD"), case_name("case_001.npz")
+('Case_001', 'case_001.npz')
+
+File names are one rule each, here: :func:`suffix_of` (which suffix), :func:`case_name` (the name
+without it) and :func:`find_label_maps` (the label maps in a folder, sorted).
 """
 
 from __future__ import annotations
@@ -91,6 +96,41 @@ def suffix_of(path) -> str:
         if name.endswith(suffix):
             return suffix
     raise LabelMapError(path, f"unsupported file type; supported: {', '.join(SUPPORTED_SUFFIXES)}")
+
+
+def is_label_map_name(path) -> bool:
+    """Whether ``path``'s name ends in a label-map suffix (:data:`SUPPORTED_SUFFIXES`, any case)."""
+    return Path(path).name.lower().endswith(SUPPORTED_SUFFIXES)
+
+
+def case_name(path) -> str:
+    """The case name of a label-map file: its name without the label-map suffix, matched in any
+    case and longest first (``"a/Case_1.seg.nrrd"`` -> ``"Case_1"``, not ``"Case_1.seg"``). A name
+    without such a suffix (or that is only a suffix) comes back unchanged."""
+    name = Path(path).name
+    if not is_label_map_name(name):
+        return name
+    return name[: -len(suffix_of(name))] or name
+
+
+def find_label_maps(folder, recursive: bool = True, include_hidden: bool = False, exclude=None) -> list[Path]:
+    """The label-map files in ``folder`` (names ending in :data:`SUPPORTED_SUFFIXES`, any case), sorted by path.
+
+    ``recursive``: also in subfolders; ``include_hidden``: also names starting with ``.`` and files
+    inside such folders (below ``folder``); ``exclude``: a folder whose files are left out (e.g. an
+    output folder inside the input folder). A ``.tmp`` temporary (:mod:`.atomic_io`) never matches.
+    """
+    folder = Path(folder)
+    exclude = None if exclude is None else Path(exclude)
+    found = []
+    for path in sorted(folder.rglob("*") if recursive else folder.iterdir()):
+        if not include_hidden and any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        if exclude is not None and exclude in path.parents:
+            continue
+        if is_label_map_name(path) and path.is_file():
+            found.append(path)
+    return found
 
 
 # --- segments ----------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def _alive(pid: int) -> bool:
 # --- row 4: sign-flipped training data ------------------------------------------------------
 @pytest.mark.slow
 def test_row4_sign_flipped_case_fails_check_and_gate(tmp_path, capsys):
-    from heart_training import prepare
+    from heart_training import prepare_cli
     from heart_training.data_gate import check_case as gate_check
     from heart_training.dataset import CaseRef
     from heart_training.dataset_check import CheckLimits, check_case
@@ -116,7 +116,7 @@ def test_row4_sign_flipped_case_fails_check_and_gate(tmp_path, capsys):
     assert any("sign" in p for p in check_case(flipped, limits)), check_case(flipped, limits)
     problems = gate_check(CaseRef("t", flipped, "case"))
     assert any("sign" in p and str(flipped) in p for p in problems), problems
-    assert prepare.main(["--check", str(flipped.parent), "--quiet", *CHECK_SMALL]) == 1
+    assert prepare_cli.main(["--check", str(flipped.parent), "--quiet", *CHECK_SMALL]) == 1
     assert "positive inside" in capsys.readouterr().out
 
 
@@ -216,11 +216,11 @@ def test_row7_voxel_limit_option(tmp_path, monkeypatch):
     with pytest.raises(LabelMapError, match="HEARTCOMPLETION_MAX_VOXELS"):
         read_label_map(path)
     # heart-prepare --max_voxels: the case fails alone with that message
-    from heart_training import prepare
+    from heart_training import prepare_cli
 
     monkeypatch.delenv("HEARTCOMPLETION_MAX_VOXELS")
     out = tmp_path / "out"
-    assert prepare.main(["--input_dir", str(tmp_path), "--output_dir", str(out), "--quiet", "--workers", "1",
+    assert prepare_cli.main(["--input_dir", str(tmp_path), "--output_dir", str(out), "--quiet", "--workers", "1",
                          "--max_voxels", "1000", *SMALL_PREPARE]) == 1
     assert "limit" in json.loads((out / "manifest.json").read_text())["cases"][0]["reason"]
 
@@ -277,7 +277,7 @@ def test_row9_kill_9_of_prepare_leaves_no_orphan_workers(tmp_path):
     for seed in range(6):
         write_label_map(synthetic_label_map(seed=seed, spacing_mm=1.5), source / f"case_{seed}.nii.gz")
     process = subprocess.Popen(
-        [sys.executable, "-m", "heart_training.prepare", "--input_dir", str(source), "--output_dir",
+        [sys.executable, "-m", "heart_training.prepare_cli", "--input_dir", str(source), "--output_dir",
          str(tmp_path / "out"), "--workers", "2", "--quiet", "--num_surface", "120000", "--num_volume", "200000",
          "--num_near", "200000"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers = []
@@ -317,32 +317,32 @@ def test_row10_malformed_safetensors_header(tmp_path):
 
 
 def test_row10_label_map_and_table_json_that_are_lists(tmp_path, capsys):
-    from heart_training import prepare
+    from heart_training import prepare_cli
 
     write_label_map(synthetic_label_map(seed=0, spacing_mm=3.0), tmp_path / "in" / "case.nii.gz")
     as_list = tmp_path / "list.json"
     as_list.write_text('["Myocardium", "LA"]')
     for option in ("--label_map", "--table"):
-        assert prepare.main(["--input_dir", str(tmp_path / "in"), "--output_dir", str(tmp_path / "out"),
+        assert prepare_cli.main(["--input_dir", str(tmp_path / "in"), "--output_dir", str(tmp_path / "out"),
                              option, str(as_list), "--quiet", *SMALL_PREPARE]) == 2
         assert f"{as_list}" in capsys.readouterr().err
 
 
 def test_row10_manifest_on_a_full_disk(tmp_path):
-    from heart_training import prepare
+    from heart_training import prepare_cli
 
     write_label_map(synthetic_label_map(seed=0, spacing_mm=3.0), tmp_path / "in" / "case.nii.gz")
     out = tmp_path / "out"
     args = ["--input_dir", str(tmp_path / "in"), "--output_dir", str(out), "--quiet", "--workers", "1",
             *SMALL_PREPARE]
-    assert prepare.main(args) == 0
+    assert prepare_cli.main(args) == 0
     manifest = (out / "manifest.json").read_bytes()
 
     def tiny_files():  # writes beyond 100 bytes fail with EFBIG, as they fail with ENOSPC on a full disk
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
 
-    result = subprocess.run([sys.executable, "-m", "heart_training.prepare", *args], env=ENV,
+    result = subprocess.run([sys.executable, "-m", "heart_training.prepare_cli", *args], env=ENV,
                             preexec_fn=tiny_files, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and str(out / "manifest.json") in result.stderr
@@ -488,13 +488,13 @@ def test_row13_heart_eval_fails_when_a_file_was_unreadable(tmp_path, capsys):
 
 # --- row 15: resume verifies the output's stored checksums ---------------------------------------
 def test_row15_resume_redoes_an_npz_corrupted_in_place(tmp_path):
-    from heart_training import prepare
+    from heart_training import prepare_cli
 
     write_label_map(synthetic_label_map(seed=0, spacing_mm=3.0), tmp_path / "in" / "case.nii.gz")
     out = tmp_path / "out"
     args = ["--input_dir", str(tmp_path / "in"), "--output_dir", str(out), "--quiet", "--workers", "1",
             *SMALL_PREPARE]
-    assert prepare.main(args) == 0
+    assert prepare_cli.main(args) == 0
     from heart_training.case_format import load_case
 
     npz = out / "case.npz"
@@ -503,7 +503,7 @@ def test_row15_resume_redoes_an_npz_corrupted_in_place(tmp_path):
     with open(npz, "r+b") as handle:  # flip bytes in the middle of the distances, sizes unchanged
         handle.seek(size // 2)
         handle.write(b"\xff" * 64)
-    assert prepare.main(args) == 0
+    assert prepare_cli.main(args) == 0
     entry = json.loads((out / "manifest.json").read_text())["cases"][0]
     assert not entry.get("resumed") and any("checksum" in w for w in entry["warnings"])
     again = load_case(npz)  # prepared again: the arrays of before the damage

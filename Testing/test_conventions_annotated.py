@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from heart_training.prepare import main as prepare_main
+from heart_training.prepare_cli import main as prepare_main
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 SMALL = ["--num_surface", "1500", "--num_volume", "800", "--num_near", "800", "--min_surface_per_structure", "100",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from heart_training import dataset_check, prepare
+from heart_training import dataset_check, prepare, prepare_cli
 from heart_training.case_format import REQUIRED_KEYS, load_case, save_case
 from scipy.spatial import cKDTree
 
@@ -60,7 +60,7 @@ def synth_dir(tmp_path_factory) -> Path:
 def prepared(synth_dir, tmp_path_factory) -> Path:
     """The uninterrupted reference run (2 workers: the parallel path)."""
     out = tmp_path_factory.mktemp("prepared")
-    assert prepare.main(["--input_dir", str(synth_dir), "--output_dir", str(out), "--workers", "2", "--quiet", *SMALL]) == 0
+    assert prepare_cli.main(["--input_dir", str(synth_dir), "--output_dir", str(out), "--workers", "2", "--quiet", *SMALL]) == 0
     return out
 
 
@@ -143,10 +143,10 @@ def test_sign_agrees_with_the_label_map_at_volume_and_near_points(prepared, synt
 
 
 def test_check_passes_on_a_fresh_dataset(prepared, capsys):
-    assert prepare.main(["--check", str(prepared), "--quiet", *CHECK_SMALL]) == 0
+    assert prepare_cli.main(["--check", str(prepared), "--quiet", *CHECK_SMALL]) == 0
     assert "4 of 4 cases pass" in capsys.readouterr().out
     # the default minimum counts (>= 100k surface samples, DESIGN.md) reject these small cases
-    assert prepare.main(["--check", str(prepared), "--quiet"]) == 1
+    assert prepare_cli.main(["--check", str(prepared), "--quiet"]) == 1
 
 
 def _rewrite(source: Path, target: Path, change) -> Path:
@@ -209,7 +209,7 @@ def test_check_catches_wrong_units_and_nan_mismatch(prepared, tmp_path, capsys):
     assert "differs from the rest of the dataset" in problems["other_table"]
     assert "not drawn around the surface" in problems["near_frame"]
     assert "outside the box of the volume points" in problems["volume_frame"]
-    assert prepare.main(["--check", str(bad), "--quiet", *CHECK_SMALL]) == 1
+    assert prepare_cli.main(["--check", str(bad), "--quiet", *CHECK_SMALL]) == 1
     out = capsys.readouterr().out
     for name in ("divided", "voxels", "unannotated", "nan", "metres", "corrupt", "other_table", "near_frame", "volume_frame"):
         assert f"FAIL {bad / name}.npz" in out  # every offending case is named
@@ -229,7 +229,7 @@ def _same_case(a: Path, b: Path) -> None:
 @pytest.mark.slow
 def test_resume_after_kill_gives_the_uninterrupted_result(synth_dir, prepared, tmp_path):
     out = tmp_path / "resumed"
-    command = [sys.executable, "-m", "heart_training.prepare", "--input_dir", str(synth_dir), "--output_dir", str(out),
+    command = [sys.executable, "-m", "heart_training.prepare_cli", "--input_dir", str(synth_dir), "--output_dir", str(out),
                "--workers", "1", "--quiet", *SMALL]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -253,7 +253,7 @@ def test_resume_after_kill_gives_the_uninterrupted_result(synth_dir, prepared, t
         _same_case(path, out / path.name)
     # other options are not mixed into a resumed dataset: that case is prepared again
     changed = [*SMALL[:-1], "150"]
-    assert prepare.main(["--input_dir", str(synth_dir), "--output_dir", str(out), "--quiet", *changed]) == 0
+    assert prepare_cli.main(["--input_dir", str(synth_dir), "--output_dir", str(out), "--quiet", *changed]) == 0
     assert load_case(out / "case_000.npz")["meta"]["options"]["min_surface_per_structure"] == 150
 
 
@@ -325,7 +325,7 @@ def test_bad_inputs_fail_alone_and_leave_no_half_files(tmp_path, capsys):
     before = {p: _sha(p) for p in (tmp_path / "in").rglob("*") if p.is_file()}
     out = tmp_path / "out"
     (out / "unwritable.npz").mkdir(parents=True)  # the output path cannot become a file
-    assert prepare.main(["--input_dir", str(tmp_path / "in"), "--output_dir", str(out), "--workers", "1", "--quiet", *SMALL]) == 1
+    assert prepare_cli.main(["--input_dir", str(tmp_path / "in"), "--output_dir", str(out), "--workers", "1", "--quiet", *SMALL]) == 1
     err = capsys.readouterr().err
     manifest = {e["case"]: e for e in json.loads((out / "manifest.json").read_text())["cases"]}
     assert {k for k, e in manifest.items() if e["status"] == "ok"} == {"good", "sub/odd", "sub/partial"}
@@ -346,7 +346,7 @@ def test_bad_inputs_fail_alone_and_leave_no_half_files(tmp_path, capsys):
     assert sum("voxels but is not annotated" in w for w in manifest["sub/partial"]["warnings"]) == 7
     assert not list(out.rglob("*.tmp"))
     assert before == {p: _sha(p) for p in (tmp_path / "in").rglob("*") if p.is_file()}  # input untouched
-    assert prepare.main(["--check", str(out), "--quiet", *CHECK_SMALL, "--min_samples_per_structure", "1"]) == 0
+    assert prepare_cli.main(["--check", str(out), "--quiet", *CHECK_SMALL, "--min_samples_per_structure", "1"]) == 0
 
 
 def test_disk_full_mid_case_leaves_nothing_half_written(tmp_path):
@@ -360,7 +360,7 @@ def test_disk_full_mid_case_leaves_nothing_half_written(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     result = subprocess.run(
-        [sys.executable, "-m", "heart_training.prepare", "--input_dir", str(source), "--output_dir", str(out),
+        [sys.executable, "-m", "heart_training.prepare_cli", "--input_dir", str(source), "--output_dir", str(out),
          "--quiet", *SMALL], env={**os.environ, "PYTHONPATH": str(REPO)}, preexec_fn=small_files,
         capture_output=True, text=True, timeout=120,
     )
@@ -386,18 +386,18 @@ def test_annotated_but_absent_and_cli_errors(tmp_path, capsys):
     mmwhs_values = np.array([0, 205, 420, 500, 550, 600, 820, 850, 0, 0, 0], dtype=np.int16)
     mmwhs = tmp_path / "mmwhs"
     write_label_map(LabelMap(mmwhs_values[label_map.labels], label_map.ijk_to_ras), mmwhs / "heart.nii.gz")
-    assert prepare.main(["--input_dir", str(mmwhs), "--output_dir", str(tmp_path / "mm"), "--quiet", "--label_map", "mmwhs",
+    assert prepare_cli.main(["--input_dir", str(mmwhs), "--output_dir", str(tmp_path / "mm"), "--quiet", "--label_map", "mmwhs",
                          "--annotated", "Myocardium", "LA", "LV", "RA", "RV", "Aorta", "PA", *SMALL]) == 0
     converted = load_case(tmp_path / "mm" / "heart.npz")
     assert converted["annotated"].tolist() == [True] * 7 + [False] * 3 and not converted["meta"]["warnings"]
     assert np.array_equal(np.bincount(converted["surface_labels"], minlength=10) > 0, converted["annotated"])
     # unknown structure names and missing folders are refused up front, naming the problem
-    assert prepare.main(["--input_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--annotated", "Spleen"]) == 2
+    assert prepare_cli.main(["--input_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--annotated", "Spleen"]) == 2
     assert "Spleen" in capsys.readouterr().err
-    assert prepare.main(["--input_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")]) == 2
+    assert prepare_cli.main(["--input_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        prepare.main(["--help"])
+        prepare_cli.main(["--help"])
     assert "--num_surface" in capsys.readouterr().out
 
 
@@ -408,5 +408,5 @@ def test_real_cases_convert_and_pass_check(shared_real_cases, tmp_path):
     for path in shared_real_cases[:3]:
         os.symlink(path, folder / path.name)
     out = tmp_path / "out"
-    assert prepare.main(["--input_dir", str(folder), "--output_dir", str(out), "--quiet", *SMALL]) == 0
-    assert prepare.main(["--check", str(out), "--quiet", *CHECK_SMALL]) == 0
+    assert prepare_cli.main(["--input_dir", str(folder), "--output_dir", str(out), "--quiet", *SMALL]) == 0
+    assert prepare_cli.main(["--check", str(out), "--quiet", *CHECK_SMALL]) == 0

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from heart_training.prepare import main as prepare_main
+from heart_training.prepare_cli import main as prepare_main
 
 from HeartCompletionLib.labelmap_io import LabelMapError, read_label_map
 

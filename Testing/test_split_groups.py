@@ -139,7 +139,7 @@ def _write_small_map(path: Path, shift: int) -> None:
 
 
 def test_heart_split_cli_groups_frames(tmp_path):
-    from heart_training.prepare import main as prepare_main
+    from heart_training.prepare_cli import main as prepare_main
 
     raw = tmp_path / "raw"
     raw.mkdir()

@@ -35,10 +35,10 @@ import sys
 import warnings
 from pathlib import Path
 
-EXIT_OK, EXIT_CASE_FAILED, EXIT_USAGE = 0, 1, 2
+from HeartCompletionLib.errors import ExitCode, HeartCompletionError
 
 
-class CliError(Exception):
+class CliError(HeartCompletionError):
     """A problem that stops the whole run (message names the file)."""
 
 
@@ -164,18 +164,12 @@ def _registered_names() -> str:
         return f"none readable ({exc})"
 
 
-def _case_name(path: Path) -> str:
-    from HeartCompletionLib.labelmap_io import suffix_of
-
-    return path.name[: -len(suffix_of(path))]
-
-
 def _jobs(input_path: Path, output_path: Path) -> list[tuple[Path, Path]]:
     """``[(input file, output file)]``; refuses outputs that would overwrite an input."""
-    from HeartCompletionLib.labelmap_io import SUPPORTED_SUFFIXES, LabelMapError, suffix_of
+    from HeartCompletionLib.labelmap_io import SUPPORTED_SUFFIXES, LabelMapError, find_label_maps, suffix_of
 
     if input_path.is_dir():
-        inputs = sorted(p for p in input_path.iterdir() if p.is_file() and p.name.lower().endswith(SUPPORTED_SUFFIXES))
+        inputs = find_label_maps(input_path, recursive=False, include_hidden=True)  # this folder only
         if not inputs:
             raise CliError(f"{input_path}: no label maps ({', '.join(SUPPORTED_SUFFIXES)}) in this folder")
         if output_path.exists() and not output_path.is_dir():
@@ -210,7 +204,7 @@ def _output_grid(label_map, args):
 
 def _complete_one(src: Path, dst: Path, checkpoint, args, bar) -> str:
     from HeartCompletionLib.completion import complete_label_map
-    from HeartCompletionLib.labelmap_io import read_label_map, write_label_map
+    from HeartCompletionLib.labelmap_io import case_name, read_label_map, write_label_map
     from HeartCompletionLib.meshes import write_structure_meshes
 
     table = checkpoint.table
@@ -235,7 +229,7 @@ def _complete_one(src: Path, dst: Path, checkpoint, args, bar) -> str:
     )
     write_label_map(result.label_map, dst, table=table)
     if args.meshes:
-        write_structure_meshes(result.label_map, args.meshes, _case_name(dst), table=table, fmt=args.mesh_format,
+        write_structure_meshes(result.label_map, args.meshes, case_name(dst), table=table, fmt=args.mesh_format,
                                smoothing_iterations=args.mesh_smoothing)
     names = [table.by_label(lab).name for lab in result.completed_labels]
     seconds = result.timings.get("total_s", 0.0)
@@ -273,7 +267,7 @@ def main(argv=None) -> int:
                 raise CliError(f"--structures: {exc.args[0]}") from None
     except (CliError, CheckpointError, ValueError) as exc:  # RegistryError and CompletionError are ValueErrors
         print(f"heart-complete: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
 
     failures = 0
     batch = len(jobs) > 1
@@ -297,8 +291,8 @@ def main(argv=None) -> int:
                 bar.close()
     if failures:
         print(f"heart-complete: {failures} of {len(jobs)} case(s) failed", file=sys.stderr)
-        return EXIT_CASE_FAILED
-    return EXIT_OK
+        return ExitCode.FAILED
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from HeartCompletionLib.errors import ExitCode
+
 from .case_format import OPTIONAL_KEYS, REQUIRED_KEYS, CaseFormatError, load_case, read_manifest
 
 
@@ -313,13 +315,13 @@ def run_check_cli(args: argparse.Namespace) -> int:
     data_dir = Path(args.check)
     if not data_dir.is_dir():
         print(f"heart-prepare --check: error: {data_dir}: no such folder", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     limits = CheckLimits(min_surface=args.min_surface, min_volume=args.min_volume, min_near=args.min_near,
                          min_surface_per_structure=args.min_samples_per_structure)
     results = check_dataset(data_dir, limits, progress=not getattr(args, "quiet", False))
     if not results:
         print(f"heart-prepare --check: error: {data_dir}: no .npz cases", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     manifest = read_manifest(data_dir) or {}
     for entry in manifest.get("cases", []):
         if entry.get("status") != "ok":  # reported, but the prepared cases may still be fine to train on
@@ -331,4 +333,4 @@ def run_check_cli(args: argparse.Namespace) -> int:
             print(f"  - {problem}")
     print(f"heart-prepare --check: {len(results) - len(bad)} of {len(results)} cases pass" + (
         f", {len(bad)} fail" if bad else ""))
-    return 1 if bad else 0
+    return ExitCode.FAILED if bad else ExitCode.OK

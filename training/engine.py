@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from HeartCompletionLib.atomic_io import remove_stale_temporaries
+from HeartCompletionLib.errors import HeartCompletionError
 from HeartCompletionLib.normalization import Normalization
 from HeartCompletionLib.structures import StructureTable
 
@@ -30,7 +31,7 @@ from .train_logging import RunLogger
 from .train_state import STATE_NAME, TrainStateError, load_state, rng_state, save_state, set_rng_state
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(HeartCompletionError, RuntimeError):
     """The loss became NaN/inf; the message names the step and the cases of the batch."""
 
 

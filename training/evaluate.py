@@ -34,8 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from HeartCompletionLib.completion import CompletionError
-from HeartCompletionLib.errors import HeartCompletionError
+from HeartCompletionLib.errors import ExitCode, HeartCompletionError
 from HeartCompletionLib.labelmap import LabelMap
+from HeartCompletionLib.labelmap_io import case_name, find_label_maps
 from HeartCompletionLib.metrics import structure_metrics
 
 from .baseline import BaselineError, NearestCaseBaseline
@@ -61,28 +62,15 @@ class EvalCase:
 
 
 # --- finding cases ---------------------------------------------------------------------------
-def _label_map_files(folder: Path) -> list[Path]:
-    from HeartCompletionLib.labelmap_io import SUPPORTED_SUFFIXES
-
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(SUPPORTED_SUFFIXES))
-
-
-def _strip_suffix(name: str) -> str:
-    for suffix in (".seg.nrrd", ".nii.gz", ".nii", ".nrrd"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def _names(text: str | None) -> list[str]:
     return [n for n in (text or "").split(";") if n]
 
 
 def _find_in_label_dir(label_dir: Path, row: dict) -> Path | None:
     wanted = {Path(row.get(key) or "").name for key in ("source", "case_id", "case")}
-    stems = {_strip_suffix(n) for n in wanted if n}
-    for path in _label_map_files(label_dir):
-        if path.name in wanted or _strip_suffix(path.name) in stems:
+    stems = {case_name(n) for n in wanted if n}
+    for path in find_label_maps(label_dir, include_hidden=True):
+        if path.name in wanted or case_name(path.name) in stems:
             return path
     return None
 
@@ -120,7 +108,7 @@ def cases_from_csv(csv_path: Path, label_dir: Path | None = None) -> list[EvalCa
                 f"{csv_path}, line {number}: label map {str(source) if source else '(no source column)'} not found; "
                 "point --label_dir at the folder of label maps"
             )
-        case_id = row.get("case_id") or Path(row.get("case") or "").stem or _strip_suffix(source.name)
+        case_id = row.get("case_id") or Path(row.get("case") or "").stem or case_name(source.name)
         annotated = _names(row.get("annotated")) if row.get("annotated") else None
         cases.append(EvalCase(case_id, source, annotated, _names(row.get("truncated"))))
     return cases
@@ -142,7 +130,7 @@ def find_cases(data: Path, split: str = "test", label_dir: Path | None = None) -
         elif any((data / f"{s}.csv").is_file() for s in ("train", "val", "test")):
             raise EvaluationError(f"{data}: has split CSVs but no {split}.csv (choose --split, e.g. val)")
         else:
-            cases = [EvalCase(_strip_suffix(p.name), p) for p in _label_map_files(data)]
+            cases = [EvalCase(case_name(p.name), p) for p in find_label_maps(data, include_hidden=True)]
     if not cases:
         raise EvaluationError(f"{data}: no label maps to evaluate (.nii/.nii.gz/.nrrd/.seg.nrrd or a split CSV)")
     return cases
@@ -377,7 +365,7 @@ def main(argv=None) -> int:
         summary = run_evaluation(args)
     except (EvaluationError, CheckpointError, LabelMapError, BaselineError, KeyError, ValueError) as exc:
         print(f"heart-eval: error: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     print(f"heart-eval: {summary['meta']['num_cases']} cases, {len(summary['scenarios'])} scenarios -> "
           f"{Path(args.output_dir) / 'report.html'}")
     for line in summary.get("headline", []):
@@ -388,8 +376,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         for entry in failed:
             print(f"  {entry['error']}", file=sys.stderr)
-        return 1
-    return 0
+        return ExitCode.FAILED
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

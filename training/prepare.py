@@ -23,15 +23,14 @@ and stored as *not* annotated (NaN): an absent structure has no finite distance 
 ``truncated`` flags annotated structures with a voxel on the image border (cut by the field of view).
 
 The command line and the batch over many cases (workers, progress, resume, manifest, ``--check``)
-are in :mod:`.prepare_cli`; :func:`main` here forwards to it, so ``heart_training.prepare:main``
-and ``python -m heart_training.prepare`` keep working.
+are in :mod:`.prepare_cli` (``heart-prepare``, ``python -m heart_training.prepare_cli``); this
+module imports nothing from it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -41,6 +40,7 @@ import numpy as np
 
 from HeartCompletionLib.errors import HeartCompletionError
 from HeartCompletionLib.label_conventions import default_annotated
+from HeartCompletionLib.labelmap_io import case_name
 from HeartCompletionLib.structures import StructureTable
 
 from .case_format import FORMAT_VERSION, manifest_entry, save_case
@@ -101,20 +101,9 @@ def case_seed(seed: int, case_id: str) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-def strip_label_map_suffix(name: str) -> str | None:
-    """``"case_001.nii.gz"`` -> ``"case_001"``; ``None`` when the name is not a label-map file."""
-    from HeartCompletionLib.labelmap_io import LabelMapError, suffix_of
-
-    try:
-        suffix = suffix_of(name)  # the reader's list of suffixes, longest match first
-    except LabelMapError:
-        return None
-    return name[: -len(suffix)] or None
-
-
 def sidecar_path(input_path: Path) -> Path:
     """``<case>.json`` beside the label map (suffix ``.nii.gz``/``.seg.nrrd``/... replaced)."""
-    stem = strip_label_map_suffix(input_path.name) or input_path.stem
+    stem = case_name(input_path)
     return input_path.with_name(stem + ".json")
 
 
@@ -192,7 +181,7 @@ def prepare_case(input_path, output_path, options: PrepareOptions | None = None,
 
     options = options or PrepareOptions()
     input_path, output_path = Path(input_path), Path(output_path)
-    case_id = case_id or strip_label_map_suffix(input_path.name) or input_path.stem
+    case_id = case_id or case_name(input_path)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     table = StructureTable.from_spec(options.table)
@@ -282,14 +271,3 @@ def prepare_case(input_path, output_path, options: PrepareOptions | None = None,
     output_path.parent.mkdir(parents=True, exist_ok=True)
     save_case(output_path, arrays, meta)
     return {**manifest_entry(meta, output_path), "seconds": round(time.perf_counter() - t_start, 3)}
-
-
-def main(argv=None) -> int:
-    """The ``heart-prepare`` command line (:func:`.prepare_cli.main`; imported on call, no cycle)."""
-    from .prepare_cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,10 +17,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from HeartCompletionLib.errors import ExitCode
+from HeartCompletionLib.labelmap_io import case_name, find_label_maps
 from HeartCompletionLib.structures import StructureTable
 
 from .case_format import CaseFormatError, load_case, manifest_entry, verify_checksums, write_manifest
-from .prepare import PrepareError, PrepareOptions, file_sha256, prepare_case, strip_label_map_suffix
+from .prepare import PrepareError, PrepareOptions, file_sha256, prepare_case
 
 
 @dataclass
@@ -34,20 +36,6 @@ class _CaseContext:
 
 
 # --- many cases -----------------------------------------------------------------------------
-
-
-def find_label_maps(input_dir: Path, exclude: Path | None = None) -> list[Path]:
-    """Label-map files under ``input_dir`` (recursive, sorted; hidden files and ``exclude`` skipped)."""
-    found = []
-    for path in sorted(input_dir.rglob("*")):
-        rel = path.relative_to(input_dir)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
-            continue
-        if exclude is not None and exclude in path.parents:
-            continue
-        if strip_label_map_suffix(path.name) is not None:
-            found.append(path)
-    return found
 
 
 def _entry_from_existing(ctx: _CaseContext, options: PrepareOptions) -> dict | None:
@@ -144,9 +132,9 @@ def prepare_dataset(
     remove_stale_temporaries(output_dir)
 
     contexts, entries, seen = [], {}, {}
-    for source in find_label_maps(input_dir, exclude=output_dir):
+    for source in find_label_maps(input_dir, exclude=output_dir):  # recursive, hidden files skipped
         rel = source.relative_to(input_dir)
-        case_id = (rel.parent / strip_label_map_suffix(source.name)).as_posix()
+        case_id = (rel.parent / case_name(source)).as_posix()
         ctx = _CaseContext(case_id, source, output_dir / f"{case_id}.npz")
         if case_id in seen:
             entries[str(source)] = _failed(ctx, f"{source}: same case name {case_id!r} as {seen[case_id]}; rename one")
@@ -299,7 +287,7 @@ def main(argv=None) -> int:
     except (PrepareError, KeyError, ValueError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # KeyError quotes its str()
         print(f"heart-prepare: error: {message}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     summary = manifest["summary"]
     print(f"heart-prepare: {summary['ok']} of {summary['cases']} cases ok, {summary['failed']} failed, "
           f"{summary['with_warnings']} with warnings -> {Path(args.output_dir) / 'manifest.json'}")
@@ -308,8 +296,8 @@ def main(argv=None) -> int:
             print(f"  FAILED {entry['case']}: {entry['reason']}", file=sys.stderr)
     if summary["cases"] == 0:
         print(f"heart-prepare: error: no label maps (.nii/.nii.gz/.nrrd/.seg.nrrd) under {args.input_dir}", file=sys.stderr)
-        return 2
-    return 1 if summary["failed"] else 0
+        return ExitCode.USAGE
+    return ExitCode.FAILED if summary["failed"] else ExitCode.OK
 
 
 if __name__ == "__main__":

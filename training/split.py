@@ -43,7 +43,7 @@ import sys
 from pathlib import Path
 
 from HeartCompletionLib.atomic_io import atomic_write_text
-from HeartCompletionLib.errors import HeartCompletionError
+from HeartCompletionLib.errors import ExitCode, HeartCompletionError
 
 from .case_format import CaseFormatError, load_case, read_manifest
 
@@ -239,11 +239,11 @@ def main(argv=None) -> int:
                                args.group_by)
     except SplitError as exc:
         print(f"heart-split: error: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     out = args.output_dir or args.data_dir[0]
     counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items() if k != "test" or args.test_fraction > 0)
     print(f"heart-split: {counts} -> {out}")
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from HeartCompletionLib.atomic_io import atomic_write_text
+from HeartCompletionLib.errors import ExitCode
 from HeartCompletionLib.labelmap_io import DEFAULT_MAX_VOXELS, SUPPORTED_SUFFIXES, LabelMapError, write_label_map
 from HeartCompletionLib.structures import StructureTable
 from HeartCompletionLib.synthetic import check_grid_size, synthetic_grid, synthetic_heart, synthetic_label_map
@@ -115,9 +116,7 @@ def write_synthetic_dataset(output_dir, cases: int, seed: int = 0, spacing_mm=(1
         "table": table.name,
         "cases": records,
     }
-    tmp = output_dir / f".{DATASET_JSON}.tmp"
-    tmp.write_text(json.dumps(dataset, indent=2), encoding="utf-8")
-    os.replace(tmp, output_dir / DATASET_JSON)
+    atomic_write_text(output_dir / DATASET_JSON, json.dumps(dataset, indent=2))
     return dataset
 
 
@@ -160,7 +159,7 @@ def main(argv=None) -> int:
     if (args.output_dir / DATASET_JSON).exists() and not args.overwrite:
         print(f"heart-synth: {args.output_dir / DATASET_JSON} exists; pass --overwrite to replace the dataset",
               file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     spacing, shape = (CT_LIKE_SPACING_MM, CT_LIKE_SHAPE) if args.ct_like else (args.spacing, args.shape)
     try:
         dataset = write_synthetic_dataset(args.output_dir, args.cases, args.seed, spacing, args.fmt,
@@ -168,11 +167,11 @@ def main(argv=None) -> int:
                                           args.table, modes=args.modes, max_voxels=args.max_voxels)
     except (KeyError, ValueError, LabelMapError) as exc:
         print(f"heart-synth: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     n_cut = sum(1 for c in dataset["cases"] if c["truncated_structure"])
     print(f"heart-synth: wrote {dataset['numCases']} cases ({n_cut} with a truncated {args.truncate_structure}) "
           f"to {args.output_dir}")
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from HeartCompletionLib.atomic_io import atomic_write_text
-from HeartCompletionLib.errors import HeartCompletionError
+from HeartCompletionLib.errors import ExitCode, HeartCompletionError
 
 from . import data_gate
 from .config import TrainConfig, config_to_yaml, load_config
@@ -240,14 +240,14 @@ def main(argv=None) -> int:
         result = train(cfg, resume=args.resume)
     except (HeartCompletionError, NonFiniteLossError, FileNotFoundError, ValueError) as exc:
         print(f"heart-train: error: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     except OSError as exc:  # a full disk or a read-only folder while writing logs, checkpoints
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         print(f"heart-train: error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     if result.final_checkpoint:
         print(f"heart-train: finished at step {result.step}; inference checkpoint {result.final_checkpoint}")
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ re-exported here so every test file sees them."""
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -16,6 +17,9 @@ os.environ.setdefault("HEARTCOMPLETION_CACHE_DIR", tempfile.mkdtemp(prefix="hc-t
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+# The Slicer module's own package (HeartCompletion/HeartCompletionModule) imports as in Slicer,
+# which puts the module's folder on sys.path.
+sys.path.append(str(REPO_ROOT / "HeartCompletion"))
 
 
 @pytest.fixture(scope="session")

@@ -183,13 +183,12 @@ def test_background_process_refuses_a_checkpoint_of_another_table(checkpoints, h
 @pytest.mark.slow
 def test_panel_maps_and_completes_with_the_checkpoint_table(checkpoints, tmp_path):
     slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
-    import test_slicer_module_file
+    from HeartCompletionModule import segments
+    from HeartCompletionModule.logic import HeartCompletionLogic
     from test_slicer_logic import add_volume
 
-    from HeartCompletionLib import slicer_bridge
-
     slicer.mrmlScene = slicer.vtkMRMLScene()
-    slicer_bridge.ensure_segmentation_converters()
+    segments.ensure_segmentation_converters()
     table16 = StructureTable.from_json(TABLE16_PATH)
     heart = heart_with_svc()
     volume = add_volume(slicer.mrmlScene, heart, "image")
@@ -201,34 +200,33 @@ def test_panel_maps_and_completes_with_the_checkpoint_table(checkpoints, tmp_pat
         segment = segmentation.GetNthSegment(index)
         segment.SetName(table16.by_label(segment.GetLabelValue()).name)
     try:
-        with test_slicer_module_file.module_file() as module:
-            logic = module.HeartCompletionLogic()
-            assert logic.setCheckpoint(str(checkpoints["sixteen"])) is True  # the table changed
-            assert logic.table.names == table16.names
-            mappings = logic.segmentMappings(node)
-            assert "SVC" in [m.structure.name for m in mappings if m.structure is not None]
-            structures = [s.name for s in logic.defaultStructures(mappings)]
-            assert "SVC" not in structures and {"RA", "Aorta", "PA", "IVC"} <= set(structures)
-            process = logic.startCompletion(node, mappings, structures, str(checkpoints["sixteen"]), "cpu", False,
-                                            volume)
-            events = process.wait(timeout_s=300)
-            assert process.returncode == 0, [e.message for e in events]
-            (result,) = [e.payload for e in events if e.kind == "result"]
-            assert SVC in result["given_labels"]
-            logic.finishCompletion(node, mappings, result["completed_labels"], False, False)
-            svc_id = next(m.segment.segment_id for m in mappings if m.label == SVC)
-            mask = slicer_bridge.segment_mask(node, svc_id, heart.shape, heart.ijk_to_ras)
-            assert np.array_equal(mask, heart.labels == SVC)
-            logic.cleanupTemporaryFiles()
+        logic = HeartCompletionLogic()
+        assert logic.setCheckpoint(str(checkpoints["sixteen"])) is True  # the table changed
+        assert logic.table.names == table16.names
+        mappings = logic.segmentMappings(node)
+        assert "SVC" in [m.structure.name for m in mappings if m.structure is not None]
+        structures = [s.name for s in logic.defaultStructures(mappings)]
+        assert "SVC" not in structures and {"RA", "Aorta", "PA", "IVC"} <= set(structures)
+        process = logic.startCompletion(node, mappings, structures, str(checkpoints["sixteen"]), "cpu", False,
+                                        volume)
+        events = process.wait(timeout_s=300)
+        assert process.returncode == 0, [e.message for e in events]
+        (result,) = [e.payload for e in events if e.kind == "result"]
+        assert SVC in result["given_labels"]
+        logic.finishCompletion(node, mappings, result["completed_labels"], False, False)
+        svc_id = next(m.segment.segment_id for m in mappings if m.label == SVC)
+        mask = segments.segment_mask(node, svc_id, heart.shape, heart.ijk_to_ras)
+        assert np.array_equal(mask, heart.labels == SVC)
+        logic.cleanupTemporaryFiles()
 
-            # mapped for one checkpoint, run with another of a different table: refused, both listed
-            with pytest.raises(ValueError) as info:
-                logic.startCompletion(node, mappings, structures, str(checkpoints["swapped"]), "cpu", False, volume)
-            assert str(table16.names) in str(info.value) and str(swapped_lv_rv().names) in str(info.value)
-            assert logic.workDir is None
-            # an unreadable checkpoint falls back to the default table
-            assert logic.setCheckpoint(str(tmp_path / "missing.safetensors")) is True
-            assert logic.table.names == TABLE.names
+        # mapped for one checkpoint, run with another of a different table: refused, both listed
+        with pytest.raises(ValueError) as info:
+            logic.startCompletion(node, mappings, structures, str(checkpoints["swapped"]), "cpu", False, volume)
+        assert str(table16.names) in str(info.value) and str(swapped_lv_rv().names) in str(info.value)
+        assert logic.workDir is None
+        # an unreadable checkpoint falls back to the default table
+        assert logic.setCheckpoint(str(tmp_path / "missing.safetensors")) is True
+        assert logic.table.names == TABLE.names
     finally:
         slicer.mrmlScene.Clear(1)
 

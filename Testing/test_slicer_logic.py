@@ -2,8 +2,9 @@
 
 A synthetic heart minus some structures is imported into a segmentation the way Slicer does
 it (label-map volume -> segments), the segments are renamed in mixed conventions, and the
-module's glue (``HeartCompletionLib.slicer_bridge``, ``slicer_results`` and ``completion_process``)
-runs end to end with the tiny checkpoint trained by the training fixtures.
+module's glue (``HeartCompletionModule.segments``, ``.results`` and
+``HeartCompletionLib.completion_process``) runs end to end with the tiny checkpoint trained by the
+training fixtures. ``Testing/test_slicer_module_file.py`` drives the module's logic on top of them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
 
-from HeartCompletionLib import completion_process, slicer_bridge, slicer_results  # noqa: E402
+from HeartCompletionModule import results, segments  # noqa: E402
+
+from HeartCompletionLib import completion_process  # noqa: E402
 from HeartCompletionLib.errors import ExitCode  # noqa: E402
 from HeartCompletionLib.geometry import make_ijk_to_ras, rotation_matrix  # noqa: E402
 from HeartCompletionLib.labelmap import LabelMap  # noqa: E402
@@ -51,7 +54,7 @@ NAMES = {
 @pytest.fixture()
 def scene():
     slicer.mrmlScene = slicer.vtkMRMLScene()
-    slicer_bridge.ensure_segmentation_converters()
+    segments.ensure_segmentation_converters()
     yield slicer.mrmlScene
     slicer.mrmlScene.Clear(1)
 
@@ -97,8 +100,8 @@ def partial_segmentation(scene, heart: LabelMap):
 
 def snapshot(node, shape, ijk_to_ras):
     return {
-        info.segment_id: (info.name, slicer_bridge.segment_mask(node, info.segment_id, shape, ijk_to_ras))
-        for info in slicer_bridge.segment_infos(node)
+        info.segment_id: (info.name, segments.segment_mask(node, info.segment_id, shape, ijk_to_ras))
+        for info in segments.segment_infos(node)
     }
 
 
@@ -119,10 +122,10 @@ def test_label_map_round_trip_exact_geometry(scene, spacing, angle):
     volume = add_volume(scene, truth)
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
     node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-    slicer_results.add_result_segments(node, truth, [3, 2, 6], TABLE, show_surfaces=False)
-    mapping = segment_labels(map_segments(slicer_bridge.segment_infos(node), TABLE))
+    results.add_result_segments(node, truth, [3, 2, 6], TABLE, show_surfaces=False)
+    mapping = segment_labels(map_segments(segments.segment_infos(node), TABLE))
     for reference in (volume, None):
-        back = slicer_bridge.segmentation_to_label_map(node, mapping, reference)
+        back = segments.segmentation_to_label_map(node, mapping, reference)
         assert back.shape == truth.shape
         np.testing.assert_allclose(back.ijk_to_ras, ijk_to_ras, atol=1e-6)
         np.testing.assert_array_equal(back.labels, labels)
@@ -132,10 +135,10 @@ def test_padded_geometry_without_reference(scene, heart):
     """No reference geometry: the grid is the segments' box padded by the margin, in mm."""
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
     lv_only = LabelMap(np.where(heart.labels == 3, 3, 0).astype(np.int16), heart.ijk_to_ras)
-    slicer_results.add_result_segments(node, lv_only, [3], TABLE, show_surfaces=False)
-    shape, ijk_to_ras = slicer_bridge.reference_geometry(node, margin_mm=30.0)
-    mapping = segment_labels(map_segments(slicer_bridge.segment_infos(node), TABLE))
-    back = slicer_bridge.segmentation_to_label_map(node, mapping, margin_mm=30.0)
+    results.add_result_segments(node, lv_only, [3], TABLE, show_surfaces=False)
+    shape, ijk_to_ras = segments.reference_geometry(node, margin_mm=30.0)
+    mapping = segment_labels(map_segments(segments.segment_infos(node), TABLE))
+    back = segments.segmentation_to_label_map(node, mapping, margin_mm=30.0)
     assert back.shape == shape
     assert np.count_nonzero(back.labels == 3) == np.count_nonzero(heart.labels == 3)
     # the LV's bounding box sits at least 30 mm inside the padded grid on every side
@@ -154,10 +157,10 @@ def test_segment_mask_resamples_onto_an_oblique_reference(scene):
     centre = np.array([20.0, 25.0, 15.0])
     labels.reshape(-1)[np.linalg.norm((ijk - centre) / [12.0, 16.0, 9.0], axis=1) <= 1.0] = 3
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
-    (segment_id,) = slicer_results.add_result_segments(node, LabelMap(labels, source_ijk_to_ras), [3], TABLE, show_surfaces=False).added
+    (segment_id,) = results.add_result_segments(node, LabelMap(labels, source_ijk_to_ras), [3], TABLE, show_surfaces=False).added
     target = make_ijk_to_ras((1.7, 1.3, 2.1), (-22.0, -18.0, -20.0), rotation_matrix((0.2, 1.0, 0.5), 0.45))
     shape = (30, 40, 20)
-    mask = slicer_bridge.segment_mask(node, segment_id, shape, target)
+    mask = segments.segment_mask(node, segment_id, shape, target)
     from HeartCompletionLib.geometry import ijk_to_ras_points, ras_to_ijk_points
 
     centres = ijk_to_ras_points(np.argwhere(np.ones(shape, bool)), target)
@@ -180,11 +183,11 @@ def test_results_land_in_the_segmentation_geometry(scene):
     other = make_ijk_to_ras((2.0, 1.5, 2.5), (5.0, 3.0, 4.0), rotation_matrix((1, 0, 0), 0.3))
     labels = np.zeros((15, 20, 12), np.int16)
     labels[3:10, 4:15, 2:9] = 3
-    (segment_id,) = slicer_results.add_result_segments(node, LabelMap(labels, other), [3], TABLE, show_surfaces=False).added
+    (segment_id,) = results.add_result_segments(node, LabelMap(labels, other), [3], TABLE, show_surfaces=False).added
     layer = node.GetBinaryLabelmapInternalRepresentation(segment_id)
-    _, layer_ijk_to_ras = slicer_bridge.array_from_oriented_image(layer)
+    _, layer_ijk_to_ras = segments.array_from_oriented_image(layer)
     np.testing.assert_allclose(layer_ijk_to_ras[:3, :3], own[:3, :3], atol=1e-9)
-    mask = slicer_bridge.segment_mask(node, segment_id, (40, 40, 40), own)
+    mask = segments.segment_mask(node, segment_id, (40, 40, 40), own)
     from HeartCompletionLib.geometry import ijk_to_ras_points, ras_to_ijk_points
 
     centres = ijk_to_ras_points(np.argwhere(np.ones((40, 40, 40), bool)), own)
@@ -201,7 +204,7 @@ def test_results_land_in_the_segmentation_geometry(scene):
 
 def test_segment_mapping_mixed_conventions(scene, heart):
     node, _ = partial_segmentation(scene, heart)
-    mappings = map_segments(slicer_bridge.segment_infos(node), TABLE)
+    mappings = map_segments(segments.segment_infos(node), TABLE)
     found = {m.segment.name: (m.structure.name if m.structure else None, m.matched_by) for m in mappings}
     assert found["left ventricle"] == ("LV", "name")
     assert found["heart_myocardium"] == ("Myocardium", "name")
@@ -234,7 +237,7 @@ def test_exported_meshes_say_they_are_ras(scene, heart, tmp_path, file_format):
     from HeartCompletionLib.geometry import ijk_to_ras_points
 
     node, _ = partial_segmentation(scene, heart)
-    meshes = slicer_results.export_structure_meshes(node, tmp_path, TABLE, file_format)
+    meshes = results.export_structure_meshes(node, tmp_path, TABLE, file_format)
     assert sorted(p.name for p in meshes) == sorted(f"{n}.{file_format.lower()}" for n in NAMES)  # no Tumor
     for path in meshes:
         assert b"SPACE=RAS" in mesh_header(path), path.name
@@ -251,11 +254,11 @@ def test_exported_meshes_say_they_are_ras(scene, heart, tmp_path, file_format):
 
 def test_a_long_segment_name_keeps_the_stl_tag(scene, heart, tmp_path):
     node, _ = partial_segmentation(scene, heart)
-    (segment_id,) = [i.segment_id for i in slicer_bridge.segment_infos(node) if i.name == "left ventricle"]
-    (path,) = slicer_results.export_meshes(node, tmp_path, [segment_id], "STL", file_names={segment_id: "LV" * 60})
+    (segment_id,) = [i.segment_id for i in segments.segment_infos(node) if i.name == "left ventricle"]
+    (path,) = results.export_meshes(node, tmp_path, [segment_id], "STL", file_names={segment_id: "LV" * 60})
     assert path.read_bytes()[:80].rstrip().endswith(b"SPACE=RAS")
     with pytest.raises(ValueError, match="mesh format"):
-        slicer_results.export_meshes(node, tmp_path, [segment_id], "GLB")
+        results.export_meshes(node, tmp_path, [segment_id], "GLB")
 
 
 # --- end to end ----------------------------------------------------------------------------------
@@ -266,12 +269,12 @@ def test_complete_segmentation_end_to_end(scene, heart, tiny_checkpoint, tmp_pat
     from HeartCompletionLib.labelmap_io import read_label_map
 
     node, volume = partial_segmentation(scene, heart)
-    mappings = map_segments(slicer_bridge.segment_infos(node), TABLE)
+    mappings = map_segments(segments.segment_infos(node), TABLE)
     before = snapshot(node, heart.shape, heart.ijk_to_ras)
-    input_map = slicer_bridge.segmentation_to_label_map(node, segment_labels(mappings), volume)
+    input_map = segments.segmentation_to_label_map(node, segment_labels(mappings), volume)
     assert not np.any(input_map.labels > len(TABLE)), "the unmapped Tumor must not reach the model"
 
-    result, undo = slicer_results.complete_segmentation(node, mappings, tiny_checkpoint, device="cpu", show_surfaces=True)
+    result, undo = results.complete_segmentation(node, mappings, tiny_checkpoint, device="cpu", show_surfaces=True)
     direct = complete_label_map(input_map, tiny_checkpoint, device="cpu")
     assert sorted(result.completed_labels) == sorted(TABLE.by_name(n).label for n in DROPPED)
     segmentation = node.GetSegmentation()
@@ -281,31 +284,31 @@ def test_complete_segmentation_end_to_end(scene, heart, tiny_checkpoint, tmp_pat
         structure = TABLE.by_name(segment.GetName())
         assert structure.name in DROPPED
         np.testing.assert_allclose(segment.GetColor(), structure.color_float, atol=1e-6)
-        entry = parse_terminology_entry(slicer_bridge.segment_terminology(segment))
+        entry = parse_terminology_entry(segments.segment_terminology(segment))
         assert (entry.type.code, entry.category.code) == (structure.snomed_code, "123037004")
-        mask = slicer_bridge.segment_mask(node, segment_id, heart.shape, heart.ijk_to_ras)
+        mask = segments.segment_mask(node, segment_id, heart.shape, heart.ijk_to_ras)
         np.testing.assert_array_equal(mask, direct.label_map.labels == structure.label)
     assert any(np.any(direct.label_map.labels == v) for v in result.completed_labels), "the model predicted nothing"
     after = snapshot(node, heart.shape, heart.ijk_to_ras)
     for segment_id, (name, mask) in before.items():
         assert after[segment_id][0] == name
         np.testing.assert_array_equal(after[segment_id][1], mask)
-    assert node.GetSegmentation().ContainsRepresentation(slicer_bridge.CLOSED_SURFACE)
+    assert node.GetSegmentation().ContainsRepresentation(segments.CLOSED_SURFACE)
 
     # export: NIfTI with table values, .seg.nrrd with names, one mesh per segment
-    nifti = slicer_results.export_label_map(node, tmp_path / "heart.nii.gz", TABLE, volume)
+    nifti = results.export_label_map(node, tmp_path / "heart.nii.gz", TABLE, volume)
     exported = read_label_map(nifti)
     np.testing.assert_allclose(exported.ijk_to_ras, heart.ijk_to_ras, atol=1e-4)
     expected = np.where(np.isin(direct.label_map.labels, result.completed_labels), direct.label_map.labels, input_map.labels)
     np.testing.assert_array_equal(exported.labels, expected)
-    seg_path = slicer_results.write_seg_nrrd(node, tmp_path / "heart.seg.nrrd")
+    seg_path = results.write_seg_nrrd(node, tmp_path / "heart.seg.nrrd")
     reread = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "reread")
     storage = slicer.vtkMRMLSegmentationStorageNode()
     storage.SetFileName(str(seg_path))
     assert storage.ReadData(reread)
     names = {reread.GetSegmentation().GetNthSegment(i).GetName() for i in range(reread.GetSegmentation().GetNumberOfSegments())}
-    assert names == {info.name for info in slicer_bridge.segment_infos(node)}
-    meshes = slicer_results.export_structure_meshes(node, tmp_path / "meshes", TABLE, "STL")
+    assert names == {info.name for info in segments.segment_infos(node)}
+    meshes = results.export_structure_meshes(node, tmp_path / "meshes", TABLE, "STL")
     present = [s.name for s in TABLE if np.any(exported.labels == s.label)]
     assert sorted(p.name for p in meshes) == sorted(f"{n}.stl" for n in present)  # no Tumor.stl
     assert not [p for p in (tmp_path / "meshes").iterdir() if p.name.startswith(".")]
@@ -323,14 +326,14 @@ def test_complete_segmentation_end_to_end(scene, heart, tiny_checkpoint, tmp_pat
     np.testing.assert_allclose(bounds[:, 1], lv_ras.max(0), atol=tolerance)
 
     undo.undo()
-    assert [info.segment_id for info in slicer_bridge.segment_infos(node)] == list(before)
+    assert [info.segment_id for info in segments.segment_infos(node)] == list(before)
 
 
 def test_replace_overwrites_only_the_ticked_segment(scene, heart, tiny_checkpoint):
     node, volume = partial_segmentation(scene, heart)
-    mappings = map_segments(slicer_bridge.segment_infos(node), TABLE)
+    mappings = map_segments(segments.segment_infos(node), TABLE)
     before = snapshot(node, heart.shape, heart.ijk_to_ras)
-    result, undo = slicer_results.complete_segmentation(
+    result, undo = results.complete_segmentation(
         node, mappings, tiny_checkpoint, structures=["LV"], replace=True, device="cpu", reference_volume_node=volume,
         show_surfaces=False,
     )
@@ -353,8 +356,8 @@ def test_background_process_matches_in_process(scene, heart, tiny_checkpoint, tm
     from HeartCompletionLib.labelmap_io import read_label_map, write_label_map
 
     node, volume = partial_segmentation(scene, heart)
-    mappings = map_segments(slicer_bridge.segment_infos(node), TABLE)
-    input_map = slicer_bridge.segmentation_to_label_map(node, segment_labels(mappings), volume)
+    mappings = map_segments(segments.segment_infos(node), TABLE)
+    input_map = segments.segmentation_to_label_map(node, segment_labels(mappings), volume)
     input_path = write_label_map(input_map, tmp_path / "input.nrrd")
     output_path = tmp_path / "output.nrrd"
     process = completion_process.CompletionProcess(
@@ -369,11 +372,11 @@ def test_background_process_matches_in_process(scene, heart, tiny_checkpoint, tm
     assert sorted(completed) == sorted(TABLE.by_name(n).label for n in DROPPED)
 
     output = read_label_map(output_path)
-    undo = slicer_results.import_completion_result(node, mappings, output, completed, TABLE, show_surfaces=False)
+    undo = results.import_completion_result(node, mappings, output, completed, TABLE, show_surfaces=False)
     direct = complete_label_map(input_map, tiny_checkpoint, device="cpu")
     for segment_id in undo.added:
         label = TABLE.by_name(node.GetSegmentation().GetSegment(segment_id).GetName()).label
-        mask = slicer_bridge.segment_mask(node, segment_id, heart.shape, heart.ijk_to_ras)
+        mask = segments.segment_mask(node, segment_id, heart.shape, heart.ijk_to_ras)
         np.testing.assert_array_equal(mask, direct.label_map.labels == label)
 
 
@@ -407,16 +410,16 @@ def test_terminology_entry_survives_seg_nrrd(scene, tmp_path):
     labels = np.zeros((8, 8, 8), np.int16)
     labels[2:5, 2:5, 2:5] = TABLE.by_name("LAA").label
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
-    slicer_results.add_result_segments(node, LabelMap(labels, np.eye(4)), [8], TABLE, show_surfaces=False)
-    path = slicer_results.write_seg_nrrd(node, tmp_path / "one.seg.nrrd")
+    results.add_result_segments(node, LabelMap(labels, np.eye(4)), [8], TABLE, show_surfaces=False)
+    path = results.write_seg_nrrd(node, tmp_path / "one.seg.nrrd")
     reread = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "reread")
     storage = slicer.vtkMRMLSegmentationStorageNode()
     storage.SetFileName(str(path))
     assert storage.ReadData(reread)
     segment = reread.GetSegmentation().GetNthSegment(0)
-    assert slicer_bridge.segment_terminology(segment) == terminology_entry(TABLE.by_name("LAA"))
+    assert segments.segment_terminology(segment) == terminology_entry(TABLE.by_name("LAA"))
     with pytest.raises(ValueError, match="seg.nrrd"):
-        slicer_results.write_seg_nrrd(node, tmp_path / "one.nrrd")
+        results.write_seg_nrrd(node, tmp_path / "one.nrrd")
 
 
 def _child_env():

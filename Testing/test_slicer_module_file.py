@@ -1,23 +1,20 @@
-"""``HeartCompletion/HeartCompletion.py`` itself: its Logic, driven the way its Widget drives it.
+"""The module's logic (``HeartCompletionModule.logic``), driven the way the panel drives it.
 
-The 3D Slicer application cannot be installed on these machines, and ``slicer-core`` (real MRML,
-segmentations, storage nodes) lacks the application layer the module file imports at the top:
-``qt``, ``slicer.i18n``, ``slicer.parameterNodeWrapper`` and ``slicer.ScriptedLoadableModule``.
-Only those are replaced here, by the smallest stand-ins that let the file import (identity
-translation, empty base classes, a no-op parameter-node decorator), and only where they are
-missing: inside Slicer the real ones are used. Everything the Logic does then runs for real: the
-MRML scene, segment mapping, the background completion process with the tiny checkpoint trained
-in this session, result segments, undo and the three exports. The Widget (pure Qt wiring) and the
-self-test (``slicer.modules``) still need a real Slicer: docs/slicer.md, "Build and test".
+The logic has no Qt and needs no Slicer application: it imports here with ``slicer-core`` alone
+(real MRML, segmentations, storage nodes), with no stand-in for ``qt``, ``slicer.i18n`` or the
+scripted-module base classes. Everything it does runs for real: the MRML scene, segment mapping,
+the background completion process with the tiny checkpoint trained in this session (started,
+polled, cancelled, finished as the panel's timer does), result segments, undo, the three exports
+and the version checks of what first use installs. The panel (``HeartCompletionModule.widget``,
+Qt wiring) and the self-test still need a real Slicer; ``Testing/test_slicer_widget_static.py``
+checks the panel against its .ui file statically.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import sys
+import time
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,54 +22,12 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
 
 import test_slicer_logic  # noqa: E402
+from HeartCompletionModule import install, segments  # noqa: E402
+from HeartCompletionModule.logic import HeartCompletionLogic  # noqa: E402
 from test_slicer_logic import DROPPED, TABLE, partial_segmentation  # noqa: E402
 
-from HeartCompletionLib import slicer_bridge  # noqa: E402
-
 scene = test_slicer_logic.scene  # the same fresh-MRML-scene fixture
-MODULE_FILE = Path(__file__).resolve().parents[1] / "HeartCompletion" / "HeartCompletion.py"
-
-
-def _stand_ins() -> dict[str, types.ModuleType]:
-    """The application-layer modules the module file imports, for those slicer-core lacks."""
-    qt = types.ModuleType("qt")
-    i18n = types.ModuleType("slicer.i18n")
-    i18n.tr = lambda text: text
-    i18n.translate = lambda _context, text: text
-    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
-    wrapper.parameterNodeWrapper = lambda cls: cls
-    wrapper.Choice = lambda choices: tuple(choices)
-    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
-                 "ScriptedLoadableModuleWidget"):
-        setattr(scripted, name, type(name, (), {"__init__": lambda self, *args, **kwargs: None}))
-    return {"qt": qt, "slicer.i18n": i18n, "slicer.parameterNodeWrapper": wrapper, "slicer.ScriptedLoadableModule": scripted}
-
-
-@contextlib.contextmanager
-def module_file():
-    """``HeartCompletion.py`` imported as Slicer imports it (stand-ins only for what is missing)."""
-    added = {}
-    for name, stand_in in _stand_ins().items():
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            added[name] = stand_in
-    sys.modules.update(added)
-    try:
-        spec = importlib.util.spec_from_file_location("HeartCompletionModuleFile", MODULE_FILE)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        for name in added:
-            sys.modules.pop(name, None)
-
-
-@pytest.fixture(scope="module")
-def module():
-    with module_file() as mod:
-        yield mod
+APP_LAYER = ("qt", "ctk", "slicer.i18n", "slicer.parameterNodeWrapper", "slicer.ScriptedLoadableModule")
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +37,36 @@ def heart():
     return synthetic_label_map(seed=5, spacing_mm=3.0)
 
 
-def test_logic_completes_undoes_and_exports_like_the_panel(module, scene, heart, tiny_checkpoint, tmp_path):
+def test_logic_imports_without_the_application_layer():
+    """Importing the logic pulled in none of Slicer's application modules (nor stand-ins for them)."""
+    assert not [name for name in APP_LAYER if name in sys.modules]
+
+
+class Recorder:
+    """Connects to every signal of a logic and records what it emitted, in order."""
+
+    def __init__(self, logic):
+        self.events = []
+        for name in ("progressChanged", "logged", "runningChanged", "finished", "failed"):
+            getattr(logic, name).connect(lambda *args, name=name: self.events.append((name, *args)))
+
+    def of(self, name):
+        return [e[1:] for e in self.events if e[0] == name]
+
+
+def poll_until_done(logic, timeout_s=300):
+    """What the panel's timer does: poll until the run ends."""
+    deadline = time.monotonic() + timeout_s
+    while logic.isRunning:
+        assert time.monotonic() < deadline, "the completion did not finish"
+        logic.poll()
+        time.sleep(0.05)
+
+
+def test_logic_completes_undoes_and_exports_like_the_panel(scene, heart, tiny_checkpoint, tmp_path):
     from HeartCompletionLib.labelmap_io import read_label_map
 
-    logic = module.HeartCompletionLogic()
+    logic = HeartCompletionLogic()
     node, volume = partial_segmentation(scene, heart)
     mappings = logic.segmentMappings(node)
     unmapped = [m.segment.name for m in mappings if m.structure is None]
@@ -101,14 +82,14 @@ def test_logic_completes_undoes_and_exports_like_the_panel(module, scene, heart,
     assert logic.checkpointDescription(str(broken)).startswith("Not usable")
     assert logic.runsOnCpu("cpu") and "PyTorch" in logic.torchDescription()
 
-    before = {info.segment_id: info.name for info in slicer_bridge.segment_infos(node)}
+    before = {info.segment_id: info.name for info in segments.segment_infos(node)}
     process = logic.startCompletion(node, mappings, structures, str(tiny_checkpoint), "cpu", False, volume)
     events = process.wait(timeout_s=300)
     assert process.returncode == 0, [e.message for e in events]
     (result,) = [e.payload for e in events if e.kind == "result"]
     added = logic.finishCompletion(node, mappings, result["completed_labels"], False, False)
     assert sorted(added) == sorted(DROPPED)
-    after = {info.segment_id: info.name for info in slicer_bridge.segment_infos(node)}
+    after = {info.segment_id: info.name for info in segments.segment_infos(node)}
     assert {k: v for k, v in after.items() if k in before} == before  # existing segments kept, names too
     assert sorted(v for k, v in after.items() if k not in before) == sorted(DROPPED)
     logic.cleanupTemporaryFiles()
@@ -124,13 +105,13 @@ def test_logic_completes_undoes_and_exports_like_the_panel(module, scene, heart,
     assert all(b"SPACE=RAS" in p.read_bytes().splitlines()[0] for p in meshes)  # else Slicer mirrors them
 
     logic.undoLastCompletion()
-    assert {info.segment_id: info.name for info in slicer_bridge.segment_infos(node)} == before
+    assert {info.segment_id: info.name for info in segments.segment_infos(node)} == before
     with pytest.raises(RuntimeError, match="no completion to undo"):
         logic.undoLastCompletion()
 
 
-def test_logic_refuses_incomplete_input_with_a_message(module, scene, heart, tiny_checkpoint, tmp_path):
-    logic = module.HeartCompletionLogic()
+def test_logic_refuses_incomplete_input_with_a_message(scene, heart, tiny_checkpoint, tmp_path):
+    logic = HeartCompletionLogic()
     node, _volume = partial_segmentation(scene, heart)
     mappings = logic.segmentMappings(node)
     with pytest.raises(ValueError, match="Select a segmentation"):
@@ -144,52 +125,181 @@ def test_logic_refuses_incomplete_input_with_a_message(module, scene, heart, tin
     assert logic.workDir is None  # nothing was started
 
 
-def test_first_use_installs_only_what_slicer_lacks(module, monkeypatch):
-    """``ensurePackages``/``ensureRequirements`` ask pip (or the PyTorch extension) for exactly the
-    missing packages; the installers themselves are recorded instead of run (no network here)."""
-    import importlib.util as importlib_util
+def test_the_panels_run_start_poll_finish_and_undo(scene, heart, tiny_checkpoint):
+    """``start`` / ``poll`` (the panel's timer) / ``finished``: the signals the panel follows, in order."""
+    logic = HeartCompletionLogic()
+    recorder = Recorder(logic)
+    node, volume = partial_segmentation(scene, heart)
+    mappings = logic.segmentMappings(node)
+    structures = [s.name for s in logic.defaultStructures(mappings)]
+    logic.start(node, mappings, structures, str(tiny_checkpoint), "cpu", False, volume, showSurfaces=False)
+    assert logic.isRunning and logic.workDir is not None
+    with pytest.raises(RuntimeError, match="already running"):
+        logic.start(node, mappings, structures, str(tiny_checkpoint), "cpu", False, volume)
+    poll_until_done(logic)
+    assert recorder.of("failed") == []
+    assert recorder.of("runningChanged") == [(True,), (False,)]
+    (added,) = recorder.of("finished")
+    assert sorted(added[0]) == sorted(DROPPED)
+    fractions = [fraction for fraction, _message in recorder.of("progressChanged")]
+    assert fractions and fractions == sorted(fractions) and 0 <= fractions[0] and fractions[-1] <= 1
+    assert [e[0] for e in recorder.events][-2:] == ["runningChanged", "finished"]  # button back, then results
+    assert logic.workDir is None and not logic.isRunning
+    assert sorted(segments.segment_infos(node)[i].name for i in range(len(mappings), len(mappings) + 3)) == sorted(DROPPED)
+    logic.undoLastCompletion()
+    assert len(segments.segment_infos(node)) == len(mappings)
 
-    calls = []
-    monkeypatch.setattr(slicer.util, "pip_install", calls.append, raising=False)
-    real_find_spec = importlib_util.find_spec
-    monkeypatch.setattr(importlib_util, "find_spec",
-                        lambda name, *args: None if name in ("nrrd", "skimage") else real_find_spec(name, *args))
-    logic = module.HeartCompletionLogic()
+
+def test_cancel_stops_the_process_and_adds_nothing(scene, heart, tiny_checkpoint):
+    logic = HeartCompletionLogic()
+    recorder = Recorder(logic)
+    node, volume = partial_segmentation(scene, heart)
+    mappings = logic.segmentMappings(node)
+    before = [info.segment_id for info in segments.segment_infos(node)]
+    logic.start(node, mappings, ["LAA"], str(tiny_checkpoint), "cpu", False, volume)
+    work_dir = logic.workDir
+    process = logic._run.process
+    assert logic.cancel() is True
+    assert process._process.poll() is not None  # the child is gone
+    assert not logic.isRunning and logic.workDir is None
+    from pathlib import Path
+
+    assert not Path(work_dir).exists()
+    logic.poll()  # a late timer tick does nothing
+    assert recorder.of("runningChanged") == [(True,), (False,)] and recorder.of("finished") == []
+    assert [info.segment_id for info in segments.segment_infos(node)] == before
+    assert logic.cancel() is False  # nothing to cancel
+
+
+def test_a_failing_process_is_reported_not_raised(scene, heart, tiny_checkpoint, tmp_path):
+    """A process that exits with an error: ``failed`` carries the message, nothing is added."""
+    logic = HeartCompletionLogic()
+    recorder = Recorder(logic)
+    node, volume = partial_segmentation(scene, heart)
+    mappings = logic.segmentMappings(node)
+    before = [info.segment_id for info in segments.segment_infos(node)]
+    logic.start(node, mappings, ["LAA"], str(tiny_checkpoint), "no-such-device", False, volume)
+    poll_until_done(logic)
+    (failure,) = recorder.of("failed")
+    assert "exit status" in str(failure[0])
+    assert recorder.of("logged"), "the process's error lines reach the log"
+    assert recorder.of("finished") == [] and logic.workDir is None
+    assert [info.segment_id for info in segments.segment_infos(node)] == before
+
+
+# --- first use: what is installed, by version -------------------------------------------------------
+
+
+def test_declared_minimums_are_the_projects():
+    """The extension's floors are pyproject.toml's (one fact, checked in two places)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
+    declared = dict(re.findall(r'"([A-Za-z0-9_.-]+)>=([0-9.]+)"', text.split("[project.optional-dependencies]")[0]))
+    for requirement in (install.TORCH, *install.PIP_REQUIREMENTS, *install.BUNDLED):
+        assert declared.get(requirement.distribution) == requirement.minimum, requirement
+    assert not {r.distribution.lower() for r in install.PIP_REQUIREMENTS} & install.NEVER_INSTALLED
+
+
+@pytest.mark.parametrize(
+    ("version", "minimum", "ok"),
+    [("2.13.0+cpu", "2.1", True), ("2.1", "2.1", True), ("2.1.0", "2.1", True), ("2.0.1+cu118", "2.1", False),
+     ("1.10.0", "1.9", True), ("0.19.3", "0.19", True), ("0.18.9", "0.19", False), ("5.4.2", "4.0", True),
+     ("2.1.0rc1", "2.1", True), ("v1.0", "1.0", True)],
+)
+def test_version_comparison_is_numeric(version, minimum, ok):
+    assert install.isAtLeast(version, minimum) is ok
+
+
+def test_this_environment_needs_nothing():
+    """Read from the real package metadata: everything here is installed and new enough."""
+    assert install.InstallLogic().outdated() == []
+
+
+def make_install(monkeypatch, versions, answers=()):
+    """An InstallLogic that sees ``versions`` ({distribution: version or None}) and records what it
+    would ask and install (no network here)."""
+    calls, questions, answers = [], [], list(answers)
+
+    def confirm(text):
+        questions.append(text)
+        return answers.pop(0)
+
+    logic = install.InstallLogic(confirm=confirm, pipInstall=calls.append)
+    monkeypatch.setattr(logic, "installedVersion", lambda requirement: versions[requirement.distribution])
+    return logic, calls, questions
+
+
+CURRENT = {"torch": "2.5.1+cu121", "safetensors": "0.4.5", "nibabel": "5.2.0", "pynrrd": "1.0.0",
+           "scikit-image": "0.24.0", "numpy": "1.26.4", "scipy": "1.13.1"}
+
+
+def test_first_use_installs_what_is_missing_or_too_old(monkeypatch):
+    # all present and new enough: nothing asked, nothing installed
+    logic, calls, questions = make_install(monkeypatch, CURRENT)
+    assert logic.ensureRequirements() is True and calls == [] and questions == []
+
+    # missing and too old file-format packages: one pip call with the minimums
+    versions = {**CURRENT, "pynrrd": None, "nibabel": "3.2.2", "scikit-image": "0.18.3"}
+    logic, calls, questions = make_install(monkeypatch, versions)
+    logged = []
+    logic.logged.connect(logged.append)
+    assert [(r.distribution, v) for r, v in logic.outdated()] == [
+        ("nibabel", "3.2.2"), ("pynrrd", None), ("scikit-image", "0.18.3")]
     logic.ensurePackages()
-    assert calls == [["pynrrd", "scikit-image"]]
-    assert not {"numpy", "vtk", "SimpleITK", "simpleitk"} & set(module.EXTRA_REQUIREMENTS.values())
+    assert calls == [["nibabel>=4.0", "pynrrd>=1.0", "scikit-image>=0.19"]] and questions == []
+    assert logged and "nibabel>=4.0" in logged[0]
 
-    # torch present: nothing to confirm, only the missing file-format packages
-    calls.clear()
-    assert logic.ensureRequirements() is True and calls == [["pynrrd", "scikit-image"]]
+    # importable without metadata (placed by hand): accepted, its version cannot be checked
+    logic, calls, _ = make_install(monkeypatch, {**CURRENT, "safetensors": ""})
+    logic.ensurePackages()
+    assert calls == []
 
+
+def test_slicers_own_packages_are_checked_never_installed(monkeypatch):
+    logic, calls, _ = make_install(monkeypatch, {**CURRENT, "numpy": "1.21.6", "pynrrd": None})
+    with pytest.raises(RuntimeError, match=r"too old.*numpy 1\.21\.6 \(needs 1\.22"):
+        logic.ensurePackages()
+    assert calls == []
+
+
+def test_first_use_installs_pytorch_through_the_extension(monkeypatch):
     # torch missing, user declines: nothing installed
-    monkeypatch.setitem(sys.modules, "torch", None)  # "import torch" now raises ImportError
-    answers = []
-    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: answers.pop(0), raising=False)
-    answers.append(False)
-    calls.clear()
+    logic, calls, questions = make_install(monkeypatch, {**CURRENT, "torch": None}, answers=[False])
     assert logic.ensureRequirements() is False and calls == []
+    assert "not installed" in questions[0]
 
-    # torch missing, no PyTorch extension: pip fallback, then the packages
-    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)
-    answers.append(True)
-    assert logic.ensureRequirements() is True and calls == ["torch", ["pynrrd", "scikit-image"]]
+    # torch missing, no PyTorch extension: pip fallback with the minimum, then the packages
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # "import PyTorchUtils" now raises ImportError
+    logic, calls, _ = make_install(monkeypatch, {**CURRENT, "torch": None, "pynrrd": None}, answers=[True])
+    assert logic.ensureRequirements() is True and calls == ["torch>=2.1", ["pynrrd>=1.0"]]
 
-    # torch missing, PyTorch extension present: it installs torch (with the right CUDA build)
+    # torch too old, PyTorch extension present: asked to update, the extension installs (right CUDA build)
     installs = []
     extension = types.ModuleType("PyTorchUtils")
     extension.PyTorchUtilsLogic = lambda: types.SimpleNamespace(
-        installTorch=lambda askConfirmation: installs.append(askConfirmation) or "torch")
+        installTorch=lambda askConfirmation, torchVersionRequirement: installs.append(
+            (askConfirmation, torchVersionRequirement)) or "torch")
     monkeypatch.setitem(sys.modules, "PyTorchUtils", extension)
-    answers.append(True)
-    calls.clear()
-    assert logic.ensureRequirements() is True and installs == [False] and calls == [["pynrrd", "scikit-image"]]
+    logic, calls, questions = make_install(monkeypatch, {**CURRENT, "torch": "2.0.1+cu118"}, answers=[True])
+    assert logic.ensureRequirements() is True and installs == [(False, ">=2.1")] and calls == []
+    assert "2.0.1+cu118" in questions[0] and "2.1" in questions[0]
+    assert logic.needsRestart is ("torch" in sys.modules)
 
     # the extension's installation fails: a clear error, nothing else installed
-    extension.PyTorchUtilsLogic = lambda: types.SimpleNamespace(installTorch=lambda askConfirmation: None)
-    answers.append(True)
-    calls.clear()
+    extension.PyTorchUtilsLogic = lambda: types.SimpleNamespace(
+        installTorch=lambda askConfirmation, torchVersionRequirement: None)
+    logic, calls, _ = make_install(monkeypatch, {**CURRENT, "torch": None, "pynrrd": None}, answers=[True])
     with pytest.raises(RuntimeError, match="PyTorch installation failed"):
         logic.ensureRequirements()
     assert calls == []
+
+
+def test_export_installs_missing_packages_first(scene, heart, monkeypatch, tmp_path):
+    """The exports need the file-format packages: the logic asks its install logic first."""
+    installer, calls, _ = make_install(monkeypatch, {**CURRENT, "pynrrd": None})
+    logic = HeartCompletionLogic(installLogic=installer)
+    node, _volume = partial_segmentation(scene, heart)
+    logic.export("segnrrd", node, str(tmp_path))
+    assert calls == [["pynrrd>=1.0"]]

@@ -3,12 +3,10 @@ segment terminology strings and the module's files all agree."""
 
 from __future__ import annotations
 
-import ast
 import json
 import re
 import subprocess
 import sys
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +123,8 @@ def test_match_segment(name, terminology, expected, how):
 def test_labelmap_io_seg_nrrd_maps_back_through_slicer(tmp_path):
     """A .seg.nrrd written by labelmap_io, opened by Slicer, maps back to the same structures."""
     slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
-    from HeartCompletionLib import slicer_bridge
+    from HeartCompletionModule import segments
+
     from HeartCompletionLib.labelmap import LabelMap
     from HeartCompletionLib.labelmap_io import write_label_map
 
@@ -134,12 +133,12 @@ def test_labelmap_io_seg_nrrd_maps_back_through_slicer(tmp_path):
         labels[1:4, 1:4, s.label] = s.label
     path = write_label_map(LabelMap(labels, np.eye(4)), tmp_path / "all.seg.nrrd")
     slicer.mrmlScene = slicer.vtkMRMLScene()
-    slicer_bridge.ensure_segmentation_converters()
+    segments.ensure_segmentation_converters()
     node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "all")
     storage = slicer.vtkMRMLSegmentationStorageNode()
     storage.SetFileName(str(path))
     assert storage.ReadData(node)
-    infos = slicer_bridge.segment_infos(node)
+    infos = segments.segment_infos(node)
     # rename every segment so only the terminology can identify it
     renamed = [SegmentInfo(i.segment_id, f"Segment_{n}", i.terminology) for n, i in enumerate(infos)]
     mappings = map_segments(renamed, TABLE)
@@ -160,23 +159,8 @@ def test_module_compiles_and_is_ruff_clean():
     assert ruff.returncode == 0, ruff.stdout
 
 
-def test_ui_widgets_and_parameter_node_agree():
-    """Every ``self.ui.<name>`` the widget uses exists in the .ui, and every widget bound to the
-    parameter node names a field of ``HeartCompletionParameterNode``."""
-    source = (MODULE_DIR / "HeartCompletion.py").read_text(encoding="utf-8")
-    ui = ET.parse(MODULE_DIR / "Resources" / "UI" / "HeartCompletion.ui").getroot()
-    widgets = {w.get("name") for w in ui.iter("widget")}
-    used = set(re.findall(r"self\.ui\.(\w+)", source))
-    assert used <= widgets, f"widgets missing from the .ui: {sorted(used - widgets)}"
-    bound = {
-        prop.find("string").text
-        for prop in ui.iter("property")
-        if prop.get("name") == "SlicerParameterName"
-    }
-    tree = ast.parse(source)
-    (node_class,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "HeartCompletionParameterNode"]
-    fields = {n.target.id for n in node_class.body if isinstance(n, ast.AnnAssign)}
-    assert bound == fields
+# The panel against its .ui (widgets, signals, properties, parameter-node bindings) and the module
+# package's layering and packaging: Testing/test_slicer_widget_static.py.
 
 
 def test_cmake_lists_name_existing_files_and_metadata():

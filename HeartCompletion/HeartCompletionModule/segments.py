@@ -2,8 +2,8 @@
 
 Everything here uses the ``slicer`` Python package (MRML and Segmentations libraries) but no
 Qt, so it runs in Slicer and in plain Python with the PyPI package ``slicer-core``; tests drive
-it on a real MRML scene. Of ``HeartCompletionLib`` only :mod:`slicer_results` (result segments,
-undo, export) imports this module; nothing else does.
+it on a real MRML scene. Part of the Slicer module's own package (``HeartCompletionLib`` never
+imports ``slicer``); :mod:`.results` (result segments, undo, export) and :mod:`.logic` use it.
 
 What lives here: the segmentation converter rules, numpy <-> ``vtkOrientedImageData``, segment
 infos and terminology strings, the reference grid, per-segment masks, nearest-neighbour
@@ -27,8 +27,8 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from .labelmap import LabelMap
-from .segment_mapping import SegmentInfo
+from HeartCompletionLib.labelmap import LabelMap
+from HeartCompletionLib.segment_mapping import SegmentInfo
 
 BINARY_LABELMAP = "Binary labelmap"
 CLOSED_SURFACE = "Closed surface"

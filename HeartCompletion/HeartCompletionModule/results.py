@@ -1,11 +1,11 @@
 """Completion results into an MRML segmentation, undo, and export (needs ``slicer``).
 
-The result side of the Slicer module, on top of :mod:`slicer_bridge` (which reads segments into
+The result side of the Slicer module, on top of :mod:`.segments` (which reads segments into
 a :class:`LabelMap`): structure styling of segments (name, colour, SNOMED CT terminology),
 :func:`add_result_segments` with its one-call :class:`CompletionUndo`, the module's workflow
 (:func:`import_completion_result` after the background process, :func:`complete_segmentation`
 in-process), and the exports (``.seg.nrrd``, label map, one mesh per segment or structure).
-Like :mod:`slicer_bridge` it needs the ``slicer`` package but no Qt.
+Like :mod:`.segments` it needs the ``slicer`` package but no Qt.
 
 Usage (inside Slicer, or with slicer-core after setting ``slicer.mrmlScene``)::
 
@@ -29,10 +29,12 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from .labelmap import LabelMap
-from .meshes import MESH_FORMATS, write_mesh
-from .segment_mapping import terminology_entry
-from .slicer_bridge import (
+from HeartCompletionLib.labelmap import LabelMap
+from HeartCompletionLib.meshes import MESH_FORMATS, write_mesh
+from HeartCompletionLib.segment_mapping import terminology_entry
+from HeartCompletionLib.structures import Structure, StructureTable
+
+from .segments import (
     BINARY_LABELMAP,
     CLOSED_SURFACE,
     array_from_oriented_image,
@@ -43,7 +45,6 @@ from .slicer_bridge import (
     segmentation_geometry,
     segmentation_to_label_map,
 )
-from .structures import Structure, StructureTable
 
 # --- writing result segments -------------------------------------------------------------------
 
@@ -253,7 +254,7 @@ def import_completion_result(
     segment's voxels (its name, colour and terminology stay); without it such structures are
     never touched, even if the result holds them.
     """
-    from .segment_mapping import mapped_labels
+    from HeartCompletionLib.segment_mapping import mapped_labels
 
     given = set(mapped_labels(mappings))
     labels = [int(v) for v in completed_labels if replace or int(v) not in given]
@@ -279,9 +280,9 @@ def complete_segmentation(
     process (:mod:`HeartCompletionLib.completion_process`) and then calls
     :func:`import_completion_result`.
     """
-    from .checkpoint import load_inference_checkpoint
-    from .completion import complete_label_map
-    from .segment_mapping import segment_labels
+    from HeartCompletionLib.checkpoint import load_inference_checkpoint
+    from HeartCompletionLib.completion import complete_label_map
+    from HeartCompletionLib.segment_mapping import segment_labels
 
     if not hasattr(checkpoint, "model"):
         checkpoint = load_inference_checkpoint(checkpoint, device="cpu")
@@ -300,8 +301,8 @@ def export_label_map(
 ) -> Path:
     """Write the segmentation as a label map with the table's values (``.nii.gz``, ``.nrrd``, or
     ``.seg.nrrd`` through :mod:`labelmap_io`). Unmapped segments are left out."""
-    from .labelmap_io import write_label_map
-    from .segment_mapping import map_segments, segment_labels
+    from HeartCompletionLib.labelmap_io import write_label_map
+    from HeartCompletionLib.segment_mapping import map_segments, segment_labels
 
     mappings = mappings if mappings is not None else map_segments(segment_infos(segmentation_node), table)
     label_map = segmentation_to_label_map(segmentation_node, segment_labels(mappings), reference_volume_node)
@@ -313,7 +314,7 @@ def export_structure_meshes(
 ) -> list[Path]:
     """One mesh per mapped segment named by its structure (``LV.stl``); unmapped segments are
     left out; a second segment of the same structure gets ``_2``."""
-    from .segment_mapping import map_segments
+    from HeartCompletionLib.segment_mapping import map_segments
 
     mappings = mappings if mappings is not None else map_segments(segment_infos(segmentation_node), table)
     names: dict[str, str] = {}

@@ -25,6 +25,7 @@ import math
 
 import numpy as np
 
+from .errors import HeartCompletionError
 from .geometry import direction_of, spacing_of, validate_ijk_to_ras
 from .labelmap import LabelMap
 
@@ -32,7 +33,7 @@ from .labelmap import LabelMap
 _SLAB_VOXELS = 4_000_000
 
 
-class OutputGridError(ValueError):
+class OutputGridError(HeartCompletionError, ValueError):
     """An output grid that cannot be made (message names the input and the problem)."""
 
 

@@ -107,3 +107,15 @@ def test_prepare_and_evaluate_name_cases_by_the_one_rule(tmp_path):
     cases = find_cases(folder)
     assert [(c.case_id, c.path.name) for c in cases] == [("p1", "p1.nii.gz"), ("p2", "p2.Seg.Nrrd"), ("p3", "p3.nrrd")]
     assert sidecar_path(folder / "p2.Seg.Nrrd") == folder / "p2.json"
+
+
+def test_every_command_skips_hidden_files(tree):
+    """heart-complete and heart-eval skip hidden names as heart-prepare does (a macOS `._case.nii.gz`
+    or an editor's `.case.nii.gz` is not a case)."""
+    from heart_training.complete_cli import _jobs
+    from heart_training.evaluate import find_cases
+
+    jobs = [src.name for src, _ in _jobs(tree, tree.parent / "done")]
+    assert ".hidden.nii.gz" not in jobs and jobs == ["A.NRRD", "a.seg.nrrd", "b.nii.gz", "c.nii"]
+    cases = [c.path.relative_to(tree).as_posix() for c in find_cases(tree)]
+    assert all(not part.startswith(".") for c in cases for part in c.split("/")) and "b.nii.gz" in cases

@@ -169,7 +169,7 @@ def _jobs(input_path: Path, output_path: Path) -> list[tuple[Path, Path]]:
     from HeartCompletionLib.labelmap_io import SUPPORTED_SUFFIXES, LabelMapError, find_label_maps, suffix_of
 
     if input_path.is_dir():
-        inputs = find_label_maps(input_path, recursive=False, include_hidden=True)  # this folder only
+        inputs = find_label_maps(input_path, recursive=False)  # this folder only
         if not inputs:
             raise CliError(f"{input_path}: no label maps ({', '.join(SUPPORTED_SUFFIXES)}) in this folder")
         if output_path.exists() and not output_path.is_dir():

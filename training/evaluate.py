@@ -69,7 +69,7 @@ def _names(text: str | None) -> list[str]:
 def _find_in_label_dir(label_dir: Path, row: dict) -> Path | None:
     wanted = {Path(row.get(key) or "").name for key in ("source", "case_id", "case")}
     stems = {case_name(n) for n in wanted if n}
-    for path in find_label_maps(label_dir, include_hidden=True):
+    for path in find_label_maps(label_dir):
         if path.name in wanted or case_name(path.name) in stems:
             return path
     return None
@@ -130,7 +130,7 @@ def find_cases(data: Path, split: str = "test", label_dir: Path | None = None) -
         elif any((data / f"{s}.csv").is_file() for s in ("train", "val", "test")):
             raise EvaluationError(f"{data}: has split CSVs but no {split}.csv (choose --split, e.g. val)")
         else:
-            cases = [EvalCase(case_name(p.name), p) for p in find_label_maps(data, include_hidden=True)]
+            cases = [EvalCase(case_name(p.name), p) for p in find_label_maps(data)]
     if not cases:
         raise EvaluationError(f"{data}: no label maps to evaluate (.nii/.nii.gz/.nrrd/.seg.nrrd or a split CSV)")
     return cases

@@ -34,8 +34,12 @@ from typing import IO, Iterator
 TMP_SUFFIX = ".tmp"
 
 
-def temporary_name_for(path: Path) -> tuple[int, str]:
-    """``(fd, name)`` of a new temporary file beside ``path`` (``<name>.<random>.tmp``)."""
+def temporary_name_for(path: Path, type_suffix: str = "") -> tuple[int, str]:
+    """``(fd, name)`` of a new temporary file beside ``path`` (``<name>.<random>.tmp``; with a
+    ``type_suffix`` for writers that pick the format from the name, a hidden
+    ``.<name>.<random>.tmp<type_suffix>``, which no command takes for an input)."""
+    if type_suffix:
+        return tempfile.mkstemp(prefix="." + path.name + ".", suffix=TMP_SUFFIX + type_suffix, dir=path.parent)
     return tempfile.mkstemp(prefix=path.name + ".", suffix=TMP_SUFFIX, dir=path.parent)
 
 
@@ -92,9 +96,10 @@ def _untrack(tmp: str) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` for writers that need a file name (nibabel, torch);
-    on success it replaces ``path``; on any exception (or SIGTERM/SIGHUP) it is removed."""
+def atomic_path(path: str | Path, type_suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` for writers that need a file name (nibabel, torch;
+    ``type_suffix`` such as ``".seg.nrrd"`` for writers that choose the format by the name's
+    ending); on success it replaces ``path``; on any exception (or SIGTERM/SIGHUP) it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # SIGTERM/SIGHUP are held back while the file is created and tracked: a signal between the two
@@ -102,7 +107,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     blocking = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
     held = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS) if blocking else None
     try:
-        fd, tmp = temporary_name_for(path)
+        fd, tmp = temporary_name_for(path, type_suffix)
         os.close(fd)
         _track(tmp)
     finally:

@@ -9,6 +9,8 @@ training fixtures. ``Testing/test_slicer_module_file.py`` drives the module's lo
 
 from __future__ import annotations
 
+import os
+
 import subprocess
 import sys
 from pathlib import Path
@@ -418,6 +420,11 @@ def test_terminology_entry_survives_seg_nrrd(scene, tmp_path):
     assert storage.ReadData(reread)
     segment = reread.GetSegmentation().GetNthSegment(0)
     assert segments.segment_terminology(segment) == terminology_entry(TABLE.by_name("LAA"))
+    # written through atomic_io: the usual permissions, no temporary left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.seg.nrrd"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
     with pytest.raises(ValueError, match="seg.nrrd"):
         results.write_seg_nrrd(node, tmp_path / "one.nrrd")
 

@@ -17,9 +17,7 @@ Usage (inside Slicer, or with slicer-core after setting ``slicer.mrmlScene``)::
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -29,6 +27,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from HeartCompletionLib.atomic_io import atomic_path
 from HeartCompletionLib.labelmap import LabelMap
 from HeartCompletionLib.meshes import MESH_FORMATS, write_mesh
 from HeartCompletionLib.segment_mapping import terminology_entry
@@ -164,18 +163,13 @@ def write_seg_nrrd(segmentation_node, path: str | Path) -> Path:
     path = Path(path)
     if not path.name.lower().endswith(".seg.nrrd"):
         raise ValueError(f"{path}: a segmentation file must end with .seg.nrrd")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".seg.nrrd", dir=path.parent)
-    os.close(fd)
     storage = slicer.vtkMRMLSegmentationStorageNode()
-    storage.SetFileName(tmp)
     storage.SetUseCompression(True)
-    try:
+    # the storage node picks the format by the name: the temporary keeps the .seg.nrrd ending
+    with atomic_path(path, type_suffix=".seg.nrrd") as tmp:
+        storage.SetFileName(str(tmp))
         if not storage.WriteData(segmentation_node):
             raise OSError(f"{path}: writing the segmentation failed")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 

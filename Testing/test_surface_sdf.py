@@ -19,6 +19,9 @@ from HeartCompletionLib.labelmap import LabelMap
 from HeartCompletionLib.signed_distance import signed_distances_mm
 from HeartCompletionLib.surface import (
     allocate_counts,
+    block_factors,
+    block_mean,
+    coarse_structure_surfaces,
     extract_surface,
     sample_structure_surfaces,
     sample_surface,
@@ -378,3 +381,42 @@ def test_distance_field_is_continuous_with_unit_slope(label_maps, geometry):
     cosine = np.sum(grad * shape_obj.distance_gradient(pts), axis=1) / norm
     # (thick 1.5 mm slices leave a little of their staircase in the directions right at the surface)
     assert np.mean(cosine > 0.9) > (0.95 if geometry == "ras_1mm" else 0.9), np.mean(cosine > 0.9)
+
+
+# --- input surfaces of label maps finer than 1 mm (completion at CT resolution) ------------------
+def test_block_mean_is_the_occupancy_of_each_block():
+    mask = np.random.default_rng(0).random((13, 10, 7)) > 0.5
+    for factors in ([2, 2, 2], [3, 1, 2], [1, 1, 1]):
+        f = np.array(factors)
+        shape = -(-np.array(mask.shape) // f) * f
+        padded = np.zeros(shape)
+        padded[:13, :10, :7] = mask
+        n = shape // f
+        expected = padded.reshape(n[0], f[0], n[1], f[1], n[2], f[2]).mean(axis=(1, 3, 5))
+        np.testing.assert_allclose(block_mean(mask, factors), expected, atol=1e-6)
+    assert block_factors([0.4, 0.5, 0.35]).tolist() == [2, 2, 2] and block_factors([0.6, 1.0, 2.0]).tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_coarse_surfaces_of_a_fine_ball_lie_on_the_sphere(oblique):
+    """A 0.4 x 0.4 x 0.5 mm ball (radius 12 mm): block-averaged to 0.8 x 0.8 x 1.0 mm, its surface
+    stays within a fifth of a millimetre of the sphere, outward, with the fine surface's area."""
+    spacing = np.array([0.4, 0.4, 0.5])
+    shape = (80, 80, 64)
+    direction = rotation_matrix(np.array([1.0, 1.0, 0.0]) / np.sqrt(2), 0.5) if oblique else np.eye(3)
+    matrix = make_ijk_to_ras(spacing_mm=spacing, direction=direction, origin_ras=(3.0, -2.0, 1.0))
+    centre = voxel_centers_ras(shape, matrix).reshape(-1, 3).mean(axis=0)
+    inside = np.linalg.norm(voxel_centers_ras(shape, matrix) - centre, axis=-1) <= 12.0
+    lm = LabelMap(inside.astype(np.int16), matrix)
+    coarse = coarse_structure_surfaces(lm, [1])[1]
+    fine = structure_surfaces(lm, [1])[1]
+    radius = np.linalg.norm(coarse.vertices - centre, axis=1)
+    print("coarse radius mean / max |error| mm", radius.mean().round(3), np.abs(radius - 12.0).max().round(3),
+          "vertices coarse / fine", len(coarse.vertices), len(fine.vertices))
+    assert np.abs(radius - 12.0).max() < 0.2 and len(coarse.vertices) < 0.4 * len(fine.vertices)
+    assert np.all(np.einsum("ij,ij->i", coarse.vertex_normals, coarse.vertices - centre) > 0)
+    assert abs(coarse.area_mm2 / (4 * np.pi * 144.0) - 1.0) < 0.05
+    # a map whose voxels are already >= half of 1 mm is not touched
+    lm2 = LabelMap(inside[::2, ::2, ::2].astype(np.int16), matrix @ np.diag([2.0, 2.0, 2.0, 1.0]))
+    a, b = coarse_structure_surfaces(lm2, [1])[1], structure_surfaces(lm2, [1])[1]
+    np.testing.assert_array_equal(a.vertices, b.vertices)

@@ -1,14 +1,18 @@
 """Complete a partial heart: encode the given structures once, decode the missing ones hierarchically,
 fuse them into the input's own voxel grid.
 
-Steps of :func:`complete_label_map` (all geometry in RAS millimetres from the input's
+Steps of :func:`complete` (:func:`complete_label_map` is the same call with the fields of one
+:class:`CompletionRequest` as keyword arguments; all geometry in RAS millimetres from the input's
 ``ijk_to_ras``; voxel indices never leave this module):
 
-1. **Input points**: area-uniform surface samples of the given structures (mm); the centre ``c``
+0. **Input** (:func:`_prepare_input`): the given structures of a label map, or of binary masks
+   converted up front (:func:`complete_masks`: painted into one label map for the sampling, each
+   mask's voxels kept), what is kept and what is predicted, and the grid the result is written on.
+1. **Input points** (:func:`_encode`): area-uniform surface samples of the given structures (mm); the centre ``c``
    and the encoder points follow :mod:`HeartCompletionLib.encoder_input`, exactly the rule of
    training; ``x_n = (x - c) / S`` with the checkpoint's :class:`~.normalization.Normalization`.
-2. **Encode once** (eval mode, ``torch.inference_mode``, seeded sampling: same input, same result).
-3. **Decode hierarchically** on the input's own voxel lattice, restricted to the *region* = the
+2. **Encode once** (:func:`_encode`; eval mode, ``torch.inference_mode``, seeded sampling: same input, same result).
+3. **Decode hierarchically** (:func:`_decode`) on the input's own voxel lattice, restricted to the *region* = the
    given structures' bounding box plus ``margin_mm``, clipped to the image: every
    ``2**L``-th voxel first (about ``grid_spacing_mm``), then cells whose corners disagree or lie
    within ``refine_factor`` x half a cell diagonal (mm) of a surface are split in two along each
@@ -19,7 +23,7 @@ Steps of :func:`complete_label_map` (all geometry in RAS millimetres from the in
    the interpolation leaves in doubt (:mod:`.decode_grid`); ``decode="exact"`` decodes every voxel
    of every refined cell (the reference: at CT resolution about 10x the queries, same labels to
    Dice >= 0.99 and ASSD <= 0.2 mm, see ``benchmarks/complete_speed.py --ct``).
-4. **Fuse**: voxels of the given structures keep their label exactly (unless ``replace``); every
+4. **Fuse** (:func:`_fuse`): voxels of the given structures keep their label exactly (unless ``replace``); every
    other voxel of the region goes to the structure, among those not given, with the smallest
    signed distance when that distance is negative, and is written if that structure was asked for.
    One label per voxel by construction. Small disconnected pieces of the predicted structures
@@ -174,6 +178,47 @@ def _check_decode(decode, fast_options) -> dict:
     return options
 
 
+@dataclass(frozen=True)
+class CompletionRequest:
+    """What to complete and how: the options of :func:`complete_label_map` in one frozen value.
+
+    ``heart-complete`` (:mod:`.complete_cli`, also the Slicer panel's background process) builds
+    one from its options and passes it to :func:`complete`; :func:`complete_label_map` builds one
+    from its keyword arguments. ``structures``: names, synonyms or labels to produce (None: every
+    structure absent from the input); ``fast_options``: see :func:`complete_label_map`;
+    ``output_grid``: ``(shape, ijk_to_ras)`` or None (the input's grid). Lattice lengths and the
+    decode mode/options are checked on construction (:class:`CompletionError`); the device when the
+    model is loaded, the structures and the output grid against the checkpoint's table and the input.
+    """
+
+    structures: tuple | None = None
+    replace: bool = False
+    device: str = "auto"
+    seed: int = 0
+    num_input_points: int | None = None
+    grid_spacing_mm: float | None = None
+    margin_mm: float = DEFAULT_MARGIN_MM
+    refine_factor: float = DEFAULT_REFINE_FACTOR
+    decode: str = DEFAULT_DECODE
+    fast_options: Mapping[str, float] | None = None
+    min_island_fraction: float = DEFAULT_MIN_ISLAND_FRACTION
+    chunk_size: int | None = None
+    output_grid: tuple | None = None
+    hierarchical: bool = True
+    return_signed_distance: bool = False
+
+    def __post_init__(self) -> None:
+        if self.structures is not None and not isinstance(self.structures, tuple):
+            object.__setattr__(self, "structures", tuple(self.structures))
+        _check_lengths(self.grid_spacing_mm, self.margin_mm)
+        _check_decode(self.decode, self.fast_options)
+
+    @property
+    def fast_decode_options(self) -> dict:
+        """The fast decode's options with the defaults filled in (:mod:`.decode_grid`)."""
+        return _check_decode(self.decode, self.fast_options)
+
+
 def _resolve_checkpoint(checkpoint, device):
     from .checkpoint import load_inference_checkpoint
 
@@ -240,35 +285,70 @@ def _fuse_slabs(sub: np.ndarray, region_labels: np.ndarray, labels) -> dict:
     return boxes
 
 
+@dataclass
+class _Input:
+    """The input of one completion after :func:`_prepare_input`, on the grid the result is written on.
+
+    ``base``: the kept given voxels (0 elsewhere) on the output grid; ``sample_map``: the given
+    structures on the input's grid (their surfaces are sampled there); ``given``: labels present;
+    ``kept``: given labels written as given; ``requested``: labels to predict and write;
+    ``given_lo/hi``: the given voxels' box on the input grid; ``region_lo/hi``: that box on the
+    output grid, whose matrix is ``geometry``.
+    """
+
+    base: np.ndarray
+    sample_map: LabelMap
+    given: list[int]
+    kept: list[int]
+    requested: list[int]
+    given_lo: np.ndarray
+    given_hi: np.ndarray
+    region_lo: np.ndarray
+    region_hi: np.ndarray
+    geometry: np.ndarray
+
+
+def _label_map_given(label_map: LabelMap, table):
+    """``(label_map, given labels)`` of a label map in the table's values (other values refused)."""
+    k = len(table)
+    values = _present_values(label_map.labels)
+    unknown = [int(v) for v in values if v < 0 or v > k]
+    if unknown:
+        raise CompletionError(
+            f"{label_map.source}: label value(s) {unknown} are not structures of the checkpoint's table "
+            f"(1..{k}: {table.names}); map them first (label convention)"
+        )
+    return label_map, [int(v) for v in values if v > 0]
+
+
+def _masks_given(source, ijk_to_ras, table):
+    """``(sampling label map, given labels, masks)`` of ``{label: bool mask}`` on one grid: the
+    masks painted into one label map for the surface sampling (where they overlap the later label
+    wins); the masks themselves give the kept voxels."""
+    k = len(table)
+    if ijk_to_ras is None:
+        raise CompletionError("binary masks need their ijk_to_ras (4x4, RAS mm)")
+    masks = {int(lab): np.asarray(m, dtype=bool) for lab, m in source.items()}
+    shapes = {m.shape for m in masks.values()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+        raise CompletionError(f"masks must be 3-D and share one shape, got {sorted(shapes)}")
+    bad = [lab for lab in masks if not 1 <= lab <= k]
+    if bad:
+        raise CompletionError(f"mask label(s) {bad} are not structures of the table (1..{k})")
+    given = sorted(lab for lab, m in masks.items() if m.any())
+    painted = np.zeros(next(iter(shapes)), dtype=np.uint8 if k < 255 else np.uint16)
+    for lab in given:  # where masks overlap the later label wins (only for sampling)
+        painted[masks[lab]] = lab
+    return LabelMap(painted, ijk_to_ras, source="<segments>"), given, masks
+
+
 def _given_input(source, ijk_to_ras, table, structures, replace):
     """``(base labels, sampling LabelMap, given, kept, requested)`` from a LabelMap or mask dict."""
     k = len(table)
     if isinstance(source, LabelMap):
-        label_map = source
-        values = _present_values(label_map.labels)
-        unknown = [int(v) for v in values if v < 0 or v > k]
-        if unknown:
-            raise CompletionError(
-                f"{label_map.source}: label value(s) {unknown} are not structures of the checkpoint's table "
-                f"(1..{k}: {table.names}); map them first (label convention)"
-            )
-        given = [int(v) for v in values if v > 0]
-        masks = None
+        (label_map, given), masks = _label_map_given(source, table), None
     else:
-        if ijk_to_ras is None:
-            raise CompletionError("binary masks need their ijk_to_ras (4x4, RAS mm)")
-        masks = {int(lab): np.asarray(m, dtype=bool) for lab, m in source.items()}
-        shapes = {m.shape for m in masks.values()}
-        if len(shapes) != 1 or len(next(iter(shapes))) != 3:
-            raise CompletionError(f"masks must be 3-D and share one shape, got {sorted(shapes)}")
-        bad = [lab for lab in masks if not 1 <= lab <= k]
-        if bad:
-            raise CompletionError(f"mask label(s) {bad} are not structures of the table (1..{k})")
-        given = sorted(lab for lab, m in masks.items() if m.any())
-        painted = np.zeros(next(iter(shapes)), dtype=np.uint8 if k < 255 else np.uint16)
-        for lab in given:  # where masks overlap the later label wins (only for sampling)
-            painted[masks[lab]] = lab
-        label_map = LabelMap(painted, ijk_to_ras, source="<segments>")
+        label_map, given, masks = _masks_given(source, ijk_to_ras, table)
     if not given:
         raise CompletionError(f"{label_map.source}: no structure of the table {table.names} in the input")
     requested = sorted(set(table.labels) - set(given)) if structures is None else resolve_structures(table, structures)
@@ -285,6 +365,36 @@ def _given_input(source, ijk_to_ras, table, structures, replace):
         for lab in kept:
             base[masks[lab]] = lab
     return base, label_map, given, kept, requested
+
+
+def _prepare_input(source, ijk_to_ras, table, request: CompletionRequest) -> _Input:
+    """Step 0: the given structures, what to keep and to predict, and the grid the result is written
+    on (the input's, or ``request.output_grid`` with the kept voxels carried over by nearest neighbour)."""
+    try:
+        base, sample_map, given, kept, requested = _given_input(source, ijk_to_ras, table, request.structures,
+                                                                request.replace)
+    except KeyError as exc:
+        raise CompletionError(f"structures to complete: {exc.args[0]}") from exc
+    geometry = sample_map.ijk_to_ras
+    given_lo, given_hi = _given_box(sample_map.labels)
+    region_lo, region_hi = given_lo, given_hi  # the given box on the grid the result is written on
+    if request.output_grid is not None:
+        from .output_grid import box_on_grid, resample_nearest
+
+        out_shape, out_matrix = request.output_grid
+        try:
+            out_matrix = validate_ijk_to_ras(out_matrix, "output grid")
+        except ValueError as exc:
+            raise CompletionError(str(exc)) from None
+        out_shape = tuple(int(n) for n in out_shape)
+        if len(out_shape) != 3 or min(out_shape) < 1:
+            raise CompletionError(f"output grid: shape {out_shape} is not a 3-D grid")
+        base = resample_nearest(base, geometry, out_shape, out_matrix)
+        region_lo, region_hi = box_on_grid(given_lo, given_hi, geometry, out_shape, out_matrix)
+        if np.any(region_hi <= region_lo):
+            raise CompletionError(f"{sample_map.source}: the given structures lie outside the output grid")
+        geometry = out_matrix
+    return _Input(base, sample_map, given, kept, requested, given_lo, given_hi, region_lo, region_hi, geometry)
 
 
 def _given_box(labels: np.ndarray):
@@ -436,6 +546,187 @@ def _dense_labels(fld: _Field, lo, hi, ijk_to_ras, report):
     return labs.reshape(*size), sdf
 
 
+@dataclass
+class _Decoded:
+    """Output of :func:`_decode`: labels of the region ``[lo, hi)`` of the output grid (0 = none),
+    the requested structures' distances there (dense decode only), lattice stats, query count."""
+
+    region_labels: np.ndarray
+    sdf: np.ndarray | None
+    stats: dict
+    lo: np.ndarray
+    hi: np.ndarray
+    strides: np.ndarray
+    queries: int
+
+
+def _encode(inp: _Input, ck, dev, request: CompletionRequest, step, timings: dict):
+    """Steps 1-2: surface points of the given structures -> centre and encoder points (the training
+    rule) -> latents, encoded once. Returns ``(latents, centre_mm)``; call under ``inference_mode``."""
+    import torch
+
+    from .surface import coarse_structure_surfaces, sample_structure_surfaces
+
+    step(0.02, "sampling the input surfaces")
+    t = time.perf_counter()
+    rng = np.random.default_rng(request.seed)
+    floor = max(1, int(SURFACE_SAMPLES * SURFACE_FLOOR_FRACTION))
+    # the given structures' box only: the same surfaces without passes over the whole image
+    # (a map finer than 1 mm is block-averaged to about 1 mm first: the same surfaces to well under
+    # a voxel of the training data, several times faster at CT resolution)
+    canonical = closest_canonical(_cropped(inp.sample_map, inp.given_lo, inp.given_hi))
+    points, normals, point_labels = sample_structure_surfaces(
+        canonical, inp.given, SURFACE_SAMPLES, rng, min_per_structure=floor,
+        meshes=coarse_structure_surfaces(canonical, inp.given))
+    points = np.asarray(points, dtype=np.float64)
+    index = np.asarray(point_labels, dtype=np.int64) - 1
+    inputs = [lab - 1 for lab in inp.given]
+    centre = encoder_centre_mm(points, index, inputs)
+    n_points = int(request.num_input_points or ck.num_input_points)
+    chosen = select_encoder_points(index, inputs, n_points, rng, min_per_structure=ck.min_per_structure)
+    xyz_n, onehot = encoder_arrays(points[chosen], index[chosen], centre, ck.normalization, len(ck.table))
+    timings["surface_s"] = time.perf_counter() - t
+    step(0.1, "encoding the input structures")
+
+    t = time.perf_counter()
+    nrm = torch.from_numpy(np.asarray(normals, dtype=np.float32)[chosen])[None].to(dev) \
+        if ck.config.use_normals else None
+    latents, _ = ck.model.encode(torch.from_numpy(xyz_n)[None].to(dev), torch.from_numpy(onehot)[None].to(dev), nrm)
+    timings["encode_s"] = time.perf_counter() - t
+    return latents, centre
+
+
+def _decode(inp: _Input, ck, dev, latents, centre, request: CompletionRequest, step, cancel,
+            timings: dict) -> _Decoded:
+    """Step 3: decode in the region around the given structures on the output grid's own voxel
+    lattice (hierarchical fast or exact, or dense); call under ``inference_mode``."""
+    step(_P_ENCODED, "decoding signed distances")
+    t = time.perf_counter()
+    table, kept, requested, geometry = ck.table, inp.kept, inp.requested, inp.geometry
+    competing = [lab - 1 for lab in table.labels if lab not in kept]
+    write = [lab if lab in requested else 0 for lab in table.labels if lab not in kept]
+    chunk_size = request.chunk_size
+    if chunk_size is None:
+        chunk_size = DEFAULT_CPU_CHUNK if dev.type == "cpu" else DEFAULT_CHUNK
+    fld = _Field(ck.model, latents, centre, ck.normalization, competing, write, dev, int(chunk_size), cancel,
+                 keep_sdf=[lab - 1 for lab in requested] if request.return_signed_distance else None)
+    lo, hi = _region(inp.region_lo, inp.region_hi, inp.base.shape, geometry, request.margin_mm)
+
+    def report(f: float) -> None:
+        step(_P_ENCODED + (_P_DECODED - _P_ENCODED) * f, "decoding signed distances")
+
+    grid_spacing_mm = DEFAULT_GRID_SPACING_MM if request.grid_spacing_mm is None else request.grid_spacing_mm
+    strides = _coarse_strides(spacing_of(geometry), grid_spacing_mm)
+    sdf = None
+    hierarchical = request.hierarchical and not request.return_signed_distance
+    if hierarchical and request.decode == "fast":
+        region_labels, stats = fast_hierarchical_labels(fld.competing_sdf, write, lo, hi, geometry, strides,
+                                                        request.refine_factor, report, **request.fast_decode_options)
+    elif hierarchical:
+        region_labels, stats = _hierarchical_labels(fld, lo, hi, geometry, strides, request.refine_factor, report)
+    else:
+        region_labels, sdf = _dense_labels(fld, lo, hi, geometry, report)
+        stats = {"levels": [{"stride_vox": [1, 1, 1], "cells": int(np.prod(hi - lo)), "queries": fld.queries}]}
+    timings["decode_s"] = time.perf_counter() - t
+    return _Decoded(region_labels, sdf, stats, lo, hi, strides, int(fld.queries))
+
+
+def _fuse(result: CompletionResult, inp: _Input, decoded: _Decoded, table, request: CompletionRequest, step,
+          timings: dict) -> None:
+    """Step 4: predicted voxels only where no kept given structure is; small pieces cleared; the
+    result's labels, messages and signed distances filled in place."""
+    step(_P_DECODED, "fusing the structures")
+    t = time.perf_counter()
+    requested = inp.requested
+    box = tuple(slice(int(a), int(b)) for a, b in zip(decoded.lo, decoded.hi))
+    out = result.label_map.labels
+    sub = out[box]
+    boxes = _fuse_slabs(sub, decoded.region_labels, requested)
+    timings["fusion_write_s"] = time.perf_counter() - t
+    t_islands = time.perf_counter()
+    removed = {}
+    for lab, crop in boxes.items():  # each structure in its own bounding box: the same pieces, far fewer voxels
+        # a requested label occurs only where it was just written (kept labels are never requested)
+        removed.update(remove_small_islands(sub[crop], [lab], request.min_island_fraction))
+    timings["islands_s"] = time.perf_counter() - t_islands
+    result.messages += [f"{table.by_label(lab).name}: removed {n} voxels in small disconnected pieces"
+                        for lab, n in removed.items() if n]
+    result.completed_labels = list(requested)
+    result.messages += [f"{table.by_label(lab).name}: the model predicts no voxel" for lab in requested
+                        if lab not in boxes]
+    if decoded.sdf is not None:
+        result.signed_distance_mm = {}
+        for j, lab in enumerate(requested):
+            vol = np.full(out.shape, np.nan, dtype=np.float32)
+            vol[box] = decoded.sdf[..., j]
+            result.signed_distance_mm[lab] = vol
+    timings["fusion_s"] = time.perf_counter() - t
+
+
+def _grid_stats(decoded: _Decoded, geometry, output_voxels: int) -> dict:
+    lo, hi, strides, stats = decoded.lo, decoded.hi, decoded.strides, decoded.stats
+    coarse = int(stats["levels"][0]["queries"])
+    return {
+        "region_lo_vox": lo.tolist(), "region_hi_vox": hi.tolist(),
+        "region_voxels": int(np.prod(hi - lo)), "output_voxels": int(output_voxels),
+        "coarse_stride_vox": strides.tolist(),
+        "coarse_spacing_mm": (strides * spacing_of(geometry)).round(4).tolist(),
+        "coarse_nodes": coarse,
+        "refined_queries": int(decoded.queries - coarse),
+        "queries": int(decoded.queries), **stats,
+    }
+
+
+def complete(
+    label_map,
+    checkpoint,
+    request: CompletionRequest | None = None,
+    progress: Callable[[float, str], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+    ijk_to_ras=None,
+) -> CompletionResult:
+    """Complete ``label_map`` (a :class:`LabelMap`, or ``{label: bool mask}`` with ``ijk_to_ras``) as
+    ``request`` asks (default: every missing structure, the defaults of :class:`CompletionRequest`).
+
+    The steps: :func:`_prepare_input` (given, kept and requested structures; output grid),
+    :func:`_encode`, :func:`_decode`, :func:`_fuse`. ``progress`` and ``cancel``: see
+    :func:`complete_label_map`, which is this function with the request's fields as keyword arguments.
+    """
+    import torch
+
+    request = CompletionRequest() if request is None else request
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def step(fraction: float, message: str) -> None:
+        if cancel is not None and cancel():
+            raise CompletionCancelled("completion cancelled")
+        if progress is not None:
+            progress(float(min(max(fraction, 0.0), 1.0)), message)
+
+    step(0.0, "loading the model")
+    ck, dev = _resolve_checkpoint(checkpoint, request.device)
+    inp = _prepare_input(label_map, ijk_to_ras, ck.table, request)
+    timings["load_s"] = time.perf_counter() - t_start
+    result = CompletionResult(LabelMap(inp.base, inp.geometry, inp.sample_map.source, dict(inp.sample_map.metadata)),
+                              [], inp.given, timings)
+    if not inp.requested:  # e.g. a full heart: the input comes back unchanged, with the same timings keys
+        result.messages.append(f"{inp.sample_map.source}: nothing to complete (every requested structure is given)")
+        timings["total_s"] = time.perf_counter() - t_start
+        step(1.0, "nothing to complete")
+        return result
+
+    with torch.inference_mode():
+        latents, centre = _encode(inp, ck, dev, request, step, timings)
+        decoded = _decode(inp, ck, dev, latents, centre, request, step, cancel, timings)
+    _fuse(result, inp, decoded, ck.table, request, step, timings)
+    timings["total_s"] = time.perf_counter() - t_start
+    result.centre_mm = centre
+    result.grid = _grid_stats(decoded, inp.geometry, result.label_map.labels.size)
+    step(1.0, "done")
+    return result
+
+
 def complete_label_map(
     label_map,
     checkpoint,
@@ -460,6 +751,9 @@ def complete_label_map(
 ) -> CompletionResult:
     """Complete ``label_map`` with the model of ``checkpoint``; see the module docstring for the steps.
 
+    The keyword arguments other than ``progress``, ``cancel`` and ``ijk_to_ras`` are the fields of a
+    :class:`CompletionRequest`; ``complete(label_map, checkpoint, request)`` is the same call.
+
     ``label_map``: a :class:`LabelMap` with the checkpoint table's values, or a dict
     ``{label: bool mask (I, J, K)}`` (e.g. Slicer segments, may overlap) with ``ijk_to_ras``.
     ``checkpoint``: an ``InferenceCheckpoint`` or a path. ``structures``: names, synonyms or
@@ -482,158 +776,28 @@ def complete_label_map(
     given structures are carried onto it by nearest neighbour and kept, their surfaces still
     sampled on the input's grid (default: the input's grid).
     """
-    import torch
-
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def step(fraction: float, message: str) -> None:
-        if cancel is not None and cancel():
-            raise CompletionCancelled("completion cancelled")
-        if progress is not None:
-            progress(float(min(max(fraction, 0.0), 1.0)), message)
-
-    _check_lengths(grid_spacing_mm, margin_mm)
-    fast = _check_decode(decode, fast_options)
-    step(0.0, "loading the model")
-    ck, dev = _resolve_checkpoint(checkpoint, device)
-    table, norm = ck.table, ck.normalization
-    k = len(table)
-    try:
-        base, sample_map, given, kept, requested = _given_input(label_map, ijk_to_ras, table, structures, replace)
-    except KeyError as exc:
-        raise CompletionError(f"structures to complete: {exc.args[0]}") from exc
-    geometry = sample_map.ijk_to_ras
-    given_lo, given_hi = _given_box(sample_map.labels)
-    region_lo, region_hi = given_lo, given_hi  # the given box on the grid the result is written on
-    if output_grid is not None:
-        from .output_grid import box_on_grid, resample_nearest
-
-        out_shape, out_matrix = output_grid
-        try:
-            out_matrix = validate_ijk_to_ras(out_matrix, "output grid")
-        except ValueError as exc:
-            raise CompletionError(str(exc)) from None
-        out_shape = tuple(int(n) for n in out_shape)
-        if len(out_shape) != 3 or min(out_shape) < 1:
-            raise CompletionError(f"output grid: shape {out_shape} is not a 3-D grid")
-        base = resample_nearest(base, geometry, out_shape, out_matrix)
-        region_lo, region_hi = box_on_grid(given_lo, given_hi, geometry, out_shape, out_matrix)
-        if np.any(region_hi <= region_lo):
-            raise CompletionError(f"{sample_map.source}: the given structures lie outside the output grid")
-        geometry = out_matrix
-    timings["load_s"] = time.perf_counter() - t_start
-    result = CompletionResult(LabelMap(base, geometry, sample_map.source, dict(sample_map.metadata)), [], given,
-                              timings)
-    if not requested:  # e.g. a full heart: the input comes back unchanged, with the same timings keys
-        result.messages.append(f"{sample_map.source}: nothing to complete (every requested structure is given)")
-        timings["total_s"] = time.perf_counter() - t_start
-        step(1.0, "nothing to complete")
-        return result
-
-    # 1. input surface points in mm -> centre and encoder points (the training rule)
-    step(0.02, "sampling the input surfaces")
-    from .surface import coarse_structure_surfaces, sample_structure_surfaces
-
-    t = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    floor = max(1, int(SURFACE_SAMPLES * SURFACE_FLOOR_FRACTION))
-    # the given structures' box only: the same surfaces without passes over the whole image
-    # (a map finer than 1 mm is block-averaged to about 1 mm first: the same surfaces to well under
-    # a voxel of the training data, several times faster at CT resolution)
-    canonical = closest_canonical(_cropped(sample_map, given_lo, given_hi))
-    points, normals, point_labels = sample_structure_surfaces(
-        canonical, given, SURFACE_SAMPLES, rng, min_per_structure=floor,
-        meshes=coarse_structure_surfaces(canonical, given))
-    points = np.asarray(points, dtype=np.float64)
-    index = np.asarray(point_labels, dtype=np.int64) - 1
-    inputs = [lab - 1 for lab in given]
-    centre = encoder_centre_mm(points, index, inputs)
-    n_points = int(num_input_points or ck.num_input_points)
-    chosen = select_encoder_points(index, inputs, n_points, rng, min_per_structure=ck.min_per_structure)
-    xyz_n, onehot = encoder_arrays(points[chosen], index[chosen], centre, norm, k)
-    timings["surface_s"] = time.perf_counter() - t
-    step(0.1, "encoding the input structures")
-
-    with torch.inference_mode():
-        t = time.perf_counter()
-        nrm = torch.from_numpy(np.asarray(normals, dtype=np.float32)[chosen])[None].to(dev) \
-            if ck.config.use_normals else None
-        latents, _ = ck.model.encode(torch.from_numpy(xyz_n)[None].to(dev), torch.from_numpy(onehot)[None].to(dev), nrm)
-        timings["encode_s"] = time.perf_counter() - t
-        step(_P_ENCODED, "decoding signed distances")
-
-        # 3. decode in the region around the given structures, on the input's own voxel lattice
-        t = time.perf_counter()
-        competing = [lab - 1 for lab in table.labels if lab not in kept]
-        write = [lab if lab in requested else 0 for lab in table.labels if lab not in kept]
-        if chunk_size is None:
-            chunk_size = DEFAULT_CPU_CHUNK if dev.type == "cpu" else DEFAULT_CHUNK
-        fld = _Field(ck.model, latents, centre, norm, competing, write, dev, int(chunk_size), cancel,
-                     keep_sdf=[lab - 1 for lab in requested] if return_signed_distance else None)
-        lo, hi = _region(region_lo, region_hi, base.shape, geometry, margin_mm)
-
-        def report(f: float) -> None:
-            step(_P_ENCODED + (_P_DECODED - _P_ENCODED) * f, "decoding signed distances")
-
-        strides = _coarse_strides(spacing_of(geometry),
-                                  DEFAULT_GRID_SPACING_MM if grid_spacing_mm is None else grid_spacing_mm)
-        sdf = None
-        if hierarchical and not return_signed_distance and decode == "fast":
-            region_labels, stats = fast_hierarchical_labels(fld.competing_sdf, write, lo, hi, geometry, strides,
-                                                            refine_factor, report, **fast)
-        elif hierarchical and not return_signed_distance:
-            region_labels, stats = _hierarchical_labels(fld, lo, hi, geometry, strides, refine_factor, report)
-        else:
-            region_labels, sdf = _dense_labels(fld, lo, hi, geometry, report)
-            stats = {"levels": [{"stride_vox": [1, 1, 1], "cells": int(np.prod(hi - lo)), "queries": fld.queries}]}
-        timings["decode_s"] = time.perf_counter() - t
-
-    # 4. fusion: predicted voxels only where no kept given structure is
-    step(_P_DECODED, "fusing the structures")
-    t = time.perf_counter()
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-    out = result.label_map.labels
-    sub = out[box]
-    boxes = _fuse_slabs(sub, region_labels, requested)
-    timings["fusion_write_s"] = time.perf_counter() - t
-    t_islands = time.perf_counter()
-    removed = {}
-    for lab, crop in boxes.items():  # each structure in its own bounding box: the same pieces, far fewer voxels
-        # a requested label occurs only where it was just written (kept labels are never requested)
-        removed.update(remove_small_islands(sub[crop], [lab], min_island_fraction))
-    timings["islands_s"] = time.perf_counter() - t_islands
-    result.messages += [f"{table.by_label(lab).name}: removed {n} voxels in small disconnected pieces"
-                        for lab, n in removed.items() if n]
-    result.completed_labels = list(requested)
-    result.messages += [f"{table.by_label(lab).name}: the model predicts no voxel" for lab in requested
-                        if lab not in boxes]
-    if sdf is not None:
-        result.signed_distance_mm = {}
-        for j, lab in enumerate(requested):
-            vol = np.full(out.shape, np.nan, dtype=np.float32)
-            vol[box] = sdf[..., j]
-            result.signed_distance_mm[lab] = vol
-    timings["fusion_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - t_start
-    result.centre_mm = centre
-    result.grid = {
-        "region_lo_vox": lo.tolist(), "region_hi_vox": hi.tolist(),
-        "region_voxels": int(np.prod(hi - lo)), "output_voxels": int(out.size),
-        "coarse_stride_vox": strides.tolist(),
-        "coarse_spacing_mm": (strides * spacing_of(geometry)).round(4).tolist(),
-        "coarse_nodes": int(stats["levels"][0]["queries"]),
-        "refined_queries": int(fld.queries - stats["levels"][0]["queries"]),
-        "queries": int(fld.queries), **stats,
-    }
-    step(1.0, "done")
-    return result
+    request = CompletionRequest(
+        structures=structures, replace=replace, device=device, seed=seed, num_input_points=num_input_points,
+        grid_spacing_mm=grid_spacing_mm, margin_mm=margin_mm, refine_factor=refine_factor, decode=decode,
+        fast_options=fast_options, min_island_fraction=min_island_fraction, chunk_size=chunk_size,
+        output_grid=output_grid, hierarchical=hierarchical, return_signed_distance=return_signed_distance,
+    )
+    return complete(label_map, checkpoint, request, progress=progress, cancel=cancel, ijk_to_ras=ijk_to_ras)
 
 
-def complete_masks(masks: Mapping[int, np.ndarray], ijk_to_ras, checkpoint, **kwargs) -> CompletionResult:
+def complete_masks(masks: Mapping[int, np.ndarray], ijk_to_ras, checkpoint, request: CompletionRequest | None = None,
+                   **kwargs) -> CompletionResult:
     """:func:`complete_label_map` for binary masks ``{table label: bool (I, J, K)}`` on one grid.
 
-    Use :meth:`CompletionResult.predicted_mask` for the new structures: they never overlap any
-    given mask, even where given masks overlap each other.
+    The masks become a label map for the surface sampling plus the kept voxels of each given mask
+    (:func:`_masks_given`) before the shared steps. ``request`` (a :class:`CompletionRequest`) or
+    the keyword arguments of :func:`complete_label_map`, not both. Use
+    :meth:`CompletionResult.predicted_mask` for the new structures: they never overlap any given
+    mask, even where given masks overlap each other.
     """
-    return complete_label_map(dict(masks), checkpoint, ijk_to_ras=ijk_to_ras, **kwargs)
+    if request is None:
+        return complete_label_map(dict(masks), checkpoint, ijk_to_ras=ijk_to_ras, **kwargs)
+    hooks = {key: kwargs.pop(key) for key in ("progress", "cancel") if key in kwargs}
+    if kwargs:
+        raise TypeError(f"complete_masks: give the options in the request, not also as {sorted(kwargs)}")
+    return complete(dict(masks), checkpoint, request, ijk_to_ras=ijk_to_ras, **hooks)

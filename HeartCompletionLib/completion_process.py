@@ -1,21 +1,24 @@
-"""The background completion process the Slicer module starts: its line protocol and the parent side.
+"""The Slicer panel's background completion process: its line protocol and the parent side.
 
-The process runs ``python -m HeartCompletionLib.completion_process_cli --checkpoint CK --input IN.nrrd
---output OUT.nrrd [--table TABLE.json] [--structures LAA PA] [--replace] [--device auto|cpu|cuda]
-[--decode fast|exact]`` (the options of ``heart-complete``, same meaning; :func:`build_command`
-writes that line, :mod:`.completion_process_cli` is the child side).
+The process is ``heart-complete`` itself (:mod:`.complete_cli`) run as ``python -m
+HeartCompletionLib.complete_cli --protocol lines --checkpoint CK --input IN.nrrd --output OUT.nrrd
+--device auto|cpu|cuda [--table TABLE.json] [--structures LAA PA] [--replace] [--decode fast|exact]``:
+the same options, checks and exit codes as for people; :func:`build_command` writes that line.
 ``CK`` is a checkpoint file or a registered model name (:mod:`.model_registry`; its warning is
-printed as a log line). It loads the checkpoint, reads the label map in the values of the
-checkpoint's structure table (any geometry; ``--table``, the table the caller wrote the input
-with, must be the checkpoint's: refused otherwise, both lists in the message), completes it,
-writes the result atomically in the input's geometry (never over the input) and prints one
-machine-readable line per event on stdout:
+printed as a log line). ``--table``, the table the caller wrote the input with, must be the
+checkpoint's (refused otherwise, both lists in the message). The result is written atomically in
+the input's geometry (never over the input). With ``--protocol lines`` the command prints one
+machine-readable line per event on stdout instead of a progress bar:
 
-``HC-PROGRESS <fraction 0..1> <message>``, ``HC-RESULT <json>`` (once, at the end) and
-``HC-ERROR <message>``; any other line is plain log text. Exit status
-(:class:`~HeartCompletionLib.errors.ExitCode`) 0 on success, 2 (``BAD_INPUT``) for bad input
-(the message names the file), 1 (``FAILED``) for any other failure. Cancel = terminate the process:
-the output is only ever replaced whole, so a killed run leaves nothing half-written.
+``HC-PROGRESS <fraction 0..1> <message>``, ``HC-RESULT <json>`` (once per completed case, at its
+end: ``output``, ``completed_labels``, ``given_labels``, ``timings``, ``total_seconds``) and
+``HC-ERROR <message>`` (one line); any other line is plain log text. Exit status
+(:class:`~HeartCompletionLib.errors.ExitCode`): 0 (``OK``) done, also when there is nothing to
+complete; 2 (``USAGE`` = ``BAD_INPUT``) refused before any input is read (options, checkpoint,
+table, a missing input, an output equal to the input; the message names the file or option);
+1 (``FAILED``) the case failed (an unreadable label map, no recognised structure, ...) or any
+other failure. Cancel = terminate the process: the output is only ever replaced whole, so a
+killed run leaves nothing half-written.
 
 The module polls a :class:`CompletionProcess` from a ``qt.QTimer``; tests poll it in a loop.
 
@@ -43,8 +46,10 @@ from typing import Sequence
 PROGRESS_PREFIX = "HC-PROGRESS"
 RESULT_PREFIX = "HC-RESULT"
 ERROR_PREFIX = "HC-ERROR"
-#: the module the child process runs (``python -m CHILD_MODULE``)
-CHILD_MODULE = "HeartCompletionLib.completion_process_cli"
+#: the module the child process runs (``python -m CHILD_MODULE``): ``heart-complete``
+CHILD_MODULE = "HeartCompletionLib.complete_cli"
+#: the (hidden) option of ``heart-complete`` that prints the lines below instead of a progress bar
+PROTOCOL_OPTION = ("--protocol", "lines")
 #: ``completion.DECODE_MODES`` / ``DEFAULT_DECODE`` (repeated: this module is imported by the panel without numpy work)
 DECODE_MODES, DEFAULT_DECODE = ("fast", "exact"), "fast"
 
@@ -114,13 +119,14 @@ def build_command(
     table: str | Path | None = None,
     decode: str | None = None,
 ) -> list[str]:
-    """The command line that runs a completion in a fresh Python process.
+    """The command line that runs a completion in a fresh Python process: ``heart-complete``'s module
+    with ``--protocol lines``.
 
     ``checkpoint``: a file or a registered model name; ``table``: the structure table JSON the
     input label map was written with (the process refuses a checkpoint trained on another one);
     ``decode``: ``"fast"`` or ``"exact"`` (None: the library default, fast).
     """
-    command = [python_executable or sys.executable, "-m", CHILD_MODULE]
+    command = [python_executable or sys.executable, "-m", CHILD_MODULE, *PROTOCOL_OPTION]
     command += ["--checkpoint", str(checkpoint), "--input", str(input_path), "--output", str(output_path)]
     command += ["--device", device]
     if table is not None:

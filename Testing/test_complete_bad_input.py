@@ -1,5 +1,6 @@
 """Completion on bad input (issue 14, rows 1, 2, 3 and 14): ``heart-complete``, the panel's
-background process (``python -m HeartCompletionLib.completion_process_cli``) and the panel's logic.
+background process (the same command: ``python -m HeartCompletionLib.complete_cli --protocol lines``)
+and the panel's logic. One command, so one set of options, errors and exit codes (issue 12, item 2).
 
 Real files and real (untrained ``tiny``) checkpoints: an untrained model predicts little, which is
 all these tests need; they check what happens around the model, never its accuracy.
@@ -14,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from heart_training.complete_cli import main
 from test_model_registry import save_untrained_checkpoint
 
 from HeartCompletionLib import completion_process
+from HeartCompletionLib.complete_cli import main
 from HeartCompletionLib.completion import CompletionError, complete_label_map
 from HeartCompletionLib.errors import ExitCode
 from HeartCompletionLib.labelmap import LabelMap
@@ -308,3 +309,83 @@ def test_background_process_checks_structures_and_device_before_reading_input(ch
         (error,) = [e.message for e in events if e.kind == "error"]
         assert code == ExitCode.BAD_INPUT
         assert "CUDA is not available" in error and "garbage" not in error
+
+
+# --- one command: the background process is heart-complete with --protocol lines --------------------
+
+
+def lines_of(text: str) -> list:
+    return [completion_process.parse_line(line) for line in text.splitlines()]
+
+
+def test_build_command_runs_heart_complete_with_the_line_protocol():
+    command = completion_process.build_command("ck", "in.nrrd", "out.nrrd", ["LAA"], True, "cpu", "py",
+                                               table="t.json", decode="exact")
+    assert command[:5] == ["py", "-m", "HeartCompletionLib.complete_cli", "--protocol", "lines"]
+    from HeartCompletionLib.complete_cli import _parser
+
+    args = _parser().parse_args(command[3:])  # every option it writes is one of heart-complete's
+    assert (args.protocol, args.checkpoint, args.input, args.output, args.structures, args.replace, args.device,
+            args.table, args.decode) == ("lines", "ck", "in.nrrd", "out.nrrd", ["LAA"], True, "cpu", "t.json", "exact")
+
+
+def test_protocol_lines_give_the_same_output_as_the_progress_bar(checkpoints, hearts, tmp_path, capsys):
+    bar, lines = tmp_path / "bar.nii.gz", tmp_path / "lines.nii.gz"
+    common = ["--checkpoint", checkpoints["ten"], "--input", hearts["partial"], "--device", "cpu", "--threads", "1"]
+    code, err = run_cli([*common, "--output", bar], capsys)
+    assert code == ExitCode.OK, err
+    assert main([str(a) for a in [*common, "--output", lines, "--protocol", "lines"]]) == ExitCode.OK
+    out = capsys.readouterr().out
+    events = lines_of(out)
+    fractions = [e.fraction for e in events if e.kind == "progress"]
+    assert fractions and fractions == sorted(fractions) and fractions[-1] == 1.0
+    (result,) = [e.payload for e in events if e.kind == "result"]
+    assert result["output"] == str(lines.resolve()) and result["completed_labels"] == list(DROPPED)
+    assert any(e.kind == "log" and "completed RA, Aorta, PA" in e.message for e in events)
+    assert not [e for e in events if e.kind == "error"]
+    assert np.array_equal(read_label_map(bar).labels, read_label_map(lines).labels)
+
+
+def run_both(argv, capsys) -> tuple[tuple[int, str], tuple[int, list]]:
+    """``(exit code, stderr)`` of heart-complete and ``(exit code, events)`` of the same options with
+    ``--protocol lines`` (argparse's refusals included)."""
+    outcomes = []
+    for extra in ([], ["--protocol", "lines"]):
+        try:
+            code = main([str(a) for a in [*argv, *extra]])
+        except SystemExit as exc:
+            code = exc.code
+        outcomes.append((code, capsys.readouterr()))
+    (bar_code, bar), (lines_code, lines) = outcomes
+    return (bar_code, bar.err), (lines_code, lines_of(lines.out))
+
+
+def test_same_errors_and_exit_codes_with_and_without_the_protocol(checkpoints, hearts, tmp_path, capsys):
+    garbage = tmp_path / "garbage.nii.gz"
+    garbage.write_bytes(b"not a label map")
+    cases = [  # (options, exit code, text in the message)
+        (["--input", garbage, "--output", tmp_path / "o.nii.gz"], ExitCode.FAILED, "garbage.nii.gz"),  # the case
+        (["--input", tmp_path / "none.nii.gz", "--output", tmp_path / "o.nii.gz"], ExitCode.USAGE, "input not found"),
+        (["--input", hearts["partial"], "--output", hearts["partial"]], ExitCode.USAGE, "overwrite the input"),
+        (["--input", hearts["partial"], "--output", tmp_path / "o.nii.gz", "--margin_mm", "-1"], ExitCode.USAGE,
+         "--margin_mm"),
+        (["--input", hearts["partial"], "--output", tmp_path / "o.nii.gz", "--structures", "Spleen"], ExitCode.USAGE,
+         "Spleen"),
+    ]
+    for options, expected, text in cases:
+        (code, err), (lines_code, events) = run_both(["--checkpoint", checkpoints["ten"], *options], capsys)
+        assert code == expected and text in err and "Traceback" not in err, (options, err)
+        errors = [e.message for e in events if e.kind == "error"]
+        assert lines_code == expected and len(errors) == 1 and text in errors[0], (options, events)
+        assert not [e for e in events if e.kind == "result"]
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+@pytest.mark.slow
+def test_background_process_reports_an_unreadable_label_map_as_a_failed_case(checkpoints, tmp_path):
+    garbage = tmp_path / "garbage.nrrd"
+    garbage.write_bytes(b"not a label map")
+    code, events = run_process(checkpoints["ten"], garbage, tmp_path / "o.nrrd")
+    (error,) = [e.message for e in events if e.kind == "error"]
+    assert code == ExitCode.FAILED and "garbage.nrrd" in error
+    assert not [e for e in events if e.kind == "result"] and not (tmp_path / "o.nrrd").exists()

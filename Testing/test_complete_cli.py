@@ -1,4 +1,4 @@
-"""``heart-complete`` (training/complete_cli.py): real files in, real files out, clear errors.
+"""``heart-complete`` (HeartCompletionLib/complete_cli.py): real files in, real files out, clear errors.
 
 Uses the session's tiny checkpoint and synthetic hearts at 3 mm written as NIfTI / NRRD.
 """
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from heart_training.complete_cli import main
 
+from HeartCompletionLib.complete_cli import main
 from HeartCompletionLib.labelmap import LabelMap
 from HeartCompletionLib.labelmap_io import read_label_map, write_label_map
 from HeartCompletionLib.synthetic import synthetic_label_map
@@ -40,12 +40,23 @@ def inputs(tmp_path_factory) -> Path:
 
 
 def test_help_lists_the_options():
-    out = subprocess.run([sys.executable, "-m", "heart_training.complete_cli", "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "HeartCompletionLib.complete_cli", "--help"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0
     for option in ("--checkpoint", "--input", "--output", "--structures", "--label_map", "--meshes", "--replace",
-                   "--device"):
+                   "--device", "--threads"):
         assert option in out.stdout
+    assert "--protocol" not in out.stdout  # the panel's line protocol is internal
+
+
+def test_console_script_and_old_module_name_run_the_same_command():
+    import heart_training.complete_cli as old
+
+    from HeartCompletionLib import complete_cli
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
+    assert 'heart-complete = "HeartCompletionLib.complete_cli:main"' in pyproject
+    assert old._parser is complete_cli._parser and old._jobs is complete_cli._jobs
 
 
 def test_single_file_with_meshes(tiny_checkpoint, inputs, tmp_path, capsys):

@@ -1,12 +1,12 @@
 """The module's logic: no Qt, no widgets; drives ``HeartCompletionLib`` and the background process.
 
 :class:`HeartCompletionLogic` maps segments to the checkpoint's structures, describes models,
-writes the input and starts the completion in a separate Python process
-(``python -m HeartCompletionLib.completion_process_cli``), reads that process's events when asked
-(:meth:`~HeartCompletionLogic.poll`, which the widget calls from a ``qt.QTimer``), cancels it,
-turns its output into segments (with one undo record) and exports. It reports through plain-Python
-:class:`~.signals.Signal` s that the widget connects to, so tests drive it on a real MRML scene
-with ``slicer-core`` alone.
+writes the input and starts the completion in a separate Python process (``heart-complete``'s
+module with ``--protocol lines``: :func:`HeartCompletionLib.completion_process.build_command`),
+reads that process's events when asked (:meth:`~HeartCompletionLogic.poll`, which the widget calls
+from a ``qt.QTimer``), cancels it, turns its output into segments (with one undo record) and
+exports. It reports through plain-Python :class:`~.signals.Signal` s that the widget connects to,
+so tests drive it on a real MRML scene with ``slicer-core`` alone.
 
 Usage (inside Slicer, or with slicer-core after setting ``slicer.mrmlScene``)::
 

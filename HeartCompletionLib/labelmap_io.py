@@ -1,8 +1,11 @@
-"""Label-map files: ``.nii``/``.nii.gz`` (nibabel), ``.nrrd`` and Slicer ``.seg.nrrd`` (pynrrd).
+"""Label-map files: ``.nii``/``.nii.gz`` (nibabel), ``.nrrd`` and Slicer ``.seg.nrrd`` (pynrrd),
+MetaImage ``.mha``/``.mhd`` (SimpleITK, :mod:`HeartCompletionLib.sitk_io`; Slicer ships it,
+elsewhere ``pip install SimpleITK``; the other formats read without it).
 
 Reading returns a :class:`~HeartCompletionLib.labelmap.LabelMap` whose ``ijk_to_ras`` maps voxel
 indices to RAS millimetres exactly as the file says (NIfTI sform, else qform; NRRD ``space``,
-``space directions`` and ``space origin``, LPS converted to RAS). Values become table labels:
+``space directions`` and ``space origin``, LPS converted to RAS; MetaImage direction, spacing and
+origin, LPS converted to RAS). Values become table labels:
 
 - plain label maps: through ``label_conventions.apply_convention`` (the table's own values by
   default); values the table/convention lacks are warned about and become background;
@@ -53,9 +56,10 @@ from .geometry import LPS_TO_RAS
 from .label_conventions import apply_convention, load_convention
 from .labelmap import LabelMap
 from .segment_mapping import match_segment, terminology_entry
+from .sitk_io import METAIMAGE_SUFFIXES
 from .structures import Structure, StructureTable
 
-SUPPORTED_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".seg.nrrd")
+SUPPORTED_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".seg.nrrd", ".mha", ".mhd")
 
 #: Largest label value accepted in a plain label map (beyond it, it is an intensity image).
 MAX_LABEL_VALUE = 65535
@@ -208,6 +212,9 @@ def read_label_map(path, table=None, convention=None, max_voxels=None) -> LabelM
         if suffix in (".nii", ".nii.gz"):
             values, ijk_to_ras, meta = _read_nifti(path, max_voxels)
             labels = _plain_labels(path, values, table, convention)
+        elif suffix in METAIMAGE_SUFFIXES:
+            values, ijk_to_ras, meta = _read_metaimage(path, max_voxels)
+            labels = _plain_labels(path, values, table, convention)
         else:
             labels, ijk_to_ras, meta = _read_nrrd(path, table, convention, max_voxels)
         meta["format"] = suffix
@@ -255,6 +262,42 @@ def _read_nifti(path: Path, max_voxels=None):
                       UserWarning, stacklevel=3)
     meta = {"original_dtype": str(data.dtype)}
     return data, np.asarray(img.affine, dtype=np.float64), meta
+
+
+def _metaimage_header(path: Path) -> dict:
+    """:func:`sitk_io.read_header` with every failure a :class:`LabelMapError` naming the file."""
+    from .sitk_io import SimpleITKMissing, itk_message, read_header
+
+    try:
+        return read_header(path)
+    except SimpleITKMissing as exc:
+        raise LabelMapError(path, str(exc)) from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # ITK raises RuntimeError with C++ context; the header parse ValueError/OSError
+        raise LabelMapError(path, f"cannot read MetaImage header ({itk_message(exc)})") from exc
+
+
+def _read_metaimage(path: Path, max_voxels=None):
+    from .sitk_io import check_deflate, itk_message, read_metaimage
+
+    header = _metaimage_header(path)
+    if header["components"] != 1 or header["itemsize"] is None:
+        raise LabelMapError(path, f"voxel type {header['pixel']!r} ({header['components']} component(s)) is not a "
+                                  "label map")
+    shape = header["shape"]
+    if len(shape) != 3 and not (len(shape) > 3 and all(n == 1 for n in shape[3:])):
+        raise LabelMapError(path, f"image is {len(shape)}-D with shape {shape}; a label map must be 3-D")
+    _check_promise(path, shape, header["itemsize"], header["data_bytes"], header["encoding"], max_voxels)
+    try:
+        if header["encoding"] == "deflate" and header["data_path"] is not None:
+            check_deflate(header["data_path"], header["data_offset"], int(np.prod(shape)) * header["itemsize"])
+        data, ijk_to_ras = read_metaimage(path)
+    except MemoryError:
+        raise
+    except Exception as exc:  # truncated or corrupt data: ITK RuntimeError
+        raise LabelMapError(path, f"cannot read MetaImage file ({itk_message(exc)})") from exc
+    return data, ijk_to_ras, {"original_dtype": str(data.dtype)}
 
 
 def _integer_values(path: Path, data: np.ndarray) -> np.ndarray:
@@ -366,8 +409,8 @@ def _nrrd_ijk_to_ras(path: Path, header: dict, directions) -> np.ndarray:
 
 
 def read_image_geometry(path) -> tuple[tuple[int, int, int], np.ndarray]:
-    """``(shape, ijk_to_ras)`` of any 3-D NIfTI or NRRD image (a CT, a label map, a Slicer
-    segmentation), from its header alone: the grid of a reference image."""
+    """``(shape, ijk_to_ras)`` of any 3-D NIfTI, NRRD or MetaImage image (a CT, a label map, a
+    Slicer segmentation), from its header alone: the grid of a reference image."""
     path = Path(path)
     suffix = suffix_of(path)
     if not path.is_file():
@@ -381,6 +424,14 @@ def read_image_geometry(path) -> tuple[tuple[int, int, int], np.ndarray]:
             while len(shape) > 3 and shape[-1] == 1:
                 shape = shape[:-1]
             matrix = np.asarray(img.affine, dtype=np.float64)
+        elif suffix in METAIMAGE_SUFFIXES:
+            header = _metaimage_header(path)
+            shape = tuple(header["shape"])
+            while len(shape) > 3 and shape[-1] == 1:
+                shape = shape[:-1]
+            if len(shape) != 3 or header["ijk_to_ras"] is None:
+                raise LabelMapError(path, f"image of shape {tuple(header['shape'])} is not a 3-D grid")
+            matrix = header["ijk_to_ras"]
         else:
             import nrrd
 
@@ -527,6 +578,8 @@ def write_label_map(label_map: LabelMap, path, table=None) -> Path:
 
     NIfTI: uint8 (int16 above 255), sform and qform = ``ijk_to_ras`` with code 1, units mm.
     NRRD: ``space: left-posterior-superior`` (what Slicer and ITK write), gzip.
+    MetaImage (SimpleITK): LPS direction, spacing and origin, zlib; ``.mhd`` puts the voxels in
+    ``<name>.zraw`` beside it (:func:`sitk_io.write_metaimage`).
     ``.seg.nrrd``: a 3-D labelmap with one segment per structure present, carrying the table's
     name, colour (0..1), label value and SNOMED CT terminology, readable by Slicer and slicerio.
     """
@@ -550,6 +603,10 @@ def write_label_map(label_map: LabelMap, path, table=None) -> Path:
         raise LabelMapError(path, f"cannot create the output folder ({exc})") from exc
     # The temporary name ends in .tmp, so a folder scan never mistakes a leftover for a label map.
     try:
+        if suffix in METAIMAGE_SUFFIXES:
+            from .sitk_io import write_metaimage
+
+            return write_metaimage(path, data, label_map.ijk_to_ras)
         with atomic_open(path, "wb") as handle:
             if suffix in (".nii", ".nii.gz"):
                 _write_nifti(handle, data, label_map.ijk_to_ras, compress=suffix == ".nii.gz")
@@ -558,7 +615,11 @@ def write_label_map(label_map: LabelMap, path, table=None) -> Path:
     except Exception as exc:
         if isinstance(exc, LabelMapError):
             raise
-        raise LabelMapError(path, f"cannot write ({type(exc).__name__}: {exc})") from exc
+        from .sitk_io import SimpleITKMissing, itk_message
+
+        if isinstance(exc, SimpleITKMissing):
+            raise LabelMapError(path, str(exc)) from None
+        raise LabelMapError(path, f"cannot write ({type(exc).__name__}: {itk_message(exc)})") from exc
     return path
 
 

@@ -1,5 +1,5 @@
-"""Label-map file I/O: exact round trips, the same physical heart in every geometry and format,
-NRRD LPS vs NIfTI RAS, Slicer .seg.nrrd (names, terminology, layers, overlaps), bad inputs."""
+"""Label-map file I/O: exact round trips, the same physical heart in every geometry and format
+(MetaImage included; its own tests are in test_mha_glb.py), NRRD LPS vs NIfTI RAS, Slicer .seg.nrrd (names, terminology, layers, overlaps), bad inputs."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from HeartCompletionLib.structures import StructureTable
 from HeartCompletionLib.synthetic import synthetic_label_map
 
 TABLE = StructureTable.default()
-FORMATS = (".nii.gz", ".nrrd", ".seg.nrrd")
+FORMATS = (".nii.gz", ".nrrd", ".seg.nrrd", ".mha")
 
 
 def sha256(path) -> str:
@@ -279,8 +279,10 @@ def _bad_inputs(folder):
     cases = {}
     rng = np.random.default_rng(0)
     cases["missing"] = (folder / "nope.nii.gz", "file not found")
-    (folder / "image.mha").write_bytes(b"ObjectType = Image\n")
-    cases["suffix"] = (folder / "image.mha", "unsupported file type")
+    (folder / "image.png").write_bytes(b"\x89PNG\r\n")
+    cases["suffix"] = (folder / "image.png", "unsupported file type")
+    (folder / "headless.mha").write_bytes(b"ObjectType = Image\n")
+    cases["metaimage_header"] = (folder / "headless.mha", "cannot read MetaImage header")
     good = folder / "good.nii.gz"
     nib.save(nib.Nifti1Image(np.ones((6, 6, 6), np.uint8), np.eye(4)), str(good))
     (folder / "truncated.nii.gz").write_bytes(good.read_bytes()[:60])
@@ -344,7 +346,7 @@ def test_writes_are_atomic_and_validated(tmp_path):
     with pytest.raises(LabelMapError, match="blocker"):
         write_label_map(lm, tmp_path / "blocker" / "case.nii.gz")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case.seg.nrrd"]  # no temp files left
-    assert set(SUPPORTED_SUFFIXES) == {".nii", ".nii.gz", ".nrrd", ".seg.nrrd"}
+    assert set(SUPPORTED_SUFFIXES) == {".nii", ".nii.gz", ".nrrd", ".seg.nrrd", ".mha", ".mhd"}
 
 
 def test_nrrd_without_space_fields_and_singleton_dimensions(tmp_path):

@@ -23,7 +23,7 @@ from HeartCompletionLib.errors import ExitCode, HeartCompletionError
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"HeartCompletionLib": ROOT / "HeartCompletionLib", "heart_training": ROOT / "training"}
 #: training/ modules that are commands (console scripts, ``torchrun -m heart_training.trainer``)
-TRAINING_COMMANDS = {"prepare_cli", "complete_cli", "synth_cli", "split", "trainer", "evaluate"}
+TRAINING_COMMANDS = {"prepare_cli", "synth_cli", "split", "trainer", "evaluate"}
 #: the functions that compute a command's exit status
 EXIT_FUNCTIONS = {"main", "run_check_cli"}
 #: exception classes in files another change owns right now (issue 12): they still need

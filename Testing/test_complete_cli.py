@@ -49,14 +49,10 @@ def test_help_lists_the_options():
     assert "--protocol" not in out.stdout  # the panel's line protocol is internal
 
 
-def test_console_script_and_old_module_name_run_the_same_command():
-    import heart_training.complete_cli as old
-
-    from HeartCompletionLib import complete_cli
-
+def test_the_console_script_is_the_inference_side_command():
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
     assert 'heart-complete = "HeartCompletionLib.complete_cli:main"' in pyproject
-    assert old._parser is complete_cli._parser and old._jobs is complete_cli._jobs
+    assert not (Path(__file__).resolve().parents[1] / "training" / "complete_cli.py").exists()
 
 
 def test_single_file_with_meshes(tiny_checkpoint, inputs, tmp_path, capsys):

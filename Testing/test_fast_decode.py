@@ -150,9 +150,8 @@ def test_options_are_validated_with_clear_errors(demo, fine_partial):
 
 
 def test_cli_and_background_process_pass_the_same_option(capsys):
-    from heart_training.complete_cli import _parser
-
-    from HeartCompletionLib import completion_process, completion_process_cli
+    from HeartCompletionLib import completion_process
+    from HeartCompletionLib.complete_cli import _parser
 
     assert _parser().parse_args(["--checkpoint", "c", "--input", "i", "--output", "o"]).decode == DEFAULT_DECODE
     assert _parser().parse_args(["--checkpoint", "c", "--input", "i", "--output", "o", "--decode", "exact"]).decode == "exact"
@@ -162,12 +161,8 @@ def test_cli_and_background_process_pass_the_same_option(capsys):
     assert (completion_process.DECODE_MODES, completion_process.DEFAULT_DECODE) == (DECODE_MODES, DEFAULT_DECODE)
     command = completion_process.build_command("ck", "in.nrrd", "out.nrrd", decode="exact")
     assert command[command.index("--decode") + 1] == "exact"
-    assert command[1:3] == ["-m", "HeartCompletionLib.completion_process_cli"]
-    args = completion_process_cli._parse_args(command[3:])
-    assert args.decode == "exact"
-    assert completion_process_cli._parse_args(["--checkpoint", "c", "--input", "i", "--output", "o"]).decode == "fast"
-    with pytest.raises(SystemExit):
-        completion_process_cli._parse_args(["--checkpoint", "c", "--input", "i", "--output", "o", "--decode", "slow"])
+    assert command[1:5] == ["-m", "HeartCompletionLib.complete_cli", "--protocol", "lines"]
+    assert _parser().parse_args(command[3:]).decode == "exact"
 
 
 def test_label_margin_ambiguity_matches_a_sort_based_reference():

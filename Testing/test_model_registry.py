@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from heart_training.complete_cli import main as complete_main
+from HeartCompletionLib.complete_cli import main as complete_main
 
 from HeartCompletionLib import completion_process
 from HeartCompletionLib.checkpoint import CheckpointError
@@ -218,7 +218,7 @@ def test_heart_complete_never_picks_a_model_silently(partial_heart, tmp_path, ca
 
 
 def test_help_names_the_registered_models():
-    out = subprocess.run([sys.executable, "-m", "heart_training.complete_cli", "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "HeartCompletionLib.complete_cli", "--help"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "registered model" in out.stdout and "synthetic-demo" in out.stdout
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from heart_training.complete_cli import main
+from HeartCompletionLib.complete_cli import main
 
 from HeartCompletionLib.completion import complete_label_map
 from HeartCompletionLib.geometry import direction_of, ijk_to_ras_points, rotation_matrix, spacing_of

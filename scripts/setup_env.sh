@@ -18,4 +18,4 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   pip install -q "torch==${HEART_TORCH_VERSION:-2.13.0}" >"$log" 2>&1 || { cat "$log"; exit 1; }
 fi
 # the build backend's warnings go to the log; any failure prints it
-pip install -q -e ".[train,test,fast]" >"$log" 2>&1 || { cat "$log"; exit 1; }
+pip install -q -e ".[train,test,fast,formats]" >"$log" 2>&1 || { cat "$log"; exit 1; }

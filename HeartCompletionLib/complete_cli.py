@@ -432,6 +432,13 @@ def _prepare(args, output):
 
     jobs = _jobs(Path(args.input), Path(args.output))
     check_device(args.device)  # an unavailable CUDA is refused before anything is read
+    if args.meshes:  # e.g. GLB without trimesh: refused before a completion is spent on it
+        from .meshes import check_mesh_format
+
+        try:
+            check_mesh_format(args.mesh_format)
+        except ImportError as exc:
+            raise CliError(f"--mesh_format {args.mesh_format}: {exc}") from None
     if args.threads:
         import torch
 

@@ -23,7 +23,7 @@ from HeartCompletionLib.labelmap_io import (
 )
 from HeartCompletionLib.synthetic import synthetic_label_map
 
-sitk = pytest.importorskip("SimpleITK")
+import SimpleITK as sitk  # noqa: E402 - in the test extra (scripts/setup_env.sh installs it); no skip
 
 #: oblique (a rotation about a skew axis, one axis flipped) and anisotropic (0.9 x 1.3 x 2.2 mm)
 OBLIQUE = {"spacing_mm": (0.9, 1.3, 2.2), "direction": rotation_matrix([1.0, 2.0, 3.0], 0.45), "flip_axes": (1,)}
@@ -177,7 +177,7 @@ def test_without_simpleitk_the_message_names_the_file_and_the_install(oblique_he
 
 
 def test_glb_export_loads_back_in_ras_mm(tmp_path):
-    trimesh = pytest.importorskip("trimesh")
+    import trimesh  # in the test extra: a missing trimesh fails this test
     from HeartCompletionLib.meshes import MESH_FORMATS, structure_meshes, write_structure_meshes
 
     assert "glb" in MESH_FORMATS
@@ -215,3 +215,16 @@ def test_glb_without_trimesh_is_refused_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown mesh format"):
         check_mesh_format("xyz")
 
+
+
+def test_heart_complete_refuses_glb_without_trimesh_before_reading(tmp_path, monkeypatch, capsys):
+    from HeartCompletionLib.complete_cli import main
+    from HeartCompletionLib.labelmap_io import write_label_map
+
+    src = tmp_path / "case.nii.gz"
+    write_label_map(synthetic_label_map(seed=1, spacing_mm=4.0), src)
+    monkeypatch.setitem(sys.modules, "trimesh", None)
+    code = main(["--checkpoint", "synthetic-demo", "--input", str(src), "--output", str(tmp_path / "out.nii.gz"),
+                 "--meshes", str(tmp_path / "meshes"), "--mesh_format", "glb", "--quiet", "--structures", "LAA"])
+    assert code == 2 and "pip install trimesh" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.nii.gz"]  # nothing written

@@ -195,10 +195,11 @@ def export_meshes(
     file_names: dict[str, str] | None = None,
 ) -> list[Path]:
     """One closed-surface mesh per segment, ``folder/<name>.stl`` (or ``.obj``, ``.ply``,
-    ``.vtk``), vertices in RAS mm. ``name`` is ``file_names[segment ID]`` or else the segment's
-    name. The files are written by :func:`HeartCompletionLib.meshes.write_mesh`, the project's one
-    mesh writer, so each carries the ``SPACE=RAS`` tag without which Slicer reads a mesh as LPS
-    and shows it mirrored; each is written atomically, so a failed export leaves no partial file."""
+    ``.vtk``, ``.glb``), vertices in RAS mm. ``name`` is ``file_names[segment ID]`` or else the
+    segment's name. The files are written by :func:`HeartCompletionLib.meshes.write_mesh`, the
+    project's one mesh writer: STL, OBJ, PLY and VTK carry the ``SPACE=RAS`` tag without which
+    Slicer reads a mesh as LPS and shows it mirrored (a GLB says RAS in its extras); each is
+    written atomically, so a failed export leaves no partial file."""
     fmt = file_format.lower()
     if fmt not in MESH_FORMATS:
         raise ValueError(f"mesh format must be one of {', '.join(f.upper() for f in MESH_FORMATS)}, got {file_format!r}")

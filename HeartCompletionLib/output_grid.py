@@ -76,7 +76,7 @@ def grown_grid(label_map: LabelMap, extend_mm: float = 0.0, spacing_mm=None,
     if box is not None:
         lo = np.minimum(lo, box[0] - extend_mm)
         hi = np.maximum(hi, box[1] + extend_mm)
-    shape = tuple(int(max(1, math.ceil((h - l) / s - 1e-6))) for l, h, s in zip(lo, hi, spacing))
+    shape = tuple(int(max(1, math.ceil((b - a) / s - 1e-6))) for a, b, s in zip(lo, hi, spacing))
     limit, where = voxel_limit(max_voxels)
     if int(np.prod(shape, dtype=np.int64)) > limit:
         raise OutputGridError(f"{source}: the output grid {shape[0]} x {shape[1]} x {shape[2]} at "

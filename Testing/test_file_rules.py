@@ -112,8 +112,9 @@ def test_prepare_and_evaluate_name_cases_by_the_one_rule(tmp_path):
 def test_every_command_skips_hidden_files(tree):
     """heart-complete and heart-eval skip hidden names as heart-prepare does (a macOS `._case.nii.gz`
     or an editor's `.case.nii.gz` is not a case)."""
-    from HeartCompletionLib.complete_cli import _jobs
     from heart_training.evaluate import find_cases
+
+    from HeartCompletionLib.complete_cli import _jobs
 
     jobs = [src.name for src, _ in _jobs(tree, tree.parent / "done")]
     assert ".hidden.nii.gz" not in jobs and jobs == ["A.NRRD", "a.seg.nrrd", "b.nii.gz", "c.nii"]

@@ -11,6 +11,7 @@ import zlib
 
 import numpy as np
 import pytest
+import SimpleITK as sitk  # in the test extra (scripts/setup_env.sh installs it): no skip
 
 from HeartCompletionLib.geometry import LPS_TO_RAS, rotation_matrix
 from HeartCompletionLib.labelmap import LabelMap
@@ -22,8 +23,6 @@ from HeartCompletionLib.labelmap_io import (
     write_label_map,
 )
 from HeartCompletionLib.synthetic import synthetic_label_map
-
-import SimpleITK as sitk  # noqa: E402 - in the test extra (scripts/setup_env.sh installs it); no skip
 
 #: oblique (a rotation about a skew axis, one axis flipped) and anisotropic (0.9 x 1.3 x 2.2 mm)
 OBLIQUE = {"spacing_mm": (0.9, 1.3, 2.2), "direction": rotation_matrix([1.0, 2.0, 3.0], 0.45), "flip_axes": (1,)}
@@ -178,6 +177,7 @@ def test_without_simpleitk_the_message_names_the_file_and_the_install(oblique_he
 
 def test_glb_export_loads_back_in_ras_mm(tmp_path):
     import trimesh  # in the test extra: a missing trimesh fails this test
+
     from HeartCompletionLib.meshes import MESH_FORMATS, structure_meshes, write_structure_meshes
 
     assert "glb" in MESH_FORMATS

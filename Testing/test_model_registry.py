@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from HeartCompletionLib.complete_cli import main as complete_main
 
 from HeartCompletionLib import completion_process
 from HeartCompletionLib.checkpoint import CheckpointError
+from HeartCompletionLib.complete_cli import main as complete_main
 from HeartCompletionLib.errors import ExitCode
 from HeartCompletionLib.labelmap import LabelMap
 from HeartCompletionLib.labelmap_io import read_label_map, write_label_map

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from HeartCompletionLib.complete_cli import main
 
+from HeartCompletionLib.complete_cli import main
 from HeartCompletionLib.completion import complete_label_map
 from HeartCompletionLib.geometry import direction_of, ijk_to_ras_points, rotation_matrix, spacing_of
 from HeartCompletionLib.labelmap import LabelMap

@@ -10,7 +10,6 @@ training fixtures. ``Testing/test_slicer_module_file.py`` drives the module's lo
 from __future__ import annotations
 
 import os
-
 import subprocess
 import sys
 from pathlib import Path

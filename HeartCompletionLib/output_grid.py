@@ -8,8 +8,9 @@ completion can therefore be written on another grid (``heart-complete --extend_m
 - :func:`grown_grid`: the input's voxel axes (same direction cosines), the input's extent grown
   to cover the given structures' box plus ``extend_mm`` on every side, at the input's spacing or
   another (one value: isotropic);
-- :func:`reference_grid`: exactly another image's grid (any NIfTI / NRRD image, e.g. the CT the
-  labels were drawn on), as the Slicer panel's reference volume.
+- a reference image's grid: exactly another image's grid (any NIfTI / NRRD / MetaImage image, e.g.
+  the CT the labels were drawn on, read by :func:`HeartCompletionLib.labelmap_io.read_image_geometry`),
+  as the Slicer panel's reference volume.
 
 The given structures are carried onto the new grid by nearest neighbour
 (:func:`resample_nearest`) and never changed by the completion; their surfaces are still sampled
@@ -90,13 +91,6 @@ def grown_grid(label_map: LabelMap, extend_mm: float = 0.0, spacing_mm=None,
     out[:3, :3] = direction * spacing[None, :]
     out[:3, 3] = m[:3, 3] + direction @ (lo + 0.5 * spacing)
     return shape, out
-
-
-def reference_grid(path) -> tuple[tuple[int, int, int], np.ndarray]:
-    """The grid of an image file (NIfTI or NRRD, any voxel type), read from its header."""
-    from .labelmap_io import read_image_geometry
-
-    return read_image_geometry(path)
 
 
 def resample_nearest(labels: np.ndarray, ijk_to_ras: np.ndarray, shape, out_ijk_to_ras: np.ndarray,

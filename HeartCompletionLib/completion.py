@@ -55,6 +55,7 @@ from .errors import HeartCompletionError
 from .geometry import direction_of, ijk_to_ras_points, spacing_of, validate_ijk_to_ras
 from .islands import DEFAULT_MIN_ISLAND_FRACTION, remove_small_islands
 from .labelmap import LabelMap
+from .output_grid import box_on_grid, given_box, resample_nearest
 
 #: Surface samples drawn from the given structures to place the heart (centre) and pick encoder
 #: points; the floor per structure keeps heart-prepare's ratio (1,000 of 120,000).
@@ -376,11 +377,9 @@ def _prepare_input(source, ijk_to_ras, table, request: CompletionRequest) -> _In
     except KeyError as exc:
         raise CompletionError(f"structures to complete: {exc.args[0]}") from exc
     geometry = sample_map.ijk_to_ras
-    given_lo, given_hi = _given_box(sample_map.labels)
+    given_lo, given_hi = given_box(sample_map.labels)
     region_lo, region_hi = given_lo, given_hi  # the given box on the grid the result is written on
     if request.output_grid is not None:
-        from .output_grid import box_on_grid, resample_nearest
-
         out_shape, out_matrix = request.output_grid
         try:
             out_matrix = validate_ijk_to_ras(out_matrix, "output grid")
@@ -395,19 +394,6 @@ def _prepare_input(source, ijk_to_ras, table, request: CompletionRequest) -> _In
             raise CompletionError(f"{sample_map.source}: the given structures lie outside the output grid")
         geometry = out_matrix
     return _Input(base, sample_map, given, kept, requested, given_lo, given_hi, region_lo, region_hi, geometry)
-
-
-def _given_box(labels: np.ndarray):
-    """``(lo, hi)`` voxel box (half-open) of the given (> 0) voxels, found slab by slab."""
-    seen = [np.zeros(n, dtype=bool) for n in labels.shape]
-    for i, plane in enumerate(labels):  # slab by slab: no full-size temporary
-        m = plane > 0
-        if m.any():
-            seen[0][i] = True
-            seen[1] |= m.any(axis=1)
-            seen[2] |= m.any(axis=0)
-    idx = [np.flatnonzero(f) for f in seen]
-    return np.array([int(i[0]) for i in idx]), np.array([int(i[-1]) + 1 for i in idx])
 
 
 def _region(given_lo, given_hi, shape, ijk_to_ras, margin_mm: float):

@@ -390,8 +390,30 @@ def _nrrd_space_to_ras(path: Path, header: dict) -> np.ndarray:
     return np.diag(signs)
 
 
+def _without_trailing_ones(shape) -> tuple:
+    """A header's shape without trailing axes of length 1 (a 3-D image stored as 4-D or 5-D)."""
+    shape = tuple(int(n) for n in shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+def _nrrd_kinds(header: dict, ndim: int) -> list[str]:
+    return [str(k).lower() for k in header.get("kinds", ["domain"] * ndim)]
+
+
+def _nrrd_list_axis(header: dict, ndim: int) -> int:
+    """The non-spatial axis of a 4-D NRRD (a segmentation's layers): the first not 'domain'/'space'."""
+    return next((i for i, k in enumerate(_nrrd_kinds(header, ndim)) if k not in ("domain", "space")), 0)
+
+
 def _nrrd_ijk_to_ras(path: Path, header: dict, directions) -> np.ndarray:
-    """IJK -> RAS (4x4) of an NRRD header; ``directions``: its 3 x 3 space directions or None."""
+    """IJK -> RAS (4x4) of an NRRD header; ``directions``: its space directions (a 4-D image's list
+    axis has a row of NaN, left out) or None."""
+    if directions is not None:
+        directions = np.asarray(directions, dtype=np.float64)
+        if directions.shape == (4, 3):
+            directions = directions[np.all(np.isfinite(directions), axis=1)]
     space_to_ras = _nrrd_space_to_ras(path, header)
     ijk_to_space = np.eye(4)
     if directions is None:
@@ -420,15 +442,11 @@ def read_image_geometry(path) -> tuple[tuple[int, int, int], np.ndarray]:
             import nibabel as nib
 
             img = nib.load(str(path))
-            shape = tuple(int(n) for n in img.shape)
-            while len(shape) > 3 and shape[-1] == 1:
-                shape = shape[:-1]
+            shape = _without_trailing_ones(img.shape)
             matrix = np.asarray(img.affine, dtype=np.float64)
         elif suffix in METAIMAGE_SUFFIXES:
             header = _metaimage_header(path)
-            shape = tuple(header["shape"])
-            while len(shape) > 3 and shape[-1] == 1:
-                shape = shape[:-1]
+            shape = _without_trailing_ones(header["shape"])
             if len(shape) != 3 or header["ijk_to_ras"] is None:
                 raise LabelMapError(path, f"image of shape {tuple(header['shape'])} is not a 3-D grid")
             matrix = header["ijk_to_ras"]
@@ -438,14 +456,10 @@ def read_image_geometry(path) -> tuple[tuple[int, int, int], np.ndarray]:
             with open(path, "rb") as handle:
                 header = nrrd.read_header(handle)
             shape = tuple(int(n) for n in np.atleast_1d(header.get("sizes", [])))
-            directions = header.get("space directions")
-            kinds = [str(k).lower() for k in header.get("kinds", ["domain"] * len(shape))]
-            if len(shape) == 4 and directions is not None:  # a segmentation's list axis: no direction
-                keep = [i for i, k in enumerate(kinds) if k in ("domain", "space")] or [1, 2, 3]
-                shape = tuple(shape[i] for i in keep)
-                directions = np.asarray(directions, dtype=np.float64)
-                directions = directions[np.all(np.isfinite(directions), axis=1)]
-            matrix = _nrrd_ijk_to_ras(path, header, directions)
+            if len(shape) == 4:  # a segmentation's list axis
+                axis = _nrrd_list_axis(header, len(shape))
+                shape = shape[:axis] + shape[axis + 1:]
+            matrix = _nrrd_ijk_to_ras(path, header, header.get("space directions"))
     except LabelMapError:
         raise
     except Exception as exc:  # nibabel / pynrrd raise many types for corrupt headers
@@ -491,7 +505,7 @@ def _read_nrrd(path: Path, table, convention, max_voxels=None):
         raise
     except Exception as exc:  # NRRDError, gzip/zlib errors, truncated data
         raise LabelMapError(path, f"cannot read NRRD file ({type(exc).__name__}: {exc})") from exc
-    kinds = [str(k).lower() for k in header.get("kinds", ["domain"] * data.ndim)]
+    kinds = _nrrd_kinds(header, data.ndim)
     is_segmentation = any(key.startswith("Segment0_") for key in header)
     if any(k in ("rgb-color", "rgba-color", "hsv-color", "xyz-color") for k in kinds):
         raise LabelMapError(path, f"colour image (kinds {kinds}) is not a label map")
@@ -499,11 +513,7 @@ def _read_nrrd(path: Path, table, convention, max_voxels=None):
     if data.ndim == 4:
         if not is_segmentation:
             raise LabelMapError(path, f"4-D image {data.shape} without Slicer segment fields is not a label map")
-        list_axis = next((i for i, k in enumerate(kinds) if k not in ("domain", "space")), 0)
-        data = np.moveaxis(data, list_axis, 0)
-        if directions is not None:
-            directions = np.asarray(directions, dtype=np.float64)
-            directions = directions[np.all(np.isfinite(directions), axis=1)]
+        data = np.moveaxis(data, _nrrd_list_axis(header, data.ndim), 0)
     elif data.ndim != 3:
         raise LabelMapError(path, f"image is {data.ndim}-D with shape {data.shape}; a label map must be 3-D")
     ijk_to_ras = _nrrd_ijk_to_ras(path, header, directions)

@@ -38,17 +38,20 @@ class OutputGridError(HeartCompletionError, ValueError):
     """An output grid that cannot be made (message names the input and the problem)."""
 
 
-def given_box_mm(label_map: LabelMap) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(lo, hi)`` of the non-zero voxels along the input's voxel axes, in mm from voxel 0's centre
-    (voxel faces, not centres), or ``None`` when no voxel is set."""
-    labels = label_map.labels
-    idx = [np.flatnonzero(np.any(labels > 0, axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
-    if any(len(i) == 0 for i in idx):
+def given_box(labels: np.ndarray):
+    """``(lo, hi)`` voxel box (half-open) of the non-zero voxels, found slab by slab (no full-size
+    temporary); ``None`` when no voxel is set."""
+    seen = [np.zeros(n, dtype=bool) for n in labels.shape]
+    for i, plane in enumerate(labels):
+        m = plane > 0
+        if m.any():
+            seen[0][i] = True
+            seen[1] |= m.any(axis=1)
+            seen[2] |= m.any(axis=0)
+    if not seen[0].any():
         return None
-    spacing = spacing_of(label_map.ijk_to_ras)
-    lo = np.array([i[0] for i in idx], dtype=np.float64) - 0.5
-    hi = np.array([i[-1] for i in idx], dtype=np.float64) + 0.5
-    return lo * spacing, hi * spacing
+    idx = [np.flatnonzero(f) for f in seen]
+    return np.array([int(i[0]) for i in idx]), np.array([int(i[-1]) + 1 for i in idx])
 
 
 def grown_grid(label_map: LabelMap, extend_mm: float = 0.0, spacing_mm=None,
@@ -73,10 +76,10 @@ def grown_grid(label_map: LabelMap, extend_mm: float = 0.0, spacing_mm=None,
             raise OutputGridError(f"{source}: output spacing must be one or three lengths > 0 mm, got {spacing_mm}")
     lo = -0.5 * spacing_in
     hi = (np.asarray(label_map.shape, dtype=np.float64) - 0.5) * spacing_in
-    box = given_box_mm(label_map)
-    if box is not None:
-        lo = np.minimum(lo, box[0] - extend_mm)
-        hi = np.maximum(hi, box[1] + extend_mm)
+    box = given_box(label_map.labels)
+    if box is not None:  # its voxel faces, in mm from voxel 0's centre along the input's axes
+        lo = np.minimum(lo, (box[0] - 0.5) * spacing_in - extend_mm)
+        hi = np.maximum(hi, (box[1] - 0.5) * spacing_in + extend_mm)
     shape = tuple(int(max(1, math.ceil((b - a) / s - 1e-6))) for a, b, s in zip(lo, hi, spacing))
     limit, where = voxel_limit(max_voxels)
     if int(np.prod(shape, dtype=np.int64)) > limit:

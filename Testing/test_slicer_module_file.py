@@ -54,6 +54,15 @@ class Recorder:
         return [e[1:] for e in self.events if e[0] == name]
 
 
+def recorded_panel(scene, heart):
+    """``(logic, recorder of its signals, segmentation node, volume, segment mappings)`` of a
+    partial heart loaded into the scene, as the panel starts from."""
+    logic = HeartCompletionLogic()
+    recorder = Recorder(logic)
+    node, volume = partial_segmentation(scene, heart)
+    return logic, recorder, node, volume, logic.segmentMappings(node)
+
+
 def poll_until_done(logic, timeout_s=300):
     """What the panel's timer does: poll until the run ends."""
     deadline = time.monotonic() + timeout_s
@@ -127,10 +136,7 @@ def test_logic_refuses_incomplete_input_with_a_message(scene, heart, tiny_checkp
 
 def test_the_panels_run_start_poll_finish_and_undo(scene, heart, tiny_checkpoint):
     """``start`` / ``poll`` (the panel's timer) / ``finished``: the signals the panel follows, in order."""
-    logic = HeartCompletionLogic()
-    recorder = Recorder(logic)
-    node, volume = partial_segmentation(scene, heart)
-    mappings = logic.segmentMappings(node)
+    logic, recorder, node, volume, mappings = recorded_panel(scene, heart)
     structures = [s.name for s in logic.defaultStructures(mappings)]
     logic.start(node, mappings, structures, str(tiny_checkpoint), "cpu", False, volume, showSurfaces=False)
     assert logic.isRunning and logic.workDir is not None
@@ -151,10 +157,7 @@ def test_the_panels_run_start_poll_finish_and_undo(scene, heart, tiny_checkpoint
 
 
 def test_cancel_stops_the_process_and_adds_nothing(scene, heart, tiny_checkpoint):
-    logic = HeartCompletionLogic()
-    recorder = Recorder(logic)
-    node, volume = partial_segmentation(scene, heart)
-    mappings = logic.segmentMappings(node)
+    logic, recorder, node, volume, mappings = recorded_panel(scene, heart)
     before = [info.segment_id for info in segments.segment_infos(node)]
     logic.start(node, mappings, ["LAA"], str(tiny_checkpoint), "cpu", False, volume)
     work_dir = logic.workDir
@@ -173,10 +176,7 @@ def test_cancel_stops_the_process_and_adds_nothing(scene, heart, tiny_checkpoint
 
 def test_a_failing_process_is_reported_not_raised(scene, heart, tiny_checkpoint, tmp_path):
     """A process that exits with an error: ``failed`` carries the message, nothing is added."""
-    logic = HeartCompletionLogic()
-    recorder = Recorder(logic)
-    node, volume = partial_segmentation(scene, heart)
-    mappings = logic.segmentMappings(node)
+    logic, recorder, node, volume, mappings = recorded_panel(scene, heart)
     before = [info.segment_id for info in segments.segment_infos(node)]
     logic.start(node, mappings, ["LAA"], str(tiny_checkpoint), "no-such-device", False, volume)
     poll_until_done(logic)

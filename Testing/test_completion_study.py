@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -58,7 +59,7 @@ def test_steps_fitted_to_a_time_budget_are_kept_for_reruns(tmp_path):
     sys.path.insert(0, str(STUDY.parent))
     import completion_study as cs
 
-    gpu = cs.BUDGETS["gpu"]  # 1,500 / 4,000 / 2,500 steps, 360 training seconds
+    gpu = replace(cs.BUDGETS["gpu"], steps=(1500, 4000, 2500), train_seconds=360.0)
     assert cs.fitted_steps(gpu, 100.0) == (1500, 2400, 1500)  # 15 steps/s x 260 s left, split 8:5
     assert cs.fitted_steps(gpu, 400.0) == (1500, 1, 1)  # no time left: a step each, never zero
     assert cs.planned_budget(tmp_path, gpu).steps == gpu.steps

@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from HeartCompletionLib.model import HeartVecSet, farthest_point_indices
+from HeartCompletionLib.model import (
+    FPS_CUDA_GRAPH_ENV,
+    HeartVecSet,
+    _farthest_point_indices_eager,
+    farthest_point_indices,
+    fps_cuda_graph_enabled,
+)
 from HeartCompletionLib.model_configs import CONFIG_NAMES, ModelConfig, count_parameters, get_config
 from HeartCompletionLib.model_configs_cli import main as configs_main
 
@@ -215,6 +221,25 @@ def test_farthest_point_sampling_is_deterministic_and_spread():
     assert torch.equal(idx[:, 0], first)
     with pytest.raises(ValueError, match="at least 16"):
         farthest_point_indices(points[:, :10], 16)
+
+
+def test_fps_cuda_graph_switch(monkeypatch):
+    monkeypatch.delenv(FPS_CUDA_GRAPH_ENV, raising=False)
+    assert fps_cuda_graph_enabled()
+    for off in ("0", "false", "OFF", " no "):
+        monkeypatch.setenv(FPS_CUDA_GRAPH_ENV, off)
+        assert not fps_cuda_graph_enabled()
+    monkeypatch.setenv(FPS_CUDA_GRAPH_ENV, "1")
+    assert fps_cuda_graph_enabled()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA graph path needs a CUDA device")
+def test_fps_cuda_graph_gives_the_eager_indices(monkeypatch):
+    monkeypatch.setenv(FPS_CUDA_GRAPH_ENV, "1")
+    g = torch.Generator().manual_seed(1)
+    for b, n in ((4, 500), (2, 700), (4, 500)):  # a second shape, then the first graph again
+        points = torch.rand(b, n, 3, generator=g).cuda()
+        assert torch.equal(farthest_point_indices(points, 32), _farthest_point_indices_eager(points, 32))
 
 
 def test_bf16_autocast_runs_and_stays_close_to_fp32(tiny_eval):

@@ -105,10 +105,10 @@ BUDGETS = {
                   phase_extra=RECIPE),
     "gpu": Budget("gpu", train_hearts=200, heldout_hearts=24, train_spacing_mm=1.5, heldout_spacing_mm=1.5,
                   oblique_spacing_mm=(1.2, 1.2, 2.0), oblique_fraction=0.34, prepare_points=(60_000, 60_000, 100_000),
-                  model="small", model_overrides=STUDY_MODEL, steps=(1500, 4000, 2500), lr=(2e-3, 1e-3, 5e-4),
+                  model="small", model_overrides=STUDY_MODEL, steps=(3000, 6000, 3000), lr=(2e-3, 1e-3, 5e-4),
                   batch_size=64, val_every=500, num_workers=12, device="cuda", threads=0,
                   scenarios=("full", "subset_A", "subset_B", "drop_k", "missing_*"), sample=SAMPLE,
-                  extra=("data.device_cache=true",), phase_extra=RECIPE, train_seconds=360.0),
+                  extra=("data.device_cache=true",), phase_extra=RECIPE, train_seconds=400.0),
 }
 
 

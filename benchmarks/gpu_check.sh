@@ -3,6 +3,9 @@
 # single-GPU machine (PyTorch with CUDA already installed there, no network). Parts, run in the
 # order PARTS lists them (default: all, in this order):
 #
+#   fps       benchmarks/fps_speed.py: farthest-point sampling as a CUDA graph against the eager loop
+#             (same indices, times); if it fails, the graph is turned off (HEART_FPS_CUDA_GRAPH=0) and
+#             the study's phase 1 is shortened to FPS_FALLBACK_STEPS;
 #   sweep     learning speed: benchmarks/overfit_iou.py recipes in parallel on the one GPU (fp32,
 #             as the CPU test runs): near-surface IoU per structure against steps (SWEEP_NAMES,
 #             SWEEP_STEPS, SWEEP_SPACING: voxel size of the two synthetic hearts, default 1.5 mm);
@@ -30,7 +33,7 @@
 #   DEVICE=cpu OUT=/tmp/x SWEEP_STEPS=20 PHASE1_STEPS=10 PHASE1_CASES=3 SPEED_CONFIGS=tiny BATCH=2 \
 #       SPEED_STEPS=1 bash benchmarks/gpu_check.sh                          # a dry run on CPU
 set -u
-if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
 OUT="${OUT:-/tmp/gpu_check}"
 PARTS="${PARTS:-sweep data speed phase1 complete}"
 SWEEP_STEPS="${SWEEP_STEPS:-2500}"
@@ -43,6 +46,7 @@ PHASE1_LIMIT_S="${PHASE1_LIMIT_S:-130}"
 PHASE1_CASES="${PHASE1_CASES:-24}"
 STUDY_LIMIT_S="${STUDY_LIMIT_S:-540}"
 STUDY_ARGS="${STUDY_ARGS:-}"
+FPS_FALLBACK_STEPS="${FPS_FALLBACK_STEPS:-1500 6000 3000}"
 SMALL_STEPS="${SMALL_STEPS:-3000}"
 SMALL_LIMIT_S="${SMALL_LIMIT_S:-70}"
 DEADLINE_S="${DEADLINE_S:-580}"
@@ -81,6 +85,20 @@ declare -A RECIPES=(
     [bal_w128_lr5e3_fps]="$W128 optim.lr=0.005 model.overrides.latent_queries=fps"
     [bal_w128_lr5e3_b2q4]="$W128 optim.lr=0.005 optim.batch_size=2 data.num_near_queries=1536 data.num_volume_queries=512 data.num_surface_queries=1024"
 )
+
+part_fps() {
+    stamp "fps: farthest-point sampling, CUDA graph against the eager loop"
+    timeout "$(limit 60)" python3 benchmarks/fps_speed.py --device "$DEVICE" > "$OUT/fps_speed.txt" 2>&1
+    local rc=$?
+    cat "$OUT/fps_speed.txt"
+    if [ "$rc" -eq 0 ]; then
+        echo "fps: CUDA graph on"
+    else
+        echo "fps: CUDA graph FAILED here; HEART_FPS_CUDA_GRAPH=0, study steps $FPS_FALLBACK_STEPS"
+        export HEART_FPS_CUDA_GRAPH=0
+        STUDY_ARGS="--steps $FPS_FALLBACK_STEPS --train_seconds 400 $STUDY_ARGS"
+    fi
+}
 
 part_sweep() {
     stamp "sweep: overfit_iou recipes in parallel ($SWEEP_NAMES; $SWEEP_STEPS steps, limit $SWEEP_LIMIT_S s)"

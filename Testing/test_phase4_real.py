@@ -205,7 +205,7 @@ def test_tiny_real_phase4_run_logs_the_mix(real_mix, tmp_path):
     out = tmp_path / "phase4"
     steps, batch = 40, 4
     overrides = [f"data.datasets.{i}.data_dir={real_mix[name]}" for i, name in enumerate(WEIGHTS)]
-    overrides += [f"model.init_from={init}", "model.config=tiny", "data.num_input_points=384",
+    overrides += [f"model.init_from={init}", "model.config=from_init", "data.num_input_points=384",
                   "data.min_points_per_structure=16", "data.num_volume_queries=128", "data.num_near_queries=256",
                   "data.num_surface_queries=64", "data.num_workers=0", "data.cache_cases=6", "loss.eikonal_queries=32",
                   f"optim.batch_size={batch}", f"optim.max_steps={steps}", "optim.warmup_steps=5", "run.device=cpu",
@@ -233,4 +233,36 @@ def test_tiny_real_phase4_run_logs_the_mix(real_mix, tmp_path):
         assert abs(drawn[name] - weight) < 4 * np.sqrt(weight * (1 - weight) / n), (name, drawn[name])
     checkpoint = load_inference_checkpoint(out / "model_final.safetensors")
     assert checkpoint.metadata.get("phase") == 4
+    assert checkpoint.model.config == load_inference_checkpoint(init).model.config  # from_init: the tiny architecture
     assert checkpoint.metadata["data_summary"]["per_dataset"] == {"synthetic": 2, "acdc_cmr": 2, "la2018_lgemri": 2}
+
+
+def test_model_config_from_init_takes_the_checkpoints_architecture(tmp_path):
+    from dataclasses import replace
+
+    from heart_training.config import ConfigError, load_config
+    from heart_training.engine import build_model, model_config_of
+
+    from HeartCompletionLib.checkpoint import load_inference_checkpoint
+    from HeartCompletionLib.model_registry import resolve_checkpoint
+    from HeartCompletionLib.structures import StructureTable
+
+    bundled, _ = resolve_checkpoint("synthetic-demo")
+    cfg = load_config("phase4_real", [f"model.init_from={bundled}"])
+    assert cfg.model.config == "from_init"
+    table = StructureTable.default()
+    config = model_config_of(cfg, table)
+    assert (config.width, config.depth, config.latent_queries) == (128, 4, "fps")  # not phase4_real's old `base`
+    model = build_model(cfg, table)
+    reference = load_inference_checkpoint(bundled).model.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
+    cfg.model.overrides = {"qk_norm": True}  # overrides still apply on top
+    assert model_config_of(cfg, table) == replace(config, qk_norm=True)
+    for init in ("", str(tmp_path / "state.pt")):
+        cfg = load_config("phase4_real", [f"model.init_from={init}"] if init else [])
+        with pytest.raises(ConfigError, match="from_init needs model.init_from"):
+            model_config_of(cfg, table)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
+    cfg = load_config("phase4_real", [f"model.init_from={tmp_path / 'bad.safetensors'}"])
+    with pytest.raises(ConfigError, match="bad.safetensors.*cannot read its model config"):
+        model_config_of(cfg, table)

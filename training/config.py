@@ -112,7 +112,7 @@ class MaskConfig:
 
 @dataclass
 class ModelSection:
-    config: str = "small"  #: named model config (HeartCompletionLib.model_configs)
+    config: str = "small"  #: named model config (HeartCompletionLib.model_configs), or from_init: model.init_from's
     overrides: dict = field(default_factory=dict)  #: single ModelConfig fields, e.g. {bottleneck: kl}
     init_from: str = ""  #: inference checkpoint (.safetensors) or training state (.pt) to start from
 

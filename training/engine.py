@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,11 +48,38 @@ class TrainResult:
     replica_difference: float = 0.0  #: DDP: max |parameter difference| between ranks at the end
 
 
+#: ``model.config`` value that takes the architecture from the ``model.init_from`` checkpoint
+MODEL_CONFIG_FROM_INIT = "from_init"
+
+
+def model_config_of(cfg: TrainConfig, table: StructureTable):
+    """The run's :class:`ModelConfig`: a named config with ``model.overrides``, or (``model.config:
+    from_init``) the architecture stored in the ``model.init_from`` inference checkpoint, so a
+    fine-tuning run need not repeat it (overrides still apply on top)."""
+    from HeartCompletionLib.model_configs import ModelConfig, get_config
+
+    if cfg.model.config != MODEL_CONFIG_FROM_INIT:
+        return get_config(cfg.model.config, len(table), **cfg.model.overrides)
+    path = Path(cfg.model.init_from) if cfg.model.init_from else None
+    if path is None or path.suffix != ".safetensors":
+        raise ConfigError(f"model.config={MODEL_CONFIG_FROM_INIT} needs model.init_from=<an inference checkpoint "
+                          f".safetensors>, got {cfg.model.init_from or 'none'!r}")
+    from HeartCompletionLib.checkpoint import CheckpointError, read_checkpoint_metadata
+
+    try:
+        config = ModelConfig.from_dict(read_checkpoint_metadata(path)["model_config"])
+    except (CheckpointError, OSError, KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: model.config={MODEL_CONFIG_FROM_INIT}: cannot read its model config: {exc}") from exc
+    try:
+        return replace(config, num_classes=len(table), **cfg.model.overrides)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model.overrides {cfg.model.overrides} on the config of {path}: {exc}") from exc
+
+
 def build_model(cfg: TrainConfig, table: StructureTable) -> torch.nn.Module:
     from HeartCompletionLib.model import HeartVecSet
-    from HeartCompletionLib.model_configs import get_config
 
-    model = HeartVecSet(get_config(cfg.model.config, len(table), **cfg.model.overrides))
+    model = HeartVecSet(model_config_of(cfg, table))
     if cfg.model.init_from:
         path = Path(cfg.model.init_from)
         if path.suffix == ".safetensors":

@@ -99,6 +99,19 @@ def test_several_datasets_merge_and_manifest_failures_are_skipped(tmp_path, caps
     assert not (out / "test.csv").exists()
 
 
+def test_small_dataset_gets_a_test_group_when_asked():
+    """Three patients (six frames) and a test fraction: at least one patient is held out, whole,
+    for every seed; the other two keep one validation and one training patient."""
+    cases = [{"case_id": f"patient00{p}_{f}_label", "dataset": "acdc"} for p in (1, 2, 3) for f in ("ED", "ES")]
+    for seed in range(20):
+        out = split.assign_splits([dict(c) for c in cases], val_fraction=0.15, test_fraction=0.25, seed=seed)
+        patients = {name: {c["group"] for c in out[name]} for name in ("train", "val", "test")}
+        assert all(len(p) == 1 for p in patients.values()), (seed, patients)  # one patient each, both frames
+        assert all(len(out[name]) == 2 for name in patients)
+    out = split.assign_splits([dict(c) for c in cases], val_fraction=0.0, test_fraction=0.0, seed=0)
+    assert out["test"] == [] and out["val"] == []  # nothing asked, nothing moved
+
+
 def test_tiny_dataset_gets_a_validation_case_and_errors_are_clear(tmp_path, capsys):
     data = tmp_path / "tiny"
     _write_cases(data, ["only_a", "only_b"])

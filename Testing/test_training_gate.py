@@ -81,3 +81,27 @@ def test_nan_loss_stops_naming_the_cases(tmp_path):
     # with the gate on, the same data never reaches a step
     with pytest.raises(DataGateError, match="non-finite"):
         train(_cfg(data, tmp_path / "run2"))
+
+
+def test_thick_slices_pass_and_voxel_distances_on_them_do_not(tmp_path):
+    """A short-axis-like stack (1.5625 x 1.5625 x 10 mm, as ACDC): its distances are to the voxel
+    staircase, its surface samples on a mesh sloping between slices, so near the surface the two
+    differ by design; the gate compares them beyond half a slice. Distances in in-plane voxels
+    (x 1 / 1.5625) are still refused."""
+    from heart_training.case_format import load_case, save_case
+    from heart_training.prepare import PrepareOptions, prepare_case
+
+    from HeartCompletionLib.labelmap_io import write_label_map
+    from HeartCompletionLib.synthetic import synthetic_label_map
+
+    stack = synthetic_label_map(seed=3, spacing_mm=(1.5625, 1.5625, 10.0))
+    write_label_map(stack, tmp_path / "stack.nii.gz")
+    options = PrepareOptions(num_surface=60_000, num_volume=20_000, num_near=40_000)
+    prepare_case(tmp_path / "stack.nii.gz", tmp_path / "stack.npz", options)
+    assert check_case(CaseRef("t", tmp_path / "stack.npz", "stack")) == []
+    case = load_case(tmp_path / "stack.npz")
+    meta = {k: v for k, v in case.pop("meta").items() if k not in ("format", "format_version")}
+    for key in ("volume_sdf", "near_sdf"):
+        case[key] = case[key] / 1.5625
+    save_case(tmp_path / "voxels.npz", case, meta)
+    assert any("different units" in p for p in check_case(CaseRef("t", tmp_path / "voxels.npz", "voxels")))

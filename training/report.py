@@ -225,6 +225,36 @@ def _coarse(label_map):
     return LabelMap(label_map.labels[::step[0], ::step[1], ::step[2]], matrix, source=label_map.source)
 
 
+def _draw_meshes(ax, meshes: dict, table, low=None, high=None):
+    """Draws ``{label: (vertices, faces)}`` in table colours with Lambert shading (light from the
+    viewer's side, anterior-left-superior); returns the running (low, high) corners in mm."""
+    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
+
+    light = np.array([-0.5, 0.6, 0.6]) / np.linalg.norm([-0.5, 0.6, 0.6])
+    for label, (vertices, faces) in meshes.items():
+        triangles = vertices[faces]
+        normals = np.cross(triangles[:, 1] - triangles[:, 0], triangles[:, 2] - triangles[:, 0])
+        normals /= np.linalg.norm(normals, axis=1, keepdims=True) + 1e-12
+        shade = 0.35 + 0.65 * np.clip(normals @ light, 0.0, 1.0)
+        colours = np.clip(np.asarray(table.by_label(label).color_float)[None, :] * shade[:, None], 0, 1)
+        ax.add_collection3d(Poly3DCollection(triangles, facecolors=colours, edgecolors="none", linewidths=0))
+        low = vertices.min(axis=0) if low is None else np.minimum(low, vertices.min(axis=0))
+        high = vertices.max(axis=0) if high is None else np.maximum(high, vertices.max(axis=0))
+    return low, high
+
+
+def _equal_box(axes, low, high) -> None:
+    """One box for all 3-D panels, equal mm on every axis."""
+    if low is None:
+        return
+    centre, half = 0.5 * (low + high), 0.5 * float(np.max(high - low)) + 2.0
+    for ax in axes:
+        ax.set_xlim(centre[0] - half, centre[0] + half)
+        ax.set_ylim(centre[1] - half, centre[1] + half)
+        ax.set_zlim(centre[2] - half, centre[2] + half)
+        ax.set_box_aspect((1, 1, 1))
+
+
 def case_mesh_figure(path: Path, reference, predictions: dict, scenario, table, title: str = "") -> Path:
     """3-D snapshots of the scored structures' surfaces (RAS mm, seen from the front-left):
     the reference and each method's completion, from label maps subsampled to ~3 mm."""
@@ -232,7 +262,6 @@ def case_mesh_figure(path: Path, reference, predictions: dict, scenario, table, 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
 
     from HeartCompletionLib.meshes import structure_meshes
 
@@ -243,18 +272,7 @@ def case_mesh_figure(path: Path, reference, predictions: dict, scenario, table, 
     for col, (name, label_map) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), col + 1, projection="3d")
         meshes = structure_meshes(_coarse(label_map), labels=scenario.scored_labels, smoothing_iterations=5)
-        for label, (vertices, faces) in meshes.items():
-            triangles = vertices[faces]
-            normals = np.cross(triangles[:, 1] - triangles[:, 0], triangles[:, 2] - triangles[:, 0])
-            normals /= np.linalg.norm(normals, axis=1, keepdims=True) + 1e-12
-            # simple Lambert shading, light from the viewer's side (anterior-left-superior)
-            light = np.array([-0.5, 0.6, 0.6]) / np.linalg.norm([-0.5, 0.6, 0.6])
-            shade = 0.35 + 0.65 * np.clip(normals @ light, 0.0, 1.0)
-            colours = np.clip(np.asarray(table.by_label(label).color_float)[None, :] * shade[:, None], 0, 1)
-            ax.add_collection3d(Poly3DCollection(triangles, facecolors=colours, edgecolors="none", linewidths=0))
-            lo, hi = vertices.min(axis=0), vertices.max(axis=0)
-            low = lo if low is None else np.minimum(low, lo)
-            high = hi if high is None else np.maximum(high, hi)
+        low, high = _draw_meshes(ax, meshes, table, low, high)
         ax.set_title(name, fontsize=9)
         ax.view_init(elev=15, azim=-60)
         ax.set_xlabel("R (mm)", fontsize=7)
@@ -263,15 +281,70 @@ def case_mesh_figure(path: Path, reference, predictions: dict, scenario, table, 
         ax.tick_params(labelsize=6)
         ax.locator_params(nbins=4)
         axes.append(ax)
-    if low is not None:
-        centre, half = 0.5 * (low + high), 0.5 * float(np.max(high - low)) + 2.0
-        for ax in axes:  # one box for all panels, equal mm on every axis
-            ax.set_xlim(centre[0] - half, centre[0] + half)
-            ax.set_ylim(centre[1] - half, centre[1] + half)
-            ax.set_zlim(centre[2] - half, centre[2] + half)
-            ax.set_box_aspect((1, 1, 1))
+    _equal_box(axes, low, high)
     _structure_legend(fig, scenario.scored_labels, table)
     fig.suptitle(f"{title}: surfaces of the scored structures", fontsize=10)
+    return _save_figure(fig, path)
+
+
+def completion_figure(path: Path, given, completed, table, title: str = "", envelope=None) -> Path:
+    """One completion without a reference (a real single structure, a short-axis stack): axial,
+    coronal and sagittal slices through the completed heart on its output grid, with the given
+    structures outlined in white and, if given, a whole-heart ``envelope`` ``(bool mask, ijk_to_ras)``
+    (any grid; matched by physical position) in yellow; then a 3-D snapshot of every structure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from HeartCompletionLib.labelmap import LabelMap
+    from HeartCompletionLib.meshes import structure_meshes
+    from HeartCompletionLib.output_grid import resample_nearest
+
+    def on_output_grid(labels, ijk_to_ras):
+        resampled = resample_nearest(labels, ijk_to_ras, completed.shape, completed.ijk_to_ras)
+        return _to_ras_order(LabelMap(resampled, completed.ijk_to_ras))[0]
+
+    labels_ras, spacing = _to_ras_order(completed)
+    given_ras = on_output_grid(given.labels, given.ijk_to_ras)
+    envelope_ras = None if envelope is None else on_output_grid(envelope[0].astype(np.int16), envelope[1]) > 0
+    foreground = labels_ras > 0
+    centre = (np.round(np.argwhere(foreground).mean(axis=0)).astype(int) if foreground.any()
+              else np.array(labels_ras.shape) // 2)
+    palette = np.zeros((max(table.labels) + 1, 3))
+    for structure in table:
+        palette[structure.label] = np.array(structure.color) / 255.0
+    views = [("axial", 2, (0, 1), "R"), ("coronal", 1, (0, 2), "R"), ("sagittal", 0, (1, 2), "P")]
+    fig = plt.figure(figsize=(13.0, 3.6))
+    for col, (view, axis, (h, v), screen_left) in enumerate(views):
+        ax = fig.add_subplot(1, 4, col + 1)
+        section = np.take(labels_ras, centre[axis], axis=axis)
+        rgb = palette[np.clip(section, 0, len(palette) - 1)]
+        extent = (0, section.shape[0] * spacing[h], 0, section.shape[1] * spacing[v])
+        ax.imshow(np.transpose(rgb, (1, 0, 2)), origin="lower", extent=extent, interpolation="nearest")
+        outlines = [(np.take(given_ras, centre[axis], axis=axis) > 0, "white", "solid")]
+        if envelope_ras is not None:
+            outlines.append((np.take(envelope_ras, centre[axis], axis=axis), "yellow", "dashed"))
+        for mask, colour, style in outlines:
+            if mask.any() and not mask.all():
+                ax.contour(mask.T.astype(float), levels=[0.5], colors=colour, linewidths=0.8, linestyles=style,
+                           origin="lower", extent=extent)
+        if view != "sagittal":
+            ax.invert_xaxis()  # radiological: the patient's right on the screen's left
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(view, fontsize=9)
+        ax.text(0.01, 0.5, screen_left, transform=ax.transAxes, color="w", fontsize=8)
+    ax = fig.add_subplot(1, 4, 4, projection="3d")
+    present = completed.present_labels()
+    meshes = structure_meshes(_coarse(completed), labels=present, smoothing_iterations=5)
+    _equal_box([ax], *_draw_meshes(ax, meshes, table))
+    ax.view_init(elev=15, azim=-60)
+    ax.set_title("3-D (front-left)", fontsize=9)
+    ax.tick_params(labelsize=6)
+    _structure_legend(fig, present, table)
+    extra = ", envelope dashed yellow" if envelope is not None else ""
+    fig.suptitle(f"{title} (given structures outlined in white{extra})", fontsize=10)
     return _save_figure(fig, path)
 
 

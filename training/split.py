@@ -21,8 +21,11 @@ default, :data:`DEFAULT_GROUP_BY`, groups
 Names such as ``06SR5RBREL16DQ6M8LWS_LA_label`` or ``case_0001`` match neither and stay single.
 ``--group_by none`` turns grouping off. Groups never span datasets. Several prepared folders (datasets) are merged; a case is in exactly one
 split. The fractions are met on average (a hash is a fair coin per case), not exactly; when
-``val_fraction > 0`` at least one case is put in validation (taken from train, the one with the
-lowest hash score, the only departure from stability and only in tiny datasets).
+``test_fraction > 0`` at least one group is put in test (from validation if it has two or more,
+else from train: the group whose hash score is closest to the test band), and when
+``val_fraction > 0`` at least one in validation (from train, else from test, likewise), and train
+is never left empty by the hash (it takes the closest group of validation, else of test): the only
+departures from stability, and only in tiny datasets.
 
 Output CSVs (``train.csv``, ``val.csv``, ``test.csv`` when ``test_fraction > 0``) have the columns
 :data:`SPLIT_COLUMNS`: ``case`` (path of the ``.npz`` relative to the CSV's folder, absolute when
@@ -122,6 +125,17 @@ def collect_cases(data_dir: Path, dataset: str | None = None) -> list[dict]:
     return cases
 
 
+def _ensure_one(out: dict, name: str, donors) -> None:
+    """Moves one group into the empty split ``name`` from the first donor ``(split, index in its
+    score order)`` that has two or more (groups are in ascending score order)."""
+    if out[name]:
+        return
+    for donor, index in donors:
+        if len(out[donor]) >= 2:
+            out[name].append(out[donor].pop(index))
+            return
+
+
 def assign_splits(cases: list[dict], val_fraction: float, test_fraction: float, seed: int,
                   group_by: str | None = DEFAULT_GROUP_BY) -> dict[str, list[dict]]:
     """``{"train": [...], "val": [...], "test": [...]}``; every case in exactly one list, every
@@ -138,8 +152,12 @@ def assign_splits(cases: list[dict], val_fraction: float, test_fraction: float, 
     for score, members in scored:
         name = "test" if score < test_fraction else "val" if score < test_fraction + val_fraction else "train"
         out[name].append(members)
-    if val_fraction > 0 and not out["val"] and len(out["train"]) >= 2:
-        out["val"].append(out["train"].pop(0))  # lowest score among train: the closest to the val band
+    # tiny datasets: a split asked for gets the group closest to its band from a split with two or more
+    _ensure_one(out, "train", (("val", -1), ("test", -1)))
+    if test_fraction > 0:
+        _ensure_one(out, "test", (("val", 0), ("train", 0)))
+    if val_fraction > 0:
+        _ensure_one(out, "val", (("train", 0), ("test", -1)))
     flat: dict[str, list[dict]] = {name: [c for members in out[name] for c in members] for name in SPLITS}
     out = flat  # type: ignore[assignment]
     for name in SPLITS:

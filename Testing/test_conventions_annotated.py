@@ -153,3 +153,36 @@ def test_heart_eval_hides_and_scores_only_what_the_convention_names(tmp_path):
         rows = list(csv.DictReader(handle))
     assert {r["scenario"] for r in rows} == {"missing_Myocardium", "missing_LV", "full"}
     assert {r["structure"] for r in rows} == {"Myocardium", "LV"}
+
+
+@pytest.mark.slow
+def test_heart_eval_reads_a_split_folder_with_the_convention_it_was_prepared_with(tmp_path, capsys):
+    """A split folder prepared with --label_map is scored without repeating it (the convention is
+    recorded in each prepared case): ACDC-like values 1/2/3 are read as RV/Myocardium/LV, for the
+    scored cases and for the baseline's training cases alike."""
+    import csv
+
+    from heart_training.evaluate import main as eval_main
+    from heart_training.split import main as split_main
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for patient in ("p1", "p2", "p3"):
+        _write_acdc_like(raw / f"{patient}_ED.nii.gz")
+    conv = tmp_path / "acdc.json"
+    conv.write_text(json.dumps(ACDC_CONVENTION))
+    data = tmp_path / "prepared"
+    assert prepare_main(["--input_dir", str(raw), "--output_dir", str(data), "--label_map", str(conv), *SMALL]) == 0
+    assert split_main(["--data_dir", str(data), "--val_fraction", "0.3", "--test_fraction", "0.3"]) == 0
+    model = Path(__file__).resolve().parents[1] / "HeartCompletionLib" / "models" / "synthetic_demo.safetensors"
+    capsys.readouterr()
+    out = tmp_path / "eval"
+    assert eval_main(["--checkpoint", str(model), "--data_dir", str(data), "--split", "test", "--scenarios",
+                      "missing_LV", "--device", "cpu", "--figure_cases", "0", "--quiet", "--output_dir", str(out)]) == 0
+    assert f"the convention heart-prepare used: {conv.resolve()}" in capsys.readouterr().err
+    with open(out / "metrics.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {(r["method"], r["structure"]) for r in rows} == {("model", "LV"), ("baseline", "LV")}
+    baseline = next(r for r in rows if r["method"] == "baseline")
+    assert float(baseline["dice"]) > 0.9  # identical stacks: the nearest training patient's LV fits
+    assert set(baseline["inputs"].split(";")) == {"Myocardium", "RV"}

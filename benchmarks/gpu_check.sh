@@ -25,6 +25,10 @@
 #             with the device cache (SMALL_STEPS, limit SMALL_LIMIT_S), its best checkpoint to $OUT
 #             (in parts of 15 MB: cat small_best.safetensors.part* > small_best.safetensors);
 #   ct        benchmarks/complete_speed.py --ct on $DEVICE with that checkpoint (CT grid and 1 mm);
+#   real      benchmarks/real_study.py --budget gpu (issue 11: phase 4 on the real partial labels of
+#             REAL_DIR from REAL_INIT, held-out patients' figures, whole hearts from single structures),
+#             limit REAL_LIMIT_S (default 330 s; a report of what finished is written either way);
+#             results, figures and the phase-4 checkpoint to $OUT;
 #   pack      every text result in $OUT into texts.tgz (the machine returns at most 8 files).
 #
 # Every part's time limit is cut to what is left of DEADLINE_S (default 580 s) from the start.
@@ -33,7 +37,7 @@
 #   DEVICE=cpu OUT=/tmp/x SWEEP_STEPS=20 PHASE1_STEPS=10 PHASE1_CASES=3 SPEED_CONFIGS=tiny BATCH=2 \
 #       SPEED_STEPS=1 bash benchmarks/gpu_check.sh                          # a dry run on CPU
 set -u
-if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then sed -n '2,38p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
 OUT="${OUT:-/tmp/gpu_check}"
 PARTS="${PARTS:-sweep data speed phase1 complete}"
 SWEEP_STEPS="${SWEEP_STEPS:-2500}"
@@ -47,6 +51,10 @@ PHASE1_CASES="${PHASE1_CASES:-24}"
 STUDY_LIMIT_S="${STUDY_LIMIT_S:-540}"
 STUDY_ARGS="${STUDY_ARGS:-}"
 FPS_FALLBACK_STEPS="${FPS_FALLBACK_STEPS:-1500 6000 3000}"
+REAL_LIMIT_S="${REAL_LIMIT_S:-330}"
+REAL_DIR="${REAL_DIR:-../shared/data/real}"
+REAL_INIT="${REAL_INIT:-synthetic-demo}"
+REAL_BUDGET="${REAL_BUDGET:-gpu}"
 SMALL_STEPS="${SMALL_STEPS:-3000}"
 SMALL_LIMIT_S="${SMALL_LIMIT_S:-70}"
 DEADLINE_S="${DEADLINE_S:-580}"
@@ -219,6 +227,21 @@ part_ct() {
     timeout "$(limit 30)" python3 benchmarks/complete_speed.py --checkpoint "$CK" --device "$DEVICE" --repeats 3 \
         --threads 8 > "$OUT/complete_1mm.txt" 2>&1
     grep -v "^ " "$OUT/complete_1mm.txt" | tail -n 8
+}
+
+part_real() {
+    stamp "real: real_study.py --budget gpu from $REAL_INIT on $REAL_DIR (limit $(limit "$REAL_LIMIT_S") s)"
+    timeout "$(limit "$REAL_LIMIT_S")" python3 benchmarks/real_study.py --budget "$REAL_BUDGET" --device "$DEVICE" \
+        --init "$REAL_INIT" --real_dir "$REAL_DIR" --output_dir "$WORK/real" --workers "$(nproc)" \
+        > "$OUT/real_console.txt" 2>&1
+    echo "exit $? (124: stopped at its time limit; the report covers what finished)"
+    timeout "$(limit 40)" python3 benchmarks/real_study.py --budget "$REAL_BUDGET" --device "$DEVICE" --init "$REAL_INIT" \
+        --real_dir "$REAL_DIR" --output_dir "$WORK/real" --stages report >> "$OUT/real_console.txt" 2>&1
+    grep -v "it/s\|s/it" "$OUT/real_console.txt" | tail -n 30
+    cp "$WORK/real/phase4/model_best.safetensors" "$OUT/real_phase4_best.safetensors" 2>/dev/null
+    (cd "$WORK/real" && tar czf "$OUT/real_files.tgz" --ignore-failed-read real_study.md real_study.json timings.json \
+        whole logs phase4/log.jsonl phase4/stdout.log phase4/config.yaml eval data/*/split.json data/*/*.csv \
+        2>/dev/null)
 }
 
 part_pack() {

@@ -2,7 +2,8 @@
 
     python benchmarks/real_study.py --init synthetic-demo --budget cpu --output_dir runs/real_cpu  # ~40 min, 2 cores
     python benchmarks/real_study.py --init runs/study_gpu/phase3/model_best.safetensors --budget gpu \
-        --output_dir runs/real_gpu                                                                 # one GPU
+        --output_dir runs/real_gpu                                                                 # ~5 min, one GPU
+    PARTS=real bash benchmarks/gpu_check.sh   # the gpu budget on a lent GPU machine, results in $OUT
     python benchmarks/real_study.py --init synthetic-demo --budget smoke --output_dir /tmp/real     # the test's size
 
 Stages (each resumes by rerunning the same command; a finished stage is skipped):
@@ -88,7 +89,7 @@ BUDGETS = {
                             "num_near_queries=128", "num_surface_queries=32")),
     "cpu": Budget("cpu", synthetic_hearts=40, synthetic_spacing_mm=1.5, max_real_cases=0, steps=600, batch_size=8,
                   lr=5e-4, device="cpu", threads=2, num_workers=1, val_every=200, max_eval_cases=0, sample=STUDY_SAMPLE),
-    "gpu": Budget("gpu", synthetic_hearts=200, synthetic_spacing_mm=1.5, max_real_cases=0, steps=3000, batch_size=32,
+    "gpu": Budget("gpu", synthetic_hearts=100, synthetic_spacing_mm=1.5, max_real_cases=0, steps=2000, batch_size=32,
                   lr=5e-4, device="cuda", threads=0, num_workers=12, val_every=500, max_eval_cases=0,
                   sample=STUDY_SAMPLE),
 }

@@ -59,6 +59,7 @@ class EvalCase:
     path: Path
     annotated: list | None = None
     truncated: list = field(default_factory=list)
+    convention: str | None = None  #: the label convention heart-prepare read it with (a split CSV's case)
 
 
 # --- finding cases ---------------------------------------------------------------------------
@@ -75,15 +76,16 @@ def _find_in_label_dir(label_dir: Path, row: dict) -> Path | None:
     return None
 
 
-def _source_of_prepared_case(npz_path: Path) -> str:
-    """The label map a prepared case was made from (its ``meta["source"]``), or "" if unknown."""
+def _prepared_meta(npz_path: Path) -> dict:
+    """The ``meta`` of a prepared case (the label map it was made from, the options it was
+    prepared with), or {} if unreadable."""
     from .case_format import CaseFormatError, load_case
 
     npz_path = npz_path if npz_path.suffix == ".npz" else npz_path.with_suffix(".npz")
     try:
-        return str(load_case(npz_path, keys=[])["meta"].get("source", ""))
+        return dict(load_case(npz_path, keys=[])["meta"])
     except (CaseFormatError, OSError):
-        return ""
+        return {}
 
 
 def cases_from_csv(csv_path: Path, label_dir: Path | None = None) -> list[EvalCase]:
@@ -95,8 +97,9 @@ def cases_from_csv(csv_path: Path, label_dir: Path | None = None) -> list[EvalCa
         raise EvaluationError(f"{csv_path}: cannot read the case list: {exc}") from exc
     cases = []
     for number, row in enumerate(rows, start=2):  # line 1 is the header
-        if not row.get("source") and row.get("case"):
-            row["source"] = _source_of_prepared_case(csv_path.parent / row["case"])
+        meta = _prepared_meta(csv_path.parent / row["case"]) if row.get("case") else {}
+        if not row.get("source"):
+            row["source"] = str(meta.get("source", ""))
         source = Path(row["source"]) if row.get("source") else None
         if source is not None and not source.is_absolute():
             source = csv_path.parent / source
@@ -110,8 +113,24 @@ def cases_from_csv(csv_path: Path, label_dir: Path | None = None) -> list[EvalCa
             )
         case_id = row.get("case_id") or Path(row.get("case") or "").stem or case_name(source.name)
         annotated = _names(row.get("annotated")) if row.get("annotated") else None
-        cases.append(EvalCase(case_id, source, annotated, _names(row.get("truncated"))))
+        convention = (meta.get("options") or {}).get("convention")
+        cases.append(EvalCase(case_id, source, annotated, _names(row.get("truncated")), convention or None))
     return cases
+
+
+def resolve_conventions(cases: list[EvalCase], convention=None) -> dict:
+    """``{label map path: convention}`` to read each case with: ``--convention`` if given, else the
+    one ``heart-prepare`` read the case with (recorded in its prepared ``.npz``), else none. A split
+    folder prepared with ``--label_map`` is thus read the same way without repeating it; a
+    ``--convention`` that differs from the recorded one is used, with a warning."""
+    recorded = sorted({str(c.convention) for c in cases if c.convention})
+    if convention is not None and recorded and recorded != [str(convention)]:
+        print(f"heart-eval: warning: the cases were prepared with the label convention {', '.join(recorded)}; "
+              f"reading them with --convention {convention} as asked", file=sys.stderr)
+    elif convention is None and recorded:
+        print(f"heart-eval: reading the label maps with the convention heart-prepare used: {', '.join(recorded)}",
+              file=sys.stderr)
+    return {c.path.resolve(): convention if convention is not None else c.convention for c in cases}
 
 
 def find_cases(data: Path, split: str = "test", label_dir: Path | None = None) -> list[EvalCase]:
@@ -235,10 +254,14 @@ def evaluate_case(case: EvalCase, reference: LabelMap, scenarios, table, model_f
 
 def load_baseline(train_cases: list[EvalCase], table, progress: bool, cache_path: Path | None = None,
                   convention=None):
+    """The nearest-case baseline over ``train_cases``, each read with ``convention`` or, if that is
+    None, with the convention it was prepared with (:func:`resolve_conventions`)."""
     from HeartCompletionLib.labelmap_io import read_label_map
 
+    conventions = {c.path.resolve(): convention if convention is not None else c.convention for c in train_cases}
     return NearestCaseBaseline.from_paths(
-        [c.path.resolve() for c in train_cases], loader=lambda p: read_label_map(p, table=table, convention=convention),
+        [c.path.resolve() for c in train_cases],
+        loader=lambda p: read_label_map(p, table=table, convention=conventions.get(Path(p).resolve(), convention)),
         case_ids=[c.case_id for c in train_cases], progress=progress, cache_path=cache_path,
     )
 
@@ -258,6 +281,7 @@ def run_evaluation(args) -> dict:
     scenarios = resolve_scenarios(args.scenarios, table)
     cases = find_cases(args.data_dir, args.split, args.label_dir)[: args.max_cases or None]
     resolve_annotated(cases, table, args.convention, args.annotated)
+    conventions = resolve_conventions(cases, args.convention)
     baseline = None
     if not args.no_baseline:
         cache = args.baseline_cache or Path(args.output_dir) / "baseline_index.npz"
@@ -276,7 +300,7 @@ def run_evaluation(args) -> dict:
     bar = tqdm(total=len(cases) * len(scenarios), desc="heart-eval", unit="scenario", disable=args.quiet)
     for index, case in enumerate(cases):
         try:
-            reference = read_label_map(case.path, table=table, convention=args.convention)
+            reference = read_label_map(case.path, table=table, convention=conventions[case.path.resolve()])
         except (LabelMapError, OSError) as exc:
             failed.append({"case": case.case_id, "error": str(exc)})
             print(f"heart-eval: skipping {case.path}: {exc}", file=sys.stderr)

@@ -126,7 +126,7 @@ def _wants_lines(argv) -> bool:
 
 def _parser() -> argparse.ArgumentParser:
     from .completion import DEFAULT_GRID_SPACING_MM, DEFAULT_MARGIN_MM
-    from .islands import DEFAULT_MIN_ISLAND_FRACTION
+    from .islands import DEFAULT_MAX_DETACHED_MM, DEFAULT_MIN_ISLAND_FRACTION
     from .meshes import MESH_FORMATS
 
     p = _Parser(
@@ -171,6 +171,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min_island_fraction", type=_fraction, default=DEFAULT_MIN_ISLAND_FRACTION, metavar="F",
                    help="clear predicted pieces smaller than F x the structure's largest piece "
                         f"(default {DEFAULT_MIN_ISLAND_FRACTION:g}; 0 keeps every piece)")
+    p.add_argument("--max_detached_mm", type=_non_negative_mm, default=DEFAULT_MAX_DETACHED_MM, metavar="MM",
+                   help="clear predicted pieces lying more than MM from every other structure while another piece of "
+                        f"the structure is attached (default {DEFAULT_MAX_DETACHED_MM:g}; 0 keeps them)")
     grid = p.add_argument_group("output grid (default: the input's own grid)")
     grid.add_argument("--extend_mm", type=_non_negative_mm, default=None, metavar="MM",
                       help="grow the output grid (the input's axes) to cover the given structures plus MM on every "
@@ -268,7 +271,7 @@ def _request(args, output_grid):
     return CompletionRequest(
         structures=args.structures, replace=args.replace, device=args.device, seed=args.seed,
         grid_spacing_mm=args.grid_spacing_mm, margin_mm=args.margin_mm, decode=args.decode,
-        min_island_fraction=args.min_island_fraction, output_grid=output_grid,
+        min_island_fraction=args.min_island_fraction, output_grid=output_grid, max_detached_mm=args.max_detached_mm,
     )
 
 

@@ -27,7 +27,8 @@ Steps of :func:`complete` (:func:`complete_label_map` is the same call with the 
    other voxel of the region goes to the structure, among those not given, with the smallest
    signed distance when that distance is negative, and is written if that structure was asked for.
    One label per voxel by construction. Small disconnected pieces of the predicted structures
-   (under ``min_island_fraction`` of the largest piece) are cleared (:mod:`.islands`).
+   (under ``min_island_fraction`` of the largest piece) and detached pieces (farther than
+   ``max_detached_mm`` from every other structure) are cleared (:mod:`.islands`).
 
 >>> from HeartCompletionLib.structures import StructureTable
 >>> resolve_structures(StructureTable.default(), ["LAA", 9, "10", "left ventricle"])
@@ -53,7 +54,7 @@ from .decode_grid import (
 from .encoder_input import encoder_arrays, encoder_centre_mm, select_encoder_points
 from .errors import HeartCompletionError
 from .geometry import direction_of, ijk_to_ras_points, spacing_of, validate_ijk_to_ras
-from .islands import DEFAULT_MIN_ISLAND_FRACTION, remove_small_islands
+from .islands import DEFAULT_MAX_DETACHED_MM, DEFAULT_MIN_ISLAND_FRACTION, remove_detached_pieces, remove_small_islands
 from .labelmap import LabelMap
 from .output_grid import box_on_grid, given_box, resample_nearest
 
@@ -207,12 +208,15 @@ class CompletionRequest:
     output_grid: tuple | None = None
     hierarchical: bool = True
     return_signed_distance: bool = False
+    max_detached_mm: float = DEFAULT_MAX_DETACHED_MM
 
     def __post_init__(self) -> None:
         if self.structures is not None and not isinstance(self.structures, tuple):
             object.__setattr__(self, "structures", tuple(self.structures))
         _check_lengths(self.grid_spacing_mm, self.margin_mm)
         _check_decode(self.decode, self.fast_options)
+        if not (np.isfinite(self.max_detached_mm) and self.max_detached_mm >= 0):
+            raise CompletionError(f"max_detached_mm must be a length >= 0 mm, got {self.max_detached_mm!r}")
 
     @property
     def fast_decode_options(self) -> dict:
@@ -634,9 +638,12 @@ def _fuse(result: CompletionResult, inp: _Input, decoded: _Decoded, table, reque
     for lab, crop in boxes.items():  # each structure in its own bounding box: the same pieces, far fewer voxels
         # a requested label occurs only where it was just written (kept labels are never requested)
         removed.update(remove_small_islands(sub[crop], [lab], request.min_island_fraction))
+    detached = remove_detached_pieces(sub, list(boxes), spacing_of(inp.geometry), request.max_detached_mm)
     timings["islands_s"] = time.perf_counter() - t_islands
     result.messages += [f"{table.by_label(lab).name}: removed {n} voxels in small disconnected pieces"
                         for lab, n in removed.items() if n]
+    result.messages += [f"{table.by_label(lab).name}: removed {n} voxels in pieces more than "
+                        f"{request.max_detached_mm:g} mm from every other structure" for lab, n in detached.items() if n]
     result.completed_labels = list(requested)
     result.messages += [f"{table.by_label(lab).name}: the model predicts no voxel" for lab in requested
                         if lab not in boxes]
@@ -734,6 +741,7 @@ def complete_label_map(
     decode: str = DEFAULT_DECODE,
     fast_options: Mapping[str, float] | None = None,
     output_grid=None,
+    max_detached_mm: float = DEFAULT_MAX_DETACHED_MM,
 ) -> CompletionResult:
     """Complete ``label_map`` with the model of ``checkpoint``; see the module docstring for the steps.
 
@@ -753,7 +761,9 @@ def complete_label_map(
     holds every requested structure comes back unchanged with a "nothing to complete" message. ``hierarchical=False`` decodes every region voxel (slow reference);
     ``return_signed_distance`` also decodes densely and returns the requested structures' distances.
     ``min_island_fraction``: predicted pieces smaller than this fraction of the structure's largest
-    piece are cleared (:mod:`HeartCompletionLib.islands`; 0 keeps every piece). ``decode``: ``"fast"``
+    piece are cleared (:mod:`HeartCompletionLib.islands`; 0 keeps every piece), and so are pieces lying
+    more than ``max_detached_mm`` (default 15) from every other structure while another piece of the
+    same structure is attached (0 keeps them). ``decode``: ``"fast"``
     (default) or ``"exact"`` (see the module docstring); ``fast_options`` tunes the fast decode
     (``interp_cell_mm``, ``node_band``, ``voxel_band``, see :mod:`.decode_grid`); an unknown mode,
     key or a negative value raises :class:`CompletionError`. ``chunk_size``: queries per model call
@@ -767,6 +777,7 @@ def complete_label_map(
         grid_spacing_mm=grid_spacing_mm, margin_mm=margin_mm, refine_factor=refine_factor, decode=decode,
         fast_options=fast_options, min_island_fraction=min_island_fraction, chunk_size=chunk_size,
         output_grid=output_grid, hierarchical=hierarchical, return_signed_distance=return_signed_distance,
+        max_detached_mm=max_detached_mm,
     )
     return complete(label_map, checkpoint, request, progress=progress, cancel=cancel, ijk_to_ras=ijk_to_ras)
 

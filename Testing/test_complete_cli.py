@@ -148,6 +148,10 @@ def test_clear_errors(tiny_checkpoint, inputs, tmp_path, capsys):
         main(["--checkpoint", ck, "--input", str(src), "--output", str(tmp_path / "i.nii.gz"),
               "--min_island_fraction", "1.5"])
     assert exit_info.value.code == 2 and "--min_island_fraction" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # so is a negative detached-piece distance
+        main(["--checkpoint", ck, "--input", str(src), "--output", str(tmp_path / "i.nii.gz"),
+              "--max_detached_mm", "-3"])
+    assert exit_info.value.code == 2 and "--max_detached_mm" in capsys.readouterr().err
 
 
 def test_other_label_numbering_is_mapped(tiny_checkpoint, tmp_path, capsys):

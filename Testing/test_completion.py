@@ -183,6 +183,35 @@ def test_island_removal_respects_where_and_zero_fraction():
     assert labels[8, 8, 8] == 0 and labels[8, 0, 8] == 7 and (labels == 7).sum() == 126
 
 
+def test_detached_pieces_are_removed_by_physical_distance():
+    """A structure with a piece touching the heart and one far away (the held-out RA failure of the
+    study): the far piece goes, the attached one and every other label stay. Distances are in mm, so
+    an anisotropic grid gives the same answer; a piece near a piece of its own structure stays."""
+    from HeartCompletionLib.islands import remove_detached_pieces
+
+    for spacing in ((1.0, 1.0, 1.0), (1.0, 2.0, 0.5)):
+        shape = tuple(int(round(80 / s)) for s in spacing)  # 80 mm cube
+        labels = np.zeros(shape, dtype=np.int16)
+
+        boxes = (((0, 0, 0), (20, 20, 20), 1),     # another structure (given or predicted)
+                 ((20, 0, 0), (30, 10, 10), 4),    # the structure, touching it
+                 ((60, 60, 60), (70, 70, 70), 4),  # a detached piece of it, > 50 mm from everything
+                 ((34, 0, 0), (38, 4, 4), 4))      # 4 mm from its own attached piece: kept
+        for lo_mm, hi_mm, value in boxes:
+            labels[tuple(slice(int(round(a / s)), int(round(b / s))) for a, b, s in zip(lo_mm, hi_mm, spacing))] = value
+        before = labels.copy()
+        removed = remove_detached_pieces(labels, [4], spacing, max_gap_mm=15.0)
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        assert removed[4] * voxel_ml == pytest.approx(1.0, rel=0.05), spacing  # the 10 x 10 x 10 mm piece
+        far = tuple(slice(int(round(60 / s)), int(round(70 / s))) for s in spacing)
+        assert (labels[far] == 0).all()
+        assert np.array_equal(labels[labels != before], np.zeros(int((labels != before).sum()), np.int16))
+        assert (labels == 1).sum() == (before == 1).sum()  # other labels untouched
+        assert remove_detached_pieces(labels, [4], spacing, max_gap_mm=0.0) == {}
+    with pytest.raises(CompletionError, match="max_detached_mm"):
+        complete_label_map(np.zeros((4, 4, 4), np.int16), "unused.safetensors", max_detached_mm=-1.0)
+
+
 def test_progress_increases_and_cancel_stops(checkpoint, completed_iso):
     _, source, _ = completed_iso
     fractions, messages = [], []

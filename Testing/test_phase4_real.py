@@ -112,7 +112,7 @@ def _dataset(mix: dict, exclusion: float = 1.0):
 
     overrides = [f"data.datasets.{i}.data_dir={mix[name]}" for i, name in enumerate(WEIGHTS)]
     overrides += ["data.num_input_points=256", "data.num_volume_queries=256", "data.num_near_queries=256",
-                  "data.num_surface_queries=64", f"loss.exclusion={exclusion}", "loss.eikonal=0"]
+                  "data.num_surface_queries=64", f"loss.exclusion={exclusion}", "loss.eikonal=0", "loss.teacher=0"]
     cfg = load_config("phase4_real", overrides)
     table = StructureTable.from_spec(cfg.structures)
     train_ds, _, sizes, weights = build_datasets(cfg, table, Normalization(cfg.scale_mm))
@@ -120,7 +120,7 @@ def _dataset(mix: dict, exclusion: float = 1.0):
 
 
 def _check_annotated_only(mix: dict):
-    from heart_training.dataset import collate
+    from heart_training.dataset import QUERY_SURFACE, collate
     from heart_training.losses import compute_losses
 
     cfg, table, ds, _, _ = _dataset(mix)
@@ -156,6 +156,24 @@ def _check_annotated_only(mix: dict):
             stray = unannotated & ~inside_annotated.expand_as(unannotated)
             assert float(grad[stray].max()) == 0.0
             assert float(grad[unannotated & inside_annotated.expand_as(unannotated)].max()) > 0  # the hinge acts
+
+    # the teacher term reaches exactly the unannotated structures (not at surface samples), and leaves
+    # the annotated ones' gradients as they were
+    cfg.loss.exclusion = 0.0
+    pred = (torch.randn(batch["target"].shape) * 0.05).requires_grad_(True)
+    teacher = torch.randn(batch["target"].shape) * 0.05
+    compute_losses(pred, batch, cfg.loss).total.backward()
+    without = pred.grad.clone()
+    pred.grad = None
+    cfg.loss.teacher = 0.5
+    out = compute_losses(pred, batch, cfg.loss, teacher_pred=teacher)
+    out.total.backward()
+    assert float(out.terms["teacher"]) > 0
+    not_surface = (batch["query_kind"] != QUERY_SURFACE)[..., None].expand_as(unannotated)
+    assert torch.equal(pred.grad[~unannotated], without[~unannotated])
+    assert float(pred.grad[unannotated & ~not_surface].abs().max()) == 0.0
+    assert bool((pred.grad[unannotated & not_surface] != 0).float().mean() > 0.99)
+    cfg.loss.teacher = 0.0
 
 
 def test_samples_and_loss_use_only_annotated_structures_synthetic(synthetic_mix):
@@ -218,7 +236,7 @@ def test_tiny_real_phase4_run_logs_the_mix(real_mix, tmp_path):
     drawn = {name: 0.0 for name in WEIGHTS}
     for r in train:
         assert r["targets_on_unannotated"] == 0
-        assert np.isfinite(r["loss"]) and r["exclusion"] >= 0
+        assert np.isfinite(r["loss"]) and r["exclusion"] >= 0 and r["teacher"] >= 0
         # RA, RV, LA: annotated by synthetic hearts; RV also by ACDC; LA also by the LA source
         assert r["target_freq/RA"] == pytest.approx(r["draw_freq/synthetic"])
         assert r["target_freq/PV"] == pytest.approx(r["draw_freq/synthetic"])
@@ -228,6 +246,7 @@ def test_tiny_real_phase4_run_logs_the_mix(real_mix, tmp_path):
         assert sum(r[f"draw_freq/{n}"] for n in WEIGHTS) == pytest.approx(1.0)
         for name in WEIGHTS:
             drawn[name] += r[f"draw_freq/{name}"] / len(train)
+    assert max(r["teacher"] for r in train) > 0  # real samples: their unannotated structures follow the teacher
     n = steps * batch  # 160 draws: binomial standard deviation <= 0.04
     for name, weight in WEIGHTS.items():
         assert abs(drawn[name] - weight) < 4 * np.sqrt(weight * (1 - weight) / n), (name, drawn[name])
@@ -258,10 +277,11 @@ def test_model_config_from_init_takes_the_checkpoints_architecture(tmp_path):
     assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
     cfg.model.overrides = {"qk_norm": True}  # overrides still apply on top
     assert model_config_of(cfg, table) == replace(config, qk_norm=True)
-    for init in ("", str(tmp_path / "state.pt")):
-        cfg = load_config("phase4_real", [f"model.init_from={init}"] if init else [])
-        with pytest.raises(ConfigError, match="from_init needs model.init_from"):
-            model_config_of(cfg, table)
+    with pytest.raises(ConfigError, match="needs model.init_from"):  # phase 4 without a model to start from
+        load_config("phase4_real").validate()
+    cfg = load_config("phase4_real", [f"model.init_from={tmp_path / 'state.pt'}"])
+    with pytest.raises(ConfigError, match="from_init needs model.init_from"):
+        model_config_of(cfg, table)
     (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
     cfg = load_config("phase4_real", [f"model.init_from={tmp_path / 'bad.safetensors'}"])
     with pytest.raises(ConfigError, match="bad.safetensors.*cannot read its model config"):

@@ -130,6 +130,7 @@ class LossConfig:
     eikonal_step_mm: float = 1.0  #: finite-difference step
     kl: float = 1e-4  #: weight of the model's KL term (0 when its bottleneck has none)
     exclusion: float = 0.0  #: hinge: inside one structure -> outside every other by at least that depth
+    teacher: float = 0.0  #: L1 to the frozen init_from model for structures a sample does not annotate (phase 4)
 
 
 @dataclass
@@ -206,6 +207,10 @@ class TrainConfig:
                 raise ConfigError(f"{where}: optim.{name} must be >= 1")
         if self.data.num_input_points < 1 or self.data.num_volume_queries + self.data.num_near_queries < 1:
             raise ConfigError(f"{where}: need input points and volume or near queries")
+        if self.loss.teacher < 0:
+            raise ConfigError(f"{where}: loss.teacher must be >= 0")
+        if self.loss.teacher > 0 and not self.model.init_from:
+            raise ConfigError(f"{where}: loss.teacher > 0 needs model.init_from (the teacher is the model it starts from)")
         if self.loss.eikonal > 0 and self.loss.eikonal_queries > self.data.num_near_queries:
             raise ConfigError(f"{where}: loss.eikonal_queries must not exceed data.num_near_queries")
         if not self.data.datasets:

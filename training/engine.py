@@ -165,6 +165,9 @@ class Trainer:
             self.log.info(self.device_sampler.store.memory_line())
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = build_model(cfg, self.table).to(ctx.device)
+        self.teacher = None
+        if cfg.loss.teacher > 0:  # the model as it starts (init_from), frozen: its distances stand in for missing labels
+            self.teacher = build_model(cfg, self.table).to(ctx.device).eval().requires_grad_(False)
         if cfg.run.compile:
             self.log.info(f"torch.compile: {', '.join(compile_model(self.model))}")
         self.ddp = self.model
@@ -228,10 +231,14 @@ class Trainer:
                                                           self.step_n)], dim=1)
         with self.autocast():
             out = model(batch["enc_points"], batch["enc_onehot"], queries)
+        teacher_pred = None
+        if self.teacher is not None and model.training:
+            with torch.no_grad(), self.autocast():
+                teacher_pred = self.teacher(batch["enc_points"], batch["enc_onehot"], batch["queries"])["sdf"].float()
         sdf = out["sdf"].float()
         return compute_losses(sdf[:, :q], batch, self.cfg.loss, kl=out.get("kl"),
                               eikonal_pred=sdf[:, q:] if use_eik else None, step_n=self.step_n,
-                              clamp_n=self.norm.distance_to_network(self.cfg.loss.clamp_mm))
+                              clamp_n=self.norm.distance_to_network(self.cfg.loss.clamp_mm), teacher_pred=teacher_pred)
 
     def train_step(self, micro_batches) -> tuple[dict, torch.Tensor, torch.Tensor, MaskStatistics]:
         self.ddp.train()

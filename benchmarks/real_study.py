@@ -169,7 +169,7 @@ def _rows(csv_path: Path) -> int:
 
 
 # --- 2. train ----------------------------------------------------------------------------------
-def train_overrides(out: Path, budget: Budget, init: Path, device: str) -> list[str]:
+def train_overrides(out: Path, budget: Budget, init: Path, device: str, extra=()) -> list[str]:
     data = out / "data"
     steps = budget.steps
     o = [f"model.init_from={init}", "model.config=from_init",
@@ -180,10 +180,10 @@ def train_overrides(out: Path, budget: Budget, init: Path, device: str) -> list[
          f"run.log_every={max(1, min(50, steps // 10))}", f"run.device={device}", f"run.threads={budget.threads}",
          f"data.num_workers={budget.num_workers}", "data.max_val_cases=24", "run.progress=false",
          "run.tensorboard=false", "loss.eikonal_queries=128"]
-    return o + [f"data.{s}" for s in budget.sample]
+    return o + [f"data.{s}" for s in budget.sample] + list(extra)
 
 
-def stage_train(out: Path, budget: Budget, init: Path, device: str) -> float:
+def stage_train(out: Path, budget: Budget, init: Path, device: str, extra=()) -> float:
     run_dir = out / "phase4"
     marker = run_dir / "DONE"
     if marker.is_file():
@@ -192,7 +192,7 @@ def stage_train(out: Path, budget: Budget, init: Path, device: str) -> float:
     log(f"train: phase 4 from {init}, {budget.steps} steps of {budget.batch_size} -> {run_dir}")
     started = time.perf_counter()
     _run([*_cli("heart_training.trainer"), "--config", "phase4_real", "--output_dir", run_dir, "--resume",
-          *train_overrides(out, budget, init, device)], run_dir / "stdout.log", "heart-train phase 4")
+          *train_overrides(out, budget, init, device, extra)], run_dir / "stdout.log", "heart-train phase 4")
     seconds = round(time.perf_counter() - started, 1)
     marker.write_text(json.dumps({"seconds": seconds}), encoding="utf-8")
     log(f"train: finished in {seconds:.0f} s; " + mix_summary(run_dir))
@@ -360,7 +360,8 @@ def write_report(out: Path, budget: Budget, args, init: Path, timings: dict, siz
              f"{timings.get('train_s', 0):.0f} s, evaluation {timings.get('eval_s', 0):.0f} s, whole hearts "
              f"{timings.get('whole_s', 0):.0f} s.", "",
              f"Phase 4 from `{init}` ({budget.steps} steps of {budget.batch_size}, lr {budget.lr}, "
-             "`training/configs/phase4_real.yaml`: synthetic 0.5 / ACDC 0.3 / LA 0.2); "
+             "`training/configs/phase4_real.yaml`: synthetic 0.5 / ACDC 0.3 / LA 0.2"
+             + (f"; overrides {' '.join(args.overrides)}" if args.overrides else "") + "); "
              + (mix_summary(out / "phase4") if (out / "phase4" / "log.jsonl").is_file() else "no log") + ".", "",
              "Patients (split by patient, seed 0; `test` = held out, never trained on nor in the baseline): "
              + "; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in n.items()) for s, n in sizes.items()) + ".", "",
@@ -438,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cpu | cuda (default: the budget's)")
     parser.add_argument("--workers", type=int, default=None, help="processes for prepare (default: cores)")
     parser.add_argument("--steps", type=int, default=None, help="override the budget's phase-4 steps")
+    parser.add_argument("--overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="further heart-train overrides of phase 4, e.g. loss.teacher=0")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
                         help="run only these stages (default: all; finished ones are skipped anyway)")
     return parser
@@ -476,23 +479,28 @@ def main(argv=None) -> int:
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     log(f"budget {budget.name}, init {init} -> {out} (device {device})")
     sizes, whole = {}, []
-    try:
-        if "prepare" in args.stages or "report" in args.stages:
-            started = time.perf_counter()
-            sizes = stage_prepare(out, budget, args.real_dir, workers)
-            if "prepare" in args.stages:
-                timings["prepare_s"] = timings.get("prepare_s", 0) + round(time.perf_counter() - started, 1)
-        if "train" in args.stages:
-            timings["train_s"] = stage_train(out, budget, init, device)
-        if "eval" in args.stages:
-            timings["eval_s"] = timings.get("eval_s", 0) + stage_eval(out, budget, init, device)
-        if "whole" in args.stages or "report" in args.stages:
-            started = time.perf_counter()
-            whole = stage_whole(out, args.real_dir, device)
-            if "whole" in args.stages:
-                timings["whole_s"] = timings.get("whole_s", 0) + round(time.perf_counter() - started, 1)
-    finally:
+
+    def add(key: str, seconds: float) -> None:  # written after every stage: a run stopped later keeps them
+        timings[key] = round(timings.get(key, 0) + seconds, 1)
         timings_path.write_text(json.dumps(timings), encoding="utf-8")
+
+    if "prepare" in args.stages or "report" in args.stages:
+        started = time.perf_counter()
+        sizes = stage_prepare(out, budget, args.real_dir, workers)
+        if "prepare" in args.stages:
+            add("prepare_s", time.perf_counter() - started)
+    if "train" in args.stages:
+        trained_before = (out / "phase4" / "DONE").is_file()
+        seconds = stage_train(out, budget, init, device, args.overrides)
+        if not trained_before:
+            add("train_s", seconds)
+    if "eval" in args.stages:
+        add("eval_s", stage_eval(out, budget, init, device))
+    if "whole" in args.stages or "report" in args.stages:
+        started = time.perf_counter()
+        whole = stage_whole(out, args.real_dir, device)
+        if "whole" in args.stages:
+            add("whole_s", time.perf_counter() - started)
     if "report" in args.stages:
         path = write_report(out, budget, args, init, timings, sizes, whole)
         log(f"report: {path}")

@@ -541,6 +541,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def checked_device(parser: argparse.ArgumentParser, device: str) -> str:
+    """``device``, or a usage error when it asks for CUDA that this machine lacks."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"--device {device}: CUDA is not available here (torch {torch.__version__})")
+    return device
+
+
+def study_folder(output_dir: Path | None, default_name: str) -> tuple[Path, Path, dict]:
+    """``(folder, timings.json path, timings so far)`` of a study (default ``runs/<default_name>``)."""
+    out = (output_dir or REPO / "runs" / default_name).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    timings_path = out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    return out, timings_path, timings
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -564,19 +583,11 @@ def main(argv=None) -> int:
             if value < 3:
                 parser.error(f"--{name} must be at least 3")
             budget = replace(budget, **{name: value})
-    device = args.device or budget.device
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            parser.error(f"--device {device}: CUDA is not available here (torch {torch.__version__})")
-    out = (args.output_dir or REPO / "runs" / f"study_{budget.name}").resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    device = checked_device(parser, args.device or budget.device)
+    out, timings_path, timings = study_folder(args.output_dir, f"study_{budget.name}")
     cores = os.cpu_count() or 2
     workers = args.workers or cores
     eval_workers = args.eval_workers or (min(12, cores) if device.startswith("cuda") else cores)
-    timings_path = out / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     log(f"budget {budget.name} -> {out} (device {device}, {workers} workers)")
     try:
         if "hearts" in args.stages or "prepare" in args.stages:

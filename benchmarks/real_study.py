@@ -46,7 +46,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from completion_study import _cell, _device_name, _git_commit, _stat, _torch_version  # noqa: E402
+from completion_study import _cell, _device_name, _git_commit, _stat, _torch_version, checked_device, study_folder  # noqa: E402
 
 DEFAULT_REAL = REPO.parent / "shared" / "data" / "real"
 STAGES = ("prepare", "train", "eval", "whole", "report")
@@ -466,17 +466,9 @@ def main(argv=None) -> int:
         parser.error(f"--init: {exc}")
     if not args.real_dir.is_dir():
         parser.error(f"--real_dir {args.real_dir}: no such folder (the shared real data)")
-    device = args.device or budget.device
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            parser.error(f"--device {device}: CUDA is not available here (torch {torch.__version__})")
-    out = (args.output_dir or REPO / "runs" / f"real_{budget.name}").resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    device = checked_device(parser, args.device or budget.device)
+    out, timings_path, timings = study_folder(args.output_dir, f"real_{budget.name}")
     workers = args.workers or os.cpu_count() or 2
-    timings_path = out / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     log(f"budget {budget.name}, init {init} -> {out} (device {device})")
     sizes, whole = {}, []
 

@@ -147,3 +147,17 @@ def test_fuzz_readers_runs_at_its_smallest_size():
     text = run_benchmark("fuzz_readers.py", "--count", "6", "--seed", "1")
     assert text.startswith("command: ") and "fuzz_readers.py --count 6" in text
     assert "6 mutations in" in text and "total" in text and "FAIL" not in text
+
+
+def test_fps_speed_checks_the_cuda_graph_or_says_why_not():
+    """On a CUDA machine: eager and graph indices agree (exit 0) and both times are printed; without
+    CUDA it is a usage error naming the reason, never a silent pass."""
+    import torch
+
+    proc = subprocess.run([sys.executable, str(BENCH / "fps_speed.py"), "--shapes", "4x600x32"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    if torch.cuda.is_available():
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "same indices: True" in proc.stdout and "CUDA graph" in proc.stdout
+    else:
+        assert proc.returncode == 2 and "CUDA is not available" in proc.stderr

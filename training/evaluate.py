@@ -130,6 +130,10 @@ def resolve_conventions(cases: list[EvalCase], convention=None) -> dict:
     elif convention is None and recorded:
         print(f"heart-eval: reading the label maps with the convention heart-prepare used: {', '.join(recorded)}",
               file=sys.stderr)
+    return _conventions_by_path(cases, convention)
+
+
+def _conventions_by_path(cases: list[EvalCase], convention=None) -> dict:
     return {c.path.resolve(): convention if convention is not None else c.convention for c in cases}
 
 
@@ -258,7 +262,7 @@ def load_baseline(train_cases: list[EvalCase], table, progress: bool, cache_path
     None, with the convention it was prepared with (:func:`resolve_conventions`)."""
     from HeartCompletionLib.labelmap_io import read_label_map
 
-    conventions = {c.path.resolve(): convention if convention is not None else c.convention for c in train_cases}
+    conventions = _conventions_by_path(train_cases, convention)
     return NearestCaseBaseline.from_paths(
         [c.path.resolve() for c in train_cases],
         loader=lambda p: read_label_map(p, table=table, convention=conventions.get(Path(p).resolve(), convention)),

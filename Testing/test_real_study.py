@@ -1,6 +1,6 @@
 """benchmarks/real_study.py at its smallest size on the shared real files: prepare by patient,
 phase 4 from the bundled model, held-out evaluation, whole hearts from single real structures,
-and the report (issue 11). Skips when ../shared/data/real is absent."""
+and the report (issue 11). The end-to-end test skips when ../shared/data/real is absent."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "real"
 STUDY = ROOT / "benchmarks" / "real_study.py"
 
-pytestmark = pytest.mark.skipif(not (REAL / "acdc_cmr" / "labels.json").is_file(),
+needs_real = pytest.mark.skipif(not (REAL / "acdc_cmr" / "labels.json").is_file(),
                                 reason=f"the shared real data is not here ({REAL})")
 
 
@@ -24,6 +24,7 @@ def _run(*args, timeout=900):
                           timeout=timeout, cwd=ROOT)
 
 
+@needs_real
 @pytest.mark.slow
 def test_smoke_real_study_runs_end_to_end_and_resumes(tmp_path):
     out = tmp_path / "real"

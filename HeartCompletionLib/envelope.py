@@ -76,3 +76,16 @@ def envelope_fit(completed: LabelMap, envelope: np.ndarray, envelope_ijk_to_ras:
         "fill_fraction": float(inside_ml / envelope_ml) if envelope_ml > 0 else float("nan"),
         "envelope_in_view_fraction": float(in_view.mean()) if env_index.size else float("nan"),
     }
+
+
+def read_envelope(path) -> tuple[np.ndarray, np.ndarray]:
+    """A whole-heart mask file (any non-zero value) as ``(bool mask, IJK->RAS matrix in mm)``,
+    through the project's reader (its value is no structure of the table: that warning is muted)."""
+    import warnings
+
+    from .labelmap_io import read_label_map
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        envelope = read_label_map(path)
+    return envelope.labels > 0, envelope.ijk_to_ras

@@ -68,9 +68,7 @@ def test_real_structures_lie_in_their_envelope(folder, label_file, envelope_file
     """The real given structure against its envelope (same grid for platipy, another grid for the
     chest CT, in LPS files): only right physical coordinates put it inside; the same envelope
     stored with its voxel axes reversed (same physical mask) gives the same figures."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from envelope_check import read_envelope
-
+    from HeartCompletionLib.envelope import read_envelope
     from HeartCompletionLib.labelmap_io import read_label_map
 
     base = _real(folder)

@@ -46,21 +46,14 @@ CASES = (
 )
 
 
-def read_envelope(path: Path):
-    """A whole-heart mask (any non-zero value) and its IJK->RAS matrix, through the project's reader."""
-    import warnings
-
-    from HeartCompletionLib.labelmap_io import read_label_map
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # an envelope's value 1 is no structure of the table; only > 0 counts
-        envelope = read_label_map(path)
-    return envelope.labels > 0, envelope.ijk_to_ras
+def grid_text(label_map) -> str:
+    """``I x J x K at si x sj x sk mm`` of a label map's grid."""
+    return f"{'x'.join(map(str, label_map.shape))} at {'x'.join(f'{s:.3g}' for s in label_map.spacing_mm)} mm"
 
 
 def check_case(name: str, input_path: Path, envelope_path: Path, checkpoint, device: str, seed: int) -> dict:
     from HeartCompletionLib.completion import complete_label_map
-    from HeartCompletionLib.envelope import ENVELOPE_STRUCTURES, envelope_fit
+    from HeartCompletionLib.envelope import ENVELOPE_STRUCTURES, envelope_fit, read_envelope
     from HeartCompletionLib.labelmap_io import read_label_map
 
     table = checkpoint.table
@@ -74,7 +67,7 @@ def check_case(name: str, input_path: Path, envelope_path: Path, checkpoint, dev
     row = {
         "case": name,
         "input": [table.by_label(v).name for v in given.present_labels()],
-        "grid": f"{'x'.join(map(str, given.shape))} at {'x'.join(f'{s:.3g}' for s in given.spacing_mm)} mm",
+        "grid": grid_text(given),
         "seconds": round(seconds, 1),
         "heart": envelope_fit(completed, mask, mask_affine, heart_labels),
         "all": envelope_fit(completed, mask, mask_affine, table.labels),

@@ -46,7 +46,17 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from completion_study import _cell, _device_name, _git_commit, _stat, _torch_version, checked_device, study_folder  # noqa: E402
+from completion_study import (  # noqa: E402
+    _cell,
+    _device_name,
+    _git_commit,
+    _stat,
+    _torch_version,
+    checked_device,
+    study_folder,
+)
+from envelope_check import CASES as ENVELOPE_CASES  # noqa: E402  (name, folder, input, envelope)
+from envelope_check import grid_text  # noqa: E402
 
 DEFAULT_REAL = REPO.parent / "shared" / "data" / "real"
 STAGES = ("prepare", "train", "eval", "whole", "report")
@@ -54,11 +64,6 @@ STAGES = ("prepare", "train", "eval", "whole", "report")
 SOURCES = ("acdc_cmr", "la2018_lgemri")
 ACDC_SCENARIOS = ("missing_RV", "missing_LV", "missing_Myocardium")
 LA_TARGET = {"dice": 0.90, "assd_mm": 1.0}
-#: single-structure real inputs with a whole-heart envelope: (name, folder, input, envelope)
-ENVELOPE_CASES = (
-    ("platipy_rtct", "platipy_rtct", "04D1_label.nii.gz", "04D1_heart_envelope.nii.gz"),
-    ("totalseg_chestct", "totalseg_chestct", "chestct_label.nii.gz", "chestct_heart_envelope.nii.gz"),
-)
 #: a short-axis stack is completed on a grid grown by this much and resampled to this spacing
 ACDC_EXTEND_MM, ACDC_SPACING_MM = 40.0, 1.5
 
@@ -254,7 +259,7 @@ def stage_whole(out: Path, real_dir: Path, device: str) -> list[dict]:
 
     from HeartCompletionLib.checkpoint import load_inference_checkpoint
     from HeartCompletionLib.completion import complete_label_map
-    from HeartCompletionLib.envelope import ENVELOPE_STRUCTURES, envelope_fit
+    from HeartCompletionLib.envelope import ENVELOPE_STRUCTURES, envelope_fit, read_envelope
     from HeartCompletionLib.labelmap_io import read_label_map
     from HeartCompletionLib.output_grid import grown_grid
 
@@ -273,11 +278,11 @@ def stage_whole(out: Path, real_dir: Path, device: str) -> list[dict]:
             log(f"whole: {input_path} not found, {name} left out")
             continue
         given = read_label_map(input_path, table=table)
-        envelope = _read_envelope(envelope_path)
+        envelope = read_envelope(envelope_path)
         started = time.perf_counter()
         completed = complete_label_map(given, checkpoint, device=device, seed=0).label_map
         row = {"case": name, "input": [table.by_label(v).name for v in given.present_labels()],
-               "grid": _grid_text(completed), "seconds": round(time.perf_counter() - started, 1),
+               "grid": grid_text(completed), "seconds": round(time.perf_counter() - started, 1),
                "heart": envelope_fit(completed, *envelope, heart_labels),
                "all": envelope_fit(completed, *envelope, table.labels),
                "cut_by_view": [table.by_label(v).name for v in completed.border_labels()]}
@@ -295,7 +300,7 @@ def stage_whole(out: Path, real_dir: Path, device: str) -> list[dict]:
         completed = complete_label_map(given, checkpoint, device=device, seed=0, output_grid=grid).label_map
         name = f"acdc_cmr ({stack.name[: -len('.nii.gz')]})"
         row = {"case": name, "input": [table.by_label(v).name for v in given.present_labels()],
-               "grid": _grid_text(completed), "seconds": round(time.perf_counter() - started, 1),
+               "grid": grid_text(completed), "seconds": round(time.perf_counter() - started, 1),
                "volumes_ml": {table.by_label(v).name: round(float(np.count_nonzero(completed.labels == v))
                                                             * float(np.prod(completed.spacing_mm)) / 1000.0, 1)
                               for v in completed.present_labels()},
@@ -307,21 +312,6 @@ def stage_whole(out: Path, real_dir: Path, device: str) -> list[dict]:
         log(f"whole: {name}: {len(row['volumes_ml'])} structures on {row['grid']}")
     result_path.write_text(json.dumps(rows, indent=1), encoding="utf-8")
     return rows
-
-
-def _read_envelope(path: Path):
-    import warnings
-
-    from HeartCompletionLib.labelmap_io import read_label_map
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # an envelope's value is no structure of the table; only > 0 counts
-        envelope = read_label_map(path)
-    return envelope.labels > 0, envelope.ijk_to_ras
-
-
-def _grid_text(label_map) -> str:
-    return f"{'x'.join(map(str, label_map.shape))} at {'x'.join(f'{s:.3g}' for s in label_map.spacing_mm)} mm"
 
 
 # --- 5. report ---------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ class HeartCompletionTest(ScriptedLoadableModuleTest):
         self.test_CompleteSyntheticHeart()
 
     def test_BundledModelIsOfferedWithItsWarning(self):
-        from HeartCompletionLib.model_registry import find_model
+        from HeartCompletionLib.model.registry import find_model
 
         entry = find_model(self.MODEL)
         self.assertIsNotNone(entry, "the bundled model is not registered")
@@ -122,8 +122,8 @@ class HeartCompletionTest(ScriptedLoadableModuleTest):
         from HeartCompletionModule.logic import HeartCompletionLogic
         from HeartCompletionModule.segments import segment_terminology
 
-        from HeartCompletionLib import segment_mapping
-        from HeartCompletionLib.synthetic import synthetic_label_map
+        from HeartCompletionLib.io.synthetic import synthetic_label_map
+        from HeartCompletionLib.structures import segment_mapping
 
         self.delayDisplay(_("Building a partial synthetic heart"))
         logic = HeartCompletionLogic()

@@ -7,7 +7,7 @@ names the file and the problem" from a bug. The specific classes keep their hist
 built-in bases too (``LabelMapError`` is still a ``ValueError``, ``DataGateError`` still a
 ``RuntimeError``), so existing ``except`` clauses keep working.
 
->>> from HeartCompletionLib.labelmap_io import LabelMapError
+>>> from HeartCompletionLib.io.labelmap_files import LabelMapError
 >>> issubclass(LabelMapError, HeartCompletionError), issubclass(LabelMapError, ValueError)
 (True, True)
 

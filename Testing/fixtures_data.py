@@ -32,7 +32,7 @@ def geometries(base_spacing_mm: float = 1.5) -> dict[str, dict]:
     ``base_spacing_mm`` sets the isotropic/LPS/oblique spacing; the anisotropic one is always
     0.6 x 0.6 x 1.5 mm (thin in-plane, thick slices, like a clinical CT/MR stack).
     """
-    from HeartCompletionLib.geometry import rotation_matrix
+    from HeartCompletionLib.geometry.affine import rotation_matrix
 
     s = float(base_spacing_mm)
     return {
@@ -59,7 +59,7 @@ def synthetic_heart_files(tmp_path_factory) -> SyntheticCases:
     """Three synthetic cases (1.5 mm, ``.nii.gz``, dataset seed 7) written by ``heart-synth``'s
     own function, plus ``dataset.json``; exactly one of them has its LAA cut by the field of view
     (see ``.truncated``)."""
-    from heart_training.synth_cli import write_synthetic_dataset
+    from heart_training.data.synth_cli import write_synthetic_dataset
 
     folder = tmp_path_factory.mktemp("synthetic_hearts")
     dataset = write_synthetic_dataset(folder, cases=3, seed=7, spacing_mm=(1.5, 1.5, 1.5), fmt=".nii.gz",
@@ -74,7 +74,7 @@ def synthetic_heart_files(tmp_path_factory) -> SyntheticCases:
 @pytest.fixture(scope="session")
 def synthetic_label_map_1p5():
     """Synthetic heart (seed 0) at 1.5 mm isotropic, RAS-aligned, in memory. Do not modify."""
-    from HeartCompletionLib.synthetic import synthetic_label_map
+    from HeartCompletionLib.io.synthetic import synthetic_label_map
 
     label_map = synthetic_label_map(seed=0, spacing_mm=1.5)
     label_map.labels.setflags(write=False)  # shared by the session: fail loudly on in-place edits
@@ -84,7 +84,7 @@ def synthetic_label_map_1p5():
 @pytest.fixture(scope="session")
 def synthetic_heart_in_geometries() -> dict:
     """The same synthetic heart (seed 3) in the four :func:`geometries` (1.5 mm base), read-only."""
-    from HeartCompletionLib.synthetic import synthetic_heart, synthetic_label_map
+    from HeartCompletionLib.io.synthetic import synthetic_heart, synthetic_label_map
 
     heart = synthetic_heart(seed=3)
     maps = {name: synthetic_label_map(heart=heart, **geom) for name, geom in geometries(1.5).items()}

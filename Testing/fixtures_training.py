@@ -115,7 +115,7 @@ def write_analytic_case(path, seed: int = 0, num_surface: int = 30_000, num_volu
     e.g. ``distance_factor=2.5`` stores distances in 0.4 mm voxels, the unit error the data gate
     must catch. ``annotated``: structure indices annotated (default all); the others get NaN.
     """
-    from heart_training.case_format import save_case
+    from heart_training.data.case_format import save_case
 
     rng = np.random.default_rng(seed)
     prims = analytic_heart(seed)
@@ -190,10 +190,10 @@ LEARNING_HEARTS = ((0, 0.8), (1, 1.2))
 def prepare_synthetic_hearts(data_dir: Path, seeds, spacing_mm: float = 1.5, scales=None) -> list[str]:
     """Prepare synthetic hearts ``seeds`` (with overall size factors ``scales``, default the
     generator's own) through the real pipeline: label map -> NIfTI -> ``prepare_case``."""
-    from heart_training.prepare import PrepareOptions, prepare_case
+    from heart_training.data.prepare import PrepareOptions, prepare_case
 
-    from HeartCompletionLib.labelmap_io import write_label_map
-    from HeartCompletionLib.synthetic import synthetic_heart, synthetic_label_map
+    from HeartCompletionLib.io.labelmap_files import write_label_map
+    from HeartCompletionLib.io.synthetic import synthetic_heart, synthetic_label_map
 
     options = PrepareOptions(num_surface=30_000, num_volume=20_000, num_near=30_000, min_surface_per_structure=500)
     maps = data_dir / "label_maps"
@@ -252,7 +252,7 @@ TINY_RUN_EXTRA = ["optim.batch_size=4", "optim.lr=0.003", "optim.min_lr_ratio=0.
 def tiny_training_run(prepared_synthetic_dataset, tmp_path_factory):
     """A finished ``tiny`` training run (phase 1) on the two synthetic hearts: a TrainResult."""
     from heart_training.config import load_config
-    from heart_training.trainer import train
+    from heart_training.train.trainer import train
 
     out = tmp_path_factory.mktemp("tiny_run")
     cfg = load_config("tiny_test", [*tiny_overrides(prepared_synthetic_dataset, out), *TINY_RUN_EXTRA])

@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 from fixtures_training import write_analytic_case, write_case_lists
 
-from HeartCompletionLib.checkpoint import CheckpointError, load_inference_checkpoint, read_checkpoint_metadata
 from HeartCompletionLib.errors import HeartCompletionError
-from HeartCompletionLib.labelmap_io import LabelMapError, read_label_map, write_label_map
-from HeartCompletionLib.structures import StructureTable
-from HeartCompletionLib.synthetic import synthetic_label_map
+from HeartCompletionLib.io.labelmap_files import LabelMapError, read_label_map, write_label_map
+from HeartCompletionLib.io.synthetic import synthetic_label_map
+from HeartCompletionLib.model.checkpoint import CheckpointError, load_inference_checkpoint, read_checkpoint_metadata
+from HeartCompletionLib.structures.table import StructureTable
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -41,10 +41,10 @@ CHECK_SMALL = ["--min_surface", "1000", "--min_volume", "1000", "--min_near", "1
 # --- helpers --------------------------------------------------------------------------------
 def _tiny_checkpoint(path: Path) -> Path:
     """A real (untrained) tiny model saved as an inference checkpoint."""
-    from HeartCompletionLib.checkpoint import save_inference_checkpoint
-    from HeartCompletionLib.model import HeartVecSet
-    from HeartCompletionLib.model_configs import get_config
-    from HeartCompletionLib.normalization import Normalization
+    from HeartCompletionLib.geometry.normalization import Normalization
+    from HeartCompletionLib.model.checkpoint import save_inference_checkpoint
+    from HeartCompletionLib.model.configs import get_config
+    from HeartCompletionLib.model.vecset import HeartVecSet
 
     table = StructureTable.default()
     return save_inference_checkpoint(path, HeartVecSet(get_config("tiny", len(table))), table, Normalization(),
@@ -67,7 +67,7 @@ def _rewrite_metadata(src: Path, dst: Path, edit) -> Path:
 
 def _rewrite_case(path: Path, edit) -> Path:
     """Rewrite a prepared case with ``edit(arrays)`` applied (as a user's script would)."""
-    from heart_training.case_format import OPTIONAL_KEYS, load_case, save_case
+    from heart_training.data.case_format import OPTIONAL_KEYS, load_case, save_case
 
     case = load_case(path, optional=OPTIONAL_KEYS)
     meta = {k: v for k, v in case.pop("meta").items() if k not in ("format", "format_version")}
@@ -98,10 +98,10 @@ def _alive(pid: int) -> bool:
 # --- row 4: sign-flipped training data ------------------------------------------------------
 @pytest.mark.slow
 def test_row4_sign_flipped_case_fails_check_and_gate(tmp_path, capsys):
-    from heart_training import prepare_cli
-    from heart_training.data_gate import check_case as gate_check
-    from heart_training.dataset import CaseRef
-    from heart_training.dataset_check import CheckLimits, check_case
+    from heart_training.data import prepare_cli
+    from heart_training.data.data_gate import check_case as gate_check
+    from heart_training.data.dataset import CaseRef
+    from heart_training.data.dataset_check import CheckLimits, check_case
 
     limits = CheckLimits(min_surface=1000, min_volume=1000, min_near=1000)
     good = write_analytic_case(tmp_path / "good" / "case.npz", seed=0, **SMALL_CASE)
@@ -124,9 +124,9 @@ def test_row4_sign_flipped_case_fails_check_and_gate(tmp_path, capsys):
 @pytest.mark.slow
 def test_row5_gate_checks_every_case_and_caches_by_hash(tmp_path):
     from heart_training.config import load_config
-    from heart_training.data_gate import DataGateError, run_case_checks
-    from heart_training.dataset import CaseRef
-    from heart_training.trainer import train
+    from heart_training.data.data_gate import DataGateError, run_case_checks
+    from heart_training.data.dataset import CaseRef
+    from heart_training.train.trainer import train
 
     data = tmp_path / "data"
     names = [f"c{i}" for i in range(5)]
@@ -166,7 +166,7 @@ def test_row6_crafted_header_is_refused_before_building(tmp_path):
     # in a process limited to 6 GB of address space: before the fix building the model failed there
     code = ("import resource, sys\n"
             "resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))\n"
-            "from HeartCompletionLib.checkpoint import load_inference_checkpoint, CheckpointError\n"
+            "from HeartCompletionLib.model.checkpoint import load_inference_checkpoint, CheckpointError\n"
             "try:\n"
             f"    load_inference_checkpoint({str(crafted)!r})\n"
             "except CheckpointError as exc:\n"
@@ -216,7 +216,7 @@ def test_row7_voxel_limit_option(tmp_path, monkeypatch):
     with pytest.raises(LabelMapError, match="HEARTCOMPLETION_MAX_VOXELS"):
         read_label_map(path)
     # heart-prepare --max_voxels: the case fails alone with that message
-    from heart_training import prepare_cli
+    from heart_training.data import prepare_cli
 
     monkeypatch.delenv("HEARTCOMPLETION_MAX_VOXELS")
     out = tmp_path / "out"
@@ -232,7 +232,7 @@ def test_row7_memory_error_becomes_a_clear_error(tmp_path):
     path = tmp_path / "big.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((512, 512, 400), np.uint8), np.eye(4)), str(path))
     code = ("import resource, sys\n"
-            "from HeartCompletionLib.labelmap_io import read_label_map, LabelMapError\n"
+            "from HeartCompletionLib.io.labelmap_files import read_label_map, LabelMapError\n"
             "size = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize')][0] * 1024\n"
             "resource.setrlimit(resource.RLIMIT_AS, (size + (250 << 20),) * 2)\n"
             "try:\n"
@@ -277,7 +277,7 @@ def test_row9_kill_9_of_prepare_leaves_no_orphan_workers(tmp_path):
     for seed in range(6):
         write_label_map(synthetic_label_map(seed=seed, spacing_mm=1.5), source / f"case_{seed}.nii.gz")
     process = subprocess.Popen(
-        [sys.executable, "-m", "heart_training.prepare_cli", "--input_dir", str(source), "--output_dir",
+        [sys.executable, "-m", "heart_training.data.prepare_cli", "--input_dir", str(source), "--output_dir",
          str(tmp_path / "out"), "--workers", "2", "--quiet", "--num_surface", "120000", "--num_volume", "200000",
          "--num_near", "200000"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers = []
@@ -317,7 +317,7 @@ def test_row10_malformed_safetensors_header(tmp_path):
 
 
 def test_row10_label_map_and_table_json_that_are_lists(tmp_path, capsys):
-    from heart_training import prepare_cli
+    from heart_training.data import prepare_cli
 
     write_label_map(synthetic_label_map(seed=0, spacing_mm=3.0), tmp_path / "in" / "case.nii.gz")
     as_list = tmp_path / "list.json"
@@ -329,7 +329,7 @@ def test_row10_label_map_and_table_json_that_are_lists(tmp_path, capsys):
 
 
 def test_row10_manifest_on_a_full_disk(tmp_path):
-    from heart_training import prepare_cli
+    from heart_training.data import prepare_cli
 
     write_label_map(synthetic_label_map(seed=0, spacing_mm=3.0), tmp_path / "in" / "case.nii.gz")
     out = tmp_path / "out"
@@ -342,7 +342,7 @@ def test_row10_manifest_on_a_full_disk(tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
 
-    result = subprocess.run([sys.executable, "-m", "heart_training.prepare_cli", *args], env=ENV,
+    result = subprocess.run([sys.executable, "-m", "heart_training.data.prepare_cli", *args], env=ENV,
                             preexec_fn=tiny_files, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and str(out / "manifest.json") in result.stderr
@@ -352,7 +352,7 @@ def test_row10_manifest_on_a_full_disk(tmp_path):
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     """A 2-step tiny training run (data + run folder) to resume from."""
-    from heart_training.trainer import main
+    from heart_training.train.trainer import main
 
     root = tmp_path_factory.mktemp("short_run")
     data = root / "data"
@@ -367,7 +367,7 @@ def short_run(tmp_path_factory):
 def test_row10_corrupt_or_pickled_state_on_resume(short_run, tmp_path, capsys):
     import shutil
 
-    from heart_training.trainer import main
+    from heart_training.train.trainer import main
 
     root, args = short_run
     for name, content in [("garbage", b"\x00not a state file" * 10),
@@ -383,7 +383,7 @@ def test_row10_corrupt_or_pickled_state_on_resume(short_run, tmp_path, capsys):
 
 
 def test_row10_override_with_invalid_yaml(capsys):
-    from heart_training.trainer import main
+    from heart_training.train.trainer import main
 
     assert main(["--config", "tiny_test", "optim.lr=[1"]) == 2
     assert "optim.lr=[1" in capsys.readouterr().err
@@ -403,7 +403,7 @@ def test_row10_full_disk_while_saving_training_state(short_run, tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    result = subprocess.run([sys.executable, "-m", "heart_training.trainer", *args, "optim.max_steps=4",
+    result = subprocess.run([sys.executable, "-m", "heart_training.train.trainer", *args, "optim.max_steps=4",
                              "run.tensorboard=false", "run.progress=false", "--output_dir", str(run), "--resume"],
                             env=ENV, preexec_fn=small_files, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
@@ -429,8 +429,8 @@ def test_row12_sigterm_during_a_write_removes_the_temporary(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     code = ("import numpy as np\n"
-            "from HeartCompletionLib.labelmap import LabelMap\n"
-            "from HeartCompletionLib.labelmap_io import write_label_map\n"
+            "from HeartCompletionLib.io.labelmap import LabelMap\n"
+            "from HeartCompletionLib.io.labelmap_files import write_label_map\n"
             "rng = np.random.default_rng(0)\n"
             "labels = rng.integers(0, 11, (400, 400, 300)).astype(np.int16)\n"
             "print('ready', flush=True)\n"
@@ -453,7 +453,7 @@ def test_row12_sigterm_during_a_write_removes_the_temporary(tmp_path):
 def test_row12_stale_temporaries_are_swept_at_start(short_run, tmp_path):
     import shutil
 
-    from heart_training.trainer import main
+    from heart_training.train.trainer import main
 
     root, args = short_run
     run = tmp_path / "run"
@@ -469,7 +469,7 @@ def test_row12_stale_temporaries_are_swept_at_start(short_run, tmp_path):
 # --- row 13: heart-eval does not exit 0 after skipping files ------------------------------------
 @pytest.mark.slow
 def test_row13_heart_eval_fails_when_a_file_was_unreadable(tmp_path, capsys):
-    from heart_training.evaluate import main
+    from heart_training.evaluation.evaluate import main
 
     ckpt = _tiny_checkpoint(tmp_path / "tiny.safetensors")
     data, train = tmp_path / "maps", tmp_path / "train"
@@ -488,14 +488,14 @@ def test_row13_heart_eval_fails_when_a_file_was_unreadable(tmp_path, capsys):
 
 # --- row 15: resume verifies the output's stored checksums ---------------------------------------
 def test_row15_resume_redoes_an_npz_corrupted_in_place(tmp_path):
-    from heart_training import prepare_cli
+    from heart_training.data import prepare_cli
 
     write_label_map(synthetic_label_map(seed=0, spacing_mm=3.0), tmp_path / "in" / "case.nii.gz")
     out = tmp_path / "out"
     args = ["--input_dir", str(tmp_path / "in"), "--output_dir", str(out), "--quiet", "--workers", "1",
             *SMALL_PREPARE]
     assert prepare_cli.main(args) == 0
-    from heart_training.case_format import load_case
+    from heart_training.data.case_format import load_case
 
     npz = out / "case.npz"
     good = load_case(npz)
@@ -511,10 +511,10 @@ def test_row15_resume_redoes_an_npz_corrupted_in_place(tmp_path):
 
 
 def test_errors_share_one_base():
-    from heart_training.case_format import CaseFormatError
     from heart_training.config import ConfigError
-    from heart_training.data_gate import DataGateError
-    from heart_training.prepare import PrepareError
+    from heart_training.data.case_format import CaseFormatError
+    from heart_training.data.data_gate import DataGateError
+    from heart_training.data.prepare import PrepareError
 
     for cls in (LabelMapError, CheckpointError, CaseFormatError, ConfigError, DataGateError, PrepareError):
         assert issubclass(cls, HeartCompletionError)

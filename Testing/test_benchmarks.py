@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from HeartCompletionLib.model.registry import BUNDLED_MODELS_DIR
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
@@ -103,7 +105,7 @@ def test_prepare_speed_times_the_stages_and_the_whole_case():
 def test_complete_speed_times_stages_and_checks_fast_against_exact():
     """The bundled model (realistic fields, no training needed) at 2 mm: stage times, peak memory
     and the fast-vs-exact accuracy check are printed; an exact run prints no check."""
-    demo = ROOT / "HeartCompletionLib" / "models" / "synthetic_demo.safetensors"
+    demo = BUNDLED_MODELS_DIR / "synthetic_demo.safetensors"
     text = run_benchmark("complete_speed.py", "--checkpoint", str(demo), "--spacing", "2.0", "--threads", "1")
     lines = text.strip().splitlines()
     assert lines[0].startswith("command: python benchmarks/complete_speed.py --checkpoint"), lines[0]

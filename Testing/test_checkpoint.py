@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from HeartCompletionLib.checkpoint import (
+from HeartCompletionLib.geometry.normalization import Normalization
+from HeartCompletionLib.model.checkpoint import (
     FORMAT_VERSION,
     METADATA_KEY,
     CheckpointError,
@@ -18,11 +19,10 @@ from HeartCompletionLib.checkpoint import (
     read_checkpoint_metadata,
     save_inference_checkpoint,
 )
-from HeartCompletionLib.checkpoint_cli import main as checkpoint_main
-from HeartCompletionLib.model import HeartVecSet
-from HeartCompletionLib.model_configs import get_config
-from HeartCompletionLib.normalization import Normalization
-from HeartCompletionLib.structures import StructureTable
+from HeartCompletionLib.model.checkpoint_cli import main as checkpoint_main
+from HeartCompletionLib.model.configs import get_config
+from HeartCompletionLib.model.vecset import HeartVecSet
+from HeartCompletionLib.structures.table import StructureTable
 
 
 @pytest.fixture(autouse=True)
@@ -251,7 +251,7 @@ def test_reading_metadata_does_not_import_torch(saved):
 
     path, _ = saved
     code = (
-        "import sys; from HeartCompletionLib.checkpoint import read_checkpoint_metadata, describe_checkpoint; "
+        "import sys; from HeartCompletionLib.model.checkpoint import read_checkpoint_metadata, describe_checkpoint; "
         f"print(describe_checkpoint(read_checkpoint_metadata({str(path)!r}))); print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from HeartCompletionLib.errors import ExitCode, HeartCompletionError
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"HeartCompletionLib": ROOT / "HeartCompletionLib", "heart_training": ROOT / "training"}
-#: training/ modules that are commands (console scripts, ``torchrun -m heart_training.trainer``)
+#: training/ modules that are commands (console scripts, ``torchrun -m heart_training.train.trainer``)
 TRAINING_COMMANDS = {"prepare_cli", "synth_cli", "split", "trainer", "evaluate"}
 #: the functions that compute a command's exit status
 EXIT_FUNCTIONS = {"main", "run_check_cli"}
@@ -32,10 +33,14 @@ PENDING_BASES: set[str] = set()
 
 
 def _modules() -> dict[str, Path]:
+    """Every module of the two packages, subpackages included, by its import name."""
     found = {}
     for package, folder in PACKAGES.items():
-        for path in sorted(folder.glob("*.py")):
-            found[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+        for path in sorted(folder.rglob("*.py")):
+            parts = path.relative_to(folder).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join((package, *parts))] = path
     return found
 
 
@@ -51,7 +56,7 @@ def _is_main_guard(node: ast.stmt) -> bool:
 
 
 def _is_command(name: str) -> bool:
-    package, _, stem = name.partition(".")
+    package, stem = name.split(".")[0], name.rsplit(".", 1)[-1]
     return stem.endswith("_cli") or (package == "heart_training" and stem in TRAINING_COMMANDS)
 
 
@@ -84,7 +89,8 @@ def _imports(name: str, path: Path) -> set[str]:
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = package + ("." + base if base else "")
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = anchor + ("." + base if base else "")
             candidates = [base] + [f"{base}.{alias.name}" for alias in node.names]
         elif isinstance(node, ast.Import):
             candidates = [alias.name for alias in node.names]
@@ -133,10 +139,10 @@ def test_cycle_finder_finds_the_old_cycles():
 
 def test_no_import_cycles():
     graph = {name: _imports(name, path) for name, path in MODULES.items()}
-    assert "HeartCompletionLib.model_configs" in graph["HeartCompletionLib.model"]  # the finder sees imports
-    assert "heart_training.prepare" in graph["heart_training.prepare_cli"]
-    assert "HeartCompletionLib.model" not in graph["HeartCompletionLib.model_configs"]
-    assert "heart_training.prepare_cli" not in graph["heart_training.prepare"]
+    assert "HeartCompletionLib.model.configs" in graph["HeartCompletionLib.model.vecset"]  # the finder sees imports
+    assert "heart_training.data.prepare" in graph["heart_training.data.prepare_cli"]
+    assert "HeartCompletionLib.model.vecset" not in graph["HeartCompletionLib.model.configs"]
+    assert "heart_training.data.prepare_cli" not in graph["heart_training.data.prepare"]
     assert _cycles(graph) == []
 
 
@@ -178,3 +184,52 @@ def test_exception_classes_derive_from_the_common_base(name):
         if not attr.endswith("Error") or f"{name}.{attr}" in PENDING_BASES:
             continue
         assert issubclass(cls, HeartCompletionError), f"{name}.{attr} does not derive from HeartCompletionError"
+
+
+#: the only modules at the top of each package; everything else lives in a subpackage (issue 12, item 5)
+TOP_LEVEL = {"HeartCompletionLib": {"__init__", "errors", "atomic_io", "moved_modules"}, "heart_training": {"__init__", "config"}}
+
+
+def test_modules_live_in_subpackages():
+    for package, folder in PACKAGES.items():
+        assert {p.stem for p in folder.glob("*.py")} == TOP_LEVEL[package], package
+    subpackages = {name for name, path in MODULES.items() if path.stem == "__init__" and "." in name}
+    assert subpackages == {
+        "HeartCompletionLib.structures", "HeartCompletionLib.io", "HeartCompletionLib.geometry",
+        "HeartCompletionLib.model", "HeartCompletionLib.inference",
+        "heart_training.data", "heart_training.train", "heart_training.evaluation",
+    }
+
+
+@pytest.mark.parametrize("package", sorted(n for n, p in MODULES.items() if p.stem == "__init__" and "." in n))
+def test_each_subpackage_docstring_names_its_modules(package):
+    """A subpackage's docstring is its table of contents: every module in it, and none that is gone."""
+    init = MODULES[package]
+    doc = ast.get_docstring(_tree(init)) or ""
+    here = {p.stem for p in init.parent.glob("*.py")} - {"__init__"}
+    named = set(re.findall(r":mod:`\.(\w+)`", doc))
+    assert named == here, f"{package}: docstring names {sorted(named)}, folder holds {sorted(here)}"
+
+
+#: the subpackages as layers: a module imports only from its own layer and the ones before it
+#: (the package's top-level modules -- errors, atomic writes, old paths, the training config -- come first)
+LAYERS = [
+    "HeartCompletionLib.structures", "HeartCompletionLib.geometry", "HeartCompletionLib.io",
+    "HeartCompletionLib.model", "HeartCompletionLib.inference",
+    "heart_training.data", "heart_training.train", "heart_training.evaluation",
+]
+
+
+def _layer(name: str) -> int:
+    for i, layer in enumerate(LAYERS):
+        if name == layer or name.startswith(layer + "."):
+            return i
+    # top-level modules: HeartCompletionLib's before every layer, heart_training's (config) before its subpackages
+    return -1 if name.startswith("HeartCompletionLib") else LAYERS.index("heart_training.data") - 0.5
+
+
+def test_subpackages_import_only_earlier_layers():
+    upward = [f"{name} -> {dep}" for name, path in MODULES.items() for dep in _imports(name, path)
+              if _layer(dep) > _layer(name)]
+    assert not upward, "imports against the layer order: " + ", ".join(sorted(upward))
+    assert _layer("HeartCompletionLib.io.labelmap") > _layer("HeartCompletionLib.geometry.affine")  # the rule is live

@@ -1,5 +1,5 @@
 """Completion on bad input (issue 14, rows 1, 2, 3 and 14): ``heart-complete``, the panel's
-background process (the same command: ``python -m HeartCompletionLib.complete_cli --protocol lines``)
+background process (the same command: ``python -m HeartCompletionLib.inference.complete_cli --protocol lines``)
 and the panel's logic. One command, so one set of options, errors and exit codes (issue 12, item 2).
 
 Real files and real (untrained ``tiny``) checkpoints: an untrained model predicts little, which is
@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 from test_model_registry import save_untrained_checkpoint
 
-from HeartCompletionLib import completion_process
-from HeartCompletionLib.complete_cli import main
-from HeartCompletionLib.completion import CompletionError, complete_label_map
 from HeartCompletionLib.errors import ExitCode
-from HeartCompletionLib.labelmap import LabelMap
-from HeartCompletionLib.labelmap_io import read_label_map, write_label_map
-from HeartCompletionLib.structures import DEFAULT_TABLE_PATH, StructureTable
-from HeartCompletionLib.synthetic import synthetic_label_map
+from HeartCompletionLib.inference import completion_process
+from HeartCompletionLib.inference.complete_cli import main
+from HeartCompletionLib.inference.completion import CompletionError, complete_label_map
+from HeartCompletionLib.io.labelmap import LabelMap
+from HeartCompletionLib.io.labelmap_files import read_label_map, write_label_map
+from HeartCompletionLib.io.synthetic import synthetic_label_map
+from HeartCompletionLib.structures.table import DEFAULT_TABLE_PATH, StructureTable
 
 TABLE = StructureTable.default()
 TABLE16_PATH = Path(__file__).resolve().parents[1] / "training" / "configs" / "structures_16.json"
@@ -321,8 +321,8 @@ def lines_of(text: str) -> list:
 def test_build_command_runs_heart_complete_with_the_line_protocol():
     command = completion_process.build_command("ck", "in.nrrd", "out.nrrd", ["LAA"], True, "cpu", "py",
                                                table="t.json", decode="exact")
-    assert command[:5] == ["py", "-m", "HeartCompletionLib.complete_cli", "--protocol", "lines"]
-    from HeartCompletionLib.complete_cli import _parser
+    assert command[:5] == ["py", "-m", "HeartCompletionLib.inference.complete_cli", "--protocol", "lines"]
+    from HeartCompletionLib.inference.complete_cli import _parser
 
     args = _parser().parse_args(command[3:])  # every option it writes is one of heart-complete's
     assert (args.protocol, args.checkpoint, args.input, args.output, args.structures, args.replace, args.device,

@@ -1,4 +1,4 @@
-"""``heart-complete`` (HeartCompletionLib/complete_cli.py): real files in, real files out, clear errors.
+"""``heart-complete`` (HeartCompletionLib/inference/complete_cli.py): real files in, real files out, clear errors.
 
 Uses the session's tiny checkpoint and synthetic hearts at 3 mm written as NIfTI / NRRD.
 """
@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from HeartCompletionLib.complete_cli import main
-from HeartCompletionLib.labelmap import LabelMap
-from HeartCompletionLib.labelmap_io import read_label_map, write_label_map
-from HeartCompletionLib.synthetic import synthetic_label_map
+from HeartCompletionLib.inference.complete_cli import main
+from HeartCompletionLib.io.labelmap import LabelMap
+from HeartCompletionLib.io.labelmap_files import read_label_map, write_label_map
+from HeartCompletionLib.io.synthetic import synthetic_label_map
 
 DROPPED = (4, 6, 7)
 
@@ -40,7 +40,7 @@ def inputs(tmp_path_factory) -> Path:
 
 
 def test_help_lists_the_options():
-    out = subprocess.run([sys.executable, "-m", "HeartCompletionLib.complete_cli", "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "HeartCompletionLib.inference.complete_cli", "--help"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0
     for option in ("--checkpoint", "--input", "--output", "--structures", "--label_map", "--meshes", "--replace",
@@ -51,7 +51,7 @@ def test_help_lists_the_options():
 
 def test_the_console_script_is_the_inference_side_command():
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
-    assert 'heart-complete = "HeartCompletionLib.complete_cli:main"' in pyproject
+    assert 'heart-complete = "HeartCompletionLib.inference.complete_cli:main"' in pyproject
     assert not (Path(__file__).resolve().parents[1] / "training" / "complete_cli.py").exists()
 
 
@@ -156,7 +156,7 @@ def test_clear_errors(tiny_checkpoint, inputs, tmp_path, capsys):
 
 def test_other_label_numbering_is_mapped(tiny_checkpoint, tmp_path, capsys):
     """An MM-WHS-numbered file (205 = Myocardium, 500 = LV, ...) with --label_map mmwhs."""
-    from HeartCompletionLib.label_conventions import MMWHS
+    from HeartCompletionLib.structures.conventions import MMWHS
 
     lm = synthetic_label_map(seed=0, spacing_mm=3.0)
     to_mmwhs = {table_label: value for value, table_label in zip(MMWHS, (1, 2, 3, 4, 5, 6, 7))}

@@ -1,4 +1,4 @@
-"""Completion (HeartCompletionLib.completion) and mesh export (HeartCompletionLib.meshes).
+"""Completion (HeartCompletionLib.inference.completion) and mesh export (HeartCompletionLib.io.meshes).
 
 Real parts only: the session's tiny checkpoint (``tiny_checkpoint``, a model trained on synthetic
 hearts in this session), synthetic hearts rasterised into real grids of several geometries,
@@ -11,15 +11,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from HeartCompletionLib.completion import (
+from HeartCompletionLib.geometry.affine import image_corners_ras, ras_to_ijk_points, rotation_matrix, voxel_centers_ras
+from HeartCompletionLib.inference.completion import (
     CompletionCancelled,
     CompletionError,
     complete_label_map,
     complete_masks,
 )
-from HeartCompletionLib.geometry import image_corners_ras, ras_to_ijk_points, rotation_matrix, voxel_centers_ras
-from HeartCompletionLib.labelmap import LabelMap
-from HeartCompletionLib.synthetic import synthetic_heart, synthetic_label_map
+from HeartCompletionLib.io.labelmap import LabelMap
+from HeartCompletionLib.io.synthetic import synthetic_heart, synthetic_label_map
 
 DROPPED = (4, 6, 7)  # RA, Aorta, PA: large structures the tiny model predicts reliably
 GEOMETRIES = {  # the isotropic RAS grid is the reference (``completed_iso``)
@@ -41,7 +41,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_checkpoint):
-    from HeartCompletionLib.checkpoint import load_inference_checkpoint
+    from HeartCompletionLib.model.checkpoint import load_inference_checkpoint
 
     return load_inference_checkpoint(tiny_checkpoint)
 
@@ -169,7 +169,7 @@ def test_small_islands_of_predicted_structures_are_removed(checkpoint, completed
 
 
 def test_island_removal_respects_where_and_zero_fraction():
-    from HeartCompletionLib.islands import remove_small_islands
+    from HeartCompletionLib.inference.islands import remove_small_islands
 
     labels = np.zeros((10, 10, 10), dtype=np.int16)
     labels[0:5, 0:5, 0:5] = 7
@@ -187,7 +187,7 @@ def test_detached_pieces_are_removed_by_physical_distance():
     """A structure with a piece touching the heart and one far away (the held-out RA failure of the
     study): the far piece goes, the attached one and every other label stay. Distances are in mm, so
     an anisotropic grid gives the same answer; a piece near a piece of its own structure stays."""
-    from HeartCompletionLib.islands import remove_detached_pieces
+    from HeartCompletionLib.inference.islands import remove_detached_pieces
 
     for spacing in ((1.0, 1.0, 1.0), (1.0, 2.0, 0.5)):
         shape = tuple(int(round(80 / s)) for s in spacing)  # 80 mm cube
@@ -302,7 +302,7 @@ def _read_with_vtk(path):
 
 @pytest.mark.parametrize("fmt", ["stl", "obj", "ply", "vtk"])
 def test_meshes_written_readable_in_ras_mm(fmt, completed_iso, tmp_path):
-    from HeartCompletionLib.meshes import structure_meshes, write_structure_meshes
+    from HeartCompletionLib.io.meshes import structure_meshes, write_structure_meshes
 
     _, _, result = completed_iso
     lm = result.label_map
@@ -329,7 +329,7 @@ def test_meshes_written_readable_in_ras_mm(fmt, completed_iso, tmp_path):
 
 
 def test_mesh_writer_refuses_unknown_format_and_writes_atomically(tmp_path):
-    from HeartCompletionLib.meshes import write_mesh
+    from HeartCompletionLib.io.meshes import write_mesh
 
     v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], dtype=float)
     with pytest.raises(ValueError, match="unknown mesh format"):

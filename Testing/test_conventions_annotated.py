@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from heart_training.prepare_cli import main as prepare_main
+from heart_training.data.prepare_cli import main as prepare_main
+
+from HeartCompletionLib.model.registry import BUNDLED_MODELS_DIR
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 SMALL = ["--num_surface", "1500", "--num_volume", "800", "--num_near", "800", "--min_surface_per_structure", "100",
@@ -29,8 +31,8 @@ def _manifest(folder: Path) -> dict:
 
 def _write_acdc_like(path: Path, with_rv: bool = True) -> None:
     """A short-axis-like stack in ACDC numbering: 1 RV, 2 myocardium, 3 LV cavity (10 mm slices)."""
-    from HeartCompletionLib.labelmap import LabelMap
-    from HeartCompletionLib.labelmap_io import write_label_map
+    from HeartCompletionLib.io.labelmap import LabelMap
+    from HeartCompletionLib.io.labelmap_files import write_label_map
 
     i, j = np.meshgrid(np.arange(48), np.arange(48), indexing="ij")
     r = np.hypot(i - 24, j - 22)
@@ -61,7 +63,7 @@ def test_convention_names_the_annotated_structures_synthetic(tmp_path):
     warned = [w for w in cases["p2_ED.nii.gz"]["warnings"] if NO_VOXELS in w]
     assert len(warned) == 1 and "RV" in warned[0] and "p2_ED.nii.gz" in warned[0]
     # the arrays agree with the manifest: NaN distances for everything not annotated
-    from heart_training.case_format import load_case
+    from heart_training.data.case_format import load_case
 
     case = load_case(out / "p1_ED.npz", keys=["annotated", "near_sdf"])
     assert case["annotated"].tolist() == [True, False, True, False, True] + [False] * 5
@@ -126,9 +128,9 @@ def test_heart_eval_hides_and_scores_only_what_the_convention_names(tmp_path):
     Myocardium and LV are hidden/scored; a sidecar narrows it further."""
     import csv
 
-    from heart_training.evaluate import main as eval_main
+    from heart_training.evaluation.evaluate import main as eval_main
 
-    model = Path(__file__).resolve().parents[1] / "HeartCompletionLib" / "models" / "synthetic_demo.safetensors"
+    model = BUNDLED_MODELS_DIR / "synthetic_demo.safetensors"
     data = tmp_path / "data"
     data.mkdir()
     _write_acdc_like(data / "p1_ED.nii.gz")
@@ -162,8 +164,8 @@ def test_heart_eval_reads_a_split_folder_with_the_convention_it_was_prepared_wit
     scored cases and for the baseline's training cases alike."""
     import csv
 
-    from heart_training.evaluate import main as eval_main
-    from heart_training.split import main as split_main
+    from heart_training.data.split import main as split_main
+    from heart_training.evaluation.evaluate import main as eval_main
 
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -174,7 +176,7 @@ def test_heart_eval_reads_a_split_folder_with_the_convention_it_was_prepared_wit
     data = tmp_path / "prepared"
     assert prepare_main(["--input_dir", str(raw), "--output_dir", str(data), "--label_map", str(conv), *SMALL]) == 0
     assert split_main(["--data_dir", str(data), "--val_fraction", "0.3", "--test_fraction", "0.3"]) == 0
-    model = Path(__file__).resolve().parents[1] / "HeartCompletionLib" / "models" / "synthetic_demo.safetensors"
+    model = BUNDLED_MODELS_DIR / "synthetic_demo.safetensors"
     capsys.readouterr()
     out = tmp_path / "eval"
     assert eval_main(["--checkpoint", str(model), "--data_dir", str(data), "--split", "test", "--scenarios",

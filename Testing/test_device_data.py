@@ -1,4 +1,4 @@
-"""The device-resident data path (``data.device_cache``, :mod:`heart_training.device_data`) draws
+"""The device-resident data path (``data.device_cache``, :mod:`heart_training.data.device_data`) draws
 from the same distribution as the loader (:meth:`HeartCaseDataset.make_sample`).
 
 Real .npz cases (analytic hearts with exact distances; one with two structures flagged as cut by
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 from fixtures_training import write_analytic_case, write_case_lists
-from heart_training.case_format import OPTIONAL_KEYS, load_case, save_case
 from heart_training.config import AugmentConfig, DataConfig, MaskConfig
-from heart_training.dataset import (
+from heart_training.data.case_format import OPTIONAL_KEYS, load_case, save_case
+from heart_training.data.dataset import (
     QUERY_NEAR,
     QUERY_SURFACE,
     QUERY_VOLUME,
@@ -26,13 +26,13 @@ from heart_training.dataset import (
     MixingSampler,
     collate,
 )
-from heart_training.device_data import DeviceCaseStore, DeviceSampler
-from heart_training.phase_masks import InputMasker, simulate_masks
+from heart_training.data.device_data import DeviceCaseStore, DeviceSampler
+from heart_training.data.phase_masks import InputMasker, simulate_masks
 from scipy.stats import ks_2samp
 
-from HeartCompletionLib.encoder_input import select_encoder_points
-from HeartCompletionLib.normalization import Normalization
-from HeartCompletionLib.structures import StructureTable
+from HeartCompletionLib.geometry.normalization import Normalization
+from HeartCompletionLib.model.encoder_input import select_encoder_points
+from HeartCompletionLib.structures.table import StructureTable
 
 TABLE = StructureTable.default()
 K = len(TABLE)
@@ -269,7 +269,7 @@ def test_rotation_scale_and_shift_ranges_match(case_dir):
 def test_augmentation_draws_match_the_loaders_exactly_in_distribution():
     """The rotation angle, scale and shift of 20,000 device draws against the loader's formulas
     (dataset.random_rotation, the log-uniform scale, the uniform shift)."""
-    from heart_training.dataset import random_rotation
+    from heart_training.data.dataset import random_rotation
 
     n = 20_000
     rng = np.random.default_rng(0)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from HeartCompletionLib.envelope import envelope_fit, sample_mask
-from HeartCompletionLib.labelmap import LabelMap
+from HeartCompletionLib.inference.envelope import envelope_fit, sample_mask
+from HeartCompletionLib.io.labelmap import LabelMap
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "real"
@@ -68,8 +68,8 @@ def test_real_structures_lie_in_their_envelope(folder, label_file, envelope_file
     """The real given structure against its envelope (same grid for platipy, another grid for the
     chest CT, in LPS files): only right physical coordinates put it inside; the same envelope
     stored with its voxel axes reversed (same physical mask) gives the same figures."""
-    from HeartCompletionLib.envelope import read_envelope
-    from HeartCompletionLib.labelmap_io import read_label_map
+    from HeartCompletionLib.inference.envelope import read_envelope
+    from HeartCompletionLib.io.labelmap_files import read_label_map
 
     base = _real(folder)
     given = read_label_map(base / label_file)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from heart_training.evaluate import EvaluationError, cases_from_csv, find_cases, main
-from heart_training.report import summarize_rows, write_outputs
+from heart_training.evaluation.evaluate import EvaluationError, cases_from_csv, find_cases, main
+from heart_training.evaluation.report import summarize_rows, write_outputs
 
-from HeartCompletionLib.structures import StructureTable
+from HeartCompletionLib.structures.table import StructureTable
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -179,12 +179,12 @@ def test_undefined_values_are_counted_not_hidden(tmp_path):
 def test_partially_annotated_case(tiny_checkpoint, tmp_path):
     """A split row that annotates only some structures: only those are given and scored, a
     scenario hiding an unannotated structure is skipped, truncated structures are flagged."""
-    from heart_training.baseline import NearestCaseBaseline
-    from heart_training.evaluate import EvalCase, evaluate_case
+    from heart_training.evaluation.baseline import NearestCaseBaseline
+    from heart_training.evaluation.evaluate import EvalCase, evaluate_case
 
-    from HeartCompletionLib.checkpoint import load_inference_checkpoint
-    from HeartCompletionLib.completion import complete_label_map
-    from HeartCompletionLib.synthetic import synthetic_label_map
+    from HeartCompletionLib.inference.completion import complete_label_map
+    from HeartCompletionLib.io.synthetic import synthetic_label_map
+    from HeartCompletionLib.model.checkpoint import load_inference_checkpoint
 
     checkpoint = load_inference_checkpoint(tiny_checkpoint)
     table = checkpoint.table

@@ -1,4 +1,4 @@
-"""The fast decode (HeartCompletionLib.decode_grid) against the exact hierarchical decode.
+"""The fast decode (HeartCompletionLib.inference.decode_grid) against the exact hierarchical decode.
 
 Real parts only: the bundled ``synthetic-demo`` checkpoint (a narrow ``small`` trained on
 synthetic hearts, so its fields and surfaces are realistic) on a synthetic heart rasterised at a
@@ -9,31 +9,30 @@ timing is asserted: speed is measured by ``benchmarks/complete_speed.py``.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from HeartCompletionLib.completion import (
+from HeartCompletionLib.geometry.metrics import assd_mm, dice
+from HeartCompletionLib.inference.completion import (
     DECODE_MODES,
     DEFAULT_DECODE,
     CompletionError,
     complete_label_map,
     complete_masks,
 )
-from HeartCompletionLib.decode_grid import label_margin_ambiguity
-from HeartCompletionLib.labelmap import LabelMap
-from HeartCompletionLib.metrics import assd_mm, dice
-from HeartCompletionLib.synthetic import synthetic_label_map
+from HeartCompletionLib.inference.decode_grid import label_margin_ambiguity
+from HeartCompletionLib.io.labelmap import LabelMap
+from HeartCompletionLib.io.synthetic import synthetic_label_map
+from HeartCompletionLib.model.registry import BUNDLED_MODELS_DIR
 
-DEMO = Path(__file__).resolve().parents[1] / "HeartCompletionLib" / "models" / "synthetic_demo.safetensors"
+DEMO = BUNDLED_MODELS_DIR / "synthetic_demo.safetensors"
 SUBSET_B = (6, 7, 8, 9, 10)  # Aorta, PA, LAA, Coronary, PV: completed from Myocardium, LA, LV, RA, RV
 SPACING = (0.9, 0.9, 1.2)
 
 
 @pytest.fixture(scope="module")
 def demo():
-    from HeartCompletionLib.checkpoint import load_inference_checkpoint
+    from HeartCompletionLib.model.checkpoint import load_inference_checkpoint
 
     return load_inference_checkpoint(DEMO, device="cpu")
 
@@ -98,11 +97,11 @@ def test_a_rough_field_is_decoded_exactly_where_interpolation_fails(tmp_path):
     the error, widens its bands and comes close to the exact decode."""
     import torch
 
-    from HeartCompletionLib.checkpoint import load_inference_checkpoint, save_inference_checkpoint
-    from HeartCompletionLib.model import HeartVecSet
-    from HeartCompletionLib.model_configs import get_config
-    from HeartCompletionLib.normalization import Normalization
-    from HeartCompletionLib.structures import StructureTable
+    from HeartCompletionLib.geometry.normalization import Normalization
+    from HeartCompletionLib.model.checkpoint import load_inference_checkpoint, save_inference_checkpoint
+    from HeartCompletionLib.model.configs import get_config
+    from HeartCompletionLib.model.vecset import HeartVecSet
+    from HeartCompletionLib.structures.table import StructureTable
 
     torch.manual_seed(0)
     model = HeartVecSet(get_config("tiny", 10)).eval()
@@ -150,8 +149,8 @@ def test_options_are_validated_with_clear_errors(demo, fine_partial):
 
 
 def test_cli_and_background_process_pass_the_same_option(capsys):
-    from HeartCompletionLib import completion_process
-    from HeartCompletionLib.complete_cli import _parser
+    from HeartCompletionLib.inference import completion_process
+    from HeartCompletionLib.inference.complete_cli import _parser
 
     assert _parser().parse_args(["--checkpoint", "c", "--input", "i", "--output", "o"]).decode == DEFAULT_DECODE
     assert _parser().parse_args(["--checkpoint", "c", "--input", "i", "--output", "o", "--decode", "exact"]).decode == "exact"
@@ -161,7 +160,7 @@ def test_cli_and_background_process_pass_the_same_option(capsys):
     assert (completion_process.DECODE_MODES, completion_process.DEFAULT_DECODE) == (DECODE_MODES, DEFAULT_DECODE)
     command = completion_process.build_command("ck", "in.nrrd", "out.nrrd", decode="exact")
     assert command[command.index("--decode") + 1] == "exact"
-    assert command[1:5] == ["-m", "HeartCompletionLib.complete_cli", "--protocol", "lines"]
+    assert command[1:5] == ["-m", "HeartCompletionLib.inference.complete_cli", "--protocol", "lines"]
     assert _parser().parse_args(command[3:]).decode == "exact"
 
 

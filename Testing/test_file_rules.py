@@ -1,5 +1,5 @@
 """One place for each file rule (issue 12, item 4): case names and label-map discovery
-(:func:`HeartCompletionLib.labelmap_io.case_name`, :func:`~HeartCompletionLib.labelmap_io.find_label_maps`)
+(:func:`HeartCompletionLib.io.labelmap_files.case_name`, :func:`~HeartCompletionLib.io.labelmap_files.find_label_maps`)
 give what the helpers they replaced gave (copied below as the reference), and the commands use them."""
 
 from __future__ import annotations
@@ -8,22 +8,22 @@ from pathlib import Path
 
 import pytest
 
-from HeartCompletionLib.labelmap_io import SUPPORTED_SUFFIXES, case_name, find_label_maps, is_label_map_name
+from HeartCompletionLib.io.labelmap_files import SUPPORTED_SUFFIXES, case_name, find_label_maps, is_label_map_name
 
 NAMES = ["case_001.nii.gz", "case_001.nii", "Case.NRRD", "heart.seg.nrrd", "heart.SEG.NRRD", "a.b.nii.gz",
          "x.nrrd.nii", "ct.seg.nii.gz", "notes.txt", "case_001.npz", "seg.nrrd", "nii.gz", "README"]
 
 
 # --- the helpers that were replaced (as they were) ------------------------------------------
-def _old_evaluate_strip_suffix(name: str) -> str:  # training/evaluate.py
+def _old_evaluate_strip_suffix(name: str) -> str:  # training/evaluation/evaluate.py
     for suffix in (".seg.nrrd", ".nii.gz", ".nii", ".nrrd"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
 
 
-def _old_prepare_strip_label_map_suffix(name: str) -> str | None:  # training/prepare.py
-    from HeartCompletionLib.labelmap_io import LabelMapError, suffix_of
+def _old_prepare_strip_label_map_suffix(name: str) -> str | None:  # training/data/prepare.py
+    from HeartCompletionLib.io.labelmap_files import LabelMapError, suffix_of
 
     try:
         suffix = suffix_of(name)
@@ -32,7 +32,7 @@ def _old_prepare_strip_label_map_suffix(name: str) -> str | None:  # training/pr
     return name[: -len(suffix)] or None
 
 
-def _old_prepare_find(input_dir: Path, exclude: Path | None = None) -> list[Path]:  # training/prepare_cli.py
+def _old_prepare_find(input_dir: Path, exclude: Path | None = None) -> list[Path]:  # training/data/prepare_cli.py
     found = []
     for path in sorted(input_dir.rglob("*")):
         rel = path.relative_to(input_dir)
@@ -45,7 +45,7 @@ def _old_prepare_find(input_dir: Path, exclude: Path | None = None) -> list[Path
     return found
 
 
-def _old_evaluate_find(folder: Path) -> list[Path]:  # training/evaluate.py
+def _old_evaluate_find(folder: Path) -> list[Path]:  # training/evaluation/evaluate.py
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(SUPPORTED_SUFFIXES))
 
 
@@ -94,11 +94,11 @@ def test_find_label_maps_is_what_each_command_found(tree):
 
 # --- the commands use them -----------------------------------------------------------------
 def test_prepare_and_evaluate_name_cases_by_the_one_rule(tmp_path):
-    from heart_training.evaluate import find_cases
-    from heart_training.prepare import sidecar_path
+    from heart_training.data.prepare import sidecar_path
+    from heart_training.evaluation.evaluate import find_cases
 
-    from HeartCompletionLib.labelmap_io import write_label_map
-    from HeartCompletionLib.synthetic import synthetic_label_map
+    from HeartCompletionLib.io.labelmap_files import write_label_map
+    from HeartCompletionLib.io.synthetic import synthetic_label_map
 
     folder = tmp_path / "maps"
     heart = synthetic_label_map(seed=0, spacing_mm=(4.0, 4.0, 4.0))
@@ -112,9 +112,9 @@ def test_prepare_and_evaluate_name_cases_by_the_one_rule(tmp_path):
 def test_every_command_skips_hidden_files(tree):
     """heart-complete and heart-eval skip hidden names as heart-prepare does (a macOS `._case.nii.gz`
     or an editor's `.case.nii.gz` is not a case)."""
-    from heart_training.evaluate import find_cases
+    from heart_training.evaluation.evaluate import find_cases
 
-    from HeartCompletionLib.complete_cli import _jobs
+    from HeartCompletionLib.inference.complete_cli import _jobs
 
     jobs = [src.name for src, _ in _jobs(tree, tree.parent / "done")]
     assert ".hidden.nii.gz" not in jobs and jobs == ["A.NRRD", "a.seg.nrrd", "b.nii.gz", "c.nii"]

@@ -39,7 +39,7 @@ def test_a_header_promising_gigabytes_costs_no_memory(tmp_path):
     import tracemalloc
 
     import numpy as np
-    from heart_training.case_format import CaseFormatError, load_case
+    from heart_training.data.case_format import CaseFormatError, load_case
 
     fuzz = _fuzz_module()
     seeds = fuzz.make_seeds(tmp_path / "seeds")

@@ -13,17 +13,17 @@ import numpy as np
 import pytest
 from fixtures_data import structure_centroids_ras
 
-from HeartCompletionLib.geometry import LPS_TO_RAS, make_ijk_to_ras, rotation_matrix
-from HeartCompletionLib.labelmap import LabelMap
-from HeartCompletionLib.labelmap_io import (
+from HeartCompletionLib.geometry.affine import LPS_TO_RAS, make_ijk_to_ras, rotation_matrix
+from HeartCompletionLib.io.labelmap import LabelMap
+from HeartCompletionLib.io.labelmap_files import (
     SUPPORTED_SUFFIXES,
     LabelMapError,
     read_label_map,
     write_label_map,
 )
-from HeartCompletionLib.segment_mapping import parse_terminology_entry, terminology_entry
-from HeartCompletionLib.structures import StructureTable
-from HeartCompletionLib.synthetic import synthetic_label_map
+from HeartCompletionLib.io.synthetic import synthetic_label_map
+from HeartCompletionLib.structures.segment_mapping import parse_terminology_entry, terminology_entry
+from HeartCompletionLib.structures.table import StructureTable
 
 TABLE = StructureTable.default()
 FORMATS = (".nii.gz", ".nrrd", ".seg.nrrd", ".mha")

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from heart_training.baseline import NearestCaseBaseline, describe_label_map
-from heart_training.scenarios import case_scenario, resolve_scenarios, scenario_names
+from heart_training.evaluation.baseline import NearestCaseBaseline, describe_label_map
+from heart_training.evaluation.scenarios import case_scenario, resolve_scenarios, scenario_names
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from HeartCompletionLib.geometry import ijk_to_ras_points, make_ijk_to_ras
-from HeartCompletionLib.labelmap import LabelMap
-from HeartCompletionLib.metrics import (
+from HeartCompletionLib.geometry.affine import ijk_to_ras_points, make_ijk_to_ras
+from HeartCompletionLib.geometry.metrics import (
     assd_mm,
     dice,
     hd95_mm,
@@ -23,14 +22,15 @@ from HeartCompletionLib.metrics import (
     surface_distances_mm,
     volume_error_percent,
 )
-from HeartCompletionLib.structures import StructureTable
-from HeartCompletionLib.synthetic import synthetic_label_map
+from HeartCompletionLib.io.labelmap import LabelMap
+from HeartCompletionLib.io.synthetic import synthetic_label_map
+from HeartCompletionLib.structures.table import StructureTable
 
 
 @pytest.fixture(params=["scipy", "edt"])
 def distance_backend(request, monkeypatch):
     """Run a test with each distance transform (scipy's, and the optional edt package's)."""
-    import HeartCompletionLib.metrics as metrics
+    import HeartCompletionLib.geometry.metrics as metrics
 
     if request.param == "edt" and metrics._edt is None:
         pytest.skip("the optional edt package is not installed")
@@ -267,7 +267,7 @@ def test_baseline_recovers_a_pure_translation(training_hearts):
 
 def test_baseline_descriptor_cache(synthetic_heart_files, tmp_path):
     """Descriptors of training files are cached; unchanged files are not read again, changed ones are."""
-    from HeartCompletionLib.labelmap_io import read_label_map
+    from HeartCompletionLib.io.labelmap_files import read_label_map
 
     reads = []
 
@@ -293,7 +293,7 @@ def test_baseline_descriptor_cache(synthetic_heart_files, tmp_path):
     assert len(reads) == len(files) + 2
 
 
-@pytest.mark.parametrize("module_name", ["heart_training.scenarios", "heart_training.baseline"])
+@pytest.mark.parametrize("module_name", ["heart_training.evaluation.scenarios", "heart_training.evaluation.baseline"])
 def test_training_module_doctests(module_name):
     """The usage examples in the docstrings of training/ modules (outside pytest's doctest paths)."""
     import doctest

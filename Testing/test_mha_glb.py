@@ -1,5 +1,5 @@
-"""MetaImage label maps through SimpleITK (HeartCompletionLib.sitk_io via labelmap_io) and GLB
-meshes through trimesh (HeartCompletionLib.meshes): real files written by the libraries
+"""MetaImage label maps through SimpleITK (HeartCompletionLib.io.metaimage via labelmap_io) and GLB
+meshes through trimesh (HeartCompletionLib.io.meshes): real files written by the libraries
 themselves, read back by ours (and the other way round), geometry compared with NIfTI and with
 ITK's own index -> physical point transform."""
 
@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 import SimpleITK as sitk  # in the test extra (scripts/setup_env.sh installs it): no skip
 
-from HeartCompletionLib.geometry import LPS_TO_RAS, rotation_matrix
-from HeartCompletionLib.labelmap import LabelMap
-from HeartCompletionLib.labelmap_io import (
+from HeartCompletionLib.geometry.affine import LPS_TO_RAS, rotation_matrix
+from HeartCompletionLib.io.labelmap import LabelMap
+from HeartCompletionLib.io.labelmap_files import (
     LabelMapError,
     find_label_maps,
     read_image_geometry,
     read_label_map,
     write_label_map,
 )
-from HeartCompletionLib.synthetic import synthetic_label_map
+from HeartCompletionLib.io.synthetic import synthetic_label_map
 
 #: oblique (a rotation about a skew axis, one axis flipped) and anisotropic (0.9 x 1.3 x 2.2 mm)
 OBLIQUE = {"spacing_mm": (0.9, 1.3, 2.2), "direction": rotation_matrix([1.0, 2.0, 3.0], 0.45), "flip_axes": (1,)}
@@ -178,7 +178,7 @@ def test_without_simpleitk_the_message_names_the_file_and_the_install(oblique_he
 def test_glb_export_loads_back_in_ras_mm(tmp_path):
     import trimesh  # in the test extra: a missing trimesh fails this test
 
-    from HeartCompletionLib.meshes import MESH_FORMATS, structure_meshes, write_structure_meshes
+    from HeartCompletionLib.io.meshes import MESH_FORMATS, structure_meshes, write_structure_meshes
 
     assert "glb" in MESH_FORMATS
     lm = synthetic_label_map(seed=2, **{**OBLIQUE, "spacing_mm": (2.0, 2.4, 2.8)})
@@ -203,7 +203,7 @@ def test_glb_export_loads_back_in_ras_mm(tmp_path):
 
 
 def test_glb_without_trimesh_is_refused_before_any_work(tmp_path, monkeypatch):
-    from HeartCompletionLib.meshes import check_mesh_format, write_structure_meshes
+    from HeartCompletionLib.io.meshes import check_mesh_format, write_structure_meshes
 
     monkeypatch.setitem(sys.modules, "trimesh", None)  # what `import trimesh` does where it is absent
     with pytest.raises(ImportError, match="pip install trimesh"):
@@ -218,8 +218,8 @@ def test_glb_without_trimesh_is_refused_before_any_work(tmp_path, monkeypatch):
 
 
 def test_heart_complete_refuses_glb_without_trimesh_before_reading(tmp_path, monkeypatch, capsys):
-    from HeartCompletionLib.complete_cli import main
-    from HeartCompletionLib.labelmap_io import write_label_map
+    from HeartCompletionLib.inference.complete_cli import main
+    from HeartCompletionLib.io.labelmap_files import write_label_map
 
     src = tmp_path / "case.nii.gz"
     write_label_map(synthetic_label_map(seed=1, spacing_mm=4.0), src)

@@ -7,15 +7,15 @@ import math
 import pytest
 import torch
 
-from HeartCompletionLib.model import (
+from HeartCompletionLib.model.configs import CONFIG_NAMES, ModelConfig, count_parameters, get_config
+from HeartCompletionLib.model.configs_cli import main as configs_main
+from HeartCompletionLib.model.vecset import (
     FPS_CUDA_GRAPH_ENV,
     HeartVecSet,
     _farthest_point_indices_eager,
     farthest_point_indices,
     fps_cuda_graph_enabled,
 )
-from HeartCompletionLib.model_configs import CONFIG_NAMES, ModelConfig, count_parameters, get_config
-from HeartCompletionLib.model_configs_cli import main as configs_main
 
 K = 10
 

@@ -1,4 +1,4 @@
-"""The model registry (``HeartCompletionLib/model_registry.py``, ``HeartCompletionLib/models/models.json``).
+"""The model registry (``HeartCompletionLib/model/registry.py``, ``HeartCompletionLib/model/bundled/models.json``).
 
 Real files throughout: registries written to temporary models folders (``HEART_MODELS_DIR`` or the
 ``folder`` argument), real (untrained, ``tiny``) checkpoints saved there, ``heart-complete`` and
@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from HeartCompletionLib import completion_process
-from HeartCompletionLib.checkpoint import CheckpointError
-from HeartCompletionLib.complete_cli import main as complete_main
 from HeartCompletionLib.errors import ExitCode
-from HeartCompletionLib.labelmap import LabelMap
-from HeartCompletionLib.labelmap_io import read_label_map, write_label_map
-from HeartCompletionLib.model_registry import (
+from HeartCompletionLib.inference import completion_process
+from HeartCompletionLib.inference.complete_cli import main as complete_main
+from HeartCompletionLib.io.labelmap import LabelMap
+from HeartCompletionLib.io.labelmap_files import read_label_map, write_label_map
+from HeartCompletionLib.io.synthetic import synthetic_label_map
+from HeartCompletionLib.model.checkpoint import CheckpointError
+from HeartCompletionLib.model.registry import (
     BUNDLED_MODELS_DIR,
     MODELS_DIR_ENV,
     RegistryError,
@@ -32,8 +33,7 @@ from HeartCompletionLib.model_registry import (
     load_registry,
     resolve_checkpoint,
 )
-from HeartCompletionLib.structures import StructureTable
-from HeartCompletionLib.synthetic import synthetic_label_map
+from HeartCompletionLib.structures.table import StructureTable
 
 TABLE = StructureTable.default()
 WARNING = "synthetic hearts only: not for patient data"
@@ -44,10 +44,10 @@ def save_untrained_checkpoint(path: Path, table: StructureTable = TABLE) -> Path
     """A real ``tiny`` inference checkpoint (untrained weights) for ``table``: a second to write."""
     import torch
 
-    from HeartCompletionLib.checkpoint import save_inference_checkpoint
-    from HeartCompletionLib.model import HeartVecSet
-    from HeartCompletionLib.model_configs import get_config
-    from HeartCompletionLib.normalization import Normalization
+    from HeartCompletionLib.geometry.normalization import Normalization
+    from HeartCompletionLib.model.checkpoint import save_inference_checkpoint
+    from HeartCompletionLib.model.configs import get_config
+    from HeartCompletionLib.model.vecset import HeartVecSet
 
     torch.manual_seed(0)
     model = HeartVecSet(get_config("tiny", len(table)))
@@ -218,7 +218,7 @@ def test_heart_complete_never_picks_a_model_silently(partial_heart, tmp_path, ca
 
 
 def test_help_names_the_registered_models():
-    out = subprocess.run([sys.executable, "-m", "HeartCompletionLib.complete_cli", "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "HeartCompletionLib.inference.complete_cli", "--help"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "registered model" in out.stdout and "synthetic-demo" in out.stdout
 
@@ -247,7 +247,7 @@ def test_background_process_resolves_a_name_and_logs_the_warning(models, partial
 
 
 def test_shipped_synthetic_demo_is_installed_loads_and_completes(tmp_path, monkeypatch, capsys):
-    """Fails until ``HeartCompletionLib/models/synthetic_demo.safetensors`` is committed (on purpose)."""
+    """Fails until ``HeartCompletionLib/model/bundled/synthetic_demo.safetensors`` is committed (on purpose)."""
     monkeypatch.delenv(MODELS_DIR_ENV, raising=False)
     path, demo = resolve_checkpoint("synthetic-demo")
     assert demo is not None and path == BUNDLED_MODELS_DIR / "synthetic_demo.safetensors"

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from HeartCompletionLib.geometry import (
+from HeartCompletionLib.geometry.affine import (
     LPS_TO_RAS,
     ijk_to_ras_points,
     make_ijk_to_ras,
@@ -9,7 +9,7 @@ from HeartCompletionLib.geometry import (
     rotation_matrix,
     spacing_of,
 )
-from HeartCompletionLib.normalization import Normalization
+from HeartCompletionLib.geometry.normalization import Normalization
 
 
 def test_points_and_distances_share_one_scale():

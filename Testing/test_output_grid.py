@@ -1,4 +1,4 @@
-"""Completing on another grid than the input's (HeartCompletionLib/output_grid.py, ``heart-complete
+"""Completing on another grid than the input's (HeartCompletionLib/inference/output_grid.py, ``heart-complete
 --extend_mm / --output_spacing / --reference``): a short-axis-like stack of the ventricles comes out
 as a whole heart on an isotropic grid, the given voxels carried over and never changed."""
 
@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from HeartCompletionLib.complete_cli import main
-from HeartCompletionLib.completion import complete_label_map
-from HeartCompletionLib.geometry import direction_of, ijk_to_ras_points, rotation_matrix, spacing_of
-from HeartCompletionLib.labelmap import LabelMap
-from HeartCompletionLib.labelmap_io import read_image_geometry, read_label_map, write_label_map
-from HeartCompletionLib.model_registry import load_model
-from HeartCompletionLib.output_grid import OutputGridError, box_on_grid, grown_grid, resample_nearest
-from HeartCompletionLib.structures import StructureTable
-from HeartCompletionLib.synthetic import synthetic_label_map
+from HeartCompletionLib.geometry.affine import direction_of, ijk_to_ras_points, rotation_matrix, spacing_of
+from HeartCompletionLib.inference.complete_cli import main
+from HeartCompletionLib.inference.completion import complete_label_map
+from HeartCompletionLib.inference.output_grid import OutputGridError, box_on_grid, grown_grid, resample_nearest
+from HeartCompletionLib.io.labelmap import LabelMap
+from HeartCompletionLib.io.labelmap_files import read_image_geometry, read_label_map, write_label_map
+from HeartCompletionLib.io.synthetic import synthetic_label_map
+from HeartCompletionLib.model.registry import load_model
+from HeartCompletionLib.structures.table import StructureTable
 
 TABLE = StructureTable.default()
 VENTRICLES = [TABLE.by_name(n).label for n in ("Myocardium", "LV", "RV")]

@@ -27,7 +27,7 @@ WEIGHTS = {"synthetic": 0.5, "acdc_cmr": 0.3, "la2018_lgemri": 0.2}
 
 
 def _options(convention=None):
-    from heart_training.prepare import PrepareOptions
+    from heart_training.data.prepare import PrepareOptions
 
     # the default surface count: the data gate's unit check (|sdf| vs the distance to the nearest
     # surface sample) needs dense samples; at 30k an ACDC stack's median ratio is 0.59-0.64 (< 0.75)
@@ -36,7 +36,7 @@ def _options(convention=None):
 
 
 def _prepare(raw: Path, out: Path, convention=None) -> Path:
-    from heart_training.prepare_cli import prepare_dataset
+    from heart_training.data.prepare_cli import prepare_dataset
 
     manifest = prepare_dataset(raw, out, _options(convention), workers=1, progress=False)
     assert manifest["summary"]["failed"] == 0, [c.get("reason") for c in manifest["cases"]]
@@ -44,8 +44,8 @@ def _prepare(raw: Path, out: Path, convention=None) -> Path:
 
 
 def _synthetic_full(tmp: Path, seeds=(0, 1)) -> Path:
-    from HeartCompletionLib.labelmap_io import write_label_map
-    from HeartCompletionLib.synthetic import synthetic_label_map
+    from HeartCompletionLib.io.labelmap_files import write_label_map
+    from HeartCompletionLib.io.synthetic import synthetic_label_map
 
     raw = tmp / "synthetic_raw"
     raw.mkdir()
@@ -57,9 +57,9 @@ def _synthetic_full(tmp: Path, seeds=(0, 1)) -> Path:
 def _synthetic_partial(tmp: Path) -> tuple[Path, Path]:
     """Partial label maps cut from synthetic hearts in the real sources' numberings: ACDC-like
     (1 RV, 2 Myocardium, 3 LV) and LA-only (1 LA), prepared with their conventions."""
-    from HeartCompletionLib.labelmap import LabelMap
-    from HeartCompletionLib.labelmap_io import write_label_map
-    from HeartCompletionLib.synthetic import synthetic_label_map
+    from HeartCompletionLib.io.labelmap import LabelMap
+    from HeartCompletionLib.io.labelmap_files import write_label_map
+    from HeartCompletionLib.io.synthetic import synthetic_label_map
 
     acdc_raw, la_raw = tmp / "acdc_like_raw", tmp / "la_like_raw"
     acdc_raw.mkdir()
@@ -105,10 +105,10 @@ def real_mix(tmp_path_factory, synthetic_mix) -> dict:
 
 def _dataset(mix: dict, exclusion: float = 1.0):
     from heart_training.config import load_config
-    from heart_training.engine import build_datasets
+    from heart_training.train.engine import build_datasets
 
-    from HeartCompletionLib.normalization import Normalization
-    from HeartCompletionLib.structures import StructureTable
+    from HeartCompletionLib.geometry.normalization import Normalization
+    from HeartCompletionLib.structures.table import StructureTable
 
     overrides = [f"data.datasets.{i}.data_dir={mix[name]}" for i, name in enumerate(WEIGHTS)]
     overrides += ["data.num_input_points=256", "data.num_volume_queries=256", "data.num_near_queries=256",
@@ -120,8 +120,8 @@ def _dataset(mix: dict, exclusion: float = 1.0):
 
 
 def _check_annotated_only(mix: dict):
-    from heart_training.dataset import QUERY_SURFACE, collate
-    from heart_training.losses import compute_losses
+    from heart_training.data.dataset import QUERY_SURFACE, collate
+    from heart_training.train.losses import compute_losses
 
     cfg, table, ds, _, _ = _dataset(mix)
     expected = {"synthetic": set(table.names), "acdc_cmr": {"RV", "Myocardium", "LV"}, "la2018_lgemri": {"LA"}}
@@ -185,7 +185,7 @@ def test_samples_and_loss_use_only_annotated_structures_real(real_mix):
 
 
 def test_each_source_is_drawn_at_its_weight(synthetic_mix):
-    from heart_training.dataset import MixingSampler
+    from heart_training.data.dataset import MixingSampler
 
     _, _, ds, sizes, weights = _dataset(synthetic_mix)
     assert weights == list(WEIGHTS.values())
@@ -203,7 +203,7 @@ def test_each_source_is_drawn_at_its_weight(synthetic_mix):
 
 def _tiny_phase1_checkpoint(synthetic: Path, out: Path) -> Path:
     from heart_training.config import load_config
-    from heart_training.trainer import train
+    from heart_training.train.trainer import train
 
     cfg = load_config("tiny_test", [f"data.datasets.0.data_dir={synthetic}", "optim.max_steps=5",
                                     f"run.output_dir={out}", "run.data_gate=false"])
@@ -215,9 +215,9 @@ def _tiny_phase1_checkpoint(synthetic: Path, out: Path) -> Path:
 @pytest.mark.slow
 def test_tiny_real_phase4_run_logs_the_mix(real_mix, tmp_path):
     """2 ACDC + 2 LA real cases and 2 synthetic hearts, phase 4 from a tiny phase-1 checkpoint."""
-    from heart_training.trainer import main as train_main
+    from heart_training.train.trainer import main as train_main
 
-    from HeartCompletionLib.checkpoint import load_inference_checkpoint
+    from HeartCompletionLib.model.checkpoint import load_inference_checkpoint
 
     init = _tiny_phase1_checkpoint(real_mix["synthetic"], tmp_path / "phase1")
     out = tmp_path / "phase4"
@@ -260,11 +260,11 @@ def test_model_config_from_init_takes_the_checkpoints_architecture(tmp_path):
     from dataclasses import replace
 
     from heart_training.config import ConfigError, load_config
-    from heart_training.engine import build_model, model_config_of
+    from heart_training.train.engine import build_model, model_config_of
 
-    from HeartCompletionLib.checkpoint import load_inference_checkpoint
-    from HeartCompletionLib.model_registry import resolve_checkpoint
-    from HeartCompletionLib.structures import StructureTable
+    from HeartCompletionLib.model.checkpoint import load_inference_checkpoint
+    from HeartCompletionLib.model.registry import resolve_checkpoint
+    from HeartCompletionLib.structures.table import StructureTable
 
     bundled, _ = resolve_checkpoint("synthetic-demo")
     cfg = load_config("phase4_real", [f"model.init_from={bundled}"])

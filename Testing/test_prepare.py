@@ -16,15 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from heart_training import dataset_check, prepare, prepare_cli
-from heart_training.case_format import REQUIRED_KEYS, load_case, save_case
+from heart_training.data import dataset_check, prepare, prepare_cli
+from heart_training.data.case_format import REQUIRED_KEYS, load_case, save_case
 from scipy.spatial import cKDTree
 
-from HeartCompletionLib.geometry import ijk_to_ras_points, ras_to_ijk_points, rotation_matrix
-from HeartCompletionLib.labelmap import LabelMap
-from HeartCompletionLib.labelmap_io import read_label_map, write_label_map
-from HeartCompletionLib.structures import StructureTable
-from HeartCompletionLib.synthetic import synthetic_heart, synthetic_label_map
+from HeartCompletionLib.geometry.affine import ijk_to_ras_points, ras_to_ijk_points, rotation_matrix
+from HeartCompletionLib.io.labelmap import LabelMap
+from HeartCompletionLib.io.labelmap_files import read_label_map, write_label_map
+from HeartCompletionLib.io.synthetic import synthetic_heart, synthetic_label_map
+from HeartCompletionLib.structures.table import StructureTable
 
 SPACING = 2.0
 SMALL = ["--num_surface", "6000", "--num_volume", "6000", "--num_near", "6000", "--min_surface_per_structure", "200"]
@@ -229,7 +229,7 @@ def _same_case(a: Path, b: Path) -> None:
 @pytest.mark.slow
 def test_resume_after_kill_gives_the_uninterrupted_result(synth_dir, prepared, tmp_path):
     out = tmp_path / "resumed"
-    command = [sys.executable, "-m", "heart_training.prepare_cli", "--input_dir", str(synth_dir), "--output_dir", str(out),
+    command = [sys.executable, "-m", "heart_training.data.prepare_cli", "--input_dir", str(synth_dir), "--output_dir", str(out),
                "--workers", "1", "--quiet", *SMALL]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -360,7 +360,7 @@ def test_disk_full_mid_case_leaves_nothing_half_written(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     result = subprocess.run(
-        [sys.executable, "-m", "heart_training.prepare_cli", "--input_dir", str(source), "--output_dir", str(out),
+        [sys.executable, "-m", "heart_training.data.prepare_cli", "--input_dir", str(source), "--output_dir", str(out),
          "--quiet", *SMALL], env={**os.environ, "PYTHONPATH": str(REPO)}, preexec_fn=small_files,
         capture_output=True, text=True, timeout=120,
     )

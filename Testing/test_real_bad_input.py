@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from heart_training.prepare_cli import main as prepare_main
+from heart_training.data.prepare_cli import main as prepare_main
 
-from HeartCompletionLib.labelmap_io import LabelMapError, read_label_map
+from HeartCompletionLib.io.labelmap_files import LabelMapError, read_label_map
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 QUIET = ["--workers", "1", "--quiet"]
@@ -147,10 +147,10 @@ def test_single_structure_maps(tmp_path, folder, name, convention, structure):
 
 def test_structures_cut_at_both_ends_of_a_stack(tmp_path):
     from heart_training.config import DataConfig, MaskConfig
-    from heart_training.dataset import CaseRef, HeartCaseDataset, distance_to_image_border_mm
+    from heart_training.data.dataset import CaseRef, HeartCaseDataset, distance_to_image_border_mm
 
-    from HeartCompletionLib.normalization import Normalization
-    from HeartCompletionLib.structures import StructureTable
+    from HeartCompletionLib.geometry.normalization import Normalization
+    from HeartCompletionLib.structures.table import StructureTable
 
     src = _real("acdc_cmr", "patient002_ED_label.nii.gz")
     data = read_label_map(src, convention=_real("acdc_cmr", "labels.json"))

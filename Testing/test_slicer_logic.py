@@ -3,7 +3,7 @@
 A synthetic heart minus some structures is imported into a segmentation the way Slicer does
 it (label-map volume -> segments), the segments are renamed in mixed conventions, and the
 module's glue (``HeartCompletionModule.segments``, ``.results`` and
-``HeartCompletionLib.completion_process``) runs end to end with the tiny checkpoint trained by the
+``HeartCompletionLib.inference.completion_process``) runs end to end with the tiny checkpoint trained by the
 training fixtures. ``Testing/test_slicer_module_file.py`` drives the module's logic on top of them.
 """
 
@@ -21,18 +21,18 @@ slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
 
 from HeartCompletionModule import results, segments  # noqa: E402
 
-from HeartCompletionLib import completion_process  # noqa: E402
 from HeartCompletionLib.errors import ExitCode  # noqa: E402
-from HeartCompletionLib.geometry import make_ijk_to_ras, rotation_matrix  # noqa: E402
-from HeartCompletionLib.labelmap import LabelMap  # noqa: E402
-from HeartCompletionLib.segment_mapping import (  # noqa: E402
+from HeartCompletionLib.geometry.affine import make_ijk_to_ras, rotation_matrix  # noqa: E402
+from HeartCompletionLib.inference import completion_process  # noqa: E402
+from HeartCompletionLib.io.labelmap import LabelMap  # noqa: E402
+from HeartCompletionLib.structures.segment_mapping import (  # noqa: E402
     default_structures_to_complete,
     map_segments,
     parse_terminology_entry,
     segment_labels,
     terminology_entry,
 )
-from HeartCompletionLib.structures import StructureTable  # noqa: E402
+from HeartCompletionLib.structures.table import StructureTable  # noqa: E402
 
 TABLE = StructureTable.default()
 DROPPED = ("PA", "LAA", "Coronary")  # what the user has not segmented
@@ -63,7 +63,7 @@ def scene():
 @pytest.fixture(scope="module")
 def heart():
     """An oblique, anisotropic synthetic heart (all ten structures)."""
-    from HeartCompletionLib.synthetic import synthetic_label_map
+    from HeartCompletionLib.io.synthetic import synthetic_label_map
 
     return synthetic_label_map(seed=4, spacing_mm=(2.6, 3.0, 3.4), direction=rotation_matrix((1, 1, 0.3), 0.5))
 
@@ -162,7 +162,7 @@ def test_segment_mask_resamples_onto_an_oblique_reference(scene):
     target = make_ijk_to_ras((1.7, 1.3, 2.1), (-22.0, -18.0, -20.0), rotation_matrix((0.2, 1.0, 0.5), 0.45))
     shape = (30, 40, 20)
     mask = segments.segment_mask(node, segment_id, shape, target)
-    from HeartCompletionLib.geometry import ijk_to_ras_points, ras_to_ijk_points
+    from HeartCompletionLib.geometry.affine import ijk_to_ras_points, ras_to_ijk_points
 
     centres = ijk_to_ras_points(np.argwhere(np.ones(shape, bool)), target)
     source_index = np.floor(ras_to_ijk_points(centres, source_ijk_to_ras) + 0.5).astype(int)  # VTK's rounding
@@ -189,7 +189,7 @@ def test_results_land_in_the_segmentation_geometry(scene):
     _, layer_ijk_to_ras = segments.array_from_oriented_image(layer)
     np.testing.assert_allclose(layer_ijk_to_ras[:3, :3], own[:3, :3], atol=1e-9)
     mask = segments.segment_mask(node, segment_id, (40, 40, 40), own)
-    from HeartCompletionLib.geometry import ijk_to_ras_points, ras_to_ijk_points
+    from HeartCompletionLib.geometry.affine import ijk_to_ras_points, ras_to_ijk_points
 
     centres = ijk_to_ras_points(np.argwhere(np.ones((40, 40, 40), bool)), own)
     index = np.floor(ras_to_ijk_points(centres, other) + 0.5).astype(int)  # VTK's rounding
@@ -235,7 +235,7 @@ def test_exported_meshes_say_they_are_ras(scene, heart, tmp_path, file_format):
     export must write the tag (read back from the file here), and the vertices must be RAS mm."""
     import vtk
 
-    from HeartCompletionLib.geometry import ijk_to_ras_points
+    from HeartCompletionLib.geometry.affine import ijk_to_ras_points
 
     node, _ = partial_segmentation(scene, heart)
     meshes = results.export_structure_meshes(node, tmp_path, TABLE, file_format)
@@ -266,8 +266,8 @@ def test_a_long_segment_name_keeps_the_stl_tag(scene, heart, tmp_path):
 
 
 def test_complete_segmentation_end_to_end(scene, heart, tiny_checkpoint, tmp_path):
-    from HeartCompletionLib.completion import complete_label_map
-    from HeartCompletionLib.labelmap_io import read_label_map
+    from HeartCompletionLib.inference.completion import complete_label_map
+    from HeartCompletionLib.io.labelmap_files import read_label_map
 
     node, volume = partial_segmentation(scene, heart)
     mappings = map_segments(segments.segment_infos(node), TABLE)
@@ -319,7 +319,7 @@ def test_complete_segmentation_end_to_end(scene, heart, tiny_checkpoint, tmp_pat
     reader.SetFileName(str(tmp_path / "meshes" / "LV.stl"))
     reader.Update()
     bounds = np.array(reader.GetOutput().GetBounds()).reshape(3, 2)  # RAS mm
-    from HeartCompletionLib.geometry import ijk_to_ras_points
+    from HeartCompletionLib.geometry.affine import ijk_to_ras_points
 
     lv_ras = ijk_to_ras_points(np.argwhere(exported.labels == TABLE.by_name("LV").label), exported.ijk_to_ras)
     tolerance = exported.spacing_mm.max()
@@ -353,8 +353,8 @@ def test_replace_overwrites_only_the_ticked_segment(scene, heart, tiny_checkpoin
 def test_background_process_matches_in_process(scene, heart, tiny_checkpoint, tmp_path):
     """The path the module takes: input file -> completion_process in a subprocess (progress
     lines polled) -> output file -> segments; same voxels as the in-process call."""
-    from HeartCompletionLib.completion import complete_label_map
-    from HeartCompletionLib.labelmap_io import read_label_map, write_label_map
+    from HeartCompletionLib.inference.completion import complete_label_map
+    from HeartCompletionLib.io.labelmap_files import read_label_map, write_label_map
 
     node, volume = partial_segmentation(scene, heart)
     mappings = map_segments(segments.segment_infos(node), TABLE)

@@ -32,7 +32,7 @@ APP_LAYER = ("qt", "ctk", "slicer.i18n", "slicer.parameterNodeWrapper", "slicer.
 
 @pytest.fixture(scope="module")
 def heart():
-    from HeartCompletionLib.synthetic import synthetic_label_map
+    from HeartCompletionLib.io.synthetic import synthetic_label_map
 
     return synthetic_label_map(seed=5, spacing_mm=3.0)
 
@@ -73,7 +73,7 @@ def poll_until_done(logic, timeout_s=300):
 
 
 def test_logic_completes_undoes_and_exports_like_the_panel(scene, heart, tiny_checkpoint, tmp_path):
-    from HeartCompletionLib.labelmap_io import read_label_map
+    from HeartCompletionLib.io.labelmap_files import read_label_map
 
     logic = HeartCompletionLogic()
     node, volume = partial_segmentation(scene, heart)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from heart_training import split
-from heart_training.case_format import save_case, write_manifest
+from heart_training.data import split
+from heart_training.data.case_format import save_case, write_manifest
 
-from HeartCompletionLib.structures import StructureTable
+from HeartCompletionLib.structures.table import StructureTable
 
 TABLE = StructureTable.default()
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from heart_training.split import (
+from heart_training.data.split import (
     DEFAULT_GROUP_BY,
     assign_splits,
     case_group,
     compile_group_by,
 )
-from heart_training.split import (
+from heart_training.data.split import (
     main as split_main,
 )
 
@@ -129,8 +129,8 @@ def test_groups_are_per_dataset_and_deterministic():
 
 # --- the command line, on prepared files ------------------------------------------------------------
 def _write_small_map(path: Path, shift: int) -> None:
-    from HeartCompletionLib.labelmap import LabelMap
-    from HeartCompletionLib.labelmap_io import write_label_map
+    from HeartCompletionLib.io.labelmap import LabelMap
+    from HeartCompletionLib.io.labelmap_files import write_label_map
 
     labels = np.zeros((24, 24, 12), dtype=np.int16)
     labels[6 + shift:14 + shift, 6:14, 3:9] = 1
@@ -139,7 +139,7 @@ def _write_small_map(path: Path, shift: int) -> None:
 
 
 def test_heart_split_cli_groups_frames(tmp_path):
-    from heart_training.prepare_cli import main as prepare_main
+    from heart_training.data.prepare_cli import main as prepare_main
 
     raw = tmp_path / "raw"
     raw.mkdir()

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from HeartCompletionLib.label_conventions import apply_convention, load_convention
-from HeartCompletionLib.structures import StructureTable
+from HeartCompletionLib.structures.conventions import apply_convention, load_convention
+from HeartCompletionLib.structures.table import StructureTable
 
 
 def test_default_table_matches_design():

@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from HeartCompletionLib.geometry import make_ijk_to_ras, rotation_matrix, voxel_centers_ras
-from HeartCompletionLib.labelmap import LabelMap
-from HeartCompletionLib.signed_distance import signed_distances_mm
-from HeartCompletionLib.surface import (
+from HeartCompletionLib.geometry.affine import make_ijk_to_ras, rotation_matrix, voxel_centers_ras
+from HeartCompletionLib.geometry.signed_distance import signed_distances_mm
+from HeartCompletionLib.geometry.surface import (
     allocate_counts,
     block_factors,
     block_mean,
@@ -27,6 +26,7 @@ from HeartCompletionLib.surface import (
     sample_surface,
     structure_surfaces,
 )
+from HeartCompletionLib.io.labelmap import LabelMap
 
 CENTRE = np.array([12.0, -30.0, 45.0])  # RAS mm, away from the origin on purpose
 FIELD_MM = 64.0  # physical extent of every test grid (per axis)
@@ -319,7 +319,7 @@ def test_sign_is_the_label_map_at_every_voxel_centre():
     the edge to an outside neighbour at its midpoint)."""
     from scipy.ndimage import binary_erosion
 
-    from HeartCompletionLib.synthetic import synthetic_label_map
+    from HeartCompletionLib.io.synthetic import synthetic_label_map
 
     lm = synthetic_label_map(seed=3, spacing_mm=3.0, direction=rotation_matrix([1.0, 0.0, 1.0], 0.4), flip_axes=(1,))
     labels = lm.present_labels()
@@ -349,7 +349,7 @@ def test_without_edt_package_scipy_gives_the_same(monkeypatch, label_maps):
 def test_same_heart_in_two_geometries_gives_the_same_distances():
     """One synthetic heart rasterised on a 2 mm grid and on an oblique, flipped 1.6 x 1.6 x 2.5 mm
     grid: distances at the same physical points agree to a fraction of a voxel."""
-    from HeartCompletionLib.synthetic import synthetic_label_map
+    from HeartCompletionLib.io.synthetic import synthetic_label_map
 
     a = synthetic_label_map(seed=2, spacing_mm=2.0)
     b = synthetic_label_map(seed=2, spacing_mm=(1.6, 1.6, 2.5), direction=rotation_matrix([1.0, 1.0, 0.0], 0.5),

@@ -8,16 +8,16 @@ import json
 import numpy as np
 import pytest
 from fixtures_data import structure_centroids_ras
-from heart_training.synth_cli import case_seed, main
+from heart_training.data.synth_cli import case_seed, main
 
-from HeartCompletionLib.geometry import voxel_centers_ras
-from HeartCompletionLib.labelmap_io import read_label_map
-from HeartCompletionLib.structures import StructureTable
-from HeartCompletionLib.synthetic import (
+from HeartCompletionLib.geometry.affine import voxel_centers_ras
+from HeartCompletionLib.io.labelmap_files import read_label_map
+from HeartCompletionLib.io.synthetic import (
     centred_grid,
     synthetic_heart,
     synthetic_label_map,
 )
+from HeartCompletionLib.structures.table import StructureTable
 
 TABLE = StructureTable.default()
 
@@ -207,7 +207,7 @@ def test_old_seeds_unchanged_without_modes(seed):
 
 
 def test_modes_are_reproducible_recorded_and_drawn_from_their_own_stream():
-    from HeartCompletionLib.synthetic import MODE_CLIP, MODE_NAMES, draw_modes
+    from HeartCompletionLib.io.synthetic import MODE_CLIP, MODE_NAMES, draw_modes
 
     a = synthetic_label_map(seed=21, spacing_mm=3.0, modes=True)
     b = synthetic_label_map(seed=21, spacing_mm=3.0, modes=True)
@@ -283,7 +283,7 @@ def test_modes_move_the_structures_they_claim():
 
 @pytest.mark.slow
 def test_fifty_heart_population_within_documented_ranges():
-    from HeartCompletionLib.synthetic import VOLUME_RANGES_ML
+    from HeartCompletionLib.io.synthetic import VOLUME_RANGES_ML
 
     volumes = {name: [] for name in TABLE.names}
     for seed in range(50):
@@ -300,7 +300,7 @@ def test_fifty_heart_population_within_documented_ranges():
 
 
 def test_heart_synth_modes_and_grid_size_guard(tmp_path, capsys):
-    from heart_training.synth_cli import MAX_VOXELS
+    from heart_training.data.synth_cli import MAX_VOXELS
 
     out = tmp_path / "modes"
     assert main(["--output_dir", str(out), "--cases", "2", "--spacing", "3", "3", "3", "--modes"]) == 0

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from HeartCompletionLib.segment_mapping import (
+from HeartCompletionLib.structures.segment_mapping import (
     TERMINOLOGY_CONTEXT_NAME,
     SegmentInfo,
     map_segments,
@@ -22,7 +22,7 @@ from HeartCompletionLib.segment_mapping import (
     terminology_entry,
     write_terminology_context,
 )
-from HeartCompletionLib.structures import StructureTable
+from HeartCompletionLib.structures.table import StructureTable
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO / "HeartCompletion"
@@ -63,7 +63,7 @@ def test_shipped_term_json_is_generated_from_the_table(tmp_path):
     shipped = json.loads(TERM_JSON.read_text(encoding="utf-8"))
     assert shipped == terminology_context(TABLE), (
         "HeartCompletion.term.json is stale: regenerate with "
-        "python -m HeartCompletionLib.segment_mapping_cli --output HeartCompletion/Resources/HeartCompletion.term.json"
+        "python -m HeartCompletionLib.structures.segment_mapping_cli --output HeartCompletion/Resources/HeartCompletion.term.json"
     )
     regenerated = write_terminology_context(tmp_path / "t.term.json")
     assert regenerated.read_text(encoding="utf-8") == TERM_JSON.read_text(encoding="utf-8")
@@ -125,8 +125,8 @@ def test_labelmap_io_seg_nrrd_maps_back_through_slicer(tmp_path):
     slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
     from HeartCompletionModule import segments
 
-    from HeartCompletionLib.labelmap import LabelMap
-    from HeartCompletionLib.labelmap_io import write_label_map
+    from HeartCompletionLib.io.labelmap import LabelMap
+    from HeartCompletionLib.io.labelmap_files import write_label_map
 
     labels = np.zeros((6, 6, 12), np.int16)
     for s in TABLE:
@@ -176,5 +176,12 @@ def test_cmake_lists_name_existing_files_and_metadata():
     for resource in resources:
         assert (MODULE_DIR / resource.replace("${MODULE_NAME}", "HeartCompletion")).is_file(), resource
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in module_cmake
-    assert "HeartCompletionLib/*.py" in module_cmake and "HeartCompletionLib/data/*.json" in module_cmake
+    # the library goes into the extension whole: every .py of every subpackage, and every data file
+    assert "file(GLOB_RECURSE _lib_scripts RELATIVE ${_lib_source_dir} ${_lib_source_dir}/HeartCompletionLib/*.py)" in module_cmake
+    globs = re.findall(r"\$\{_lib_source_dir\}/(HeartCompletionLib/\S+)", module_cmake.split("_lib_resources", 1)[1].split(")", 1)[0])
+    data_files = [p.relative_to(REPO) for p in (REPO / "HeartCompletionLib").rglob("*")
+                  if p.is_file() and p.suffix not in {".py", ".pyc"} and "__pycache__" not in p.parts]
+    assert data_files and globs
+    unpackaged = [str(f) for f in data_files if not any(f.match(g) and len(f.parts) == len(Path(g).parts) for g in globs)]
+    assert not unpackaged, f"library data files the extension would leave out: {unpackaged}"
     assert (REPO / "Resources" / "HeartCompletion.png").is_file()

@@ -1,5 +1,5 @@
 """``run.compile=true``: the trainer compiles the model's attention blocks in place
-(:func:`heart_training.engine.compile_model`) and the compiled model gives the eager outputs.
+(:func:`heart_training.train.engine.compile_model`) and the compiled model gives the eager outputs.
 
 torch.compile (inductor, C++ on CPU) takes minutes on a shared CPU even for the tiny model: one
 forward of a one-block tiny model here; two to three training steps with the option on were
@@ -14,9 +14,9 @@ import pytest
 import torch
 from fixtures_training import write_analytic_case, write_case_lists
 from heart_training.config import load_config
-from heart_training.dataset import collate
-from heart_training.distributed import init_distributed
-from heart_training.engine import Trainer, _to
+from heart_training.data.dataset import collate
+from heart_training.train.distributed import init_distributed
+from heart_training.train.engine import Trainer, _to
 
 
 @pytest.mark.slow

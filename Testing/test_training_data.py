@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 from fixtures_training import analytic_heart, write_analytic_case, write_case_lists
-from heart_training.case_format import load_case, save_case
 from heart_training.config import AugmentConfig, ConfigError, DataConfig, LossConfig, MaskConfig, load_config
-from heart_training.dataset import (
+from heart_training.data.case_format import load_case, save_case
+from heart_training.data.dataset import (
     QUERY_NEAR,
     QUERY_SURFACE,
     QUERY_VOLUME,
@@ -23,11 +23,11 @@ from heart_training.dataset import (
     collate,
     read_case_list,
 )
-from heart_training.losses import compute_losses
-from heart_training.phase_masks import InputMasker, simulate_masks
+from heart_training.data.phase_masks import InputMasker, simulate_masks
+from heart_training.train.losses import compute_losses
 
-from HeartCompletionLib.normalization import Normalization
-from HeartCompletionLib.structures import StructureTable
+from HeartCompletionLib.geometry.normalization import Normalization
+from HeartCompletionLib.structures.table import StructureTable
 
 TABLE = StructureTable.default()
 K = len(TABLE)
@@ -263,7 +263,7 @@ def test_structure_balanced_queries_share_near_and_surface_points_equally(case_d
 
 
 def test_grouped_and_shuffled_owners_give_the_same_groups():
-    from heart_training.dataset import _groups
+    from heart_training.data.dataset import _groups
 
     rng = np.random.default_rng(0)
     owners = np.sort(rng.integers(0, K, size=500)).astype(np.int8)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from fixtures_training import write_analytic_case, write_case_lists
-from heart_training.case_format import load_case, save_case
 from heart_training.config import load_config
-from heart_training.data_gate import DataGateError, check_case
-from heart_training.dataset import CaseRef
-from heart_training.engine import NonFiniteLossError
-from heart_training.trainer import main, train
+from heart_training.data.case_format import load_case, save_case
+from heart_training.data.data_gate import DataGateError, check_case
+from heart_training.data.dataset import CaseRef
+from heart_training.train.engine import NonFiniteLossError
+from heart_training.train.trainer import main, train
 
 SMALL = dict(num_surface=6000, num_volume=3000, num_near=4000)
 
@@ -88,11 +88,11 @@ def test_thick_slices_pass_and_voxel_distances_on_them_do_not(tmp_path):
     staircase, its surface samples on a mesh sloping between slices, so near the surface the two
     differ by design; the gate compares them beyond half a slice. Distances in in-plane voxels
     (x 1 / 1.5625) are still refused."""
-    from heart_training.case_format import load_case, save_case
-    from heart_training.prepare import PrepareOptions, prepare_case
+    from heart_training.data.case_format import load_case, save_case
+    from heart_training.data.prepare import PrepareOptions, prepare_case
 
-    from HeartCompletionLib.labelmap_io import write_label_map
-    from HeartCompletionLib.synthetic import synthetic_label_map
+    from HeartCompletionLib.io.labelmap_files import write_label_map
+    from HeartCompletionLib.io.synthetic import synthetic_label_map
 
     stack = synthetic_label_map(seed=3, spacing_mm=(1.5625, 1.5625, 10.0))
     write_label_map(stack, tmp_path / "stack.nii.gz")

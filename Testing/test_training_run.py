@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 from fixtures_training import tiny_overrides, write_analytic_case, write_case_lists
-from heart_training.case_format import load_case
 from heart_training.config import load_config
-from heart_training.trainer import train
+from heart_training.data.case_format import load_case
+from heart_training.train.trainer import train
 
 #: near-surface IoU the session's tiny model (1,200 CPU steps of batch 4, 256 latents, QK-norm,
 #: lr 6e-3, about two minutes of one shared CPU core) must reach. Measured per heart (seeds fixed,
@@ -32,9 +32,9 @@ TABLE_NAMES = ["Myocardium", "LA", "LV", "RA", "RV", "Aorta", "PA", "LAA", "Coro
 
 def near_surface_iou(checkpoint_path: Path, case_path: Path, num_points: int = 4000) -> np.ndarray:
     """IoU per structure on a case's near-surface points, through the exported inference checkpoint."""
-    from heart_training.near_iou import near_surface_iou as iou
+    from heart_training.evaluation.near_iou import near_surface_iou as iou
 
-    from HeartCompletionLib.checkpoint import load_inference_checkpoint
+    from HeartCompletionLib.model.checkpoint import load_inference_checkpoint
 
     ck = load_inference_checkpoint(checkpoint_path)
     return iou(ck.model, ck.normalization, load_case(case_path), ck.num_input_points, ck.min_per_structure,
@@ -67,10 +67,10 @@ def test_tiny_model_uses_its_input(tiny_checkpoint, prepared_synthetic_dataset):
     (the same latents for every heart, simulated below) fails both measures."""
     import copy
 
-    from heart_training.input_use import input_dependence, label_lookup
+    from heart_training.evaluation.input_use import input_dependence, label_lookup
 
-    from HeartCompletionLib.checkpoint import load_inference_checkpoint
-    from HeartCompletionLib.labelmap_io import read_label_map
+    from HeartCompletionLib.io.labelmap_files import read_label_map
+    from HeartCompletionLib.model.checkpoint import load_inference_checkpoint
 
     ck = load_inference_checkpoint(tiny_checkpoint)
     paths = sorted(prepared_synthetic_dataset.glob("*.npz"))
@@ -99,7 +99,7 @@ def test_tiny_model_uses_its_input(tiny_checkpoint, prepared_synthetic_dataset):
 
 
 def test_run_folder_has_logs_config_and_loadable_checkpoints(tiny_training_run, tiny_checkpoint):
-    from HeartCompletionLib.checkpoint import read_checkpoint_metadata
+    from HeartCompletionLib.model.checkpoint import read_checkpoint_metadata
 
     out = tiny_training_run.output_dir
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -179,7 +179,7 @@ def test_ddp_two_cpu_processes_match_one_process(small_dataset, tmp_path):
               "run.threads=1", "run.val_every=0", "optim.warmup_steps=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "heart_training.trainer", "--config", "tiny_test", "--output_dir", str(tmp_path / "ddp"),
+           "-m", "heart_training.train.trainer", "--config", "tiny_test", "--output_dir", str(tmp_path / "ddp"),
            *common, "optim.batch_size=1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -218,13 +218,13 @@ def test_phases_2_to_4_fine_tune_from_a_checkpoint(small_dataset, tmp_path):
             assert freq["input_freq/LA"] == 0 and freq["input_freq/Myocardium"] == 1
             assert freq["exclusion"] >= 0
         previous = result.final_checkpoint
-    from HeartCompletionLib.checkpoint import read_checkpoint_metadata
+    from HeartCompletionLib.model.checkpoint import read_checkpoint_metadata
 
     assert read_checkpoint_metadata(previous)["phase"] == 4
 
 
 def test_two_datasets_mix_by_weight(small_dataset, tmp_path):
-    from HeartCompletionLib.checkpoint import read_checkpoint_metadata
+    from HeartCompletionLib.model.checkpoint import read_checkpoint_metadata
 
     other = tmp_path / "other"
     other.mkdir()

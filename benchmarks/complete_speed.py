@@ -43,9 +43,9 @@ MIN_DICE, MAX_ASSD_MM = 0.99, 0.2
 
 
 def partial_heart(seed: int, spacing, drop, shape=None):
-    from HeartCompletionLib.labelmap import LabelMap
-    from HeartCompletionLib.structures import StructureTable
-    from HeartCompletionLib.synthetic import synthetic_label_map
+    from HeartCompletionLib.io.labelmap import LabelMap
+    from HeartCompletionLib.io.synthetic import synthetic_label_map
+    from HeartCompletionLib.structures.table import StructureTable
 
     truth = synthetic_label_map(seed=seed, spacing_mm=spacing, shape=shape)
     labels = truth.labels.copy()
@@ -60,14 +60,14 @@ def fit_model(path: Path, config: str, seed: int, spacing: float, drop, steps: i
     Adam steps on every weight."""
     import torch
 
-    from HeartCompletionLib.checkpoint import save_inference_checkpoint
-    from HeartCompletionLib.encoder_input import encoder_arrays, encoder_centre_mm, select_encoder_points
-    from HeartCompletionLib.model import HeartVecSet
-    from HeartCompletionLib.model_configs import get_config
-    from HeartCompletionLib.normalization import Normalization
-    from HeartCompletionLib.signed_distance import signed_distances_mm
-    from HeartCompletionLib.structures import StructureTable
-    from HeartCompletionLib.surface import sample_structure_surfaces
+    from HeartCompletionLib.geometry.normalization import Normalization
+    from HeartCompletionLib.geometry.signed_distance import signed_distances_mm
+    from HeartCompletionLib.geometry.surface import sample_structure_surfaces
+    from HeartCompletionLib.model.checkpoint import save_inference_checkpoint
+    from HeartCompletionLib.model.configs import get_config
+    from HeartCompletionLib.model.encoder_input import encoder_arrays, encoder_centre_mm, select_encoder_points
+    from HeartCompletionLib.model.vecset import HeartVecSet
+    from HeartCompletionLib.structures.table import StructureTable
 
     torch.manual_seed(seed)
     table, norm = StructureTable.default(), Normalization()
@@ -122,7 +122,7 @@ def fit_model(path: Path, config: str, seed: int, spacing: float, drop, steps: i
 
 def _time_writing(result, table) -> float:
     """Seconds to write the completed label map as .nii.gz (what heart-complete does)."""
-    from HeartCompletionLib.labelmap_io import write_label_map
+    from HeartCompletionLib.io.labelmap_files import write_label_map
 
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
@@ -185,9 +185,9 @@ def main(argv=None) -> int:
         subprocess.run(cmd, check=True)
         print(f"fitted a {args.config} model to the heart in {time.perf_counter() - t:.1f} s")
 
-    from HeartCompletionLib.checkpoint import load_inference_checkpoint
-    from HeartCompletionLib.completion import complete_label_map
-    from HeartCompletionLib.metrics import assd_mm, dice
+    from HeartCompletionLib.geometry.metrics import assd_mm, dice
+    from HeartCompletionLib.inference.completion import complete_label_map
+    from HeartCompletionLib.model.checkpoint import load_inference_checkpoint
 
     truth, source = partial_heart(args.seed, spacing, args.drop, shape)
     checkpoint = load_inference_checkpoint(ck_path, device=args.device)

@@ -119,7 +119,7 @@ def log(message: str) -> None:
 # --- 1. hearts --------------------------------------------------------------------------------
 def heart_plan(budget: Budget, seed: int) -> list[dict]:
     """One record per heart: file, seed, grid and whether it is held out (seeds disjoint by construction)."""
-    from heart_training.synth_cli import case_seed
+    from heart_training.data.synth_cli import case_seed
 
     plan = []
     n_cut = int(round(0.3 * budget.train_hearts))
@@ -142,7 +142,7 @@ def heart_plan(budget: Budget, seed: int) -> list[dict]:
 
 
 def _oblique_direction(seed: int) -> np.ndarray:
-    from HeartCompletionLib.geometry import rotation_matrix
+    from HeartCompletionLib.geometry.affine import rotation_matrix
 
     rng = np.random.default_rng([seed, 7])
     axis = rng.normal(size=3)
@@ -151,8 +151,8 @@ def _oblique_direction(seed: int) -> np.ndarray:
 
 def _write_heart(args) -> dict:
     record, root = args
-    from HeartCompletionLib.labelmap_io import write_label_map
-    from HeartCompletionLib.synthetic import synthetic_label_map
+    from HeartCompletionLib.io.labelmap_files import write_label_map
+    from HeartCompletionLib.io.synthetic import synthetic_label_map
 
     path = Path(root) / record["file"]
     lm = synthetic_label_map(record["seed"], spacing_mm=record["spacing_mm"], modes=True,
@@ -188,9 +188,9 @@ def stage_hearts(out: Path, budget: Budget, seed: int, workers: int) -> None:
 
 # --- 2. prepare + split ------------------------------------------------------------------------
 def stage_prepare(out: Path, budget: Budget, workers: int) -> None:
-    from heart_training.prepare import PrepareOptions
-    from heart_training.prepare_cli import prepare_dataset
-    from heart_training.split import write_splits
+    from heart_training.data.prepare import PrepareOptions
+    from heart_training.data.prepare_cli import prepare_dataset
+    from heart_training.data.split import write_splits
 
     prepared = out / "prepared"
     if (prepared / "train.csv").is_file():
@@ -262,7 +262,7 @@ def stage_train(out: Path, budget: Budget, device: str) -> tuple[dict, Budget]:
             log(f"train: phase {phase} done earlier, skipped")
             seconds[phase] = json.loads(marker.read_text())["seconds"]
             continue
-        cmd = [sys.executable, "-m", "heart_training.trainer", "--config", f"phase{phase}", "--output_dir",
+        cmd = [sys.executable, "-m", "heart_training.train.trainer", "--config", f"phase{phase}", "--output_dir",
                str(run_dir), "--resume", *phase_overrides(budget, phase, out, device)]
         log(f"train: phase {phase}, {budget.steps[phase - 1]} steps -> {run_dir}")
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -309,20 +309,20 @@ def _read_rows(path: Path) -> list[dict]:
 
 def _describe(args):
     """Nearest-case baseline descriptor of one training label map (a worker process)."""
-    from heart_training.baseline import describe_label_map
+    from heart_training.evaluation.baseline import describe_label_map
 
-    from HeartCompletionLib.labelmap_io import read_label_map
+    from HeartCompletionLib.io.labelmap_files import read_label_map
 
     path, case_id = args
     return describe_label_map(read_label_map(path), case_id, source=path)
 
 
 def stage_eval(out: Path, budget: Budget, device: str, eval_workers: int, workers: int) -> float:
-    from heart_training.baseline import save_descriptor_cache
-    from heart_training.evaluate import find_cases, load_baseline
-    from heart_training.report import write_outputs
+    from heart_training.evaluation.baseline import save_descriptor_cache
+    from heart_training.evaluation.evaluate import find_cases, load_baseline
+    from heart_training.evaluation.report import write_outputs
 
-    from HeartCompletionLib.checkpoint import load_inference_checkpoint
+    from HeartCompletionLib.model.checkpoint import load_inference_checkpoint
 
     eval_dir = out / "eval"
     if (eval_dir / "summary.json").is_file():
@@ -352,7 +352,7 @@ def stage_eval(out: Path, budget: Budget, device: str, eval_workers: int, worker
             writer.writerow(["case_id", "source"])
             for path in files:
                 writer.writerow([path.name[: -len(".nii.gz")], str(path.resolve())])
-        cmd = [sys.executable, "-m", "heart_training.evaluate", "--checkpoint", str(checkpoint), "--data_dir",
+        cmd = [sys.executable, "-m", "heart_training.evaluation.evaluate", "--checkpoint", str(checkpoint), "--data_dir",
                str(shard_dir / "cases.csv"), "--train_dir", str(train_dir), "--baseline_cache", str(cache),
                "--output_dir", str(shard_dir), "--device", device, "--quiet", "--figure_cases",
                "1" if k == 0 else "0", "--scenarios", *budget.scenarios]

@@ -4,8 +4,8 @@ For each envelope case of ``../shared/data/real`` (the platipy radiotherapy CT: 
 ``04D1_label``, with ``04D1_heart_envelope`` on the same grid; the TotalSegmentator chest CT: the PA
 alone, ``chestct_label``, with ``chestct_heart_envelope`` on another grid of the same patient) it
 completes the heart with a checkpoint through the public API
-(:func:`HeartCompletionLib.completion.complete_label_map`) on the input's own grid, and reports
-(:func:`HeartCompletionLib.envelope.envelope_fit`):
+(:func:`HeartCompletionLib.inference.completion.complete_label_map`) on the input's own grid, and reports
+(:func:`HeartCompletionLib.inference.envelope.envelope_fit`):
 
 - ``inside``: fraction of the completed heart inside the envelope;
 - ``fill``: fraction of the envelope the completed heart fills;
@@ -34,11 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
+from HeartCompletionLib.model.registry import BUNDLED_MODELS_DIR
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DEFAULT_REAL = ROOT.parent / "shared" / "data" / "real"
-DEFAULT_CHECKPOINT = ROOT / "HeartCompletionLib" / "models" / "synthetic_demo.safetensors"
+DEFAULT_CHECKPOINT = BUNDLED_MODELS_DIR / "synthetic_demo.safetensors"
 #: (name, folder, input label map, envelope)
 CASES = (
     ("platipy_rtct", "platipy_rtct", "04D1_label.nii.gz", "04D1_heart_envelope.nii.gz"),
@@ -52,9 +54,9 @@ def grid_text(label_map) -> str:
 
 
 def check_case(name: str, input_path: Path, envelope_path: Path, checkpoint, device: str, seed: int) -> dict:
-    from HeartCompletionLib.completion import complete_label_map
-    from HeartCompletionLib.envelope import ENVELOPE_STRUCTURES, envelope_fit, read_envelope
-    from HeartCompletionLib.labelmap_io import read_label_map
+    from HeartCompletionLib.inference.completion import complete_label_map
+    from HeartCompletionLib.inference.envelope import ENVELOPE_STRUCTURES, envelope_fit, read_envelope
+    from HeartCompletionLib.io.labelmap_files import read_label_map
 
     table = checkpoint.table
     given = read_label_map(input_path, table=table)
@@ -82,10 +84,10 @@ def synthetic_control(checkpoint, device: str, seed: int) -> dict:
     Myocardium, LV and RV (an ACDC-like input), against its own chambers + myocardium + LAA as the
     envelope (same grid). Whether that seed was among the demo model's training hearts is not
     checked: the row calibrates the metric, it does not score the model."""
-    from HeartCompletionLib.completion import complete_label_map
-    from HeartCompletionLib.envelope import ENVELOPE_STRUCTURES, envelope_fit
-    from HeartCompletionLib.labelmap import LabelMap
-    from HeartCompletionLib.synthetic import synthetic_label_map
+    from HeartCompletionLib.inference.completion import complete_label_map
+    from HeartCompletionLib.inference.envelope import ENVELOPE_STRUCTURES, envelope_fit
+    from HeartCompletionLib.io.labelmap import LabelMap
+    from HeartCompletionLib.io.synthetic import synthetic_label_map
 
     table = checkpoint.table
     truth = synthetic_label_map(seed=1000, spacing_mm=1.5)
@@ -135,7 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     args = parser.parse_args(argv)
 
-    from HeartCompletionLib.checkpoint import load_inference_checkpoint
+    from HeartCompletionLib.model.checkpoint import load_inference_checkpoint
 
     if not args.real_dir.is_dir():
         print(f"envelope_check: error: {args.real_dir}: no real data folder", file=sys.stderr)

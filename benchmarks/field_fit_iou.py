@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def fit(case: dict, args) -> None:
-    from heart_training.near_iou import sign_iou
+    from heart_training.evaluation.near_iou import sign_iou
 
-    from HeartCompletionLib.encoder_input import encoder_centre_mm
-    from HeartCompletionLib.normalization import Normalization
+    from HeartCompletionLib.geometry.normalization import Normalization
+    from HeartCompletionLib.model.encoder_input import encoder_centre_mm
 
     torch.manual_seed(args.seed)
     norm = Normalization()  # x_n = (x_mm - c) / S, d_n = d_mm / S: the one rule of training and completion
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     if args.steps < 4 or args.queries < 4:
         parser.error("--steps and --queries must be at least 4")
     torch.set_num_threads(args.threads)
-    from heart_training.case_format import CaseFormatError, load_case
+    from heart_training.data.case_format import CaseFormatError, load_case
 
     with tempfile.TemporaryDirectory(prefix="field_fit_") as tmp:
         path = args.case

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from HeartCompletionLib.model import (
+from HeartCompletionLib.model.vecset import (
     _farthest_point_indices_eager,
     _farthest_point_indices_graphed,
     farthest_point_indices,

@@ -53,15 +53,15 @@ _FLOATS = [0.0, -1.0, 1e-30, 1e30, float("nan"), float("inf"), -float("inf"), 3.
 # --- seed files -------------------------------------------------------------------------------
 def make_seeds(folder: Path) -> dict[str, bytes]:
     """One small valid file of each kind: ``{suffix: bytes}``."""
-    from heart_training.prepare import PrepareOptions, prepare_case
+    from heart_training.data.prepare import PrepareOptions, prepare_case
 
-    from HeartCompletionLib.checkpoint import save_inference_checkpoint
-    from HeartCompletionLib.labelmap_io import write_label_map
-    from HeartCompletionLib.model import HeartVecSet
-    from HeartCompletionLib.model_configs import get_config
-    from HeartCompletionLib.normalization import Normalization
-    from HeartCompletionLib.structures import StructureTable
-    from HeartCompletionLib.synthetic import synthetic_label_map
+    from HeartCompletionLib.geometry.normalization import Normalization
+    from HeartCompletionLib.io.labelmap_files import write_label_map
+    from HeartCompletionLib.io.synthetic import synthetic_label_map
+    from HeartCompletionLib.model.checkpoint import save_inference_checkpoint
+    from HeartCompletionLib.model.configs import get_config
+    from HeartCompletionLib.model.vecset import HeartVecSet
+    from HeartCompletionLib.structures.table import StructureTable
 
     folder.mkdir(parents=True, exist_ok=True)
     heart = synthetic_label_map(seed=0, spacing_mm=5.0)
@@ -272,16 +272,16 @@ def mutate(rng: random.Random, suffix: str, seed: bytes) -> tuple[bytes, str]:
 # --- reading and judging ----------------------------------------------------------------------
 def _read(path: Path, suffix: str):
     if suffix == ".npz":
-        from heart_training.case_format import OPTIONAL_KEYS, load_case
+        from heart_training.data.case_format import OPTIONAL_KEYS, load_case
 
         first = load_case(path, optional=OPTIONAL_KEYS)
         load_case(path, optional=OPTIONAL_KEYS, mmap=True)
         return first
     if suffix == ".safetensors":
-        from HeartCompletionLib.checkpoint import load_inference_checkpoint
+        from HeartCompletionLib.model.checkpoint import load_inference_checkpoint
 
         return load_inference_checkpoint(path)
-    from HeartCompletionLib.labelmap_io import read_label_map
+    from HeartCompletionLib.io.labelmap_files import read_label_map
 
     return read_label_map(path)
 
@@ -289,7 +289,7 @@ def _read(path: Path, suffix: str):
 def _well_formed(result, suffix: str) -> str | None:
     """Why a successful load is not a correct one (None: it is)."""
     if suffix == ".npz":
-        from heart_training.case_format import REQUIRED_KEYS
+        from heart_training.data.case_format import REQUIRED_KEYS
 
         missing = [k for k in REQUIRED_KEYS if k not in result]
         return f"loaded without {missing}" if missing else None

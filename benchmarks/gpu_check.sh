@@ -148,7 +148,7 @@ part_speed() {
 
 part_phase1() {
     stamp "phase1: torchrun, small, $PHASE1_STEPS steps (limit $PHASE1_LIMIT_S s)"
-    timeout "$PHASE1_LIMIT_S" torchrun --standalone --nproc_per_node=1 -m heart_training.trainer --config phase1 \
+    timeout "$PHASE1_LIMIT_S" torchrun --standalone --nproc_per_node=1 -m heart_training.train.trainer --config phase1 \
         --output_dir "$WORK/phase1" "data.datasets.0.data_dir=$WORK/synth_npz" model.config=small \
         "optim.batch_size=$BATCH" "optim.max_steps=$PHASE1_STEPS" optim.warmup_steps=100 optim.lr=0.0005 \
         run.log_every=25 run.val_every=100 run.checkpoint_every=200 data.num_workers=12 run.progress=false \
@@ -203,7 +203,7 @@ part_study() {
 
 part_small() {
     stamp "small: phase 1 of the named small config, device cache, $SMALL_STEPS steps (limit $(limit "$SMALL_LIMIT_S") s)"
-    timeout "$(limit "$SMALL_LIMIT_S")" python3 -m heart_training.trainer --config phase1 --output_dir "$WORK/small" \
+    timeout "$(limit "$SMALL_LIMIT_S")" python3 -m heart_training.train.trainer --config phase1 --output_dir "$WORK/small" \
         "data.datasets.0.data_dir=$WORK/study/prepared" model.config=small optim.batch_size=32 \
         "optim.max_steps=$SMALL_STEPS" optim.warmup_steps=200 optim.lr=0.001 "data.device_cache=${SMALL_CACHE:-true}" \
         data.num_workers=12 \

@@ -44,11 +44,11 @@ def make_hearts(data_dir: Path, spacing_mm: float = 1.5) -> Path:
 
 def run(args, data_dir: Path, out: Path) -> list[dict]:
     from fixtures_training import TINY_RUN_EXTRA, tiny_overrides
-    from heart_training.case_format import load_case
     from heart_training.config import load_config
-    from heart_training.distributed import init_distributed
-    from heart_training.engine import Trainer
-    from heart_training.near_iou import near_surface_iou
+    from heart_training.data.case_format import load_case
+    from heart_training.evaluation.near_iou import near_surface_iou
+    from heart_training.train.distributed import init_distributed
+    from heart_training.train.engine import Trainer
 
     overrides = [*tiny_overrides(data_dir, out, steps=args.steps), *TINY_RUN_EXTRA, f"run.device={args.device}",
                  "run.val_every=0", "run.data_gate=false", *args.overrides]

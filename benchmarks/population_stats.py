@@ -63,7 +63,7 @@ def measure(seed: int, spacing: float, modes: bool, labels: int):
     """(volumes mL (K,), centroids RAS mm (K, 3), modes dict or None) of one heart."""
     import numpy as np
 
-    from HeartCompletionLib.synthetic import synthetic_label_map
+    from HeartCompletionLib.io.synthetic import synthetic_label_map
 
     lm = synthetic_label_map(seed, spacing_mm=spacing, modes=modes)
     flat = lm.labels.ravel()
@@ -136,8 +136,8 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(REPO))
     import numpy as np
 
-    from HeartCompletionLib.structures import StructureTable
-    from HeartCompletionLib.synthetic import MODE_NAMES, VOLUME_RANGES_ML
+    from HeartCompletionLib.io.synthetic import MODE_NAMES, VOLUME_RANGES_ML
+    from HeartCompletionLib.structures.table import StructureTable
 
     shown = sys.argv[1:] if argv is None else list(argv)
     print("command: " + shlex.join(["python", "benchmarks/population_stats.py", *shown]))

@@ -2,14 +2,14 @@
 
 Cases:
 
-(a) a synthetic heart (``HeartCompletionLib.synthetic.synthetic_label_map``) on a 160^3 grid of
+(a) a synthetic heart (``HeartCompletionLib.io.synthetic.synthetic_label_map``) on a 160^3 grid of
     1 mm voxels with all ten structures: >= 100k surface samples, 250k volume points uniform in
     the padded box and 250k near-surface points, all K distances each (target: <= 5 s on 2 cores);
 (b) every real label map under ``../shared/data/real/`` (skipped with a message when absent);
 (c) with ``--ct``: a synthetic heart at CT-like spacing 0.4 x 0.4 x 0.5 mm (the ImageCAS kind).
 
 Each case is timed stage by stage (surfaces, sampling, distances) in this process, then through
-the full ``heart-prepare`` path (``heart_training.prepare.prepare_case``: read the file, sample,
+the full ``heart-prepare`` path (``heart_training.data.prepare.prepare_case``: read the file, sample,
 distances, write the ``.npz``) when that module is importable. Peak memory: the Python/numpy
 peak from ``tracemalloc`` over the staged run, and the process' maximum resident set size.
 
@@ -37,8 +37,8 @@ SUFFIXES = (".nii", ".nii.gz", ".nrrd")
 
 def staged_run(label_map, labels, args, rng) -> dict:
     """The preparation pipeline of one case, stage by stage (same counts and rules as heart-prepare)."""
-    from HeartCompletionLib.signed_distance import signed_distances_mm
-    from HeartCompletionLib.surface import sample_structure_surfaces, structure_surfaces
+    from HeartCompletionLib.geometry.signed_distance import signed_distances_mm
+    from HeartCompletionLib.geometry.surface import sample_structure_surfaces, structure_surfaces
 
     times = {}
     cpu0 = time.process_time()
@@ -66,11 +66,11 @@ def staged_run(label_map, labels, args, rng) -> dict:
 def prepare_run(label_map, path: Path | None, args) -> float | None:
     """Seconds of the full ``prepare_case`` path (file read + write included), or None."""
     try:
-        from heart_training.prepare import PrepareOptions, prepare_case
+        from heart_training.data.prepare import PrepareOptions, prepare_case
     except ImportError as exc:
-        print(f"   (heart_training.prepare not importable: {exc}; full path not timed)")
+        print(f"   (heart_training.data.prepare not importable: {exc}; full path not timed)")
         return None
-    from HeartCompletionLib.labelmap_io import write_label_map
+    from HeartCompletionLib.io.labelmap_files import write_label_map
 
     options = PrepareOptions(num_surface=args.num_surface, num_volume=args.num_volume, num_near=args.num_near)
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,7 +80,7 @@ def prepare_run(label_map, path: Path | None, args) -> float | None:
         prepare_case(path, Path(tmp) / "case.npz", options)
         seconds = time.perf_counter() - t
         try:  # the stages as prepare_case itself timed them (stored in the case's meta)
-            from heart_training.case_format import load_case
+            from heart_training.data.case_format import load_case
 
             stages = load_case(Path(tmp) / "case.npz", keys=["meta"])["meta"].get("timings", {})
             print("   prepare_case stages: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(REPO))
-    from HeartCompletionLib.synthetic import synthetic_label_map
+    from HeartCompletionLib.io.synthetic import synthetic_label_map
 
     report("(a) synthetic heart 160^3, 1 mm", synthetic_label_map(seed=0, spacing_mm=1.0, shape=(160, 160, 160)), args)
     cases = sorted(p for p in args.real_dir.rglob("*") if p.is_file() and p.name.lower().endswith(SUFFIXES)) \
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
         print(f"== (b) real label maps: none under {args.real_dir}, skipped")
     from tqdm import tqdm
 
-    from HeartCompletionLib.labelmap_io import read_label_map
+    from HeartCompletionLib.io.labelmap_files import read_label_map
 
     for path in tqdm(cases, desc="real cases", disable=not cases):
         report(f"(b) {path.name}", read_label_map(path), args, path=path)

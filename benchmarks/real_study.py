@@ -20,9 +20,9 @@ Stages (each resumes by rerunning the same command; a finished stage is skipped)
    ``missing_Myocardium``); the ``--init`` model is scored the same way, so the table shows what
    phase 4 changed;
 4. ``whole``: the whole heart from one real structure, with the phase-4 model through
-   :func:`HeartCompletionLib.completion.complete_label_map`: the CT LAD (platipy) and the CT PA
+   :func:`HeartCompletionLib.inference.completion.complete_label_map`: the CT LAD (platipy) and the CT PA
    (TotalSegmentator) against their whole-heart envelopes (inside / fill,
-   :mod:`HeartCompletionLib.envelope`), and a held-out ACDC stack on a grown isotropic grid
+   :mod:`HeartCompletionLib.inference.envelope`), and a held-out ACDC stack on a grown isotropic grid
    (``--extend_mm``/``--output_spacing`` of ``heart-complete``); one figure per source (slices and 3-D);
 5. ``report``: ``real_study.md`` (targets: LA Dice >= 0.90 and ASSD <= 1.0 mm; the model beats the
    baseline on all three ACDC scenarios), ``real_study.json``.
@@ -124,7 +124,7 @@ def source_inputs(real_dir: Path, source: str, out: Path, max_cases: int) -> Pat
         raise RuntimeError(f"{folder}: no labels.json (is --real_dir {real_dir} the shared real data?)")
     if max_cases <= 0:
         return folder
-    from HeartCompletionLib.labelmap_io import find_label_maps
+    from HeartCompletionLib.io.labelmap_files import find_label_maps
 
     subset = out / "inputs" / source
     subset.mkdir(parents=True, exist_ok=True)
@@ -143,22 +143,22 @@ def stage_prepare(out: Path, budget: Budget, real_dir: Path, workers: int) -> di
         if not (prepared / "test.csv").is_file():
             inputs = source_inputs(real_dir, source, out, budget.max_real_cases)
             log(f"prepare: {source} ({inputs}) with its convention -> {prepared}")
-            _run([*_cli("heart_training.prepare_cli"), "--input_dir", inputs, "--output_dir", prepared,
+            _run([*_cli("heart_training.data.prepare_cli"), "--input_dir", inputs, "--output_dir", prepared,
                   "--label_map", real_dir / source / "labels.json", "--workers", workers, "--quiet"],
                  out / "logs" / f"prepare_{source}.log", f"heart-prepare of {source}")
-            _run([*_cli("heart_training.split"), "--data_dir", prepared, "--val_fraction", 0.15,
+            _run([*_cli("heart_training.data.split"), "--data_dir", prepared, "--val_fraction", 0.15,
                   "--test_fraction", 0.25, "--seed", 0], out / "logs" / f"split_{source}.log", f"heart-split of {source}")
         sizes[source] = {split: _rows(prepared / f"{split}.csv") for split in ("train", "val", "test")}
     synthetic = data / "synthetic"
     if not (synthetic / "train.csv").is_file():
         maps = out / "synthetic_maps"
         log(f"prepare: {budget.synthetic_hearts} synthetic hearts (covarying modes) -> {synthetic}")
-        _run([*_cli("heart_training.synth_cli"), "--modes", "--cases", budget.synthetic_hearts, "--seed", 4004,
+        _run([*_cli("heart_training.data.synth_cli"), "--modes", "--cases", budget.synthetic_hearts, "--seed", 4004,
               "--spacing", *([budget.synthetic_spacing_mm] * 3), "--output_dir", maps],
              out / "logs" / "synth.log", "heart-synth")
-        _run([*_cli("heart_training.prepare_cli"), "--input_dir", maps, "--output_dir", synthetic, "--workers", workers,
+        _run([*_cli("heart_training.data.prepare_cli"), "--input_dir", maps, "--output_dir", synthetic, "--workers", workers,
               "--quiet"], out / "logs" / "prepare_synthetic.log", "heart-prepare of the synthetic hearts")
-        _run([*_cli("heart_training.split"), "--data_dir", synthetic, "--val_fraction", 0.1, "--seed", 0],
+        _run([*_cli("heart_training.data.split"), "--data_dir", synthetic, "--val_fraction", 0.1, "--seed", 0],
              out / "logs" / "split_synthetic.log", "heart-split of the synthetic hearts")
     sizes["synthetic"] = {split: _rows(synthetic / f"{split}.csv") for split in ("train", "val")}
     for source in SOURCES:
@@ -196,7 +196,7 @@ def stage_train(out: Path, budget: Budget, init: Path, device: str, extra=()) ->
         return json.loads(marker.read_text())["seconds"]
     log(f"train: phase 4 from {init}, {budget.steps} steps of {budget.batch_size} -> {run_dir}")
     started = time.perf_counter()
-    _run([*_cli("heart_training.trainer"), "--config", "phase4_real", "--output_dir", run_dir, "--resume",
+    _run([*_cli("heart_training.train.trainer"), "--config", "phase4_real", "--output_dir", run_dir, "--resume",
           *train_overrides(out, budget, init, device, extra)], run_dir / "stdout.log", "heart-train phase 4")
     seconds = round(time.perf_counter() - started, 1)
     marker.write_text(json.dumps({"seconds": seconds}), encoding="utf-8")
@@ -234,7 +234,7 @@ def stage_eval(out: Path, budget: Budget, init: Path, device: str) -> float:
             log(f"eval: {name} done earlier, skipped")
             continue
         log(f"eval: {name}: {checkpoint.name} on the held-out patients of {source} ({', '.join(scenarios)})")
-        cmd = [*_cli("heart_training.evaluate"), "--checkpoint", checkpoint, "--data_dir", out / "data" / source,
+        cmd = [*_cli("heart_training.evaluation.evaluate"), "--checkpoint", checkpoint, "--data_dir", out / "data" / source,
                "--split", "test", "--output_dir", eval_dir, "--device", device, "--quiet", "--figure_cases", 1,
                "--figure_scenarios", scenarios[0], "--max_cases", budget.max_eval_cases, "--scenarios", *scenarios]
         if not baseline:
@@ -255,13 +255,13 @@ def _held_out_stack(out: Path) -> Path | None:
 
 def stage_whole(out: Path, real_dir: Path, device: str) -> list[dict]:
     """Completes each single real structure with the phase-4 model; envelope metric; one figure each."""
-    from heart_training.report import completion_figure
+    from heart_training.evaluation.report import completion_figure
 
-    from HeartCompletionLib.checkpoint import load_inference_checkpoint
-    from HeartCompletionLib.completion import complete_label_map
-    from HeartCompletionLib.envelope import ENVELOPE_STRUCTURES, envelope_fit, read_envelope
-    from HeartCompletionLib.labelmap_io import read_label_map
-    from HeartCompletionLib.output_grid import grown_grid
+    from HeartCompletionLib.inference.completion import complete_label_map
+    from HeartCompletionLib.inference.envelope import ENVELOPE_STRUCTURES, envelope_fit, read_envelope
+    from HeartCompletionLib.inference.output_grid import grown_grid
+    from HeartCompletionLib.io.labelmap_files import read_label_map
+    from HeartCompletionLib.model.checkpoint import load_inference_checkpoint
 
     result_path = out / "whole" / "whole.json"
     if result_path.is_file():
@@ -439,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from dataclasses import replace
 
-    from HeartCompletionLib.model_registry import RegistryError, resolve_checkpoint
+    from HeartCompletionLib.model.registry import RegistryError, resolve_checkpoint
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()

@@ -1,7 +1,7 @@
 """Training speed, FLOPs, model FLOP utilisation and memory of the named model configs (printed,
 never a unit test).
 
-Runs real optimizer steps of :class:`heart_training.engine.Trainer` (forward, losses incl. the
+Runs real optimizer steps of :class:`heart_training.train.engine.Trainer` (forward, losses incl. the
 finite-difference eikonal term, backward, AdamW) on analytic hearts written to a temporary
 folder, on the available device (CUDA with bf16 autocast if present, else CPU)::
 
@@ -67,8 +67,8 @@ def _overrides(config_name: str, batch_size: int, data_dir: Path, out: Path, thr
 def make_trainer(config_name: str, batch_size: int, data_dir: Path, out: Path, threads: int = 0, workers: int = 0,
                  device_cache: bool = False, compile_model: bool = False):
     from heart_training.config import load_config
-    from heart_training.distributed import init_distributed
-    from heart_training.engine import Trainer
+    from heart_training.train.distributed import init_distributed
+    from heart_training.train.engine import Trainer
 
     cfg = load_config("phase1", _overrides(config_name, batch_size, data_dir, out, threads, workers, device_cache,
                                            compile_model)).validate()
@@ -79,8 +79,8 @@ def make_trainer(config_name: str, batch_size: int, data_dir: Path, out: Path, t
 
 def sample_batch(trainer, size: int) -> dict:
     """A collated loader batch of ``size`` samples on the trainer's device."""
-    from heart_training.dataset import collate
-    from heart_training.engine import _to
+    from heart_training.data.dataset import collate
+    from heart_training.train.engine import _to
 
     plan = trainer.sampler.plan(0)
     return _to(collate([trainer.train_ds[plan[i % len(plan)]] for i in range(size)]), trainer.ctx.device)
@@ -158,7 +158,7 @@ def memory_per_sample(trainer) -> dict:
 
 def fps_seconds(trainer, batch) -> float:
     """Seconds of the latent queries' farthest-point sampling for one forward of ``batch``."""
-    from HeartCompletionLib.model import farthest_point_indices
+    from HeartCompletionLib.model.vecset import farthest_point_indices
 
     cfg = trainer.model.config
     if cfg.latent_queries != "fps":

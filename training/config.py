@@ -73,7 +73,7 @@ class DataConfig:
     cache_cases: int = 0  #: cases kept in memory per worker (0: reload the .npz each time)
     max_val_cases: int = 0  #: 0: all validation cases
     #: keep every training case in memory and draw the samples there with torch ops (no loader
-    #: workers in the hot loop; heart_training.device_data). Validation still uses the loader.
+    #: workers in the hot loop; heart_training.data.device_data). Validation still uses the loader.
     device_cache: bool = False
     device_cache_memory: str = "device"  #: device_cache: "device" (the training device) or "pinned" host memory
 
@@ -112,7 +112,7 @@ class MaskConfig:
 
 @dataclass
 class ModelSection:
-    config: str = "small"  #: named model config (HeartCompletionLib.model_configs), or from_init: model.init_from's
+    config: str = "small"  #: named model config (HeartCompletionLib.model.configs), or from_init: model.init_from's
     overrides: dict = field(default_factory=dict)  #: single ModelConfig fields, e.g. {bottleneck: kl}
     init_from: str = ""  #: inference checkpoint (.safetensors) or training state (.pt) to start from
 

@@ -2,7 +2,7 @@
 
 :class:`HeartCompletionLogic` maps segments to the checkpoint's structures, describes models,
 writes the input and starts the completion in a separate Python process (``heart-complete``'s
-module with ``--protocol lines``: :func:`HeartCompletionLib.completion_process.build_command`),
+module with ``--protocol lines``: :func:`HeartCompletionLib.inference.completion_process.build_command`),
 reads that process's events when asked (:meth:`~HeartCompletionLogic.poll`, which the widget calls
 from a ``qt.QTimer``), cancels it, turns its output into segments (with one undo record) and
 exports. It reports through plain-Python :class:`~.signals.Signal` s that the widget connects to,
@@ -60,7 +60,7 @@ class HeartCompletionLogic:
     """
 
     def __init__(self, installLogic: InstallLogic | None = None) -> None:
-        from HeartCompletionLib.structures import StructureTable
+        from HeartCompletionLib.structures.table import StructureTable
 
         self.installLogic = installLogic or InstallLogic()
         self.table = StructureTable.default()
@@ -76,26 +76,26 @@ class HeartCompletionLogic:
 
     # --- segments and structures -----------------------------------------------------------------
     def segmentMappings(self, segmentationNode):
-        from HeartCompletionLib.segment_mapping import map_segments
+        from HeartCompletionLib.structures.segment_mapping import map_segments
 
         from .segments import segment_infos
 
         return map_segments(segment_infos(segmentationNode), self.table)
 
     def withUserChoice(self, mapping, comboIndex):
-        from HeartCompletionLib.segment_mapping import with_user_choice
+        from HeartCompletionLib.structures.segment_mapping import with_user_choice
 
         return with_user_choice(mapping, self.table.by_label(comboIndex) if comboIndex else None)
 
     def defaultStructures(self, mappings):
-        from HeartCompletionLib.segment_mapping import default_structures_to_complete
+        from HeartCompletionLib.structures.segment_mapping import default_structures_to_complete
 
         return default_structures_to_complete(mappings, self.table)
 
     # --- models and device -------------------------------------------------------------------------
     def registeredModels(self):
         """The registry's models (``ModelEntry``); none when the registry is unreadable (logged)."""
-        from HeartCompletionLib.model_registry import RegistryError, load_registry
+        from HeartCompletionLib.model.registry import RegistryError, load_registry
 
         try:
             return load_registry()
@@ -106,7 +106,7 @@ class HeartCompletionLogic:
     def modelWarning(self, checkpoint):
         """The registry's warning for a registered model name, "" for a checkpoint file (an
         existing file wins over a name, as everywhere)."""
-        from HeartCompletionLib.model_registry import RegistryError, find_model
+        from HeartCompletionLib.model.registry import RegistryError, find_model
 
         if not checkpoint or os.path.exists(checkpoint):
             return ""
@@ -120,8 +120,8 @@ class HeartCompletionLogic:
         """What the panel shows about a checkpoint file or a registered model name."""
         if not checkpoint:
             return _("Choose a model checkpoint (.safetensors) or a bundled model.")
-        from HeartCompletionLib.checkpoint import CheckpointError, describe_checkpoint, read_checkpoint_metadata
-        from HeartCompletionLib.model_registry import RegistryError, find_model, resolve_checkpoint
+        from HeartCompletionLib.model.checkpoint import CheckpointError, describe_checkpoint, read_checkpoint_metadata
+        from HeartCompletionLib.model.registry import RegistryError, find_model, resolve_checkpoint
 
         entry = None
         try:
@@ -140,9 +140,9 @@ class HeartCompletionLogic:
     def checkpointTable(self, checkpoint):
         """The structure table a checkpoint (file or registered name) was trained with; the
         default table when it cannot be read (the panel says why in its description)."""
-        from HeartCompletionLib.checkpoint import CheckpointError, read_checkpoint_metadata
-        from HeartCompletionLib.model_registry import RegistryError, resolve_checkpoint
-        from HeartCompletionLib.structures import StructureTable
+        from HeartCompletionLib.model.checkpoint import CheckpointError, read_checkpoint_metadata
+        from HeartCompletionLib.model.registry import RegistryError, resolve_checkpoint
+        from HeartCompletionLib.structures.table import StructureTable
 
         if not checkpoint:
             return StructureTable.default()
@@ -161,7 +161,7 @@ class HeartCompletionLogic:
         return changed
 
     def torchDescription(self):
-        from HeartCompletionLib.completion_process import torch_status
+        from HeartCompletionLib.inference.completion_process import torch_status
 
         s = torch_status()
         if not s["installed"]:
@@ -170,7 +170,7 @@ class HeartCompletionLogic:
         return _("PyTorch {0}, {1}").format(s["version"], cuda)
 
     def runsOnCpu(self, device):
-        from HeartCompletionLib.completion_process import torch_status
+        from HeartCompletionLib.inference.completion_process import torch_status
 
         return device == "cpu" or (device == "auto" and not torch_status()["cuda_available"])
 
@@ -241,11 +241,12 @@ class HeartCompletionLogic:
         """Write the input label map (in the values of ``self.table``, which must be the
         checkpoint's) and start the background process (returns it). ``checkpoint``: a file or
         a registered model name."""
-        from HeartCompletionLib import completion_process, segment_mapping
-        from HeartCompletionLib.checkpoint import CheckpointError, read_checkpoint_metadata
-        from HeartCompletionLib.labelmap_io import write_label_map
-        from HeartCompletionLib.model_registry import RegistryError, resolve_checkpoint
-        from HeartCompletionLib.structures import StructureTable
+        from HeartCompletionLib.inference import completion_process
+        from HeartCompletionLib.io.labelmap_files import write_label_map
+        from HeartCompletionLib.model.checkpoint import CheckpointError, read_checkpoint_metadata
+        from HeartCompletionLib.model.registry import RegistryError, resolve_checkpoint
+        from HeartCompletionLib.structures import segment_mapping
+        from HeartCompletionLib.structures.table import StructureTable
 
         from .segments import segmentation_to_label_map
 
@@ -284,7 +285,7 @@ class HeartCompletionLogic:
 
     def finishCompletion(self, segmentationNode, mappings, completedLabels, replace, showSurfaces):
         """Turn the process output into segments; returns the names of the structures written."""
-        from HeartCompletionLib.labelmap_io import read_label_map
+        from HeartCompletionLib.io.labelmap_files import read_label_map
 
         from .results import import_completion_result
 

@@ -28,10 +28,10 @@ import vtk
 from vtk.util import numpy_support
 
 from HeartCompletionLib.atomic_io import atomic_path
-from HeartCompletionLib.labelmap import LabelMap
-from HeartCompletionLib.meshes import MESH_FORMATS, write_mesh
-from HeartCompletionLib.segment_mapping import terminology_entry
-from HeartCompletionLib.structures import Structure, StructureTable
+from HeartCompletionLib.io.labelmap import LabelMap
+from HeartCompletionLib.io.meshes import MESH_FORMATS, write_mesh
+from HeartCompletionLib.structures.segment_mapping import terminology_entry
+from HeartCompletionLib.structures.table import Structure, StructureTable
 
 from .segments import (
     BINARY_LABELMAP,
@@ -196,7 +196,7 @@ def export_meshes(
 ) -> list[Path]:
     """One closed-surface mesh per segment, ``folder/<name>.stl`` (or ``.obj``, ``.ply``,
     ``.vtk``, ``.glb``), vertices in RAS mm. ``name`` is ``file_names[segment ID]`` or else the
-    segment's name. The files are written by :func:`HeartCompletionLib.meshes.write_mesh`, the
+    segment's name. The files are written by :func:`HeartCompletionLib.io.meshes.write_mesh`, the
     project's one mesh writer: STL, OBJ, PLY and VTK carry the ``SPACE=RAS`` tag without which
     Slicer reads a mesh as LPS and shows it mirrored (a GLB says RAS in its extras); each is
     written atomically, so a failed export leaves no partial file."""
@@ -249,7 +249,7 @@ def import_completion_result(
     segment's voxels (its name, colour and terminology stay); without it such structures are
     never touched, even if the result holds them.
     """
-    from HeartCompletionLib.segment_mapping import mapped_labels
+    from HeartCompletionLib.structures.segment_mapping import mapped_labels
 
     given = set(mapped_labels(mappings))
     labels = [int(v) for v in completed_labels if replace or int(v) not in given]
@@ -272,12 +272,12 @@ def complete_segmentation(
 
     ``checkpoint`` is a path or a loaded ``InferenceCheckpoint``. Returns
     ``(CompletionResult, CompletionUndo)``. The module itself runs the model in a background
-    process (:mod:`HeartCompletionLib.completion_process`) and then calls
+    process (:mod:`HeartCompletionLib.inference.completion_process`) and then calls
     :func:`import_completion_result`.
     """
-    from HeartCompletionLib.checkpoint import load_inference_checkpoint
-    from HeartCompletionLib.completion import complete_label_map
-    from HeartCompletionLib.segment_mapping import segment_labels
+    from HeartCompletionLib.inference.completion import complete_label_map
+    from HeartCompletionLib.model.checkpoint import load_inference_checkpoint
+    from HeartCompletionLib.structures.segment_mapping import segment_labels
 
     if not hasattr(checkpoint, "model"):
         checkpoint = load_inference_checkpoint(checkpoint, device="cpu")
@@ -296,8 +296,8 @@ def export_label_map(
 ) -> Path:
     """Write the segmentation as a label map with the table's values (``.nii.gz``, ``.nrrd``, or
     ``.seg.nrrd`` through :mod:`labelmap_io`). Unmapped segments are left out."""
-    from HeartCompletionLib.labelmap_io import write_label_map
-    from HeartCompletionLib.segment_mapping import map_segments, segment_labels
+    from HeartCompletionLib.io.labelmap_files import write_label_map
+    from HeartCompletionLib.structures.segment_mapping import map_segments, segment_labels
 
     mappings = mappings if mappings is not None else map_segments(segment_infos(segmentation_node), table)
     label_map = segmentation_to_label_map(segmentation_node, segment_labels(mappings), reference_volume_node)
@@ -309,7 +309,7 @@ def export_structure_meshes(
 ) -> list[Path]:
     """One mesh per mapped segment named by its structure (``LV.stl``); unmapped segments are
     left out; a second segment of the same structure gets ``_2``."""
-    from HeartCompletionLib.segment_mapping import map_segments
+    from HeartCompletionLib.structures.segment_mapping import map_segments
 
     mappings = mappings if mappings is not None else map_segments(segment_infos(segmentation_node), table)
     names: dict[str, str] = {}

@@ -27,8 +27,8 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from HeartCompletionLib.labelmap import LabelMap
-from HeartCompletionLib.segment_mapping import SegmentInfo
+from HeartCompletionLib.io.labelmap import LabelMap
+from HeartCompletionLib.structures.segment_mapping import SegmentInfo
 
 BINARY_LABELMAP = "Binary labelmap"
 CLOSED_SURFACE = "Closed surface"

@@ -47,7 +47,7 @@ echo "heart-train $PHASE on $(hostname): $NGPU GPUs, data $DATA_DIR, output $RUN
 nvidia-smi --query-gpu=name,memory.total --format=csv || true
 
 srun --kill-on-bad-exit=1 torchrun --standalone --nproc_per_node="$NGPU" \
-    -m heart_training.trainer --config "$PHASE" --output_dir "$RUN_ROOT/$PHASE" --resume \
+    -m heart_training.train.trainer --config "$PHASE" --output_dir "$RUN_ROOT/$PHASE" --resume \
     "data.datasets.0.data_dir=$DATA_DIR" "$@"
 
 # stopped early (signal) without reaching max_steps: requeue to continue from state_last.pt

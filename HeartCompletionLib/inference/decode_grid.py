@@ -1,0 +1,269 @@
+"""Fast hierarchical decoding of a voxel lattice: exact coarse levels, interpolated fine levels.
+
+The exact decode (:func:`HeartCompletionLib.inference.completion._hierarchical_labels`) splits every cell
+near a surface down to single voxels and decodes every voxel of those cells. Below about 1-2 mm
+the network's fields are smooth, so this module decodes the coarse levels the same way, and on
+the fine levels (cells whose largest edge is at most ``interp_cell_mm``) it **interpolates** the
+competing structures' signed distances trilinearly from the cell corners and decodes exactly only
+where the interpolated value is *ambiguous*. Bands are fractions of the split cell's half
+diagonal (the unit of the refinement test, so they scale with the cell):
+
+- a lattice node of a finer level is decoded when its ambiguity is under ``node_band`` x half
+  the parent cell's diagonal (so the nodes around every surface are exact, and the voxels below
+  interpolate from exact corners);
+- a voxel is decoded when its ambiguity is under ``voxel_band`` x half the diagonal of its cell.
+
+The *ambiguity* of a vector of competing distances ``d`` (mm, negative inside) is how far it is
+from changing the voxel's label: ``|d1|`` (the smallest distance against the zero level), and
+where ``d1 < 0`` also ``(d2 - d1) / 2`` (the two smallest distances: where two structures
+compete). Cells are refined by the exact rule (corner labels differ, or a corner within
+``refine_factor`` x half the cell diagonal of a surface), so the same cells are visited as by
+the exact decode; only the values inside the finest cells are cheaper.
+
+>>> import numpy as np
+>>> labels, margin, ambiguity = label_margin_ambiguity(
+...     np.array([[-2.0, -1.5], [3.0, 0.5]], dtype=np.float32), np.array([6, 7], dtype=np.int16))
+>>> labels.tolist(), margin.tolist(), ambiguity.tolist()
+([6, 0], [1.5, 0.5], [0.25, 0.5])
+"""
+
+from __future__ import annotations
+
+import time
+from itertools import product
+from typing import Callable
+
+import numpy as np
+
+from HeartCompletionLib.geometry.affine import ijk_to_ras_points, spacing_of
+
+#: fine levels are interpolated when the parent cell's largest edge is at most this (mm)
+DEFAULT_INTERP_CELL_MM = 4.0
+#: interpolated lattice nodes with an ambiguity under this x half the cell diagonal are decoded exactly
+DEFAULT_NODE_BAND = 0.23
+#: interpolated voxels with an ambiguity under this x half the cell diagonal are decoded exactly
+DEFAULT_VOXEL_BAND = 0.088
+
+#: the measured interpolation error (this quantile of |exact - interpolated| over the decoded
+#: values, times the safety factor) widens a level's band: a field that is not smooth at the cell
+#: size (e.g. an under-trained network) is decoded more exactly instead of being smoothed over
+ERROR_QUANTILE, ERROR_SAFETY = 0.99, 1.0
+
+_CORNERS = np.array(list(product((0, 1), repeat=3)), dtype=np.int64)
+
+
+def label_margin_ambiguity(values: np.ndarray, write: np.ndarray):
+    """``(label int16, margin, ambiguity)`` of competing distances ``values`` (..., C) in mm.
+
+    ``label``: ``write[argmin]`` where the smallest distance is negative, else 0; ``margin``:
+    the smallest ``|d|`` (the refinement test of the exact decode); ``ambiguity``: distance to a
+    label change (see the module docstring).
+    """
+    values = np.asarray(values)
+    d1 = values[..., 0].copy()
+    which = np.zeros(d1.shape, dtype=np.intp)
+    d2 = np.full(d1.shape, np.inf, dtype=values.dtype)
+    margin = np.abs(d1)
+    for c in range(1, values.shape[-1]):  # C is small: one vectorised pass per structure
+        x = values[..., c]
+        lower = x < d1
+        np.minimum(d2, np.where(lower, d1, x), out=d2)
+        which[lower] = c
+        np.minimum(d1, x, out=d1)
+        np.minimum(margin, np.abs(x), out=margin)
+    labels = np.where(d1 < 0, write[which], 0).astype(np.int16)
+    ambiguity = np.abs(d1)
+    np.minimum(ambiguity, 0.5 * (d2 - d1), out=ambiguity, where=d1 < 0)
+    return labels, margin, ambiguity
+
+
+def _measured_band(exact_vals: np.ndarray, interp_vals: np.ndarray) -> float:
+    """``ERROR_SAFETY`` x the ``ERROR_QUANTILE`` of the interpolation error (mm) of the two smallest
+    competing distances at decoded values."""
+    if len(exact_vals) == 0:
+        return 0.0
+    # the label depends on the two smallest distances only (their signs and their difference)
+    k = min(2, exact_vals.shape[-1])
+    two_exact = np.partition(exact_vals, k - 1, axis=-1)[..., :k]
+    two_interp = np.partition(interp_vals, k - 1, axis=-1)[..., :k]
+    err = np.abs(np.sort(two_exact, axis=-1) - np.sort(two_interp, axis=-1)).max(axis=-1)
+    return ERROR_SAFETY * float(np.quantile(err, ERROR_QUANTILE))
+
+
+def _trilinear_weights(t: np.ndarray) -> np.ndarray:
+    """Weights (n, 8) of the 8 cell corners (order of ``_CORNERS``) at fractional positions t (n, 3)."""
+    w = np.ones((len(t), 8))
+    for axis in range(3):
+        c = _CORNERS[:, axis][None]
+        w *= np.where(c == 1, t[:, axis : axis + 1], 1.0 - t[:, axis : axis + 1])
+    return w.astype(np.float32)
+
+
+def fast_hierarchical_labels(
+    decode: Callable[[np.ndarray, Callable[[float], None]], np.ndarray],
+    write: np.ndarray,
+    lo,
+    hi,
+    ijk_to_ras,
+    strides,
+    refine_factor: float,
+    report: Callable[[float], None],
+    interp_cell_mm: float = DEFAULT_INTERP_CELL_MM,
+    node_band: float = DEFAULT_NODE_BAND,
+    voxel_band: float = DEFAULT_VOXEL_BAND,
+):
+    """Labels (int16) of the region voxels ``[lo, hi)`` and decoding statistics.
+
+    ``decode(points_mm (n, 3), report)`` returns the competing structures' signed distances
+    (n, C) float32 in mm; ``write`` (C,) the label written for each (0: not asked for).
+    ``strides``: coarse lattice step per axis in voxels (powers of two).
+    """
+    lo, hi, strides = np.asarray(lo), np.asarray(hi), np.asarray(strides, dtype=np.int64)
+    write = np.asarray(write, dtype=np.int16)
+    size = hi - lo
+    spacing = spacing_of(ijk_to_ras)
+    n_cells = -(-size // strides)
+    dims = n_cells * strides + 1
+    out = np.zeros(n_cells * strides, dtype=np.int16)
+    levels = int(np.log2(strides.max())) + 1
+    per_level = []
+
+    def lin(ijk):  # linear lattice index (linear in ijk: offsets add)
+        return np.ravel_multi_index(np.asarray(ijk).T, dims)
+
+    # level 0: every coarse node, exactly
+    t = time.perf_counter()
+    cells = np.stack(np.meshgrid(*[np.arange(n) for n in n_cells], indexing="ij"), -1).reshape(-1, 3)
+    keys = np.unique((lin(cells * strides)[:, None] + lin(_CORNERS * strides)[None]).reshape(-1))
+    node_ijk = np.stack(np.unravel_index(keys, dims), -1)
+    vals = decode(ijk_to_ras_points(node_ijk + lo, ijk_to_ras), lambda f: report(f / levels))
+    exact = np.ones(len(keys), dtype=bool)
+    per_level.append({"stride_vox": strides.tolist(), "cells": len(cells), "queries": len(keys), "interpolated": 0,
+                      "seconds": round(time.perf_counter() - t, 3)})
+    stride = strides.copy()
+    level = 0
+    final_done = False
+    error_per_scale = 0.0  # measured band / cell scale of the last interpolated level (mm per mm^2)
+    while len(cells) and not (stride == 1).all():
+        level += 1
+        t = time.perf_counter()
+        span = (level / levels, (level + 1) / levels)
+
+        def sub_report(f, s=span):
+            report(s[0] + f * (s[1] - s[0]))
+
+        at = np.searchsorted(keys, lin(cells * stride)[:, None] + lin(_CORNERS * stride)[None])
+        corner_vals = vals[at]  # (cells, 8, C)
+        labs, marg, corner_amb = label_margin_ambiguity(corner_vals, write)
+        tau = refine_factor * 0.5 * float(np.linalg.norm(stride * spacing))
+        active = (labs != labs[:, :1]).any(1) | (marg.min(1) < tau)
+        blocks = out.reshape(out.shape[0] // stride[0], stride[0], out.shape[1] // stride[1], stride[1],
+                             out.shape[2] // stride[2], stride[2])
+        if level == 1:  # every coarse cell in order: one broadcast (active cells are overwritten below)
+            blocks[...] = labs[:, 0].reshape(tuple(n_cells))[:, None, :, None, :, None]
+        else:  # uniform cells: fill their voxel block from the corners (finer levels write the rest)
+            idle, idle_lab = cells[~active], labs[~active, 0]
+            blocks[idle[:, 0], :, idle[:, 1], :, idle[:, 2], :] = idle_lab[:, None, None, None]
+        cells, corner_vals, at, labs, corner_amb = (cells[active], corner_vals[active], at[active], labs[active],
+                                                    corner_amb[active])
+        interp = float((stride * spacing).max()) <= interp_cell_mm + 1e-9
+        half_diagonal = 0.5 * float(np.linalg.norm(stride * spacing))
+        scale = half_diagonal ** 2  # trilinear error grows with the square of the cell size
+        split = np.where(stride > 1, 2, 1)
+        child_stride = stride // split
+        if (child_stride == 1).all():
+            # last level: every voxel of the active cells' blocks, interpolated or decoded. A cell whose
+            # corners share one label, each at least the band from a label change, has that label in
+            # every voxel under trilinear interpolation (each distance, and each difference of two,
+            # stays within its corner values): filled without interpolating
+            if interp:
+                band = max(voxel_band * scale, error_per_scale * scale)
+                uniform = (labs == labs[:, :1]).all(1) & (corner_amb.min(1) >= band)
+                fill = cells[uniform]
+                blocks[fill[:, 0], :, fill[:, 1], :, fill[:, 2], :] = labs[uniform, 0][:, None, None, None]
+                n_uniform = int(uniform.sum()) * int(np.prod(stride))
+                cells, corner_vals, at = cells[~uniform], corner_vals[~uniform], at[~uniform]
+            else:
+                n_uniform = 0
+            offs = np.array(list(product(*[range(s) for s in stride])), dtype=np.int64)  # (v, 3)
+            w = _trilinear_weights(offs / stride)
+            v = np.matmul(w[None], corner_vals)  # (cells, voxels, C)
+            v_labs, _, amb = label_margin_ambiguity(v, write)
+            need = amb < band if interp else np.ones(amb.shape, dtype=bool)
+            need[:, 0] &= ~exact[at[:, 0]]  # the block's first voxel is its exact corner node
+            n_idx, v_idx = np.nonzero(need)
+            vox = cells[n_idx] * stride + offs[v_idx]
+            inside = (vox < size).all(-1)  # voxels beyond the region are cropped anyway
+            n_idx, v_idx, vox = n_idx[inside], v_idx[inside], vox[inside]
+            if len(n_idx):
+                exact_vals = decode(ijk_to_ras_points(vox + lo, ijk_to_ras), sub_report)
+                v_labs[n_idx, v_idx] = label_margin_ambiguity(exact_vals, write)[0]
+            measured = _measured_band(exact_vals, v[n_idx, v_idx]) if interp and len(n_idx) else 0.0
+            if interp and measured > band:  # rougher than the band assumed: decode the wider band too
+                more = (amb < measured) & ~need
+                more[:, 0] &= ~exact[at[:, 0]]
+                m_idx, mv_idx = np.nonzero(more)
+                mvox = cells[m_idx] * stride + offs[mv_idx]
+                keep = (mvox < size).all(-1)
+                m_idx, mv_idx, mvox = m_idx[keep], mv_idx[keep], mvox[keep]
+                if len(m_idx):
+                    v_labs[m_idx, mv_idx] = label_margin_ambiguity(
+                        decode(ijk_to_ras_points(mvox + lo, ijk_to_ras), sub_report), write)[0]
+                n_idx = np.concatenate([n_idx, m_idx])
+            blocks[cells[:, 0], :, cells[:, 1], :, cells[:, 2], :] = v_labs.reshape(len(cells), *stride)
+            per_level.append({"stride_vox": [1, 1, 1], "cells": int(len(cells) * len(offs)) + n_uniform,
+                              "queries": int(len(n_idx)),
+                              "interpolated": int(len(cells) * len(offs) - len(n_idx)) + n_uniform if interp else 0,
+                              "band_mm": round(band, 4) if interp else None,
+                              "measured_band_mm": round(measured, 4) if interp else None,
+                              "seconds": round(time.perf_counter() - t, 3)})
+            final_done = True
+            break
+        # an intermediate level: the child lattice nodes of the active cells
+        pos = np.array(list(product(*[range(s + 1) for s in split])), dtype=np.int64)  # in child strides
+        child_keys = lin(cells * stride)[:, None] + lin(pos * child_stride)[None]
+        uniq, first = np.unique(child_keys.reshape(-1), return_index=True)
+        where = np.searchsorted(keys, uniq).clip(max=len(keys) - 1)
+        new = keys[where] != uniq
+        new_keys, src = uniq[new], first[new]
+        n_src, j_src = src // len(pos), src % len(pos)
+        w = _trilinear_weights(pos * child_stride / stride)
+        new_vals = np.matmul(w[j_src][:, None, :], corner_vals[n_src])[:, 0]
+        band = measured = None
+        if interp:
+            amb = label_margin_ambiguity(new_vals, write)[2]
+            band = max(node_band * scale, error_per_scale * scale)
+            need = amb < band
+        else:
+            need = np.ones(len(new_keys), dtype=bool)
+        if need.any():
+            ijk = np.stack(np.unravel_index(new_keys[need], dims), -1) + lo
+            interp_vals = new_vals[need]
+            new_vals[need] = decode(ijk_to_ras_points(ijk, ijk_to_ras), sub_report)
+            if interp:
+                measured = _measured_band(new_vals[need], interp_vals)
+                error_per_scale = max(error_per_scale, measured / scale)
+                if interp and measured > band:  # rougher than the band assumed: decode the wider band too
+                    more = (amb < measured) & ~need
+                    if more.any():
+                        ijk = np.stack(np.unravel_index(new_keys[more], dims), -1) + lo
+                        new_vals[more] = decode(ijk_to_ras_points(ijk, ijk_to_ras), sub_report)
+                        need |= more
+        per_level.append({"stride_vox": child_stride.tolist(), "cells": int(len(cells)), "queries": int(need.sum()),
+                          "interpolated": int((~need).sum()),
+                          "band_mm": None if band is None else round(band, 4),
+                          "measured_band_mm": None if measured is None else round(measured, 4),
+                          "seconds": round(time.perf_counter() - t, 3)})
+        order = np.argsort(np.concatenate([keys, new_keys]), kind="stable")
+        keys = np.concatenate([keys, new_keys])[order]
+        vals = np.concatenate([vals, new_vals])[order]
+        exact = np.concatenate([exact, need])[order]
+        children = np.array(list(product(*[range(s) for s in split])), dtype=np.int64)
+        cells = (cells[:, None, :] * split + children[None]).reshape(-1, 3)
+        stride = child_stride
+    if not final_done:  # the coarse lattice was already the voxel lattice: its nodes are the voxels
+        node = np.stack(np.unravel_index(keys, dims), -1)
+        keep = np.all(node < np.array(out.shape), axis=1) & exact
+        out[tuple(node[keep].T)] = label_margin_ambiguity(vals[keep], write)[0]
+    crop = tuple(slice(0, int(n)) for n in size)
+    return out[crop], {"levels": per_level}

@@ -1,0 +1,75 @@
+"""The in-memory label map: an integer voxel array plus its IJK->RAS matrix.
+
+File reading and writing live in :mod:`HeartCompletionLib.io.labelmap_files`; everything downstream
+of the reader works on :class:`LabelMap` and never on voxel indices alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from HeartCompletionLib.geometry.affine import spacing_of, validate_ijk_to_ras
+
+
+@dataclass
+class LabelMap:
+    """``labels[i, j, k]`` holds table label values (0 background, 1..K structures).
+
+    ``ijk_to_ras`` maps voxel indices to RAS millimetres (4x4). ``source`` names the file (or
+    node) it came from, for error messages. ``metadata`` carries reader extras (e.g. the segment
+    names of a ``.seg.nrrd``).
+    """
+
+    labels: np.ndarray
+    ijk_to_ras: np.ndarray
+    source: str = "<memory>"
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        labels = np.asarray(self.labels)
+        if labels.ndim != 3:
+            raise ValueError(f"{self.source}: a label map must be 3-D, got shape {labels.shape}")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"{self.source}: a label map must hold integers, got {labels.dtype}")
+        self.labels = labels
+        self.ijk_to_ras = validate_ijk_to_ras(self.ijk_to_ras, self.source)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.labels.shape)  # type: ignore[return-value]
+
+    @property
+    def spacing_mm(self) -> np.ndarray:
+        return spacing_of(self.ijk_to_ras)
+
+    @property
+    def voxel_volume_mm3(self) -> float:
+        return float(abs(np.linalg.det(self.ijk_to_ras[:3, :3])))
+
+    def present_labels(self) -> list[int]:
+        """Label values > 0 that occur in the map, sorted."""
+        values = np.unique(self.labels)
+        return [int(v) for v in values if v > 0]
+
+    def border_labels(self) -> list[int]:
+        """Label values > 0 with a voxel on any of the six faces of the grid, sorted.
+
+        The one rule for "cut by the field of view" (``heart-prepare``'s ``truncated`` flags, the
+        synthetic hearts' ``touching_border``). Only the faces are read, never the whole volume.
+
+        >>> labels = np.zeros((4, 4, 4), dtype=np.int16)
+        >>> labels[0, 1, 1], labels[1:3, 1:3, 1:3] = 2, 1
+        >>> LabelMap(labels, np.eye(4)).border_labels()
+        [2]
+        """
+        lab = self.labels
+        faces = [lab[0], lab[-1], lab[:, 0], lab[:, -1], lab[:, :, 0], lab[:, :, -1]]
+        return sorted({int(v) for face in faces for v in np.unique(face) if v > 0})
+
+    def mask(self, label: int) -> np.ndarray:
+        return self.labels == label
+
+    def same_geometry(self, other: LabelMap, atol: float = 1e-4) -> bool:
+        return self.shape == other.shape and np.allclose(self.ijk_to_ras, other.ijk_to_ras, atol=atol)

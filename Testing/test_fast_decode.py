@@ -176,3 +176,33 @@ def test_label_margin_ambiguity_matches_a_sort_based_reference():
     assert np.allclose(ambiguity, np.where(d1 < 0, np.minimum(-d1, (d2 - d1) / 2), d1))
     one = label_margin_ambiguity(values[:, :1], write[:1])  # a single competing structure
     assert np.allclose(one[2], np.abs(values[:, 0]))
+
+
+def test_settled_voxels_are_left_undecoded_and_change_nothing_else():
+    """Voxels the caller writes anyway (the kept given structures) are not decoded at the finest
+    level, and cells entirely settled are not refined; every other voxel gets the same label."""
+    from HeartCompletionLib.inference.decode_grid import fast_hierarchical_labels
+
+    ijk_to_ras = np.diag([0.5, 0.5, 0.6, 1.0])
+    size = np.array([60, 60, 50])
+    centres = np.array([[14.0, 15.0, 15.0], [17.0, 15.0, 15.0]])  # two competing balls (mm)
+    radii = np.array([7.0, 5.0])
+    queried = []
+
+    def decode(points, report):
+        queried.append(len(points))
+        return (np.linalg.norm(points[:, None] - centres[None], axis=-1) - radii).astype(np.float32)
+
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in size], indexing="ij"), -1)
+    settled = np.linalg.norm(ijk * [0.5, 0.5, 0.6] - [10.0, 15.0, 15.0], axis=-1) < 6.0  # a given ball
+    args = (decode, np.array([6, 7]), [0, 0, 0], size, ijk_to_ras, [8, 8, 8], 1.0, lambda f: None)
+    free, _ = fast_hierarchical_labels(*args)
+    n_free = sum(queried)
+    queried.clear()
+    some, stats = fast_hierarchical_labels(*args, settled=settled)
+    n_some = sum(queried)
+    assert settled.any() and (free[settled] > 0).any()  # the given ball overlaps the predicted ones
+    assert np.array_equal(free[~settled], some[~settled])
+    assert n_some < n_free and sum(level["queries"] for level in stats["levels"]) == n_some
+    everything = fast_hierarchical_labels(*args, settled=np.ones(tuple(size), dtype=bool))[1]
+    assert [level["queries"] for level in everything["levels"]][1:] == [0] * (len(everything["levels"]) - 1)

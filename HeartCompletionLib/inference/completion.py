@@ -611,8 +611,12 @@ def _decode(inp: _Input, ck, dev, latents, centre, request: CompletionRequest, s
     sdf = None
     hierarchical = request.hierarchical and not request.return_signed_distance
     if hierarchical and request.decode == "fast":
+        # the kept given voxels: fusion never writes over them, so their labels need no decoding
+        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        settled = inp.base[box] != 0 if inp.kept else None
         region_labels, stats = fast_hierarchical_labels(fld.competing_sdf, write, lo, hi, geometry, strides,
-                                                        request.refine_factor, report, **request.fast_decode_options)
+                                                        request.refine_factor, report, settled=settled,
+                                                        **request.fast_decode_options)
     elif hierarchical:
         region_labels, stats = _hierarchical_labels(fld, lo, hi, geometry, strides, request.refine_factor, report)
     else:

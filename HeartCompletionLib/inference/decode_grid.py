@@ -99,6 +99,39 @@ def _trilinear_weights(t: np.ndarray) -> np.ndarray:
     return w.astype(np.float32)
 
 
+def _free_voxels(mask, cells, stride, offs, size, settled):
+    """``(cell index, voxel index, voxel ijk)`` of the voxels ``mask`` (cells, voxels) marks that lie
+    in the region (voxels beyond it are cropped anyway) and are not ``settled``."""
+    n_idx, v_idx = np.nonzero(mask)
+    vox = cells[n_idx] * stride + offs[v_idx]
+    keep = (vox < size).all(-1)
+    if settled is not None:
+        keep[keep] = ~settled[tuple(vox[keep].T)]
+    return n_idx[keep], v_idx[keep], vox[keep]
+
+
+def _settled_cells(settled: np.ndarray, size, strides) -> dict:
+    """For every cell stride of the refinement (``strides`` halved level by level): which cells have
+    every voxel settled. Voxels beyond the region count as settled (they are cropped)."""
+    strides = np.asarray(strides, dtype=np.int64)
+    full = np.ones(tuple(-(-np.asarray(size) // strides) * strides), dtype=bool)
+    full[tuple(slice(0, int(n)) for n in size)] = settled
+    sequence = [strides]
+    while (sequence[-1] > 1).any():
+        sequence.append(sequence[-1] // np.where(sequence[-1] > 1, 2, 1))
+    pooled, current, out = full, np.ones(3, dtype=np.int64), {}
+    for stride in reversed(sequence[:-1]):  # fine to coarse, halving by slices (fast, no copies of views)
+        for axis in range(3):
+            while current[axis] < stride[axis]:
+                even = [slice(None)] * 3
+                odd = [slice(None)] * 3
+                even[axis], odd[axis] = slice(0, None, 2), slice(1, None, 2)
+                pooled = pooled[tuple(even)] & pooled[tuple(odd)]
+                current[axis] *= 2
+        out[tuple(int(v) for v in stride)] = pooled
+    return out
+
+
 def fast_hierarchical_labels(
     decode: Callable[[np.ndarray, Callable[[float], None]], np.ndarray],
     write: np.ndarray,
@@ -111,12 +144,16 @@ def fast_hierarchical_labels(
     interp_cell_mm: float = DEFAULT_INTERP_CELL_MM,
     node_band: float = DEFAULT_NODE_BAND,
     voxel_band: float = DEFAULT_VOXEL_BAND,
+    settled: np.ndarray | None = None,
 ):
     """Labels (int16) of the region voxels ``[lo, hi)`` and decoding statistics.
 
     ``decode(points_mm (n, 3), report)`` returns the competing structures' signed distances
     (n, C) float32 in mm; ``write`` (C,) the label written for each (0: not asked for).
-    ``strides``: coarse lattice step per axis in voxels (powers of two).
+    ``strides``: coarse lattice step per axis in voxels (powers of two). ``settled`` (bool, the
+    region's shape): voxels whose label the caller writes anyway (the kept given structures, which
+    fusion never overwrites); the finest level decodes none of them, and their returned label is
+    the interpolated one.
     """
     lo, hi, strides = np.asarray(lo), np.asarray(hi), np.asarray(strides, dtype=np.int64)
     write = np.asarray(write, dtype=np.int16)
@@ -127,6 +164,7 @@ def fast_hierarchical_labels(
     out = np.zeros(n_cells * strides, dtype=np.int16)
     levels = int(np.log2(strides.max())) + 1
     per_level = []
+    settled_cells = None if settled is None else _settled_cells(settled, size, strides)
 
     def lin(ijk):  # linear lattice index (linear in ijk: offsets add)
         return np.ravel_multi_index(np.asarray(ijk).T, dims)
@@ -157,6 +195,8 @@ def fast_hierarchical_labels(
         labs, marg, corner_amb = label_margin_ambiguity(corner_vals, write)
         tau = refine_factor * 0.5 * float(np.linalg.norm(stride * spacing))
         active = (labs != labs[:, :1]).any(1) | (marg.min(1) < tau)
+        if settled_cells is not None:  # a cell whose every voxel is settled needs no finer values
+            active &= ~settled_cells[tuple(stride)][tuple(cells.T)]
         blocks = out.reshape(out.shape[0] // stride[0], stride[0], out.shape[1] // stride[1], stride[1],
                              out.shape[2] // stride[2], stride[2])
         if level == 1:  # every coarse cell in order: one broadcast (active cells are overwritten below)
@@ -191,10 +231,7 @@ def fast_hierarchical_labels(
             v_labs, _, amb = label_margin_ambiguity(v, write)
             need = amb < band if interp else np.ones(amb.shape, dtype=bool)
             need[:, 0] &= ~exact[at[:, 0]]  # the block's first voxel is its exact corner node
-            n_idx, v_idx = np.nonzero(need)
-            vox = cells[n_idx] * stride + offs[v_idx]
-            inside = (vox < size).all(-1)  # voxels beyond the region are cropped anyway
-            n_idx, v_idx, vox = n_idx[inside], v_idx[inside], vox[inside]
+            n_idx, v_idx, vox = _free_voxels(need, cells, stride, offs, size, settled)
             if len(n_idx):
                 exact_vals = decode(ijk_to_ras_points(vox + lo, ijk_to_ras), sub_report)
                 v_labs[n_idx, v_idx] = label_margin_ambiguity(exact_vals, write)[0]
@@ -202,10 +239,7 @@ def fast_hierarchical_labels(
             if interp and measured > band:  # rougher than the band assumed: decode the wider band too
                 more = (amb < measured) & ~need
                 more[:, 0] &= ~exact[at[:, 0]]
-                m_idx, mv_idx = np.nonzero(more)
-                mvox = cells[m_idx] * stride + offs[mv_idx]
-                keep = (mvox < size).all(-1)
-                m_idx, mv_idx, mvox = m_idx[keep], mv_idx[keep], mvox[keep]
+                m_idx, mv_idx, mvox = _free_voxels(more, cells, stride, offs, size, settled)
                 if len(m_idx):
                     v_labs[m_idx, mv_idx] = label_margin_ambiguity(
                         decode(ijk_to_ras_points(mvox + lo, ijk_to_ras), sub_report), write)[0]

@@ -158,8 +158,8 @@ def main(argv=None) -> int:
     p.add_argument("--no_check", action="store_true", help="skip the accuracy check against --decode exact")
     p.add_argument("--grid_spacing_mm", type=float, default=None, help="coarse lattice (default: completion's)")
     p.add_argument("--refine_factor", type=float, default=None, help="refinement band (default: completion's)")
-    p.add_argument("--fast_option", nargs=2, action="append", default=[], metavar=("KEY", "MM"),
-                   help="fast decode option (interp_cell_mm, node_band, voxel_band), repeatable")
+    p.add_argument("--fast_option", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                   help="fast decode option (interp_cell_mm, node_band, voxel_band, error_quantile), repeatable")
     p.add_argument("--repeats", type=int, default=1, help="timed completions (the best is reported)")
     p.add_argument("--fit_steps", type=int, default=300, help="Adam steps of the fit (default 300)")
     p.add_argument("--fit_threads", type=int, default=1, help="torch threads of the fit (default 1)")

@@ -45,9 +45,10 @@ DEFAULT_NODE_BAND = 0.23
 DEFAULT_VOXEL_BAND = 0.088
 
 #: the measured interpolation error (this quantile of |exact - interpolated| over the decoded
-#: values, times the safety factor) widens a level's band: a field that is not smooth at the cell
-#: size (e.g. an under-trained network) is decoded more exactly instead of being smoothed over
-ERROR_QUANTILE, ERROR_SAFETY = 0.99, 1.0
+#: values) widens a level's band: a field that is not smooth at the cell size (e.g. an
+#: under-trained network) is decoded more exactly instead of being smoothed over. A lower quantile
+#: decodes fewer voxels of a rough field at some accuracy (``docs/benchmarks.md``)
+DEFAULT_ERROR_QUANTILE = 0.99
 
 _CORNERS = np.array(list(product((0, 1), repeat=3)), dtype=np.int64)
 
@@ -77,9 +78,9 @@ def label_margin_ambiguity(values: np.ndarray, write: np.ndarray):
     return labels, margin, ambiguity
 
 
-def _measured_band(exact_vals: np.ndarray, interp_vals: np.ndarray) -> float:
-    """``ERROR_SAFETY`` x the ``ERROR_QUANTILE`` of the interpolation error (mm) of the two smallest
-    competing distances at decoded values."""
+def _measured_band(exact_vals: np.ndarray, interp_vals: np.ndarray, quantile: float) -> float:
+    """The ``quantile`` of the interpolation error (mm) of the two smallest competing distances at
+    decoded values."""
     if len(exact_vals) == 0:
         return 0.0
     # the label depends on the two smallest distances only (their signs and their difference)
@@ -87,7 +88,7 @@ def _measured_band(exact_vals: np.ndarray, interp_vals: np.ndarray) -> float:
     two_exact = np.partition(exact_vals, k - 1, axis=-1)[..., :k]
     two_interp = np.partition(interp_vals, k - 1, axis=-1)[..., :k]
     err = np.abs(np.sort(two_exact, axis=-1) - np.sort(two_interp, axis=-1)).max(axis=-1)
-    return ERROR_SAFETY * float(np.quantile(err, ERROR_QUANTILE))
+    return float(np.quantile(err, quantile))
 
 
 def _trilinear_weights(t: np.ndarray) -> np.ndarray:
@@ -144,6 +145,7 @@ def fast_hierarchical_labels(
     interp_cell_mm: float = DEFAULT_INTERP_CELL_MM,
     node_band: float = DEFAULT_NODE_BAND,
     voxel_band: float = DEFAULT_VOXEL_BAND,
+    error_quantile: float = DEFAULT_ERROR_QUANTILE,
     settled: np.ndarray | None = None,
 ):
     """Labels (int16) of the region voxels ``[lo, hi)`` and decoding statistics.
@@ -153,7 +155,8 @@ def fast_hierarchical_labels(
     ``strides``: coarse lattice step per axis in voxels (powers of two). ``settled`` (bool, the
     region's shape): voxels whose label the caller writes anyway (the kept given structures, which
     fusion never overwrites); the finest level decodes none of them, and their returned label is
-    the interpolated one.
+    the interpolated one. ``error_quantile``: which quantile of the measured interpolation error
+    widens the bands (see :data:`DEFAULT_ERROR_QUANTILE`).
     """
     lo, hi, strides = np.asarray(lo), np.asarray(hi), np.asarray(strides, dtype=np.int64)
     write = np.asarray(write, dtype=np.int16)
@@ -235,7 +238,7 @@ def fast_hierarchical_labels(
             if len(n_idx):
                 exact_vals = decode(ijk_to_ras_points(vox + lo, ijk_to_ras), sub_report)
                 v_labs[n_idx, v_idx] = label_margin_ambiguity(exact_vals, write)[0]
-            measured = _measured_band(exact_vals, v[n_idx, v_idx]) if interp and len(n_idx) else 0.0
+            measured = _measured_band(exact_vals, v[n_idx, v_idx], error_quantile) if interp and len(n_idx) else 0.0
             if interp and measured > band:  # rougher than the band assumed: decode the wider band too
                 more = (amb < measured) & ~need
                 more[:, 0] &= ~exact[at[:, 0]]
@@ -275,7 +278,7 @@ def fast_hierarchical_labels(
             interp_vals = new_vals[need]
             new_vals[need] = decode(ijk_to_ras_points(ijk, ijk_to_ras), sub_report)
             if interp:
-                measured = _measured_band(new_vals[need], interp_vals)
+                measured = _measured_band(new_vals[need], interp_vals, error_quantile)
                 error_per_scale = max(error_per_scale, measured / scale)
                 if interp and measured > band:  # rougher than the band assumed: decode the wider band too
                     more = (amb < measured) & ~need

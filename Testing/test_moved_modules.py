@@ -37,12 +37,14 @@ def test_old_path_is_the_new_module_with_a_warning(old):
     assert module.__spec__.name == new  # the real module's spec, not the alias's
 
 
-def test_every_old_module_is_in_the_table():
-    """The table and the old packages agree: every old flat module has a new home."""
+def test_the_table_is_one_to_one_and_flat_to_nested():
+    """Each old flat module has one new home, no two old names share one, and no old name is also a
+    current module (it would shadow the file)."""
     old_flat = set(MOVED) | set(PACKAGE_FORMERLY_MODULE)
-    assert len(old_flat) == 50
     assert all(old.count(".") == 1 for old in old_flat)
-    assert set(MOVED.values()).isdisjoint(MOVED)
+    assert all(new.count(".") == 2 for new in [*MOVED.values(), *PACKAGE_FORMERLY_MODULE.values()])
+    assert len(set(MOVED.values())) == len(MOVED)
+    assert not any(_file_of(old).exists() for old in old_flat)
 
 
 def test_old_names_of_modules_that_became_packages():

@@ -75,3 +75,20 @@ def test_bad_arguments_are_usage_errors(tmp_path):
     assert result.returncode == 2 and "at least 3" in result.stderr
     result = _run(tmp_path / "s", "--train_seconds", "-5")
     assert result.returncode == 2 and "--train_seconds must be >= 0" in result.stderr
+    result = _run(tmp_path / "s", "--lr", "1e-3", "0", "1e-4")
+    assert result.returncode == 2 and "--lr must be positive" in result.stderr
+    result = _run(tmp_path / "s", "--init", str(tmp_path / "missing.safetensors"))
+    assert result.returncode == 2 and "no such checkpoint file" in result.stderr
+
+
+def test_a_second_pass_starts_phase_1_from_the_init_checkpoint(tmp_path):
+    sys.path.insert(0, str(STUDY.parent))
+    import completion_study as cs
+
+    init = tmp_path / "phase3_best.safetensors"
+    second = replace(cs.BUDGETS["gpu"], init=str(init), lr=(1e-3, 5e-4, 2.5e-4))
+    first = cs.phase_overrides(second, 1, tmp_path, "cuda")
+    assert f"model.init_from={init}" in first and "optim.lr=0.001" in first
+    later = cs.phase_overrides(second, 2, tmp_path, "cuda")  # later phases chain from the previous phase
+    assert f"model.init_from={tmp_path / 'phase1' / 'model_best.safetensors'}" in later and "optim.lr=0.0005" in later
+    assert not any(o.startswith("model.init_from") for o in cs.phase_overrides(cs.BUDGETS["gpu"], 1, tmp_path, "cuda"))

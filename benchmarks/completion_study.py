@@ -76,6 +76,9 @@ class Budget:
     #: > 0: phases 2 and 3 get the steps that fill this many training seconds at phase 1's
     #: measured speed (their ratio kept; written to steps.json, so a rerun trains the same steps)
     train_seconds: float = 0.0
+    #: phase 1 starts from this checkpoint ("": from scratch): a second pass of the curriculum over a
+    #: finished study's phase-3 model trains it longer than one device call allows
+    init: str = ""
 
 
 #: the study's model: `small` narrowed to about 1.2 M parameters (a ~5 MB checkpoint, bundled),
@@ -221,6 +224,8 @@ def phase_overrides(budget: Budget, phase: int, out: Path, device: str) -> list[
     o += [f"data.{k}={v}" for k, v in budget.sample.items()]
     if phase > 1:
         o.append(f"model.init_from={out / f'phase{phase - 1}' / 'model_best.safetensors'}")
+    elif budget.init:
+        o.append(f"model.init_from={budget.init}")
     return o + list(budget.extra) + list(budget.phase_extra[phase - 1])
 
 
@@ -442,7 +447,9 @@ def write_report(out: Path, budget: Budget, args, timings: dict) -> Path:
               f"({int(round(budget.oblique_fraction * budget.heldout_hearts))} on oblique "
               f"{'x'.join(str(s) for s in budget.oblique_spacing_mm)} mm grids). Baseline: the nearest of the "
               f"{budget.train_hearts} training hearts, aligned on the given structures' centroids.", "",
-              f"Model: `{budget.model}` with {json.dumps(budget.model_overrides)}; steps per phase "
+              f"Model: `{budget.model}` with {json.dumps(budget.model_overrides)}"
+              + (f", phase 1 initialised from `{budget.init}` (a second pass of the curriculum)" if budget.init
+                 else "") + "; steps per phase "
               f"{'/'.join(map(str, budget.steps))}"
               + (f" (phases 2 and 3 fitted to {budget.train_seconds:.0f} training seconds at phase 1's speed; "
                  f"`--steps {' '.join(map(str, budget.steps))}` reruns them)" if budget.train_seconds > 0 else "")
@@ -530,6 +537,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run only these stages (default: all; finished ones are skipped anyway)")
     parser.add_argument("--steps", type=int, nargs=3, default=None, metavar=("P1", "P2", "P3"),
                         help="override the budget's steps per phase (and its --train_seconds fitting)")
+    parser.add_argument("--lr", type=float, nargs=3, default=None, metavar=("P1", "P2", "P3"),
+                        help="override the budget's peak learning rate per phase")
+    parser.add_argument("--init", type=Path, default=None, metavar="CHECKPOINT",
+                        help="start phase 1 from this checkpoint (e.g. an earlier study's phase3/model_best."
+                             "safetensors, same model) instead of from scratch: a second pass of the curriculum")
     parser.add_argument("--train_seconds", type=float, default=None,
                         help="fit the steps of phases 2 and 3 to this many training seconds from phase 1's speed "
                              "(0: the budget's steps as they are; default: the budget's, gpu 360)")
@@ -570,6 +582,14 @@ def main(argv=None) -> int:
         if min(args.steps) < 1:
             parser.error("--steps must be positive")
         budget = replace(budget, steps=tuple(args.steps), train_seconds=0.0)
+    if args.lr:
+        if min(args.lr) <= 0:
+            parser.error("--lr must be positive")
+        budget = replace(budget, lr=tuple(args.lr))
+    if args.init is not None:
+        if not args.init.is_file():
+            parser.error(f"--init {args.init}: no such checkpoint file")
+        budget = replace(budget, init=str(args.init.resolve()))
     if args.train_seconds is not None:
         if args.train_seconds < 0:
             parser.error("--train_seconds must be >= 0")

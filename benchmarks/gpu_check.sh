@@ -18,6 +18,8 @@
 #   phase1    a short phase-1 run on that data through torchrun (NCCL process group, DDP wrapper,
 #             bf16 autocast, validation, export): loss curve, IoU and samples/s in log.jsonl;
 #   complete  benchmarks/complete_speed.py on CUDA with that run's checkpoint (1 mm output);
+#   studydata the study's hearts and prepared data only (completion_study.py --stages hearts prepare), for
+#             parts that train on them while the study trains (bg:small);
 #   study     benchmarks/completion_study.py --budget gpu (hearts, prepare, phases 1-3, held-out
 #             evaluation against the nearest-heart baseline, study.md), limit STUDY_LIMIT_S (default
 #             540 s); results and checkpoints copied to $OUT. Not in the default PARTS;
@@ -27,17 +29,22 @@
 #   ct        benchmarks/complete_speed.py --ct on $DEVICE with that checkpoint (CT grid and 1 mm);
 #   real      benchmarks/real_study.py --budget gpu (issue 11: phase 4 on the real partial labels of
 #             REAL_DIR from REAL_INIT, held-out patients' figures, whole hearts from single structures),
-#             limit REAL_LIMIT_S (default 330 s; a report of what finished is written either way);
+#             limit REAL_LIMIT_S (default 330 s; a report of what finished is written either way), further
+#             real_study.py arguments in REAL_ARGS (e.g. --steps 2500 --overrides data.datasets.2.weight=0.4);
 #             results, figures and the phase-4 checkpoint to $OUT;
 #   pack      every text result in $OUT into texts.tgz (the machine returns at most 8 files).
 #
+# A part named bg:PART runs in the background, next to the parts after it (the GPU is launch-bound at these
+# sizes, so two or three trainings share it well; their samples/s are then not the card's); `wait` waits
+# for every background part. The parts left running at the end are waited for.
+#   PARTS="fps bg:real studydata bg:small study wait ct pack"     # issues 10, 11 and 13 in one call
 # Every part's time limit is cut to what is left of DEADLINE_S (default 580 s) from the start.
 # Set-up on the machine: the wheels in .whl/ (this project's wheel + nibabel, pynrrd, edt; see
 # docs/benchmarks.md, "GPU checks") are installed to /tmp/site. Results go to $OUT (default /tmp/gpu_check).
 #   DEVICE=cpu OUT=/tmp/x SWEEP_STEPS=20 PHASE1_STEPS=10 PHASE1_CASES=3 SPEED_CONFIGS=tiny BATCH=2 \
 #       SPEED_STEPS=1 bash benchmarks/gpu_check.sh                          # a dry run on CPU
 set -u
-if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then sed -n '2,38p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then sed -n '2,47p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
 OUT="${OUT:-/tmp/gpu_check}"
 PARTS="${PARTS:-sweep data speed phase1 complete}"
 SWEEP_STEPS="${SWEEP_STEPS:-2500}"
@@ -57,6 +64,9 @@ REAL_INIT="${REAL_INIT:-synthetic-demo}"
 REAL_BUDGET="${REAL_BUDGET:-gpu}"
 SMALL_STEPS="${SMALL_STEPS:-3000}"
 SMALL_LIMIT_S="${SMALL_LIMIT_S:-70}"
+SMALL_BATCH="${SMALL_BATCH:-32}"
+REAL_ARGS="${REAL_ARGS:-}"
+STUDY_EVAL_WORKERS="${STUDY_EVAL_WORKERS:-$(nproc)}"
 DEADLINE_S="${DEADLINE_S:-580}"
 SPEED_STEPS="${SPEED_STEPS:-10}"
 SPEED_CONFIGS="${SPEED_CONFIGS:-small base}"
@@ -113,13 +123,15 @@ part_sweep() {
     python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \
 from overfit_iou import make_hearts; make_hearts(Path('$WORK/hearts_$SWEEP_SPACING'), $SWEEP_SPACING)" \
         || echo "hearts FAILED"
+    local pids=()
     for name in $SWEEP_NAMES; do
         # shellcheck disable=SC2086
         timeout "$SWEEP_LIMIT_S" python3 benchmarks/overfit_iou.py --device "$DEVICE" --steps "$SWEEP_STEPS" \
             --eval_every "$SWEEP_EVERY" --data_dir "$WORK/hearts_$SWEEP_SPACING" --json "$OUT/sweep_$name.json" run.amp=off \
             ${RECIPES[$name]} > "$OUT/sweep_$name.txt" 2>&1 &
+        pids+=($!)
     done
-    wait
+    wait "${pids[@]}"  # its own runs, not the background parts
     for name in $SWEEP_NAMES; do echo "--- $name"; tail -n 12 "$OUT/sweep_$name.txt"; done
 }
 
@@ -171,11 +183,22 @@ part_complete() {
     fi
 }
 
+part_studydata() {
+    stamp "studydata: the study's hearts and prepared data (limit $(limit 120) s)"
+    # shellcheck disable=SC2086
+    timeout "$(limit 120)" python3 benchmarks/completion_study.py --budget gpu --device "$DEVICE" \
+        --output_dir "$WORK/study" --workers "$(nproc)" $STUDY_ARGS --stages hearts prepare \
+        > "$OUT/studydata_console.txt" 2>&1
+    echo "studydata: exit $?"
+    grep -v "it/s\|s/it\|case/s\|heart/s" "$OUT/studydata_console.txt" | tail -n 4
+}
+
 part_study() {
     stamp "study: completion_study.py --budget gpu (limit $STUDY_LIMIT_S s) $STUDY_ARGS"
     # shellcheck disable=SC2086
     timeout "$(limit "$STUDY_LIMIT_S")" python3 benchmarks/completion_study.py --budget gpu --device "$DEVICE" \
-        --output_dir "$WORK/study" --workers "$(nproc)" $STUDY_ARGS > "$OUT/study_console.txt" 2>&1
+        --output_dir "$WORK/study" --workers "$(nproc)" --eval_workers "$STUDY_EVAL_WORKERS" $STUDY_ARGS \
+        > "$OUT/study_console.txt" 2>&1
     rc=$?
     echo "exit $rc"
     if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ]; then  # e.g. the device cache failing on this card: say so, use the loader
@@ -185,7 +208,8 @@ part_study() {
         SMALL_CACHE=false
         # shellcheck disable=SC2086
         timeout "$(limit "$STUDY_LIMIT_S")" python3 benchmarks/completion_study.py --budget gpu --device "$DEVICE" \
-            --output_dir "$WORK/study" --workers "$(nproc)" --data_path loader $STUDY_ARGS > "$OUT/study_console2.txt" 2>&1
+            --output_dir "$WORK/study" --workers "$(nproc)" --eval_workers "$STUDY_EVAL_WORKERS" --data_path loader \
+            $STUDY_ARGS > "$OUT/study_console2.txt" 2>&1
         echo "exit $?"
         grep -v "it/s\|s/it\|case/s\|heart/s" "$OUT/study_console2.txt" | tail -n 40
     else
@@ -204,7 +228,7 @@ part_study() {
 part_small() {
     stamp "small: phase 1 of the named small config, device cache, $SMALL_STEPS steps (limit $(limit "$SMALL_LIMIT_S") s)"
     timeout "$(limit "$SMALL_LIMIT_S")" python3 -m heart_training.train.trainer --config phase1 --output_dir "$WORK/small" \
-        "data.datasets.0.data_dir=$WORK/study/prepared" model.config=small optim.batch_size=32 \
+        "data.datasets.0.data_dir=$WORK/study/prepared" model.config=small "optim.batch_size=$SMALL_BATCH" \
         "optim.max_steps=$SMALL_STEPS" optim.warmup_steps=200 optim.lr=0.001 "data.device_cache=${SMALL_CACHE:-true}" \
         data.num_workers=12 \
         run.log_every=100 run.val_every=250 run.checkpoint_every=250 data.max_val_cases=16 run.progress=false \
@@ -231,12 +255,14 @@ part_ct() {
 
 part_real() {
     stamp "real: real_study.py --budget gpu from $REAL_INIT on $REAL_DIR (limit $(limit "$REAL_LIMIT_S") s)"
+    # shellcheck disable=SC2086
     timeout "$(limit "$REAL_LIMIT_S")" python3 benchmarks/real_study.py --budget "$REAL_BUDGET" --device "$DEVICE" \
-        --init "$REAL_INIT" --real_dir "$REAL_DIR" --output_dir "$WORK/real" --workers "$(nproc)" \
+        --init "$REAL_INIT" --real_dir "$REAL_DIR" --output_dir "$WORK/real" --workers "$(nproc)" $REAL_ARGS \
         > "$OUT/real_console.txt" 2>&1
     echo "exit $? (124: stopped at its time limit; the report covers what finished)"
+    # shellcheck disable=SC2086
     timeout "$(limit 40)" python3 benchmarks/real_study.py --budget "$REAL_BUDGET" --device "$DEVICE" --init "$REAL_INIT" \
-        --real_dir "$REAL_DIR" --output_dir "$WORK/real" --stages report >> "$OUT/real_console.txt" 2>&1
+        --real_dir "$REAL_DIR" --output_dir "$WORK/real" $REAL_ARGS --stages report >> "$OUT/real_console.txt" 2>&1
     grep -v "it/s\|s/it" "$OUT/real_console.txt" | tail -n 30
     cp "$WORK/real/phase4/model_best.safetensors" "$OUT/real_phase4_best.safetensors" 2>/dev/null
     (cd "$WORK/real" && tar czf "$OUT/real_files.tgz" --ignore-failed-read real_study.md real_study.json timings.json \
@@ -255,5 +281,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 python3 -c "import torch, sys, os; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', \
 torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU', 'cpus', os.cpu_count())" \
     2>&1 | tee -a "$OUT/machine.txt"
-for part in $PARTS; do "part_$part"; done
+for part in $PARTS; do
+    case "$part" in
+        bg:*) "part_${part#bg:}" & ;;
+        wait) stamp "wait: for the background parts"; wait ;;
+        *) "part_$part" ;;
+    esac
+done
+wait
 stamp "done"

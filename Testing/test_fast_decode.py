@@ -1,6 +1,6 @@
 """The fast decode (HeartCompletionLib.inference.decode_grid) against the exact hierarchical decode.
 
-Real parts only: the bundled ``synthetic-demo`` checkpoint (a narrow ``small`` trained on
+Real parts only: the bundled ``synthetic-demo`` checkpoint (the ``compact`` size trained on
 synthetic hearts, so its fields and surfaces are realistic) on a synthetic heart rasterised at a
 fine anisotropic spacing (0.9 x 0.9 x 1.2 mm: the coarse lattice has strides 8 x 8 x 4, so split
 and unsplit axes, interpolated lattice nodes and interpolated voxels are all exercised). No

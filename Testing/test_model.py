@@ -90,9 +90,10 @@ def test_parameter_counts_in_stated_ranges(capsys):
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         counts = {name: count_parameters(HeartVecSet(get_config(name, K))) for name in CONFIG_NAMES}
     assert counts["tiny"] < 1_000_000
+    assert 1_000_000 <= counts["compact"] <= 2_000_000
     assert 1_000_000 <= counts["small"] <= 30_000_000
     assert 20_000_000 <= counts["base"] <= 100_000_000
-    assert counts["tiny"] < counts["small"] < counts["base"]
+    assert counts["tiny"] < counts["compact"] < counts["small"] < counts["base"]
     assert configs_main(["--names", "tiny"]) == 0
     assert f"{counts['tiny']:,d}" in capsys.readouterr().out
 

@@ -24,6 +24,7 @@ from HeartCompletionLib.io.labelmap import LabelMap
 from HeartCompletionLib.io.labelmap_files import read_label_map, write_label_map
 from HeartCompletionLib.io.synthetic import synthetic_label_map
 from HeartCompletionLib.model.checkpoint import CheckpointError
+from HeartCompletionLib.model.configs import get_config
 from HeartCompletionLib.model.registry import (
     BUNDLED_MODELS_DIR,
     MODELS_DIR_ENV,
@@ -254,6 +255,8 @@ def test_shipped_synthetic_demo_is_installed_loads_and_completes(tmp_path, monke
     assert path.stat().st_size <= 10 * 1024 * 1024, "the bundled model must stay under 10 MB"
     checkpoint, _ = load_model("synthetic-demo")  # also checks the registry's structure list
     assert checkpoint.table.names == list(demo.structures)
+    # the CPU-inference size is the one that ships (its CT timing in docs/benchmarks.md is this model's)
+    assert checkpoint.config == get_config("compact", len(checkpoint.table))
 
     heart = synthetic_label_map(seed=11, spacing_mm=2.5)
     labels = np.where(np.isin(heart.labels, DROPPED), 0, heart.labels)

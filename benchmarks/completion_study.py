@@ -81,9 +81,9 @@ class Budget:
     init: str = ""
 
 
-#: the study's model: `small` narrowed to about 1.2 M parameters (a ~5 MB checkpoint, bundled),
-#: latent queries drawn from the input points (learned queries collapse: docs/completion_study.md)
-STUDY_MODEL = {"width": 128, "depth": 4, "num_latents": 256, "latent_queries": "fps"}
+#: the study's model: the named `compact` size (about 1.2 M parameters, a ~5 MB checkpoint, bundled;
+#: `small` narrowed to width 128 and depth 4, latent queries drawn from the input points)
+STUDY_MODEL = "compact"
 SAMPLE = {"num_input_points": 2048, "min_points_per_structure": 32, "num_volume_queries": 512,
           "num_near_queries": 1024, "num_surface_queries": 256}
 
@@ -102,13 +102,13 @@ BUDGETS = {
                             "num_near_queries": 128, "num_surface_queries": 32}, phase_extra=RECIPE),
     "cpu": Budget("cpu", train_hearts=200, heldout_hearts=24, train_spacing_mm=1.5, heldout_spacing_mm=1.5,
                   oblique_spacing_mm=(1.2, 1.2, 2.0), oblique_fraction=0.34, prepare_points=(60_000, 40_000, 60_000),
-                  model="small", model_overrides=STUDY_MODEL, steps=(700, 1200, 400), lr=(2e-3, 1e-3, 5e-4),
+                  model=STUDY_MODEL, model_overrides={}, steps=(700, 1200, 400), lr=(2e-3, 1e-3, 5e-4),
                   batch_size=8, val_every=300, num_workers=1, device="cpu", threads=2,
                   scenarios=("full", "subset_A", "subset_B", "drop_k", "missing_*"), sample=SAMPLE,
                   phase_extra=RECIPE),
     "gpu": Budget("gpu", train_hearts=200, heldout_hearts=24, train_spacing_mm=1.5, heldout_spacing_mm=1.5,
                   oblique_spacing_mm=(1.2, 1.2, 2.0), oblique_fraction=0.34, prepare_points=(60_000, 60_000, 100_000),
-                  model="small", model_overrides=STUDY_MODEL, steps=(3000, 6000, 3000), lr=(2e-3, 1e-3, 5e-4),
+                  model=STUDY_MODEL, model_overrides={}, steps=(3000, 6000, 3000), lr=(2e-3, 1e-3, 5e-4),
                   batch_size=64, val_every=500, num_workers=12, device="cuda", threads=0,
                   scenarios=("full", "subset_A", "subset_B", "drop_k", "missing_*"), sample=SAMPLE,
                   extra=("data.device_cache=true",), phase_extra=RECIPE, train_seconds=400.0),
@@ -447,7 +447,7 @@ def write_report(out: Path, budget: Budget, args, timings: dict) -> Path:
               f"({int(round(budget.oblique_fraction * budget.heldout_hearts))} on oblique "
               f"{'x'.join(str(s) for s in budget.oblique_spacing_mm)} mm grids). Baseline: the nearest of the "
               f"{budget.train_hearts} training hearts, aligned on the given structures' centroids.", "",
-              f"Model: `{budget.model}` with {json.dumps(budget.model_overrides)}"
+              f"Model: `{budget.model}`" + (f" with {json.dumps(budget.model_overrides)}" if budget.model_overrides else "")
               + (f", phase 1 initialised from `{budget.init}` (a second pass of the curriculum)" if budget.init
                  else "") + "; steps per phase "
               f"{'/'.join(map(str, budget.steps))}"

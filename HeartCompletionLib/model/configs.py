@@ -1,10 +1,13 @@
 """Named sizes of the multi-class VecSet model (:class:`~HeartCompletionLib.model.vecset.HeartVecSet`).
 
 A :class:`ModelConfig` fully describes the network's shapes; it is stored in every checkpoint
-(:meth:`ModelConfig.to_dict`) so a checkpoint rebuilds its own model. Three named sizes:
+(:meth:`ModelConfig.to_dict`) so a checkpoint rebuilds its own model. Four named sizes:
 
 - ``tiny``: unit tests and smoke runs (well under 1M parameters, trains in a minute on CPU);
-- ``small``: fast CPU completion inside Slicer (a few million parameters);
+- ``compact``: CPU completion at CT resolution inside Slicer (about 1.2M parameters; the bundled
+  model and the completion study's size: a 512 x 512 x 300 CT grid completes in 6.5 s on 2 cores);
+- ``small``: a few million parameters (4 x the compact model's width x depth); at CT resolution on
+  2 CPU cores about 3x slower than ``compact`` (``docs/benchmarks.md``), on a GPU nearly as fast;
 - ``base``: the cluster model (4 x A100 40 GB, ~1,000 training hearts; tens of millions).
 
 >>> cfg = get_config("tiny", num_classes=10)
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-CONFIG_NAMES = ("tiny", "small", "base")
+CONFIG_NAMES = ("tiny", "compact", "small", "base")
 BOTTLENECKS = ("layernorm", "kl", "none")
 LATENT_QUERIES = ("learned", "fps")
 
@@ -111,7 +114,11 @@ _NAMED = {
     # ~0.1M parameters: unit tests, trains on one synthetic heart in seconds on CPU.
     "tiny": dict(num_latents=32, width=64, depth=2, heads=4, decoder_heads=4, num_frequencies=6, latent_dim=16,
                  latent_queries="fps"),
-    # ~6M parameters: encode + hierarchical decode of a heart in seconds on a laptop CPU.
+    # ~1.2M parameters: the CPU-inference size (CT-resolution completion in seconds on 2 cores; the
+    # bundled model). Wider fields cost queries: `small` decodes ~3x the voxels at CT, each ~2x dearer.
+    "compact": dict(num_latents=256, width=128, depth=4, heads=8, decoder_heads=8, num_frequencies=8, latent_dim=32,
+                    latent_queries="fps"),
+    # ~6M parameters: more capacity per GPU step (the GPU step is launch-bound at these widths).
     "small": dict(num_latents=256, width=256, depth=6, heads=8, decoder_heads=8, num_frequencies=8, latent_dim=32,
                   latent_queries="fps"),
     # ~40M parameters: bf16 on 4 x A100 40 GB with ~1,000 hearts (more would overfit, not 425M).

@@ -181,6 +181,9 @@ def fast_hierarchical_labels(
     node_ijk = np.stack(np.unravel_index(keys, dims), -1)
     vals = decode(ijk_to_ras_points(node_ijk + lo, ijk_to_ras), lambda f: report(f / levels))
     exact = np.ones(len(keys), dtype=bool)
+    # label, margin and ambiguity of every lattice node, kept in the order of ``keys`` (a node is
+    # a corner of up to 8 cells: computed once per node, not once per corner)
+    node_lab, node_marg, node_amb = label_margin_ambiguity(vals, write)
     per_level.append({"stride_vox": strides.tolist(), "cells": len(cells), "queries": len(keys), "interpolated": 0,
                       "seconds": round(time.perf_counter() - t, 3)})
     stride = strides.copy()
@@ -196,8 +199,7 @@ def fast_hierarchical_labels(
             report(s[0] + f * (s[1] - s[0]))
 
         at = np.searchsorted(keys, lin(cells * stride)[:, None] + lin(_CORNERS * stride)[None])
-        corner_vals = vals[at]  # (cells, 8, C)
-        labs, marg, corner_amb = label_margin_ambiguity(corner_vals, write)
+        labs, marg, corner_amb = node_lab[at], node_marg[at], node_amb[at]  # (cells, 8)
         tau = refine_factor * 0.5 * float(np.linalg.norm(stride * spacing))
         active = (labs != labs[:, :1]).any(1) | (marg.min(1) < tau)
         if settled_cells is not None:  # a cell whose every voxel is settled needs no finer values
@@ -209,8 +211,8 @@ def fast_hierarchical_labels(
         else:  # uniform cells: fill their voxel block from the corners (finer levels write the rest)
             idle, idle_lab = cells[~active], labs[~active, 0]
             blocks[idle[:, 0], :, idle[:, 1], :, idle[:, 2], :] = idle_lab[:, None, None, None]
-        cells, corner_vals, at, labs, corner_amb = (cells[active], corner_vals[active], at[active], labs[active],
-                                                    corner_amb[active])
+        cells, at, labs, corner_amb = cells[active], at[active], labs[active], corner_amb[active]
+        corner_vals = vals[at]  # (cells, 8, C): the active cells' corner distances, for interpolation
         interp = float((stride * spacing).max()) <= interp_cell_mm + 1e-9
         half_diagonal = 0.5 * float(np.linalg.norm(stride * spacing))
         scale = half_diagonal ** 2  # trilinear error grows with the square of the cell size
@@ -297,12 +299,16 @@ def fast_hierarchical_labels(
         keys = np.concatenate([keys, new_keys])[order]
         vals = np.concatenate([vals, new_vals])[order]
         exact = np.concatenate([exact, need])[order]
+        new_lab, new_marg, new_amb = label_margin_ambiguity(new_vals, write)
+        node_lab = np.concatenate([node_lab, new_lab])[order]
+        node_marg = np.concatenate([node_marg, new_marg])[order]
+        node_amb = np.concatenate([node_amb, new_amb])[order]
         children = np.array(list(product(*[range(s) for s in split])), dtype=np.int64)
         cells = (cells[:, None, :] * split + children[None]).reshape(-1, 3)
         stride = child_stride
     if not final_done:  # the coarse lattice was already the voxel lattice: its nodes are the voxels
         node = np.stack(np.unravel_index(keys, dims), -1)
         keep = np.all(node < np.array(out.shape), axis=1) & exact
-        out[tuple(node[keep].T)] = label_margin_ambiguity(vals[keep], write)[0]
+        out[tuple(node[keep].T)] = node_lab[keep]
     crop = tuple(slice(0, int(n)) for n in size)
     return out[crop], {"levels": per_level}

@@ -5,7 +5,7 @@ A :class:`ModelConfig` fully describes the network's shapes; it is stored in eve
 
 - ``tiny``: unit tests and smoke runs (well under 1M parameters, trains in a minute on CPU);
 - ``compact``: CPU completion at CT resolution inside Slicer (about 1.2M parameters; the bundled
-  model and the completion study's size: a 512 x 512 x 300 CT grid completes in 6.5 s on 2 cores);
+  model and the completion study's size: a 512 x 512 x 300 CT grid completes in 4-6 s on 2 cores);
 - ``small``: a few million parameters (4 x the compact model's width x depth); at CT resolution on
   2 CPU cores about 3x slower than ``compact`` (``docs/benchmarks.md``), on a GPU nearly as fast;
 - ``base``: the cluster model (4 x A100 40 GB, ~1,000 training hearts; tens of millions).

@@ -544,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "safetensors, same model) instead of from scratch: a second pass of the curriculum")
     parser.add_argument("--train_seconds", type=float, default=None,
                         help="fit the steps of phases 2 and 3 to this many training seconds from phase 1's speed "
-                             "(0: the budget's steps as they are; default: the budget's, gpu 360)")
+                             "(0: the budget's steps as they are; default: the budget's, gpu 400)")
     parser.add_argument("--data_path", choices=("budget", "loader", "device"), default="budget",
                         help="training data path: the budget's (default; gpu: device), the DataLoader, or the "
                              "device-resident cache (data.device_cache=true)")

@@ -6,8 +6,8 @@ A :class:`ModelConfig` fully describes the network's shapes; it is stored in eve
 - ``tiny``: unit tests and smoke runs (well under 1M parameters, trains in a minute on CPU);
 - ``compact``: CPU completion at CT resolution inside Slicer (about 1.2M parameters; the bundled
   model and the completion study's size: a 512 x 512 x 300 CT grid completes in 4-6 s on 2 cores);
-- ``small``: a few million parameters (4 x the compact model's width x depth); at CT resolution on
-  2 CPU cores about 3x slower than ``compact`` (``docs/benchmarks.md``), on a GPU nearly as fast;
+- ``small``: a few million parameters (twice the width and 1.5 x the depth of ``compact``); at CT
+  resolution on 2 CPU cores about 3x slower than ``compact`` (``docs/benchmarks.md``);
 - ``base``: the cluster model (4 x A100 40 GB, ~1,000 training hearts; tens of millions).
 
 >>> cfg = get_config("tiny", num_classes=10)

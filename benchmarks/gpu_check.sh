@@ -24,7 +24,7 @@
 #             evaluation against the nearest-heart baseline, study.md), limit STUDY_LIMIT_S (default
 #             540 s); results and checkpoints copied to $OUT. Not in the default PARTS;
 #   small     a phase-1 run of the named `small` config (width 256) on the study's prepared hearts
-#             with the device cache (SMALL_STEPS, limit SMALL_LIMIT_S), its best checkpoint to $OUT
+#             with the device cache (SMALL_STEPS of SMALL_BATCH, limit SMALL_LIMIT_S), its best checkpoint to $OUT
 #             (in parts of 15 MB: cat small_best.safetensors.part* > small_best.safetensors);
 #   ct        benchmarks/complete_speed.py --ct on $DEVICE with that checkpoint (CT grid and 1 mm);
 #   real      benchmarks/real_study.py --budget gpu (issue 11: phase 4 on the real partial labels of

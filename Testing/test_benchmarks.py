@@ -140,8 +140,31 @@ def test_gpu_check_script_parses_and_explains_itself():
     subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], check=True)
     help_text = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--help"], capture_output=True, text=True,
                                check=True).stdout
-    for part in ("sweep", "data", "speed", "phase1", "complete"):
+    for part in ("sweep", "data", "speed", "phase1", "complete", "studydata", "bg:PART"):
         assert part in help_text
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_a_background_part_and_waits_for_it(tmp_path):
+    """``bg:PART`` runs next to the parts after it, ``wait`` waits for it: here the study's data
+    (3 + 3 hearts) in the background, a part that prints the time while it runs, then the packing,
+    which must find the background part's finished console log."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    bindir = Path(sys.executable).parent  # python3 and the console scripts of this environment first
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", "SKIP_INSTALL": "1", "DEVICE": "cpu",
+           "OUT": str(out), "WORK": str(work), "DEADLINE_S": "300", "PARTS": "bg:studydata wait pack",
+           "STUDY_ARGS": "--train_hearts 3 --heldout_hearts 3"}
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    waited = next(i for i, line in enumerate(lines) if "wait: for the background parts" in line)
+    finished = next(i for i, line in enumerate(lines) if line.startswith("studydata: exit 0"))
+    packed = next(i for i, line in enumerate(lines) if line.rstrip().endswith("texts.tgz"))  # pack's listing
+    assert waited < finished < packed  # `wait` returned only when the background part had finished
+    assert (work / "study" / "prepared" / "train.csv").is_file()
+    listing = subprocess.run(["tar", "tzf", str(out / "texts.tgz")], capture_output=True, text=True, check=True).stdout
+    assert "studydata_console.txt" in listing and "machine.txt" in listing
 
 
 @pytest.mark.slow

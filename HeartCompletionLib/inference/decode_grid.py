@@ -270,11 +270,11 @@ def fast_hierarchical_labels(
         n_src, j_src = src // len(pos), src % len(pos)
         w = _trilinear_weights(pos * child_stride / stride)
         new_vals = np.matmul(w[j_src][:, None, :], corner_vals[n_src])[:, 0]
-        band = measured = None
-        if interp:
-            amb = label_margin_ambiguity(new_vals, write)[2]
+        band = measured = new_lab = None
+        if interp:  # label, margin and ambiguity of the interpolated values (kept where nothing is decoded)
+            new_lab, new_marg, new_amb = label_margin_ambiguity(new_vals, write)
             band = max(node_band * scale, error_per_scale * scale)
-            need = amb < band
+            need = new_amb < band
         else:
             need = np.ones(len(new_keys), dtype=bool)
         if need.any():
@@ -284,8 +284,8 @@ def fast_hierarchical_labels(
             if interp:
                 measured = _measured_band(new_vals[need], interp_vals, error_quantile)
                 error_per_scale = max(error_per_scale, measured / scale)
-                if interp and measured > band:  # rougher than the band assumed: decode the wider band too
-                    more = (amb < measured) & ~need
+                if measured > band:  # rougher than the band assumed: decode the wider band too
+                    more = (new_amb < measured) & ~need
                     if more.any():
                         ijk = np.stack(np.unravel_index(new_keys[more], dims), -1) + lo
                         new_vals[more] = decode(ijk_to_ras_points(ijk, ijk_to_ras), sub_report)
@@ -299,7 +299,10 @@ def fast_hierarchical_labels(
         keys = np.concatenate([keys, new_keys])[order]
         vals = np.concatenate([vals, new_vals])[order]
         exact = np.concatenate([exact, need])[order]
-        new_lab, new_marg, new_amb = label_margin_ambiguity(new_vals, write)
+        if new_lab is None:
+            new_lab, new_marg, new_amb = label_margin_ambiguity(new_vals, write)
+        elif need.any():  # the decoded nodes' own values replace the interpolated ones
+            new_lab[need], new_marg[need], new_amb[need] = label_margin_ambiguity(new_vals[need], write)
         node_lab = np.concatenate([node_lab, new_lab])[order]
         node_marg = np.concatenate([node_marg, new_marg])[order]
         node_amb = np.concatenate([node_amb, new_amb])[order]

@@ -128,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
 
     from .completion import DEFAULT_GRID_SPACING_MM, DEFAULT_MARGIN_MM
     from .islands import DEFAULT_MAX_DETACHED_MM, DEFAULT_MIN_ISLAND_FRACTION
+    from .latent_fit import DEFAULT_FIT_STEPS
 
     p = _Parser(
         prog=PROG,
@@ -174,6 +175,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max_detached_mm", type=_non_negative_mm, default=DEFAULT_MAX_DETACHED_MM, metavar="MM",
                    help="clear predicted pieces lying more than MM from every other structure while another piece of "
                         f"the structure is attached (default {DEFAULT_MAX_DETACHED_MM:g}; 0 keeps them)")
+    p.add_argument("--fit_steps", type=_non_negative_int, default=DEFAULT_FIT_STEPS, metavar="N",
+                   help="before decoding, fit the encoded latents for N steps so that the model reproduces the given "
+                        "structures (their true signed distances); the missing structures follow "
+                        f"(default {DEFAULT_FIT_STEPS}; 0: the encoder's latents as they are, faster)")
     grid = p.add_argument_group("output grid (default: the input's own grid)")
     grid.add_argument("--extend_mm", type=_non_negative_mm, default=None, metavar="MM",
                       help="grow the output grid (the input's axes) to cover the given structures plus MM on every "
@@ -272,6 +277,7 @@ def _request(args, output_grid):
         structures=args.structures, replace=args.replace, device=args.device, seed=args.seed,
         grid_spacing_mm=args.grid_spacing_mm, margin_mm=args.margin_mm, decode=args.decode,
         min_island_fraction=args.min_island_fraction, output_grid=output_grid, max_detached_mm=args.max_detached_mm,
+        fit_steps=args.fit_steps,
     )
 
 

@@ -57,6 +57,7 @@ from .decode_grid import (
     DEFAULT_VOXEL_BAND,
     fast_hierarchical_labels,
 )
+from .latent_fit import DEFAULT_FIT_ANCHOR, DEFAULT_FIT_LR, DEFAULT_FIT_STEPS, fit_latents, fit_targets
 from .islands import DEFAULT_MAX_DETACHED_MM, DEFAULT_MIN_ISLAND_FRACTION, remove_detached_pieces, remove_small_islands
 from .output_grid import box_on_grid, given_box, resample_nearest
 
@@ -106,6 +107,8 @@ class CompletionResult:
     from the input. ``timings``: seconds per step; ``grid``: lattice sizes (region voxels, coarse
     nodes, refined queries, ...). ``signed_distance_mm``: label -> float32 volume (mm, negative
     inside, NaN outside the region), only when asked for. ``messages``: warnings for the user.
+    ``fit_losses``: with ``fit_steps`` > 0, the fitting loss (mean |error| of the given structures'
+    signed distances, network units) before each step and after the last (:mod:`.latent_fit`).
     """
 
     label_map: LabelMap
@@ -116,6 +119,7 @@ class CompletionResult:
     centre_mm: np.ndarray | None = None
     signed_distance_mm: dict | None = None
     messages: list[str] = field(default_factory=list)
+    fit_losses: list[float] | None = None
 
     def predicted_mask(self, label: int) -> np.ndarray:
         """Voxels the model added for ``label`` (never overlaps a given structure)."""
@@ -213,6 +217,9 @@ class CompletionRequest:
     hierarchical: bool = True
     return_signed_distance: bool = False
     max_detached_mm: float = DEFAULT_MAX_DETACHED_MM
+    fit_steps: int = DEFAULT_FIT_STEPS
+    fit_lr: float = DEFAULT_FIT_LR
+    fit_anchor: float = DEFAULT_FIT_ANCHOR
 
     def __post_init__(self) -> None:
         if self.structures is not None and not isinstance(self.structures, tuple):
@@ -221,6 +228,14 @@ class CompletionRequest:
         _check_decode(self.decode, self.fast_options)
         if not (np.isfinite(self.max_detached_mm) and self.max_detached_mm >= 0):
             raise CompletionError(f"max_detached_mm must be a length >= 0 mm, got {self.max_detached_mm!r}")
+        steps = self.fit_steps
+        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 0:
+            raise CompletionError(f"fit_steps must be a whole number of steps >= 0, got {self.fit_steps!r}")
+        if not (isinstance(self.fit_lr, (int, float)) and np.isfinite(self.fit_lr) and self.fit_lr > 0):
+            raise CompletionError(f"fit_lr must be a number > 0, got {self.fit_lr!r}")
+        if not (isinstance(self.fit_anchor, (int, float)) and np.isfinite(self.fit_anchor) and self.fit_anchor >= 0):
+            raise CompletionError(f"fit_anchor must be a number >= 0, got {self.fit_anchor!r}")
+        object.__setattr__(self, "fit_steps", int(self.fit_steps))
 
     @property
     def fast_decode_options(self) -> dict:
@@ -569,9 +584,9 @@ def _encode(inp: _Input, ck, dev, request: CompletionRequest, step, timings: dic
     # (a map finer than 1 mm is block-averaged to about 1 mm first: the same surfaces to well under
     # a voxel of the training data, several times faster at CT resolution)
     canonical = closest_canonical(_cropped(inp.sample_map, inp.given_lo, inp.given_hi))
+    meshes = coarse_structure_surfaces(canonical, inp.given)
     points, normals, point_labels = sample_structure_surfaces(
-        canonical, inp.given, SURFACE_SAMPLES, rng, min_per_structure=floor,
-        meshes=coarse_structure_surfaces(canonical, inp.given))
+        canonical, inp.given, SURFACE_SAMPLES, rng, min_per_structure=floor, meshes=meshes)
     points = np.asarray(points, dtype=np.float64)
     index = np.asarray(point_labels, dtype=np.int64) - 1
     inputs = [lab - 1 for lab in inp.given]
@@ -587,7 +602,33 @@ def _encode(inp: _Input, ck, dev, request: CompletionRequest, step, timings: dic
         if ck.config.use_normals else None
     latents, _ = ck.model.encode(torch.from_numpy(xyz_n)[None].to(dev), torch.from_numpy(onehot)[None].to(dev), nrm)
     timings["encode_s"] = time.perf_counter() - t
-    return latents, centre
+    return latents, centre, _Surfaces(canonical, meshes, points, index, rng)
+
+
+@dataclass
+class _Surfaces:
+    """What :func:`_encode` sampled, for :func:`_fit`: the cropped about-1 mm map of the given
+    structures, their meshes, the surface samples (mm) with class indices, the seeded generator."""
+
+    label_map: LabelMap
+    meshes: dict
+    points: np.ndarray
+    index: np.ndarray
+    rng: np.random.Generator
+
+
+def _fit(inp: _Input, ck, latents, centre, surfaces: _Surfaces, request: CompletionRequest, step, timings: dict):
+    """Step 2b (``request.fit_steps`` > 0): the latents fitted to the given structures
+    (:mod:`.latent_fit`); outside ``inference_mode``, the model's weights untouched."""
+    step(0.11, "fitting the latents to the given structures")
+    t = time.perf_counter()
+    targets = fit_targets(surfaces.label_map, surfaces.meshes, surfaces.points, surfaces.index, inp.given,
+                          surfaces.rng, inp.sample_map.shape, inp.sample_map.ijk_to_ras,
+                          truncated=inp.sample_map.border_labels())
+    latents, losses = fit_latents(ck.model, latents, targets, centre, ck.normalization, request.fit_steps,
+                                  lr=request.fit_lr, anchor=request.fit_anchor, seed=request.seed)
+    timings["fit_s"] = time.perf_counter() - t
+    return latents, losses
 
 
 def _decode(inp: _Input, ck, dev, latents, centre, request: CompletionRequest, step, cancel,
@@ -718,7 +759,10 @@ def complete(
         return result
 
     with torch.inference_mode():
-        latents, centre = _encode(inp, ck, dev, request, step, timings)
+        latents, centre, surfaces = _encode(inp, ck, dev, request, step, timings)
+    if request.fit_steps > 0:
+        latents, result.fit_losses = _fit(inp, ck, latents, centre, surfaces, request, step, timings)
+    with torch.inference_mode():
         decoded = _decode(inp, ck, dev, latents, centre, request, step, cancel, timings)
     _fuse(result, inp, decoded, ck.table, request, step, timings)
     timings["total_s"] = time.perf_counter() - t_start
@@ -750,6 +794,9 @@ def complete_label_map(
     fast_options: Mapping[str, float] | None = None,
     output_grid=None,
     max_detached_mm: float = DEFAULT_MAX_DETACHED_MM,
+    fit_steps: int = DEFAULT_FIT_STEPS,
+    fit_lr: float = DEFAULT_FIT_LR,
+    fit_anchor: float = DEFAULT_FIT_ANCHOR,
 ) -> CompletionResult:
     """Complete ``label_map`` with the model of ``checkpoint``; see the module docstring for the steps.
 
@@ -785,7 +832,7 @@ def complete_label_map(
         grid_spacing_mm=grid_spacing_mm, margin_mm=margin_mm, refine_factor=refine_factor, decode=decode,
         fast_options=fast_options, min_island_fraction=min_island_fraction, chunk_size=chunk_size,
         output_grid=output_grid, hierarchical=hierarchical, return_signed_distance=return_signed_distance,
-        max_detached_mm=max_detached_mm,
+        max_detached_mm=max_detached_mm, fit_steps=fit_steps, fit_lr=fit_lr, fit_anchor=fit_anchor,
     )
     return complete(label_map, checkpoint, request, progress=progress, cancel=cancel, ijk_to_ras=ijk_to_ras)
 

@@ -118,13 +118,15 @@ def build_command(
     python_executable: str | None = None,
     table: str | Path | None = None,
     decode: str | None = None,
+    fit_steps: int | None = None,
 ) -> list[str]:
     """The command line that runs a completion in a fresh Python process: ``heart-complete``'s module
     with ``--protocol lines``.
 
     ``checkpoint``: a file or a registered model name; ``table``: the structure table JSON the
     input label map was written with (the process refuses a checkpoint trained on another one);
-    ``decode``: ``"fast"`` or ``"exact"`` (None: the library default, fast).
+    ``decode``: ``"fast"`` or ``"exact"`` (None: the library default, fast); ``fit_steps``: steps
+    of fitting the latents to the given structures (None: the library default).
     """
     command = [python_executable or sys.executable, "-m", CHILD_MODULE, *PROTOCOL_OPTION]
     command += ["--checkpoint", str(checkpoint), "--input", str(input_path), "--output", str(output_path)]
@@ -137,6 +139,8 @@ def build_command(
         command.append("--replace")
     if decode is not None:
         command += ["--decode", str(decode)]
+    if fit_steps is not None:
+        command += ["--fit_steps", str(int(fit_steps))]
     return command
 
 

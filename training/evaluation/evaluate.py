@@ -36,6 +36,7 @@ import numpy as np
 from HeartCompletionLib.errors import ExitCode, HeartCompletionError
 from HeartCompletionLib.geometry.metrics import structure_metrics
 from HeartCompletionLib.inference.completion import CompletionError
+from HeartCompletionLib.inference.latent_fit import DEFAULT_FIT_ANCHOR, DEFAULT_FIT_LR, DEFAULT_FIT_STEPS
 from HeartCompletionLib.io.labelmap import LabelMap
 from HeartCompletionLib.io.labelmap_files import case_name, find_label_maps
 
@@ -274,7 +275,7 @@ def run_evaluation(args) -> dict:
     """The whole ``heart-eval`` run; returns the summary dict (also written to disk)."""
     from tqdm import tqdm
 
-    from HeartCompletionLib.inference.completion import complete_label_map
+    from HeartCompletionLib.inference.completion import CompletionRequest, complete_label_map
     from HeartCompletionLib.io.labelmap_files import LabelMapError, read_label_map
     from HeartCompletionLib.model.checkpoint import load_inference_checkpoint
 
@@ -292,9 +293,12 @@ def run_evaluation(args) -> dict:
         baseline = load_baseline(find_training_cases(args.train_dir, args.data_dir, args.label_dir), table,
                                  progress=not args.quiet, cache_path=cache, convention=args.convention)
 
+    fit = {"fit_steps": args.fit_steps, "fit_lr": args.fit_lr, "fit_anchor": args.fit_anchor}
+    CompletionRequest(**fit)  # bad fitting options: refused before any case runs
+
     def model_fn(given: LabelMap, scenario) -> LabelMap:
         return complete_label_map(given, checkpoint, structures=scenario.scored_labels, replace=scenario.replace,
-                                  device=args.device, seed=args.seed).label_map
+                                  device=args.device, seed=args.seed, **fit).label_map
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -380,6 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "first scenario run when none of them is)")
     parser.add_argument("--no_mesh_figures", dest="mesh_figures", action="store_false",
                         help="skip the 3-D surface snapshots next to the slice overlays")
+    parser.add_argument("--fit_steps", type=int, default=DEFAULT_FIT_STEPS, metavar="N",
+                        help="fit the encoded latents to the given structures for N Adam steps before decoding "
+                        "(default %(default)s: off; see heart-complete --help)")
+    parser.add_argument("--fit_lr", type=float, default=DEFAULT_FIT_LR,
+                        help="fitting step size relative to the latents' RMS (default %(default)s)")
+    parser.add_argument("--fit_anchor", type=float, default=DEFAULT_FIT_ANCHOR,
+                        help="weight of the pull back to the encoder's latents (default %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 

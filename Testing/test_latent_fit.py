@@ -1,0 +1,161 @@
+"""Test-time fitting of the latents to the given structures (HeartCompletionLib.inference.latent_fit).
+
+Real parts only: the bundled ``synthetic-demo`` checkpoint and synthetic hearts. The fitted model
+must reproduce a whole given heart better than the encoder's latents alone (the reason the option
+exists), lower its own loss, leave the network's weights alone, follow its seed, and refuse bad
+options. No timing is asserted: the cost is measured in docs/completion_study.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from HeartCompletionLib.geometry.metrics import dice
+from HeartCompletionLib.inference.completion import CompletionError, CompletionRequest, complete_label_map
+from HeartCompletionLib.inference.latent_fit import (
+    DEFAULT_FIT_STEPS,
+    FIT_SURFACE_POINTS,
+    fit_latents,
+    fit_targets,
+)
+from HeartCompletionLib.io.labelmap import LabelMap
+from HeartCompletionLib.io.synthetic import synthetic_label_map
+from HeartCompletionLib.model.registry import BUNDLED_MODELS_DIR
+
+DEMO = BUNDLED_MODELS_DIR / "synthetic_demo.safetensors"
+ALL = list(range(1, 11))
+CHAMBERS = (1, 2, 3, 4, 5)  # Myocardium, LA, LV, RA, RV
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from HeartCompletionLib.model.checkpoint import load_inference_checkpoint
+
+    return load_inference_checkpoint(DEMO, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def heart():
+    return synthetic_label_map(seed=11, spacing_mm=(1.5, 1.5, 1.5), modes=True)
+
+
+@pytest.fixture(scope="module")
+def full(demo, heart):
+    """The whole heart given and every structure re-predicted, without and with fitting."""
+    runs = {steps: complete_label_map(heart, demo, structures=ALL, replace=True, device="cpu", fit_steps=steps)
+            for steps in (0, 30)}
+    return runs
+
+
+def _mean_dice(result, truth, labels) -> float:
+    return float(np.mean([dice(result.label_map.labels == k, truth.labels == k) for k in labels]))
+
+
+def test_fitting_reproduces_a_given_heart_better_than_the_encoder_alone(full, heart):
+    plain, fitted = full[0], full[30]
+    assert plain.fit_losses is None and "fit_s" not in plain.timings
+    assert len(fitted.fit_losses) == 31 and fitted.timings["fit_s"] > 0
+    # the loss is a minibatch estimate: compare the first and the mean of the last few
+    assert np.mean(fitted.fit_losses[-5:]) < 0.85 * fitted.fit_losses[0]
+    before, after = _mean_dice(plain, heart, CHAMBERS), _mean_dice(fitted, heart, CHAMBERS)
+    assert after > before + 0.01, (before, after)
+    assert _mean_dice(fitted, heart, CHAMBERS) > 0.9
+
+
+def test_missing_structures_follow_the_fitted_latents(demo, heart):
+    given = LabelMap(np.where(np.isin(heart.labels, CHAMBERS), heart.labels, 0).astype(heart.labels.dtype),
+                     heart.ijk_to_ras, source="<chambers>")
+    plain = complete_label_map(given, demo, device="cpu", fit_steps=0)
+    fitted = complete_label_map(given, demo, device="cpu", fit_steps=30)
+    missing = [6, 7, 8, 9, 10]
+    assert plain.completed_labels == fitted.completed_labels == missing
+    # the given voxels are kept either way; the completion changes with the latents
+    for result in (plain, fitted):
+        assert np.array_equal(result.label_map.labels[given.labels > 0], given.labels[given.labels > 0])
+    assert not np.array_equal(plain.label_map.labels, fitted.label_map.labels)
+
+
+def test_fitting_leaves_the_weights_alone_and_follows_its_seed(demo, heart, full):
+    weights = {k: v.clone() for k, v in demo.model.state_dict().items()}
+    flags = {k: p.requires_grad for k, p in demo.model.named_parameters()}
+    again = complete_label_map(heart, demo, structures=ALL, replace=True, device="cpu", fit_steps=30)
+    assert np.array_equal(again.label_map.labels, full[30].label_map.labels)
+    assert again.fit_losses == full[30].fit_losses
+    for k, v in demo.model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    assert {k: p.requires_grad for k, p in demo.model.named_parameters()} == flags
+    assert all(p.grad is None for p in demo.model.parameters())
+    other = complete_label_map(heart, demo, structures=ALL, replace=True, device="cpu", fit_steps=30, seed=1)
+    assert other.fit_losses != full[30].fit_losses
+
+
+def test_targets_balance_structures_and_drop_the_cut_side_of_a_truncated_one(heart):
+    from HeartCompletionLib.geometry.surface import sample_structure_surfaces, structure_surfaces
+
+    rng = np.random.default_rng(0)
+    given = [1, 9]  # the myocardium and the coronary: areas an order of magnitude apart
+    meshes = structure_surfaces(heart, given)
+    points, _, labels = sample_structure_surfaces(heart, given, 20_000, rng, min_per_structure=100, meshes=meshes)
+    index = np.asarray(labels) - 1
+    assert (index == 8).sum() < 0.2 * (index == 0).sum()
+    t = fit_targets(heart, meshes, points, index, given, np.random.default_rng(1))
+    owned = np.bincount(t.owner[t.owner >= 0], minlength=2)
+    assert owned[0] == owned[1]  # as many points on and near the coronary as on the myocardium
+    assert list(t.columns) == [0, 8] and t.valid.all()
+    surface = slice(0, FIT_SURFACE_POINTS // 2)  # each structure's surface points come first, then its near ones
+    assert (t.owner[surface] == 0).all() and np.abs(t.target_mm[surface, 0]).max() < 1.0  # on its surface
+    # the same heart cut by a plane: the myocardium's points near the cut no longer count
+    cut = LabelMap(heart.labels[:, :, 30:].copy(), heart.ijk_to_ras @ np.diag([1, 1, 1, 1.0]), source="<cut>")
+    cut.ijk_to_ras[:3, 3] = heart.ijk_to_ras[:3, :3] @ [0, 0, 30] + heart.ijk_to_ras[:3, 3]
+    assert 1 in cut.border_labels()
+    meshes = structure_surfaces(cut, given)
+    points, _, labels = sample_structure_surfaces(cut, given, 20_000, rng, min_per_structure=100, meshes=meshes)
+    kept = fit_targets(cut, meshes, points, np.asarray(labels) - 1, given, np.random.default_rng(1),
+                       cut.shape, cut.ijk_to_ras, truncated=cut.border_labels())
+    free = fit_targets(cut, meshes, points, np.asarray(labels) - 1, given, np.random.default_rng(1))
+    assert free.valid[:, 0].all() and 0 < (~kept.valid[:, 0]).sum() < 0.5 * len(kept.valid)
+    assert np.array_equal(kept.valid[:, 1], free.valid[:, 1]) or 9 in cut.border_labels()
+
+
+def test_fit_latents_directly_lowers_the_loss_of_random_latents(demo, heart):
+    """From latents that know nothing of the heart, fitting alone must move the field towards it."""
+    from HeartCompletionLib.geometry.surface import sample_structure_surfaces, structure_surfaces
+
+    rng = np.random.default_rng(0)
+    meshes = structure_surfaces(heart, [3])
+    points, _, labels = sample_structure_surfaces(heart, [3], 5_000, rng, meshes=meshes)
+    targets = fit_targets(heart, meshes, points, np.asarray(labels) - 1, [3], rng)
+    centre = np.asarray(points).mean(axis=0)
+    z = torch.randn(1, demo.config.num_latents, demo.config.width, generator=torch.Generator().manual_seed(0))
+    fitted, losses = fit_latents(demo.model, z, targets, centre, demo.normalization, steps=40, lr=0.05)
+    assert fitted.shape == z.shape and not torch.equal(fitted, z)
+    assert np.mean(losses[-5:]) < 0.7 * losses[0]
+
+
+def test_options_are_validated_and_reach_every_entry_point(capsys):
+    for bad in (-1, 1.5, True, "ten"):
+        with pytest.raises(CompletionError, match=r"fit_steps must be a whole number of steps >= 0"):
+            CompletionRequest(fit_steps=bad)
+    for bad in (0.0, -0.1, float("nan"), "fast"):
+        with pytest.raises(CompletionError, match=r"fit_lr must be a number > 0"):
+            CompletionRequest(fit_lr=bad)
+    with pytest.raises(CompletionError, match=r"fit_anchor must be a number >= 0"):
+        CompletionRequest(fit_anchor=-1.0)
+    assert CompletionRequest().fit_steps == DEFAULT_FIT_STEPS
+
+    from HeartCompletionLib.inference import completion_process
+    from HeartCompletionLib.inference.complete_cli import _parser
+    from heart_training.evaluation.evaluate import build_parser
+
+    base = ["--checkpoint", "c", "--input", "i", "--output", "o"]
+    assert _parser().parse_args(base).fit_steps == DEFAULT_FIT_STEPS
+    assert _parser().parse_args([*base, "--fit_steps", "0"]).fit_steps == 0
+    with pytest.raises(SystemExit):
+        _parser().parse_args([*base, "--fit_steps", "-3"])
+    assert "must be >= 0, got -3" in capsys.readouterr().err
+    command = completion_process.build_command("ck", "in.nrrd", "out.nrrd", fit_steps=0)
+    assert _parser().parse_args(command[3:]).fit_steps == 0
+    assert "--fit_steps" not in completion_process.build_command("ck", "in.nrrd", "out.nrrd")
+    assert build_parser().parse_args(["--checkpoint", "c", "--data_dir", "d"]).fit_steps == DEFAULT_FIT_STEPS

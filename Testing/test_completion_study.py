@@ -31,6 +31,9 @@ def test_smoke_study_runs_end_to_end_and_resumes(tmp_path):
     for scenario in ("full", "subset_A", "drop_k", "missing_LAA"):
         assert f"| {scenario} | all scored |" in study
     assert "Git commit:" in study and "Wall time:" in study
+    from HeartCompletionLib.inference.latent_fit import DEFAULT_FIT_STEPS
+
+    assert f"`heart-eval --fit_steps {DEFAULT_FIT_STEPS}`" in study  # how the model was scored
     hearts = json.loads((out / "hearts" / "hearts.json").read_text())["hearts"]
     train_seeds = {h["seed"] for h in hearts if h["split"] == "train"}
     heldout = [h for h in hearts if h["split"] == "heldout"]
@@ -75,6 +78,8 @@ def test_bad_arguments_are_usage_errors(tmp_path):
     assert result.returncode == 2 and "at least 3" in result.stderr
     result = _run(tmp_path / "s", "--train_seconds", "-5")
     assert result.returncode == 2 and "--train_seconds must be >= 0" in result.stderr
+    result = _run(tmp_path / "s", "--fit_steps", "-1")
+    assert result.returncode == 2 and "--fit_steps must be >= 0" in result.stderr
     result = _run(tmp_path / "s", "--lr", "1e-3", "0", "1e-4")
     assert result.returncode == 2 and "--lr must be positive" in result.stderr
     result = _run(tmp_path / "s", "--init", str(tmp_path / "missing.safetensors"))

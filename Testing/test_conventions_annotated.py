@@ -188,3 +188,16 @@ def test_heart_eval_reads_a_split_folder_with_the_convention_it_was_prepared_wit
     baseline = next(r for r in rows if r["method"] == "baseline")
     assert float(baseline["dice"]) > 0.9  # identical stacks: the nearest training patient's LV fits
     assert set(baseline["inputs"].split(";")) == {"Myocardium", "RV"}
+    # the split CSVs without their prepared files (e.g. copied from a cluster): the convention is
+    # unknown, and heart-eval says so instead of silently reading ACDC's 1/2/3 as Myocardium/LA/LV
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("train.csv", "val.csv", "test.csv"):
+        (bare / name).write_bytes((data / name).read_bytes())
+    capsys.readouterr()
+    eval_main(["--checkpoint", str(model), "--data_dir", str(bare), "--split", "test", "--scenarios", "missing_LV",
+               "--device", "cpu", "--figure_cases", "0", "--quiet", "--no_baseline", "--output_dir",
+               str(tmp_path / "eval_bare")])
+    err = capsys.readouterr().err
+    assert "prepared case file(s) of the split cannot be read" in err and "pass --convention" in err
+    assert str(bare) in err and "heart-prepare used" not in err

@@ -322,7 +322,8 @@ def _describe(args):
     return describe_label_map(read_label_map(path), case_id, source=path)
 
 
-def stage_eval(out: Path, budget: Budget, device: str, eval_workers: int, workers: int) -> float:
+def stage_eval(out: Path, budget: Budget, device: str, eval_workers: int, workers: int,
+               fit_steps: int | None = None) -> float:
     from heart_training.evaluation.baseline import save_descriptor_cache
     from heart_training.evaluation.evaluate import find_cases, load_baseline
     from heart_training.evaluation.report import write_outputs
@@ -361,6 +362,8 @@ def stage_eval(out: Path, budget: Budget, device: str, eval_workers: int, worker
                str(shard_dir / "cases.csv"), "--train_dir", str(train_dir), "--baseline_cache", str(cache),
                "--output_dir", str(shard_dir), "--device", device, "--quiet", "--figure_cases",
                "1" if k == 0 else "0", "--scenarios", *budget.scenarios]
+        if fit_steps is not None:
+            cmd += ["--fit_steps", str(fit_steps)]
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // max(1, len(shards))))}
         log_file = open(shard_dir / "stdout.log", "w", encoding="utf-8")  # noqa: SIM115 - closed after wait()
         procs.append((k, subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env), log_file))
@@ -431,6 +434,12 @@ def verdict(summary: dict) -> dict:
     return out
 
 
+def _library_fit_steps() -> int:
+    from HeartCompletionLib.inference.latent_fit import DEFAULT_FIT_STEPS
+
+    return DEFAULT_FIT_STEPS
+
+
 def write_report(out: Path, budget: Budget, args, timings: dict) -> Path:
     summary = json.loads((out / "eval" / "summary.json").read_text(encoding="utf-8"))
     checks = verdict(summary)
@@ -456,6 +465,10 @@ def write_report(out: Path, budget: Budget, args, timings: dict) -> Path:
               + f", peak lr {'/'.join(map(str, budget.lr))}, batch {budget.batch_size}; further overrides: "
               + "; ".join(f"phase {p}: {' '.join(list(budget.extra) + list(budget.phase_extra[p - 1])) or '-'}"
                           for p in PHASES) + ".", ""]
+    fit = args.fit_steps if args.fit_steps is not None else _library_fit_steps()
+    lines += [f"Inference: the latents fitted to the given structures for {fit} steps before decoding "
+              f"(`heart-eval --fit_steps {fit}`" + (", i.e. the encoder's latents as they are)." if fit == 0 else ")."),
+              ""]
     lines += ["## Verdict against the targets", "", "| target | model | baseline | met |", "|---|---|---|---|"]
     for name in TARGET_SCENARIOS:
         if name in checks:
@@ -548,6 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_path", choices=("budget", "loader", "device"), default="budget",
                         help="training data path: the budget's (default; gpu: device), the DataLoader, or the "
                              "device-resident cache (data.device_cache=true)")
+    parser.add_argument("--fit_steps", type=int, default=None, metavar="N",
+                        help="heart-eval --fit_steps: steps fitting the latents to the given structures before "
+                             "decoding (default: the library's, 30; 0: the encoder's latents as they are)")
     parser.add_argument("--train_hearts", type=int, default=None, help="override the budget's training hearts")
     parser.add_argument("--heldout_hearts", type=int, default=None, help="override the budget's held-out hearts")
     return parser
@@ -582,6 +598,8 @@ def main(argv=None) -> int:
         if min(args.steps) < 1:
             parser.error("--steps must be positive")
         budget = replace(budget, steps=tuple(args.steps), train_seconds=0.0)
+    if args.fit_steps is not None and args.fit_steps < 0:
+        parser.error("--fit_steps must be >= 0")
     if args.lr:
         if min(args.lr) <= 0:
             parser.error("--lr must be positive")
@@ -621,7 +639,7 @@ def main(argv=None) -> int:
             seconds, budget = stage_train(out, budget, device)
             timings["train_s"] = {**timings.get("train_s", {}), **seconds}
         if "eval" in args.stages:
-            timings["eval_s"] = stage_eval(out, budget, device, eval_workers, workers)
+            timings["eval_s"] = stage_eval(out, budget, device, eval_workers, workers, args.fit_steps)
     finally:
         timings_path.write_text(json.dumps(timings), encoding="utf-8")
     if "report" in args.stages:

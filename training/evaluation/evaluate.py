@@ -61,6 +61,7 @@ class EvalCase:
     annotated: list | None = None
     truncated: list = field(default_factory=list)
     convention: str | None = None  #: the label convention heart-prepare read it with (a split CSV's case)
+    prepared_missing: str | None = None  #: the split CSV's prepared file, when it cannot be read
 
 
 # --- finding cases ---------------------------------------------------------------------------
@@ -115,7 +116,8 @@ def cases_from_csv(csv_path: Path, label_dir: Path | None = None) -> list[EvalCa
         case_id = row.get("case_id") or Path(row.get("case") or "").stem or case_name(source.name)
         annotated = _names(row.get("annotated")) if row.get("annotated") else None
         convention = (meta.get("options") or {}).get("convention")
-        cases.append(EvalCase(case_id, source, annotated, _names(row.get("truncated")), convention or None))
+        missing = str(csv_path.parent / row["case"]) if row.get("case") and not meta else None
+        cases.append(EvalCase(case_id, source, annotated, _names(row.get("truncated")), convention or None, missing))
     return cases
 
 
@@ -131,6 +133,11 @@ def resolve_conventions(cases: list[EvalCase], convention=None) -> dict:
     elif convention is None and recorded:
         print(f"heart-eval: reading the label maps with the convention heart-prepare used: {', '.join(recorded)}",
               file=sys.stderr)
+    unknown = [c.prepared_missing for c in cases if c.prepared_missing and not c.convention]
+    if convention is None and unknown:
+        print(f"heart-eval: warning: {len(unknown)} prepared case file(s) of the split cannot be read (e.g. "
+              f"{unknown[0]}), so the label convention heart-prepare read those label maps with is unknown: they are "
+              "read with the table's values; pass --convention if they use another numbering", file=sys.stderr)
     return _conventions_by_path(cases, convention)
 
 

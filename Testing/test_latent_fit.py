@@ -145,9 +145,10 @@ def test_options_are_validated_and_reach_every_entry_point(capsys):
         CompletionRequest(fit_anchor=-1.0)
     assert CompletionRequest().fit_steps == DEFAULT_FIT_STEPS
 
+    from heart_training.evaluation.evaluate import build_parser
+
     from HeartCompletionLib.inference import completion_process
     from HeartCompletionLib.inference.complete_cli import _parser
-    from heart_training.evaluation.evaluate import build_parser
 
     base = ["--checkpoint", "c", "--input", "i", "--output", "o"]
     assert _parser().parse_args(base).fit_steps == DEFAULT_FIT_STEPS

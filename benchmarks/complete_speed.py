@@ -134,7 +134,7 @@ def _stage_line(result, writing_s) -> str:
     t = result.timings
     levels = " + ".join(f"{lv['queries']:,} q {lv.get('seconds', 0):.2f} s" for lv in result.grid["levels"])
     parts = [f"load {t.get('load_s', 0):.2f}", f"surfaces {t.get('surface_s', 0):.2f}", f"encode {t.get('encode_s', 0):.2f}",
-             f"decode {t.get('decode_s', 0):.2f} [{levels}]", f"fusion {t.get('fusion_write_s', 0):.2f}",
+             f"latent fit {t.get('fit_s', 0):.2f}", f"decode {t.get('decode_s', 0):.2f} [{levels}]", f"fusion {t.get('fusion_write_s', 0):.2f}",
              f"islands {t.get('islands_s', 0):.2f}"]
     if writing_s is not None:
         parts.append(f"writing {writing_s:.2f}")
@@ -162,6 +162,8 @@ def main(argv=None) -> int:
                    help="fast decode option (interp_cell_mm, node_band, voxel_band, error_quantile), repeatable")
     p.add_argument("--repeats", type=int, default=1, help="timed completions (the best is reported)")
     p.add_argument("--fit_steps", type=int, default=300, help="Adam steps of the fit (default 300)")
+    p.add_argument("--latent_fit_steps", type=int, default=None, metavar="N",
+                   help="heart-complete --fit_steps of the timed completion (default: the library's, 30; 0: off)")
     p.add_argument("--fit_threads", type=int, default=1, help="torch threads of the fit (default 1)")
     p.add_argument("--_fit", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -195,6 +197,8 @@ def main(argv=None) -> int:
     options = {} if args.refine_factor is None else {"refine_factor": args.refine_factor}
     options.update(device=args.device, grid_spacing_mm=args.grid_spacing_mm, decode=args.decode,
                    fast_options={k: float(v) for k, v in args.fast_option})
+    if args.latent_fit_steps is not None:
+        options["fit_steps"] = args.latent_fit_steps
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     best = None
     for _ in range(args.repeats):
@@ -209,6 +213,7 @@ def main(argv=None) -> int:
     report = {
         "config": checkpoint.config.to_dict(), "threads": args.threads, "image_shape": list(source.shape),
         "spacing_mm": list(np.broadcast_to(spacing, 3).astype(float)), "decode": args.decode,
+        "latent_fit_steps": len(result.fit_losses or [1]) - 1,
         "completed": [table.by_label(v).name for v in result.completed_labels],
         "device": args.device, "seconds": round(wall, 2), "timings_s": {k: round(v, 2) for k, v in result.timings.items()},
         "writing_nii_gz_s": round(writing_s, 2),

@@ -128,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
 
     from .completion import DEFAULT_GRID_SPACING_MM, DEFAULT_MARGIN_MM
     from .islands import DEFAULT_MAX_DETACHED_MM, DEFAULT_MIN_ISLAND_FRACTION
-    from .latent_fit import DEFAULT_FIT_STEPS
+    from .latent_fit import DEFAULT_FIT_STEPS, RECONSTRUCTION_FIT_STEPS
 
     p = _Parser(
         prog=PROG,
@@ -178,7 +178,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fit_steps", type=_non_negative_int, default=DEFAULT_FIT_STEPS, metavar="N",
                    help="before decoding, fit the encoded latents for N steps so that the model reproduces the given "
                         "structures (their true signed distances); the missing structures follow "
-                        f"(default {DEFAULT_FIT_STEPS}; 0: the encoder's latents as they are, faster)")
+                        f"(default {DEFAULT_FIT_STEPS}; 0: the encoder's latents as they are, faster; "
+                        f"{RECONSTRUCTION_FIT_STEPS} to re-predict given structures with --replace)")
     grid = p.add_argument_group("output grid (default: the input's own grid)")
     grid.add_argument("--extend_mm", type=_non_negative_mm, default=None, metavar="MM",
                       help="grow the output grid (the input's axes) to cover the given structures plus MM on every "

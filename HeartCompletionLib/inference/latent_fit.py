@@ -28,6 +28,10 @@ import numpy as np
 DEFAULT_FIT_STEPS = 30
 DEFAULT_FIT_LR = 0.04
 DEFAULT_FIT_ANCHOR = 0.0
+#: Steps for re-predicting the given structures themselves (``--replace``, a reconstruction): more
+#: fitting keeps improving what was given (real LA, validation patients: Dice 0.873 / 0.920 at
+#: 30 / 250 steps) while it starts to cost the missing structures after about 30.
+RECONSTRUCTION_FIT_STEPS = 250
 #: Fitting points: surface samples, near-surface samples (Gaussian offsets of these sigmas, the
 #: prepared data's), and uniform samples in the given box padded by ``VOLUME_PADDING_MM``.
 FIT_SURFACE_POINTS = 2_048

@@ -343,7 +343,7 @@ def run_evaluation(args) -> dict:
         "scenarios": scenarios, "seed": args.seed, "skipped": skipped, "failed": failed,
         "baseline": "nearest training case, centroid-aligned" if baseline else None,
         "num_training_cases": len(baseline.cases) if baseline else 0,
-        "structures": table.names, "command": " ".join(sys.argv),
+        "structures": table.names, "command": " ".join(sys.argv), "latent_fit": fit,
     }
     return report.write_outputs(output_dir, rows, meta, table, figures)
 

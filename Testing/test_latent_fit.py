@@ -160,3 +160,22 @@ def test_options_are_validated_and_reach_every_entry_point(capsys):
     assert _parser().parse_args(command[3:]).fit_steps == 0
     assert "--fit_steps" not in completion_process.build_command("ck", "in.nrrd", "out.nrrd")
     assert build_parser().parse_args(["--checkpoint", "c", "--data_dir", "d"]).fit_steps == DEFAULT_FIT_STEPS
+
+
+def test_fitting_targets_of_a_fine_map_come_from_a_block_majority_map_in_place():
+    from HeartCompletionLib.geometry.affine import spacing_of
+    from HeartCompletionLib.geometry.surface import coarse_label_map
+
+    fine = synthetic_label_map(seed=5, spacing_mm=(0.4, 0.4, 0.5))
+    coarse = coarse_label_map(fine, [1, 3, 5])
+    assert np.allclose(spacing_of(coarse.ijk_to_ras), [0.8, 0.8, 1.0])
+    assert set(np.unique(coarse.labels)) <= {0, 1, 3, 5}
+    for value in (1, 3, 5):  # same volume and place, to a fraction of a coarse voxel
+        a, b = fine.labels == value, coarse.labels == value
+        va, vb = a.sum() * 0.4 * 0.4 * 0.5, b.sum() * 0.8 * 0.8 * 1.0
+        assert abs(va - vb) < 0.05 * va, value
+        ca = fine.ijk_to_ras[:3, :3] @ np.argwhere(a).mean(axis=0) + fine.ijk_to_ras[:3, 3]
+        cb = coarse.ijk_to_ras[:3, :3] @ np.argwhere(b).mean(axis=0) + coarse.ijk_to_ras[:3, 3]
+        assert np.linalg.norm(ca - cb) < 0.3, value
+    one_mm = synthetic_label_map(seed=5, spacing_mm=(1.0, 1.0, 1.0))
+    assert coarse_label_map(one_mm, [1]) is one_mm

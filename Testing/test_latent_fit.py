@@ -164,7 +164,7 @@ def test_options_are_validated_and_reach_every_entry_point(capsys):
 
 def test_fitting_targets_of_a_fine_map_come_from_a_block_majority_map_in_place():
     from HeartCompletionLib.geometry.affine import spacing_of
-    from HeartCompletionLib.geometry.surface import coarse_label_map
+    from HeartCompletionLib.inference.latent_fit import fit_label_map as coarse_label_map
 
     fine = synthetic_label_map(seed=5, spacing_mm=(0.4, 0.4, 0.5))
     coarse = coarse_label_map(fine, [1, 3, 5])

@@ -291,28 +291,6 @@ def coarse_structure_surfaces(label_map, labels, target_mm: float = COARSE_SURFA
     return meshes
 
 
-def coarse_label_map(label_map, labels, target_mm: float = COARSE_SURFACE_MM):
-    """The label map at about ``target_mm``: whole blocks (:func:`block_factors`), each voxel the
-    structure among ``labels`` that fills more than half of its block (0 where none does), the
-    matrix of the block centres. The map itself when its voxels are already that large."""
-    from HeartCompletionLib.io.labelmap import LabelMap
-
-    matrix = np.asarray(label_map.ijk_to_ras, dtype=np.float64)
-    factors = block_factors(spacing_of(matrix), target_mm)
-    if np.all(factors == 1):
-        return label_map
-    out = None
-    for value in labels:
-        fraction = block_mean(label_map.labels == value, factors)
-        if out is None:
-            out = np.zeros(fraction.shape, dtype=label_map.labels.dtype)
-        out[fraction > 0.5] = value
-    coarse = matrix.copy()
-    coarse[:3, :3] = matrix[:3, :3] * factors[None, :]
-    coarse[:3, 3] = matrix[:3, :3] @ ((factors - 1) / 2.0) + matrix[:3, 3]
-    return LabelMap(out, coarse, label_map.source, label_map.metadata)
-
-
 def sample_structure_surfaces(
     label_map, labels, n_total: int, rng: np.random.Generator, min_per_structure: int = 256, meshes=None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

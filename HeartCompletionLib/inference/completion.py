@@ -58,7 +58,7 @@ from .decode_grid import (
     fast_hierarchical_labels,
 )
 from .islands import DEFAULT_MAX_DETACHED_MM, DEFAULT_MIN_ISLAND_FRACTION, remove_detached_pieces, remove_small_islands
-from .latent_fit import DEFAULT_FIT_ANCHOR, DEFAULT_FIT_LR, DEFAULT_FIT_STEPS, fit_latents, fit_targets
+from .latent_fit import DEFAULT_FIT_ANCHOR, DEFAULT_FIT_LR, DEFAULT_FIT_STEPS, fit_label_map, fit_latents, fit_targets
 from .output_grid import box_on_grid, given_box, resample_nearest
 
 #: Surface samples drawn from the given structures to place the heart (centre) and pick encoder
@@ -620,13 +620,9 @@ class _Surfaces:
 def _fit(inp: _Input, ck, latents, centre, surfaces: _Surfaces, request: CompletionRequest, step, timings: dict):
     """Step 2b (``request.fit_steps`` > 0): the latents fitted to the given structures
     (:mod:`.latent_fit`); outside ``inference_mode``, the model's weights untouched."""
-    from HeartCompletionLib.geometry.surface import coarse_label_map
-
     step(0.11, "fitting the latents to the given structures")
     t = time.perf_counter()
-    # the targets' distance transforms on a map of about 1 mm (a CT's 0.4 mm voxels would cost 5x
-    # the time for differences well under the model's detail); its own surfaces then
-    fit_map = coarse_label_map(surfaces.label_map, inp.given)
+    fit_map = fit_label_map(surfaces.label_map, inp.given)  # about 1 mm; its own surfaces then
     meshes = surfaces.meshes if fit_map is surfaces.label_map else None
     targets = fit_targets(fit_map, meshes, surfaces.points, surfaces.index, inp.given,
                           surfaces.rng, inp.sample_map.shape, inp.sample_map.ijk_to_ras,

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from HeartCompletionLib.geometry.surface import COARSE_SURFACE_MM
+
 #: Default Adam steps (0: off), learning rate relative to the latents' RMS, and anchor weight.
 DEFAULT_FIT_STEPS = 30
 DEFAULT_FIT_LR = 0.04
@@ -54,6 +56,32 @@ class FitTargets:
     target_mm: np.ndarray  # (N, G) float32
     valid: np.ndarray  # (N, G) bool
     owner: np.ndarray  # (N,) column of the structure a point was drawn on or near, -1 for volume points
+
+
+def fit_label_map(label_map, labels, target_mm: float = COARSE_SURFACE_MM):
+    """The map the targets are computed on: ``label_map`` at about ``target_mm`` (whole blocks of
+    :func:`~HeartCompletionLib.geometry.surface.block_factors`), each voxel the structure among
+    ``labels`` that fills more than half of its block (0 where none does), with the matrix of the
+    block centres; the map itself when its voxels are already that large. A CT's 0.4 mm voxels
+    would cost the distance transforms 5x the time for differences well under the model's detail."""
+    from HeartCompletionLib.geometry.affine import spacing_of
+    from HeartCompletionLib.geometry.surface import block_factors, block_mean
+    from HeartCompletionLib.io.labelmap import LabelMap
+
+    matrix = np.asarray(label_map.ijk_to_ras, dtype=np.float64)
+    factors = block_factors(spacing_of(matrix), target_mm)
+    if np.all(factors == 1):
+        return label_map
+    out = None
+    for value in labels:
+        fraction = block_mean(label_map.labels == value, factors)
+        if out is None:
+            out = np.zeros(fraction.shape, dtype=label_map.labels.dtype)
+        out[fraction > 0.5] = value
+    coarse = matrix.copy()
+    coarse[:3, :3] = matrix[:3, :3] * factors[None, :]
+    coarse[:3, 3] = matrix[:3, :3] @ ((factors - 1) / 2.0) + matrix[:3, 3]
+    return LabelMap(out, coarse, label_map.source, label_map.metadata)
 
 
 def _distance_to_border_mm(points_mm: np.ndarray, shape, ijk_to_ras: np.ndarray) -> np.ndarray:

@@ -17,6 +17,7 @@ from HeartCompletionLib.inference.completion import CompletionError, CompletionR
 from HeartCompletionLib.inference.latent_fit import (
     DEFAULT_FIT_STEPS,
     FIT_SURFACE_POINTS,
+    RECONSTRUCTION_FIT_STEPS,
     fit_latents,
     fit_targets,
 )
@@ -143,7 +144,7 @@ def test_options_are_validated_and_reach_every_entry_point(capsys):
             CompletionRequest(fit_lr=bad)
     with pytest.raises(CompletionError, match=r"fit_anchor must be a number >= 0"):
         CompletionRequest(fit_anchor=-1.0)
-    assert CompletionRequest().fit_steps == DEFAULT_FIT_STEPS
+    assert CompletionRequest().fit_steps is None  # auto: resolve_fit_steps
 
     from heart_training.evaluation.evaluate import build_parser
 
@@ -151,7 +152,7 @@ def test_options_are_validated_and_reach_every_entry_point(capsys):
     from HeartCompletionLib.inference.complete_cli import _parser
 
     base = ["--checkpoint", "c", "--input", "i", "--output", "o"]
-    assert _parser().parse_args(base).fit_steps == DEFAULT_FIT_STEPS
+    assert _parser().parse_args(base).fit_steps is None
     assert _parser().parse_args([*base, "--fit_steps", "0"]).fit_steps == 0
     with pytest.raises(SystemExit):
         _parser().parse_args([*base, "--fit_steps", "-3"])
@@ -159,7 +160,21 @@ def test_options_are_validated_and_reach_every_entry_point(capsys):
     command = completion_process.build_command("ck", "in.nrrd", "out.nrrd", fit_steps=0)
     assert _parser().parse_args(command[3:]).fit_steps == 0
     assert "--fit_steps" not in completion_process.build_command("ck", "in.nrrd", "out.nrrd")
-    assert build_parser().parse_args(["--checkpoint", "c", "--data_dir", "d"]).fit_steps == DEFAULT_FIT_STEPS
+    assert build_parser().parse_args(["--checkpoint", "c", "--data_dir", "d"]).fit_steps is None
+
+
+def test_auto_fits_longer_only_when_nothing_is_missing(demo, heart):
+    """The default (None): a reconstruction (every requested structure given) gets
+    RECONSTRUCTION_FIT_STEPS, a completion DEFAULT_FIT_STEPS; either can be set explicitly."""
+    lv = LabelMap(np.where(heart.labels == 3, 3, 0).astype(heart.labels.dtype), heart.ijk_to_ras, source="<LV>")
+    again = complete_label_map(lv, demo, structures=["LV"], replace=True, device="cpu")
+    assert len(again.fit_losses) == RECONSTRUCTION_FIT_STEPS + 1
+    short = complete_label_map(lv, demo, structures=["LV"], replace=True, device="cpu", fit_steps=DEFAULT_FIT_STEPS)
+    # more fitting reproduces the given LV more closely
+    truth = heart.labels == 3
+    assert dice(again.label_map.labels == 3, truth) > dice(short.label_map.labels == 3, truth)
+    completed = complete_label_map(lv, demo, structures=["LV", "RV"], replace=True, device="cpu")
+    assert len(completed.fit_losses) == DEFAULT_FIT_STEPS + 1  # the RV is missing: the completion setting
 
 
 def test_fitting_targets_of_a_fine_map_come_from_a_block_majority_map_in_place():

@@ -56,14 +56,6 @@ def test_smoke_real_study_runs_end_to_end_and_resumes(tmp_path):
     assert whole["acdc_cmr"]["grid"].endswith("at 1.5x1.5x1.5 mm")  # isotropic, grown around the stack
     for name in ("la_phase4", "acdc_phase4", "la_init", "acdc_init"):
         assert (out / "eval" / name / "summary.json").is_file(), name
-    # the LA is a reconstruction: scored with the reconstruction fitting, ACDC with the default
-    from HeartCompletionLib.inference.latent_fit import DEFAULT_FIT_STEPS, RECONSTRUCTION_FIT_STEPS
-
-    def fit_steps(name):
-        return json.loads((out / "eval" / name / "summary.json").read_text())["meta"]["latent_fit"]["fit_steps"]
-
-    assert fit_steps("la_phase4") == fit_steps("la_init") == RECONSTRUCTION_FIT_STEPS
-    assert fit_steps("acdc_phase4") == DEFAULT_FIT_STEPS
     # rerunning skips every finished stage
     again = _run("--init", "synthetic-demo", "--budget", "smoke", "--output_dir", out, timeout=300)
     assert again.returncode == 0 and "done earlier, skipped" in again.stdout

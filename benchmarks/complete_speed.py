@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="timed completions (the best is reported)")
     p.add_argument("--fit_steps", type=int, default=300, help="Adam steps of the fit (default 300)")
     p.add_argument("--latent_fit_steps", type=int, default=None, metavar="N",
-                   help="heart-complete --fit_steps of the timed completion (default: the library's, 30; 0: off)")
+                   help="heart-complete --fit_steps of the timed completion (default: the library's, 30 here; 0: off)")
     p.add_argument("--fit_threads", type=int, default=1, help="torch threads of the fit (default 1)")
     p.add_argument("--_fit", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -434,10 +434,10 @@ def verdict(summary: dict) -> dict:
     return out
 
 
-def _library_fit_steps() -> int:
-    from HeartCompletionLib.inference.latent_fit import DEFAULT_FIT_STEPS
+def _library_fit_steps() -> str:
+    from HeartCompletionLib.inference.latent_fit import DEFAULT_FIT_STEPS, RECONSTRUCTION_FIT_STEPS
 
-    return DEFAULT_FIT_STEPS
+    return f"{DEFAULT_FIT_STEPS} ({RECONSTRUCTION_FIT_STEPS} in `full`, where nothing is missing)"
 
 
 def write_report(out: Path, budget: Budget, args, timings: dict) -> Path:
@@ -465,10 +465,13 @@ def write_report(out: Path, budget: Budget, args, timings: dict) -> Path:
               + f", peak lr {'/'.join(map(str, budget.lr))}, batch {budget.batch_size}; further overrides: "
               + "; ".join(f"phase {p}: {' '.join(list(budget.extra) + list(budget.phase_extra[p - 1])) or '-'}"
                           for p in PHASES) + ".", ""]
-    fit = args.fit_steps if args.fit_steps is not None else _library_fit_steps()
-    lines += [f"Inference: the latents fitted to the given structures for {fit} steps before decoding "
-              f"(`heart-eval --fit_steps {fit}`" + (", i.e. the encoder's latents as they are)." if fit == 0 else ")."),
-              ""]
+    if args.fit_steps is None:
+        lines += [f"Inference: the latents fitted to the given structures for {_library_fit_steps()} steps before "
+                  "decoding (heart-eval's default).", ""]
+    else:
+        lines += [f"Inference: the latents fitted to the given structures for {args.fit_steps} steps before decoding "
+                  f"(`heart-eval --fit_steps {args.fit_steps}`"
+                  + (", i.e. the encoder's latents as they are)." if args.fit_steps == 0 else ")."), ""]
     lines += ["## Verdict against the targets", "", "| target | model | baseline | met |", "|---|---|---|---|"]
     for name in TARGET_SCENARIOS:
         if name in checks:
@@ -563,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "device-resident cache (data.device_cache=true)")
     parser.add_argument("--fit_steps", type=int, default=None, metavar="N",
                         help="heart-eval --fit_steps: steps fitting the latents to the given structures before "
-                             "decoding (default: the library's, 30; 0: the encoder's latents as they are)")
+                             "decoding (default: heart-eval's, 30, or 250 where nothing is missing; 0: the encoder's "
+                             "latents as they are)")
     parser.add_argument("--train_hearts", type=int, default=None, help="override the budget's training hearts")
     parser.add_argument("--heldout_hearts", type=int, default=None, help="override the budget's held-out hearts")
     return parser

@@ -16,9 +16,9 @@ Stages (each resumes by rerunning the same command; a finished stage is skipped)
    ``model.config=from_init``) on the weighted mix synthetic 0.5 / ACDC 0.3 / LA 0.2;
 3. ``eval``: ``heart-eval`` on the held-out patients, model next to the nearest-case baseline built
    from the training patients of the same source: LA reconstruction (input the LA, scored the LA:
-   scenario ``full``, with the latents fitted for ``RECONSTRUCTION_FIT_STEPS``, the setting for
-   re-predicting what was given) and ACDC completion within what is annotated (``missing_RV``,
-   ``missing_LV``, ``missing_Myocardium``, the default fitting); the ``--init`` model is scored the same way, so the table shows what
+   scenario ``full``; heart-eval fits the latents for ``RECONSTRUCTION_FIT_STEPS`` there, as nothing
+   is missing) and ACDC completion within what is annotated (``missing_RV``, ``missing_LV``,
+   ``missing_Myocardium``; the default fitting); the ``--init`` model is scored the same way, so the table shows what
    phase 4 changed;
 4. ``whole``: the whole heart from one real structure, with the phase-4 model through
    :func:`HeartCompletionLib.inference.completion.complete_label_map`: the CT LAD (platipy) and the CT PA
@@ -58,8 +58,6 @@ from completion_study import (  # noqa: E402
 )
 from envelope_check import CASES as ENVELOPE_CASES  # noqa: E402  (name, folder, input, envelope)
 from envelope_check import grid_text  # noqa: E402
-
-from HeartCompletionLib.inference.latent_fit import RECONSTRUCTION_FIT_STEPS  # noqa: E402
 
 DEFAULT_REAL = REPO.parent / "shared" / "data" / "real"
 STAGES = ("prepare", "train", "eval", "whole", "report")
@@ -242,8 +240,6 @@ def stage_eval(out: Path, budget: Budget, init: Path, device: str) -> float:
                "--figure_scenarios", scenarios[0], "--max_cases", budget.max_eval_cases, "--scenarios", *scenarios]
         if not baseline:
             cmd.append("--no_baseline")
-        if scenarios == ("full",):  # the LA reconstructed from itself: the reconstruction setting
-            cmd += ["--fit_steps", RECONSTRUCTION_FIT_STEPS]
         _run(cmd, out / "logs" / f"eval_{name}.log", f"heart-eval {name}")
     return round(time.perf_counter() - started, 1)
 

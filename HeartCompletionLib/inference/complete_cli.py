@@ -175,11 +175,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max_detached_mm", type=_non_negative_mm, default=DEFAULT_MAX_DETACHED_MM, metavar="MM",
                    help="clear predicted pieces lying more than MM from every other structure while another piece of "
                         f"the structure is attached (default {DEFAULT_MAX_DETACHED_MM:g}; 0 keeps them)")
-    p.add_argument("--fit_steps", type=_non_negative_int, default=DEFAULT_FIT_STEPS, metavar="N",
+    p.add_argument("--fit_steps", type=_non_negative_int, default=None, metavar="N",
                    help="before decoding, fit the encoded latents for N steps so that the model reproduces the given "
-                        "structures (their true signed distances); the missing structures follow "
-                        f"(default {DEFAULT_FIT_STEPS}; 0: the encoder's latents as they are, faster; "
-                        f"{RECONSTRUCTION_FIT_STEPS} to re-predict given structures with --replace)")
+                        "structures (their true signed distances); the missing structures follow. Default: "
+                        f"{DEFAULT_FIT_STEPS}, or {RECONSTRUCTION_FIT_STEPS} when every structure asked for is given "
+                        "(--replace: a reconstruction); 0: the encoder's latents as they are, faster")
     grid = p.add_argument_group("output grid (default: the input's own grid)")
     grid.add_argument("--extend_mm", type=_non_negative_mm, default=None, metavar="MM",
                       help="grow the output grid (the input's axes) to cover the given structures plus MM on every "

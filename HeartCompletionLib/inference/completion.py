@@ -58,7 +58,7 @@ from .decode_grid import (
     fast_hierarchical_labels,
 )
 from .islands import DEFAULT_MAX_DETACHED_MM, DEFAULT_MIN_ISLAND_FRACTION, remove_detached_pieces, remove_small_islands
-from .latent_fit import DEFAULT_FIT_ANCHOR, DEFAULT_FIT_LR, DEFAULT_FIT_STEPS, fit_label_map, fit_latents, fit_targets
+from .latent_fit import DEFAULT_FIT_ANCHOR, DEFAULT_FIT_LR, fit_label_map, fit_latents, fit_targets, resolve_fit_steps
 from .output_grid import box_on_grid, given_box, resample_nearest
 
 #: Surface samples drawn from the given structures to place the heart (centre) and pick encoder
@@ -107,8 +107,10 @@ class CompletionResult:
     from the input. ``timings``: seconds per step; ``grid``: lattice sizes (region voxels, coarse
     nodes, refined queries, ...). ``signed_distance_mm``: label -> float32 volume (mm, negative
     inside, NaN outside the region), only when asked for. ``messages``: warnings for the user.
-    ``fit_losses``: with ``fit_steps`` > 0, the fitting loss (mean |error| of the given structures'
-    signed distances, network units) before each step and after the last (:mod:`.latent_fit`).
+    ``fit_losses``: when the latents were fitted (``fit_steps``; None: 30 steps, 250 when every
+    requested structure is given, :func:`.latent_fit.resolve_fit_steps`), the fitting loss (mean
+    |error| of the given structures' signed distances, network units, on each step's batch) before
+    each step and after the last.
     """
 
     label_map: LabelMap
@@ -217,7 +219,7 @@ class CompletionRequest:
     hierarchical: bool = True
     return_signed_distance: bool = False
     max_detached_mm: float = DEFAULT_MAX_DETACHED_MM
-    fit_steps: int = DEFAULT_FIT_STEPS
+    fit_steps: int | None = None
     fit_lr: float = DEFAULT_FIT_LR
     fit_anchor: float = DEFAULT_FIT_ANCHOR
 
@@ -229,13 +231,14 @@ class CompletionRequest:
         if not (np.isfinite(self.max_detached_mm) and self.max_detached_mm >= 0):
             raise CompletionError(f"max_detached_mm must be a length >= 0 mm, got {self.max_detached_mm!r}")
         steps = self.fit_steps
-        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 0:
-            raise CompletionError(f"fit_steps must be a whole number of steps >= 0, got {self.fit_steps!r}")
+        if steps is not None and (not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 0):
+            raise CompletionError(f"fit_steps must be a whole number of steps >= 0 or None (auto), got {steps!r}")
         if not (isinstance(self.fit_lr, (int, float)) and np.isfinite(self.fit_lr) and self.fit_lr > 0):
             raise CompletionError(f"fit_lr must be a number > 0, got {self.fit_lr!r}")
         if not (isinstance(self.fit_anchor, (int, float)) and np.isfinite(self.fit_anchor) and self.fit_anchor >= 0):
             raise CompletionError(f"fit_anchor must be a number >= 0, got {self.fit_anchor!r}")
-        object.__setattr__(self, "fit_steps", int(self.fit_steps))
+        if steps is not None:
+            object.__setattr__(self, "fit_steps", int(steps))
 
     @property
     def fast_decode_options(self) -> dict:
@@ -617,9 +620,10 @@ class _Surfaces:
     rng: np.random.Generator
 
 
-def _fit(inp: _Input, ck, latents, centre, surfaces: _Surfaces, request: CompletionRequest, step, timings: dict):
-    """Step 2b (``request.fit_steps`` > 0): the latents fitted to the given structures
-    (:mod:`.latent_fit`); outside ``inference_mode``, the model's weights untouched."""
+def _fit(inp: _Input, ck, latents, centre, surfaces: _Surfaces, request: CompletionRequest, steps: int, step,
+         timings: dict):
+    """Step 2b (``steps`` > 0, :func:`.latent_fit.resolve_fit_steps`): the latents fitted to the
+    given structures (:mod:`.latent_fit`); outside ``inference_mode``, the model's weights untouched."""
     step(0.11, "fitting the latents to the given structures")
     t = time.perf_counter()
     fit_map = fit_label_map(surfaces.label_map, inp.given)  # about 1 mm; its own surfaces then
@@ -627,7 +631,7 @@ def _fit(inp: _Input, ck, latents, centre, surfaces: _Surfaces, request: Complet
     targets = fit_targets(fit_map, meshes, surfaces.points, surfaces.index, inp.given,
                           surfaces.rng, inp.sample_map.shape, inp.sample_map.ijk_to_ras,
                           truncated=inp.sample_map.border_labels())
-    latents, losses = fit_latents(ck.model, latents, targets, centre, ck.normalization, request.fit_steps,
+    latents, losses = fit_latents(ck.model, latents, targets, centre, ck.normalization, steps,
                                   lr=request.fit_lr, anchor=request.fit_anchor, seed=request.seed)
     timings["fit_s"] = time.perf_counter() - t
     return latents, losses
@@ -762,8 +766,9 @@ def complete(
 
     with torch.inference_mode():
         latents, centre, surfaces = _encode(inp, ck, dev, request, step, timings)
-    if request.fit_steps > 0:
-        latents, result.fit_losses = _fit(inp, ck, latents, centre, surfaces, request, step, timings)
+    steps = resolve_fit_steps(request.fit_steps, inp.requested, inp.given)
+    if steps > 0:
+        latents, result.fit_losses = _fit(inp, ck, latents, centre, surfaces, request, steps, step, timings)
     with torch.inference_mode():
         decoded = _decode(inp, ck, dev, latents, centre, request, step, cancel, timings)
     _fuse(result, inp, decoded, ck.table, request, step, timings)
@@ -796,7 +801,7 @@ def complete_label_map(
     fast_options: Mapping[str, float] | None = None,
     output_grid=None,
     max_detached_mm: float = DEFAULT_MAX_DETACHED_MM,
-    fit_steps: int = DEFAULT_FIT_STEPS,
+    fit_steps: int | None = None,
     fit_lr: float = DEFAULT_FIT_LR,
     fit_anchor: float = DEFAULT_FIT_ANCHOR,
 ) -> CompletionResult:
@@ -827,7 +832,11 @@ def complete_label_map(
     (default 4,096 on the CPU, 16,384 on a GPU). ``output_grid``: ``(shape, ijk_to_ras)`` of another
     grid to write the result on (:mod:`.output_grid`: grown, resampled or a reference image's); the
     given structures are carried onto it by nearest neighbour and kept, their surfaces still
-    sampled on the input's grid (default: the input's grid).
+    sampled on the input's grid (default: the input's grid). ``fit_steps``: Adam steps fitting the
+    encoded latents to the given structures before decoding (:mod:`.latent_fit`; None, the default:
+    30, or 250 when every requested structure is given, a reconstruction; 0: off), ``fit_lr`` its
+    step size relative to the latents' RMS, ``fit_anchor`` the weight pulling them back to the
+    encoder's.
     """
     request = CompletionRequest(
         structures=structures, replace=replace, device=device, seed=seed, num_input_points=num_input_points,

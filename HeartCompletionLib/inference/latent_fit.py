@@ -34,6 +34,19 @@ DEFAULT_FIT_ANCHOR = 0.0
 #: fitting keeps improving what was given (real LA, validation patients: Dice 0.873 / 0.920 at
 #: 30 / 250 steps) while it starts to cost the missing structures after about 30.
 RECONSTRUCTION_FIT_STEPS = 250
+
+
+def resolve_fit_steps(fit_steps, requested, given) -> int:
+    """Steps to fit: ``fit_steps`` when given; otherwise (``None``, "auto")
+    :data:`RECONSTRUCTION_FIT_STEPS` when every structure asked for is one of the given ones (a
+    reconstruction: nothing is missing, so nothing can drift), else :data:`DEFAULT_FIT_STEPS`.
+
+    >>> resolve_fit_steps(None, [3], [3]), resolve_fit_steps(None, [6, 7], [1, 2]), resolve_fit_steps(5, [3], [3])
+    (250, 30, 5)
+    """
+    if fit_steps is not None:
+        return int(fit_steps)
+    return RECONSTRUCTION_FIT_STEPS if set(requested) <= set(given) else DEFAULT_FIT_STEPS
 #: Fitting points: surface samples, near-surface samples (Gaussian offsets of these sigmas, the
 #: prepared data's), and uniform samples in the given box padded by ``VOLUME_PADDING_MM``.
 FIT_SURFACE_POINTS = 2_048

@@ -36,7 +36,12 @@ import numpy as np
 from HeartCompletionLib.errors import ExitCode, HeartCompletionError
 from HeartCompletionLib.geometry.metrics import structure_metrics
 from HeartCompletionLib.inference.completion import CompletionError
-from HeartCompletionLib.inference.latent_fit import DEFAULT_FIT_ANCHOR, DEFAULT_FIT_LR, DEFAULT_FIT_STEPS
+from HeartCompletionLib.inference.latent_fit import (
+    DEFAULT_FIT_ANCHOR,
+    DEFAULT_FIT_LR,
+    DEFAULT_FIT_STEPS,
+    RECONSTRUCTION_FIT_STEPS,
+)
 from HeartCompletionLib.io.labelmap import LabelMap
 from HeartCompletionLib.io.labelmap_files import case_name, find_label_maps
 
@@ -391,9 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "first scenario run when none of them is)")
     parser.add_argument("--no_mesh_figures", dest="mesh_figures", action="store_false",
                         help="skip the 3-D surface snapshots next to the slice overlays")
-    parser.add_argument("--fit_steps", type=int, default=DEFAULT_FIT_STEPS, metavar="N",
-                        help="fit the encoded latents to the given structures for N Adam steps before decoding "
-                        "(default %(default)s: off; see heart-complete --help)")
+    parser.add_argument("--fit_steps", type=int, default=None, metavar="N",
+                        help=f"fit the encoded latents to the given structures for N Adam steps before decoding "
+                        f"(default: as heart-complete, {DEFAULT_FIT_STEPS}, or {RECONSTRUCTION_FIT_STEPS} in scenarios "
+                        "that re-predict only given structures, e.g. full; 0: off)")
     parser.add_argument("--fit_lr", type=float, default=DEFAULT_FIT_LR,
                         help="fitting step size relative to the latents' RMS (default %(default)s)")
     parser.add_argument("--fit_anchor", type=float, default=DEFAULT_FIT_ANCHOR,

@@ -161,6 +161,11 @@ def test_options_are_validated_and_reach_every_entry_point(capsys):
     assert _parser().parse_args(command[3:]).fit_steps == 0
     assert "--fit_steps" not in completion_process.build_command("ck", "in.nrrd", "out.nrrd")
     assert build_parser().parse_args(["--checkpoint", "c", "--data_dir", "d"]).fit_steps is None
+    from heart_training.evaluation.evaluate import main as eval_main
+
+    capsys.readouterr()
+    assert eval_main(["--checkpoint", str(DEMO), "--data_dir", "nowhere", "--fit_steps", "-2"]) == 2
+    assert "fit_steps must be a whole number of steps >= 0" in capsys.readouterr().err
 
 
 def test_auto_fits_longer_only_when_nothing_is_missing(demo, heart):

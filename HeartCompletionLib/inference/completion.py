@@ -11,7 +11,10 @@ Steps of :func:`complete` (:func:`complete_label_map` is the same call with the 
 1. **Input points** (:func:`_encode`): area-uniform surface samples of the given structures (mm); the centre ``c``
    and the encoder points follow :mod:`HeartCompletionLib.model.encoder_input`, exactly the rule of
    training; ``x_n = (x - c) / S`` with the checkpoint's :class:`~HeartCompletionLib.geometry.normalization.Normalization`.
-2. **Encode once** (:func:`_encode`; eval mode, ``torch.inference_mode``, seeded sampling: same input, same result).
+2. **Encode once** (:func:`_encode`; eval mode, ``torch.inference_mode``, seeded sampling: same input, same result),
+   then **fit the latents** (:func:`_fit`, :mod:`.latent_fit`): a few seeded Adam steps on the latents
+   only, until the decoded distances of the given structures match their true ones (30 steps, 250
+   when every requested structure is given; ``fit_steps=0``: the encoder's latents as they are).
 3. **Decode hierarchically** (:func:`_decode`) on the input's own voxel lattice, restricted to the *region* = the
    given structures' bounding box plus ``margin_mm``, clipped to the image: every
    ``2**L``-th voxel first (about ``grid_spacing_mm``), then cells whose corners disagree or lie

@@ -293,6 +293,8 @@ def run_evaluation(args) -> dict:
 
     from . import report
 
+    fit = {"fit_steps": args.fit_steps, "fit_lr": args.fit_lr, "fit_anchor": args.fit_anchor}
+    CompletionRequest(**fit)  # bad fitting options: refused before anything is read
     checkpoint = load_inference_checkpoint(args.checkpoint, device=args.device)
     table = checkpoint.table
     scenarios = resolve_scenarios(args.scenarios, table)
@@ -304,9 +306,6 @@ def run_evaluation(args) -> dict:
         cache = args.baseline_cache or Path(args.output_dir) / "baseline_index.npz"
         baseline = load_baseline(find_training_cases(args.train_dir, args.data_dir, args.label_dir), table,
                                  progress=not args.quiet, cache_path=cache, convention=args.convention)
-
-    fit = {"fit_steps": args.fit_steps, "fit_lr": args.fit_lr, "fit_anchor": args.fit_anchor}
-    CompletionRequest(**fit)  # bad fitting options: refused before any case runs
 
     def model_fn(given: LabelMap, scenario) -> LabelMap:
         return complete_label_map(given, checkpoint, structures=scenario.scored_labels, replace=scenario.replace,

@@ -199,3 +199,28 @@ def test_fitting_targets_of_a_fine_map_come_from_a_block_majority_map_in_place()
         assert np.linalg.norm(ca - cb) < 0.3, value
     one_mm = synthetic_label_map(seed=5, spacing_mm=(1.0, 1.0, 1.0))
     assert coarse_label_map(one_mm, [1]) is one_mm
+
+
+def test_fit_reports_progress_and_can_be_cancelled(demo, heart):
+    from HeartCompletionLib.inference.completion import CompletionCancelled
+
+    seen = []
+    complete_label_map(heart, demo, structures=ALL, replace=True, device="cpu", fit_steps=10,
+                       progress=lambda f, m: seen.append((f, m)))
+    fitting = [f for f, m in seen if m.startswith("fitting the latents")]
+    assert len(fitting) >= 10 and fitting == sorted(fitting)
+    assert 0.1 <= fitting[0] and fitting[-1] <= 0.15  # between encoding and decoding
+    messages = [m for _, m in seen]
+    last_fit = max(i for i, m in enumerate(messages) if m.startswith("fitting"))
+    assert messages.index("decoding signed distances") > last_fit
+    calls = {"n": 0}
+
+    def cancel_after_a_few():
+        calls["n"] += 1
+        return any(m.startswith("fitting the latents") for _, m in seen[-1:]) and calls["n"] > 6
+
+    seen.clear()
+    with pytest.raises(CompletionCancelled):
+        complete_label_map(heart, demo, structures=ALL, replace=True, device="cpu", fit_steps=200,
+                           progress=lambda f, m: seen.append((f, m)), cancel=cancel_after_a_few)
+    assert all(p.requires_grad for p in demo.model.parameters())  # restored after the cancelled fit

@@ -634,8 +634,11 @@ def _fit(inp: _Input, ck, latents, centre, surfaces: _Surfaces, request: Complet
     targets = fit_targets(fit_map, meshes, surfaces.points, surfaces.index, inp.given,
                           surfaces.rng, inp.sample_map.shape, inp.sample_map.ijk_to_ras,
                           truncated=inp.sample_map.border_labels())
+    def report(fraction: float) -> None:  # progress through the fit; step() also honours cancel
+        step(0.11 + (_P_ENCODED - 0.11) * fraction, "fitting the latents to the given structures")
+
     latents, losses = fit_latents(ck.model, latents, targets, centre, ck.normalization, steps,
-                                  lr=request.fit_lr, anchor=request.fit_anchor, seed=request.seed)
+                                  lr=request.fit_lr, anchor=request.fit_anchor, seed=request.seed, report=report)
     timings["fit_s"] = time.perf_counter() - t
     return latents, losses
 

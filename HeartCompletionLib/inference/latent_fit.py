@@ -150,11 +150,12 @@ def fit_targets(label_map, meshes, surface_points_mm, surface_index, given, rng:
 
 def fit_latents(model, latents, targets: FitTargets, centre_mm, normalization, steps: int,
                 lr: float = DEFAULT_FIT_LR, anchor: float = DEFAULT_FIT_ANCHOR, seed: int = 0,
-                batch: int = FIT_BATCH) -> tuple:
+                batch: int = FIT_BATCH, report=None) -> tuple:
     """``(fitted latents, losses)``: ``steps`` Adam steps on a copy of ``latents`` (B=1, M, W) that
     lower the mean |decoded - true| signed distance (network units) of the given structures at the
     target points. ``lr`` is relative to the latents' RMS. The model's weights are not touched (no
-    gradient is kept for them); ``losses`` holds the loss before each step and after the last."""
+    gradient is kept for them); ``losses`` holds the loss before each step and after the last.
+    ``report(fraction)``, if given, is called after each step (progress; it may raise to cancel)."""
     import torch
 
     dev = latents.device
@@ -199,6 +200,8 @@ def fit_latents(model, latents, targets: FitTargets, centre_mm, normalization, s
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if report is not None:
+                    report(len(losses) / max(1, int(steps)))
     finally:
         for p in params:
             p.requires_grad_(True)

@@ -108,16 +108,25 @@ def test_targets_balance_structures_and_drop_the_cut_side_of_a_truncated_one(hea
     surface = slice(0, FIT_SURFACE_POINTS // 2)  # each structure's surface points come first, then its near ones
     assert (t.owner[surface] == 0).all() and np.abs(t.target_mm[surface, 0]).max() < 1.0  # on its surface
     # the same heart cut by a plane: the myocardium's points near the cut no longer count
-    cut = LabelMap(heart.labels[:, :, 30:].copy(), heart.ijk_to_ras @ np.diag([1, 1, 1, 1.0]), source="<cut>")
-    cut.ijk_to_ras[:3, 3] = heart.ijk_to_ras[:3, :3] @ [0, 0, 30] + heart.ijk_to_ras[:3, 3]
-    assert 1 in cut.border_labels()
+    matrix = heart.ijk_to_ras.copy()
+    matrix[:3, 3] = heart.ijk_to_ras[:3, :3] @ [0, 0, 30] + heart.ijk_to_ras[:3, 3]  # the same voxels in place
+    cut = LabelMap(heart.labels[:, :, 30:].copy(), matrix, source="<cut>")
+    whole = [v for v in (2, 4, 6, 7, 8) if v not in cut.border_labels()]
+    assert 1 in cut.border_labels() and whole  # the myocardium is cut, some other structure is not
+    given = [1, whole[0]]
     meshes = structure_surfaces(cut, given)
     points, _, labels = sample_structure_surfaces(cut, given, 20_000, rng, min_per_structure=100, meshes=meshes)
     kept = fit_targets(cut, meshes, points, np.asarray(labels) - 1, given, np.random.default_rng(1),
                        cut.shape, cut.ijk_to_ras, truncated=cut.border_labels())
     free = fit_targets(cut, meshes, points, np.asarray(labels) - 1, given, np.random.default_rng(1))
     assert free.valid[:, 0].all() and 0 < (~kept.valid[:, 0]).sum() < 0.5 * len(kept.valid)
-    assert np.array_equal(kept.valid[:, 1], free.valid[:, 1]) or 9 in cut.border_labels()
+    assert kept.valid[:, 1].all() and free.valid[:, 1].all()  # the whole structure: all its targets count
+    # exactly the myocardium's points nearer the border than the structure (plus the margin) were dropped
+    from HeartCompletionLib.geometry.affine import distance_to_image_border_mm
+    from HeartCompletionLib.inference.latent_fit import TRUNCATION_MARGIN_MM
+
+    border = distance_to_image_border_mm(kept.points_mm, cut.shape, cut.ijk_to_ras)
+    assert np.array_equal(kept.valid[:, 0], border > np.abs(kept.target_mm[:, 0]) + TRUNCATION_MARGIN_MM)
 
 
 def test_fit_latents_directly_lowers_the_loss_of_random_latents(demo, heart):

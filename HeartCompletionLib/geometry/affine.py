@@ -72,6 +72,19 @@ def ras_to_ijk_points(ras, ijk_to_ras: np.ndarray) -> np.ndarray:
     return ras @ inv[:3, :3].T + inv[:3, 3]
 
 
+def distance_to_image_border_mm(points_ras, shape, ijk_to_ras: np.ndarray) -> np.ndarray:
+    """Distance (mm) from each RAS point to the nearest face of the image box (voxel centres
+    ``-0.5 .. n - 0.5`` along each axis), negative outside: the one rule for "near the cut" of a
+    structure truncated by the field of view (training targets and fitting targets alike).
+
+    >>> float(distance_to_image_border_mm([[2.0, 5.0, 5.0]], (10, 10, 10), np.diag([2.0, 2.0, 2.0, 1.0]))[0])
+    3.0
+    """
+    ijk = ras_to_ijk_points(np.asarray(points_ras, dtype=np.float64).reshape(-1, 3), ijk_to_ras)
+    to_face = np.minimum(ijk + 0.5, np.asarray(shape, np.float64)[:3] - 0.5 - ijk) * spacing_of(ijk_to_ras)
+    return to_face.min(axis=1)
+
+
 def voxel_centers_ras(shape, ijk_to_ras: np.ndarray) -> np.ndarray:
     """RAS mm of every voxel centre, shape (*shape, 3), C order (i slowest)."""
     grids = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")

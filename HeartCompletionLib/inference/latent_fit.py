@@ -34,6 +34,17 @@ DEFAULT_FIT_ANCHOR = 0.0
 #: fitting keeps improving what was given (real LA, validation patients: Dice 0.873 / 0.920 at
 #: 30 / 250 steps) while it starts to cost the missing structures after about 30.
 RECONSTRUCTION_FIT_STEPS = 250
+#: Fitting points: surface samples, near-surface samples (Gaussian offsets of these sigmas, the
+#: prepared data's), and uniform samples in the given box padded by ``VOLUME_PADDING_MM``.
+FIT_SURFACE_POINTS = 2_048
+FIT_NEAR_POINTS = 4_096
+FIT_VOLUME_POINTS = 1_024
+NEAR_SIGMAS_MM = (1.0, 4.0)
+VOLUME_PADDING_MM = 10.0
+#: A truncated structure's target counts only farther than |target| + this from the image border.
+TRUNCATION_MARGIN_MM = 2.0
+#: Points decoded per step (a fresh seeded draw from the fitting points each step; all if fewer).
+FIT_BATCH = 2_048
 
 
 def resolve_fit_steps(fit_steps, requested, given) -> int:
@@ -47,17 +58,6 @@ def resolve_fit_steps(fit_steps, requested, given) -> int:
     if fit_steps is not None:
         return int(fit_steps)
     return RECONSTRUCTION_FIT_STEPS if set(requested) <= set(given) else DEFAULT_FIT_STEPS
-#: Fitting points: surface samples, near-surface samples (Gaussian offsets of these sigmas, the
-#: prepared data's), and uniform samples in the given box padded by ``VOLUME_PADDING_MM``.
-FIT_SURFACE_POINTS = 2_048
-FIT_NEAR_POINTS = 4_096
-FIT_VOLUME_POINTS = 1_024
-NEAR_SIGMAS_MM = (1.0, 4.0)
-VOLUME_PADDING_MM = 10.0
-#: A truncated structure's target counts only farther than |target| + this from the image border.
-TRUNCATION_MARGIN_MM = 2.0
-#: Points decoded per step (a fresh seeded draw from the fitting points each step; all if fewer).
-FIT_BATCH = 2_048
 
 
 @dataclass
@@ -97,15 +97,6 @@ def fit_label_map(label_map, labels, target_mm: float = COARSE_SURFACE_MM):
     return LabelMap(out, coarse, label_map.source, label_map.metadata)
 
 
-def _distance_to_border_mm(points_mm: np.ndarray, shape, ijk_to_ras: np.ndarray) -> np.ndarray:
-    """Distance (mm) from each point to the nearest face of the image box (negative outside)."""
-    m = np.asarray(ijk_to_ras, dtype=np.float64)
-    ijk = np.linalg.solve(m[:3, :3], (np.asarray(points_mm, np.float64) - m[:3, 3]).T).T
-    spacing = np.linalg.norm(m[:3, :3], axis=0)
-    to_face = np.minimum(ijk + 0.5, np.asarray(shape, np.float64) - 0.5 - ijk) * spacing
-    return to_face.min(axis=1)
-
-
 def fit_targets(label_map, meshes, surface_points_mm, surface_index, given, rng: np.random.Generator,
                 image_shape=None, image_ijk_to_ras=None, truncated=()) -> FitTargets:
     """The fitting points and targets of the given structures ``given`` (table labels).
@@ -115,6 +106,7 @@ def fit_targets(label_map, meshes, surface_points_mm, surface_index, given, rng:
     (S,) class indices are the area-uniform surface samples. ``truncated``: labels cut by the
     border of the image (``image_shape``, ``image_ijk_to_ras``), whose surface there is not real.
     """
+    from HeartCompletionLib.geometry.affine import distance_to_image_border_mm
     from HeartCompletionLib.geometry.signed_distance import signed_distances_mm
 
     given = [int(v) for v in given]
@@ -141,11 +133,23 @@ def fit_targets(label_map, meshes, surface_points_mm, surface_index, given, rng:
     valid = np.isfinite(target)
     cut = [c for c, v in enumerate(given) if v in set(int(t) for t in truncated)]
     if cut and image_shape is not None:
-        border = _distance_to_border_mm(points, image_shape, image_ijk_to_ras)
+        border = distance_to_image_border_mm(points, image_shape, image_ijk_to_ras)
         for c in cut:
             valid[:, c] &= border > np.abs(np.nan_to_num(target[:, c])) + TRUNCATION_MARGIN_MM
     return FitTargets(points, np.asarray([v - 1 for v in given], dtype=np.int64),
                       np.nan_to_num(target).astype(np.float32), valid, owner)
+
+
+def _fit_loss(pred, target, valid, own):
+    """Half the mean |error| over every valid (point, structure), half the mean over structures of
+    each one's error at its own points (on and near its surface): small structures count alike."""
+    import torch
+
+    err = (pred - target).abs()
+    everywhere = torch.where(valid, err, torch.zeros_like(err)).sum() / valid.sum().clamp_min(1)
+    counts = own.sum(dim=0)
+    per_structure = (torch.where(own, err, torch.zeros_like(err)).sum(dim=0) / counts.clamp_min(1)).sum()
+    return 0.5 * (everywhere + per_structure / (counts > 0).sum().clamp_min(1))
 
 
 def fit_latents(model, latents, targets: FitTargets, centre_mm, normalization, steps: int,
@@ -167,8 +171,7 @@ def fit_latents(model, latents, targets: FitTargets, centre_mm, normalization, s
     target = torch.from_numpy(targets.target_mm / normalization.scale_mm).to(dev)
     valid = torch.from_numpy(targets.valid).to(dev)
     columns = torch.from_numpy(targets.columns).to(dev)
-    # each structure's own points (on and near its surface): one mean per structure, then averaged
-    own = torch.zeros_like(valid)
+    own = torch.zeros_like(valid)  # each point's own structure (the one it was drawn on or near)
     drawn = torch.from_numpy(targets.owner).to(dev)
     rows = torch.nonzero(drawn >= 0).squeeze(1)
     own[rows, drawn[rows]] = True
@@ -181,27 +184,21 @@ def fit_latents(model, latents, targets: FitTargets, centre_mm, normalization, s
         p.requires_grad_(False)
     try:
         with torch.enable_grad():
-            for _ in range(int(steps) + 1):
+            for k in range(int(steps) + 1):
+                last = k == int(steps)  # the loss after the last step only: no graph, no update
                 pick = torch.randperm(n, generator=gen)[:batch].to(dev) if n > batch else slice(None)
-                ok, mine = valid[pick], own[pick]
-                pred = model.decode(z, q[:, pick], chunk_size=None)[0][:, columns]
-                err = (pred - target[pick]).abs()
-                everywhere = torch.where(ok, err, torch.zeros_like(pred)).sum() / ok.sum().clamp_min(1)
-                counts = mine.sum(dim=0)
-                per_structure = ((torch.where(mine, err, torch.zeros_like(pred)).sum(dim=0) / counts.clamp_min(1)).sum()
-                                 / (counts > 0).sum().clamp_min(1))
-                fit = 0.5 * (everywhere + per_structure)
-                loss = fit
-                if anchor > 0:
-                    loss = loss + anchor * (z - z0).pow(2).mean() / (scale * scale)
+                with torch.set_grad_enabled(not last):
+                    fit = _fit_loss(model.decode(z, q[:, pick], chunk_size=None)[0][:, columns], target[pick],
+                                    valid[pick], own[pick])
                 losses.append(float(fit.detach()))
-                if len(losses) > steps:
+                if last:
                     break
+                loss = fit + anchor * (z - z0).pow(2).mean() / (scale * scale) if anchor > 0 else fit
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 if report is not None:
-                    report(len(losses) / max(1, int(steps)))
+                    report((k + 1) / int(steps))
     finally:
         for p in params:
             p.requires_grad_(True)

@@ -106,18 +106,13 @@ def random_rotation(max_deg: float, rng: np.random.Generator) -> np.ndarray:
 def distance_to_image_border_mm(points_mm: np.ndarray, meta: dict, origin_mm: np.ndarray) -> np.ndarray | None:
     """Distance (mm) from each point (relative to ``origin_mm``) to the nearest face of the image
     box (negative outside), from ``meta`` "affine"/"ijk_to_ras" and "shape"; ``None`` if absent."""
+    from HeartCompletionLib.geometry.affine import distance_to_image_border_mm as to_border
+
     affine = meta.get("ijk_to_ras", meta.get("affine"))
     shape = meta.get("shape")
     if affine is None or shape is None:
         return None
-    affine = np.asarray(affine, dtype=np.float64)
-    shape = np.asarray(shape, dtype=np.float64)[:3]
-    linear = affine[:3, :3]
-    spacing = np.linalg.norm(linear, axis=0)
-    ijk = np.linalg.solve(linear, (np.asarray(points_mm, np.float64) + origin_mm - affine[:3, 3]).T).T
-    # the box spans voxel centres -0.5 .. n-0.5 along each axis
-    to_face = np.minimum(ijk + 0.5, shape - 0.5 - ijk) * spacing
-    return to_face.min(axis=1)
+    return to_border(np.asarray(points_mm, np.float64) + origin_mm, shape, np.asarray(affine, dtype=np.float64))
 
 
 class HeartCaseDataset(Dataset):

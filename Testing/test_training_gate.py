@@ -76,8 +76,13 @@ def test_nan_loss_stops_naming_the_cases(tmp_path):
     case["surface_points"][::50] = np.nan  # a broken input surface: the encoder sees NaN
     save_case(path, case, meta)
     write_case_lists(data, ["poisoned"], [])
+    # the flag is read after the step (no sync inside it), but before anything is logged or saved:
+    # a checkpoint every step and a log line every step still never see the non-finite weights
     with pytest.raises(NonFiniteLossError, match=r"step 0.*poisoned"):
-        train(_cfg(data, tmp_path / "run", "run.data_gate=false"))
+        train(_cfg(data, tmp_path / "run", "run.data_gate=false", "run.checkpoint_every=1", "run.log_every=1"))
+    assert not (tmp_path / "run" / "state_last.pt").exists()
+    assert not list((tmp_path / "run").glob("*.safetensors"))
+    assert '"split": "train"' not in (tmp_path / "run" / "log.jsonl").read_text()
     # with the gate on, the same data never reaches a step
     with pytest.raises(DataGateError, match="non-finite"):
         train(_cfg(data, tmp_path / "run2"))

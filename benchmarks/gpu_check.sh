@@ -15,6 +15,11 @@
 #             of `small` and `base` (bf16, batch 16, the phase-1 sizes), the loader with 8 workers
 #             against the device-resident cache (data.device_cache=true); SPEED_COMPILE=1 adds a
 #             run.compile=true pass on the device cache;
+#   steps     the training step's options A/B (issue 13): train_speed.py on the device cache at batch
+#             STEPS_BATCH (default 64) for STEPS_CONFIGS (default small base): the default step with
+#             --profile (GPU busy share, kernels and host syncs per step, top kernels), then
+#             run.compile of the blocks, of the whole model, and of the whole model with CUDA graphs
+#             (run.compile_mode=reduce-overhead), each with its samples/s and MFU;
 #   phase1    a short phase-1 run on that data through torchrun (NCCL process group, DDP wrapper,
 #             bf16 autocast, validation, export): loss curve, IoU and samples/s in log.jsonl;
 #   complete  benchmarks/complete_speed.py on CUDA with that run's checkpoint (1 mm output);
@@ -26,7 +31,9 @@
 #   small     a phase-1 run of the named `small` config (width 256) on the study's prepared hearts
 #             with the device cache (SMALL_STEPS of SMALL_BATCH, limit SMALL_LIMIT_S), its best checkpoint to $OUT
 #             (in parts of 15 MB: cat small_best.safetensors.part* > small_best.safetensors);
-#   ct        benchmarks/complete_speed.py --ct on $DEVICE with that checkpoint (CT grid and 1 mm);
+#   ct        benchmarks/complete_speed.py --ct on $DEVICE with that checkpoint, or CT_CHECKPOINT (e.g.
+#             the bundled model: CT_CHECKPOINT=HeartCompletionLib/model/bundled/synthetic_demo.safetensors)
+#             (CT grid and 1 mm);
 #   real      benchmarks/real_study.py --budget gpu (issue 11: phase 4 on the real partial labels of
 #             REAL_DIR from REAL_INIT, held-out patients' figures, whole hearts from single structures),
 #             limit REAL_LIMIT_S (default 330 s; a report of what finished is written either way), further
@@ -44,7 +51,7 @@
 #   DEVICE=cpu OUT=/tmp/x SWEEP_STEPS=20 PHASE1_STEPS=10 PHASE1_CASES=3 SPEED_CONFIGS=tiny BATCH=2 \
 #       SPEED_STEPS=1 bash benchmarks/gpu_check.sh                          # a dry run on CPU
 set -u
-if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then sed -n '2,47p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then sed -n '2,52p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
 OUT="${OUT:-/tmp/gpu_check}"
 PARTS="${PARTS:-sweep data speed phase1 complete}"
 SWEEP_STEPS="${SWEEP_STEPS:-2500}"
@@ -73,6 +80,10 @@ SPEED_CONFIGS="${SPEED_CONFIGS:-small base}"
 PEAK_TFLOPS="${PEAK_TFLOPS:-989}"
 SPEED_COMPILE="${SPEED_COMPILE:-}"
 BATCH="${BATCH:-16}"
+STEPS_BATCH="${STEPS_BATCH:-64}"
+STEPS_CONFIGS="${STEPS_CONFIGS:-small base}"
+STEPS_STEPS="${STEPS_STEPS:-8}"
+CT_CHECKPOINT="${CT_CHECKPOINT:-}"
 DEVICE="${DEVICE:-cuda}"
 WORK="${WORK:-/tmp/gpu_work}"
 mkdir -p "$OUT" "$WORK"
@@ -158,6 +169,24 @@ part_speed() {
     fi
 }
 
+part_steps() {
+    local common=(--batch_size "$STEPS_BATCH" --steps "$STEPS_STEPS" --warmup 3 --data device --peak_tflops "$PEAK_TFLOPS")
+    local name
+    for name in default blocks model graphs; do
+        local extra=()
+        case $name in
+            default) extra=(--profile 3) ;;
+            blocks) extra=(--compile --no_flops) ;;
+            model) extra=(--compile --no_flops --overrides run.compile_scope=model) ;;
+            graphs) extra=(--compile --no_flops --overrides run.compile_scope=model run.compile_mode=reduce-overhead) ;;
+        esac
+        stamp "steps: $name ($STEPS_CONFIGS, device cache, batch $STEPS_BATCH; limit $(limit 200) s)"
+        # shellcheck disable=SC2086
+        timeout "$(limit 200)" python3 benchmarks/train_speed.py --configs $STEPS_CONFIGS "${common[@]}" "${extra[@]}" 2>&1 \
+            | grep -v Warning | tee "$OUT/train_steps_$name.txt"
+    done
+}
+
 part_phase1() {
     stamp "phase1: torchrun, small, $PHASE1_STEPS steps (limit $PHASE1_LIMIT_S s)"
     timeout "$PHASE1_LIMIT_S" torchrun --standalone --nproc_per_node=1 -m heart_training.train.trainer --config phase1 \
@@ -241,9 +270,9 @@ part_small() {
 }
 
 part_ct() {
-    CK="$WORK/small/model_best.safetensors"
-    [ -f "$CK" ] || { echo "ct: no small checkpoint"; return; }
-    stamp "ct: complete_speed --ct on $DEVICE with the trained small (limit $(limit 60) s)"
+    CK="${CT_CHECKPOINT:-$WORK/small/model_best.safetensors}"
+    [ -f "$CK" ] || { echo "ct: no checkpoint $CK"; return; }
+    stamp "ct: complete_speed --ct on $DEVICE with $CK (limit $(limit 60) s)"
     timeout "$(limit 60)" python3 benchmarks/complete_speed.py --ct --checkpoint "$CK" --device "$DEVICE" --repeats 3 \
         --threads 8 > "$OUT/complete_ct.txt" 2>&1
     grep -v "^ " "$OUT/complete_ct.txt" | tail -n 14

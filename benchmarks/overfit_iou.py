@@ -66,11 +66,11 @@ def run(args, data_dir: Path, out: Path) -> list[dict]:
     records, elapsed, losses = [], 0.0, []
     while trainer.step < args.steps:
         start = time.perf_counter()
-        terms, *_ = trainer.train_step(batches)
+        stats = trainer.train_step(batches)
         if trainer.ctx.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed += time.perf_counter() - start
-        losses.append(terms["loss"])
+        losses.append(float(stats.terms["loss"]))
         if trainer.step % args.eval_every == 0 or trainer.step == args.steps:
             iou = np.nanmean([near_surface_iou(trainer.model, trainer.norm, c, cfg.data.num_input_points,
                                                cfg.data.min_points_per_structure) for c in cases], axis=0)

@@ -57,21 +57,21 @@ BACKWARD_MARGIN = 1.25  #: CPU memory estimate: transient buffers of the backwar
 
 
 def _overrides(config_name: str, batch_size: int, data_dir: Path, out: Path, threads: int, workers: int,
-               device_cache: bool, compile_model: bool) -> list[str]:
+               device_cache: bool, compile_model: bool, extra=()) -> list[str]:
     return [f"data.datasets.0.data_dir={data_dir}", f"run.output_dir={out}", f"model.config={config_name}",
             f"optim.batch_size={batch_size}", f"data.num_workers={workers}", "data.cache_cases=4",
             "run.tensorboard=false", f"run.threads={threads}", f"data.device_cache={str(device_cache).lower()}",
-            f"run.compile={str(compile_model).lower()}"]
+            f"run.compile={str(compile_model).lower()}", *extra]
 
 
 def make_trainer(config_name: str, batch_size: int, data_dir: Path, out: Path, threads: int = 0, workers: int = 0,
-                 device_cache: bool = False, compile_model: bool = False):
+                 device_cache: bool = False, compile_model: bool = False, extra=()):
     from heart_training.config import load_config
     from heart_training.train.distributed import init_distributed
     from heart_training.train.engine import Trainer
 
     cfg = load_config("phase1", _overrides(config_name, batch_size, data_dir, out, threads, workers, device_cache,
-                                           compile_model)).validate()
+                                           compile_model, extra)).validate()
     if threads > 0:
         torch.set_num_threads(threads)
     return Trainer(cfg, init_distributed(cfg.run.device))
@@ -174,11 +174,66 @@ def fps_seconds(trainer, batch) -> float:
     return time.perf_counter() - start
 
 
+def host_syncs_per_step(trainer, batches) -> int | None:
+    """Host-device synchronisations in one training step on CUDA (``torch.cuda.set_sync_debug_mode``
+    warns at each: ``.item()``, ``float()``, ``.cpu()``, ``nonzero`` ...); None on other devices."""
+    import warnings
+
+    if trainer.ctx.device.type != "cuda":
+        return None
+    torch.cuda.synchronize(trainer.ctx.device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.train_step(batches)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def profile_steps(trainer, batches, steps: int, step_s: float, top: int = 12) -> list[str]:
+    """Where a training step's time goes (``torch.profiler`` over ``steps`` steps): on CUDA the GPU's
+    busy time per step against the measured ``step_s``, kernels launched per step, host syncs per
+    step and the ops with the most GPU time; on the CPU the ops with the most CPU time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    device = trainer.ctx.device
+    cuda = device.type == "cuda"
+    syncs = host_syncs_per_step(trainer, batches)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            trainer.train_step(batches)
+        if cuda:
+            torch.cuda.synchronize(device)
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    lines = []
+    if cuda:
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        busy_ms = sum(e.self_device_time_total for e in kernels) / 1000 / steps
+        launches = sum(e.count for e in kernels) / steps
+        lines.append(f"GPU busy {busy_ms:.1f} ms of the {1000 * step_s:.1f} ms step ({100 * busy_ms / (1000 * step_s):.0f} %); "
+                     f"{launches:.0f} kernels per step; {syncs} host-device syncs per step")
+        ranked = sorted(kernels, key=lambda e: -e.self_device_time_total)
+    else:
+        ranked = sorted((e for e in events if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)
+    total = sum(getattr(e, key) for e in ranked) or 1.0
+    lines.append(f"top {top} by self {'GPU' if cuda else 'CPU'} time per step (ms, share, calls per step):")
+    for e in ranked[:top]:
+        name = e.key if len(e.key) <= 70 else e.key[:67] + "..."
+        lines.append(f"  {getattr(e, key) / 1000 / steps:8.2f} ms {100 * getattr(e, key) / total:5.1f} %  "
+                     f"{e.count / steps:6.0f}x  {name}")
+    return lines
+
+
 def measure(config_name: str, batch_size: int, steps: int, warmup: int, data_dir: Path, out: Path, threads: int,
             workers: int = 0, device_cache: bool = False, compile_model: bool = False, trainer=None,
-            data_batches: int = 5) -> dict:
+            data_batches: int = 5, extra=()) -> dict:
     trainer = trainer or make_trainer(config_name, batch_size, data_dir, out, threads, workers, device_cache,
-                                      compile_model)
+                                      compile_model, extra)
     cfg = trainer.cfg
     device = trainer.ctx.device
     batches = trainer.batches()
@@ -212,8 +267,10 @@ def measure(config_name: str, batch_size: int, steps: int, warmup: int, data_dir
             "eikonal_queries": 6 * cfg.loss.eikonal_queries if cfg.loss.eikonal > 0 else 0,
             "input_points": cfg.data.num_input_points,
             "amp": "bf16" if trainer.autocast is not contextlib.nullcontext else "fp32",
-            "data": ("device cache" if device_cache else f"loader, {workers} workers") + (", compiled" if compile_model else ""),
-            "trainer": trainer}
+            "data": ("device cache" if device_cache else f"loader, {workers} workers")
+            + (f", compiled ({cfg.run.compile_scope}, {cfg.run.compile_mode})" if compile_model else "")
+            + "".join(f", {o}" for o in extra),
+            "trainer": trainer, "batches": batches}
 
 
 def _peaks_help() -> str:
@@ -233,7 +290,11 @@ def main(argv=None) -> int:
     parser.add_argument("--data", choices=("loader", "device", "both"), default="loader",
                         help="data path: the DataLoader (default), the device-resident cache (data.device_cache=true), "
                              "or both, with the ratio of their samples/s")
-    parser.add_argument("--compile", action="store_true", help="run.compile=true: torch.compile the attention blocks")
+    parser.add_argument("--compile", action="store_true",
+                        help="run.compile=true: torch.compile the attention blocks (run.compile_scope=model: the "
+                             "whole model; run.compile_mode=reduce-overhead: with CUDA graphs; pass them in --overrides)")
+    parser.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="further training-config overrides, e.g. run.compile_scope=model optim.fused=false")
     parser.add_argument("--peak_tflops", type=float, default=0.0,
                         help="the card's dense bf16 peak in TFLOP/s for the model FLOP utilisation (MFU); datasheet "
                              f"figures without sparsity: {_peaks_help()}")
@@ -241,6 +302,10 @@ def main(argv=None) -> int:
                         help="also print the memory per sample and the largest batch fitting in this many GiB "
                              "(e.g. 40 for an A100 40 GB); measured on CUDA, estimated on CPU")
     parser.add_argument("--no_flops", action="store_true", help="skip the FLOP count")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="also profile this many steps (torch.profiler): on CUDA the GPU's busy share of a step, "
+                             "kernels and host-device syncs per step and the kernels with the most time; on the CPU "
+                             "the ops with the most time")
     args = parser.parse_args(argv)
     from fixtures_training import write_analytic_case, write_case_lists
 
@@ -259,7 +324,8 @@ def main(argv=None) -> int:
             rows = []
             for cache in paths:
                 rows.append(measure(name, args.batch_size, args.steps, args.warmup, data,
-                                    Path(tmp) / f"{name}_{int(cache)}", args.threads, args.workers, cache, args.compile))
+                                    Path(tmp) / f"{name}_{int(cache)}", args.threads, args.workers, cache, args.compile,
+                                    extra=args.overrides))
             trainer = rows[0]["trainer"]
             flops = None
             if not args.no_flops:
@@ -279,6 +345,10 @@ def main(argv=None) -> int:
                     if args.peak_tflops > 0:
                         line += f"  MFU {100 * achieved / args.peak_tflops:.3g} % of {args.peak_tflops:g} TFLOP/s"
                 print(line, flush=True)
+            for r in rows if args.profile > 0 else ():
+                print(f"{name:<6} profile of {args.profile} steps ({r['data']}, batch {r['batch']}):", flush=True)
+                for line in profile_steps(r["trainer"], r["batches"], args.profile, r["step_s"]):
+                    print(f"{name:<6} {line}", flush=True)
             for r in rows:
                 if r["trainer"].device_sampler is not None:
                     print(f"{name:<6} {r['trainer'].device_sampler.store.memory_line()}", flush=True)

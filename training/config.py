@@ -29,6 +29,10 @@ CONFIG_DIR = Path(__file__).with_name("configs")
 
 MASK_KINDS = ("all", "drop_random", "subsets", "annotated")
 TRUNCATION_MODES = ("near_cut", "structure", "ignore")
+#: ``run.compile_scope``: the attention blocks (encoder, trunk, decoder) or the whole model
+COMPILE_SCOPES = ("blocks", "model")
+#: ``run.compile_mode``: torch.compile's modes (reduce-overhead replays CUDA graphs)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 QUERY_BALANCES = ("area", "structure")
 DEVICE_CACHE_MEMORY = ("device", "pinned")
 
@@ -144,6 +148,7 @@ class OptimConfig:
     max_steps: int = 100_000
     min_lr_ratio: float = 0.05  #: cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  #: 0 disables clipping
+    fused: bool = True  #: AdamW's fused kernel (one launch for every parameter) on CUDA; the CPU keeps foreach
 
 
 @dataclass
@@ -163,7 +168,9 @@ class RunConfig:
     progress: bool = True  #: tqdm bar on rank 0
     threads: int = 0  #: torch CPU threads per process (0: leave torch's default)
     stop_after: int = 0  #: stop (state saved, resumable) after this many steps of this invocation; 0: off
-    compile: bool = False  #: torch.compile the model's attention blocks (encoder, trunk, decoder)
+    compile: bool = False  #: torch.compile the model (what: compile_scope; how: compile_mode)
+    compile_scope: str = "blocks"  #: blocks: the attention blocks | model: the whole model in one go
+    compile_mode: str = "default"  #: torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune ...
 
 
 @dataclass
@@ -211,6 +218,10 @@ class TrainConfig:
             raise ConfigError(f"{where}: loss.teacher must be >= 0")
         if self.loss.teacher > 0 and not self.model.init_from:
             raise ConfigError(f"{where}: loss.teacher > 0 needs model.init_from (the teacher is the model it starts from)")
+        if self.run.compile_scope not in COMPILE_SCOPES:
+            raise ConfigError(f"{where}: run.compile_scope {self.run.compile_scope!r} is not one of {COMPILE_SCOPES}")
+        if self.run.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"{where}: run.compile_mode {self.run.compile_mode!r} is not one of {COMPILE_MODES}")
         if self.loss.eikonal > 0 and self.loss.eikonal_queries > self.data.num_near_queries:
             raise ConfigError(f"{where}: loss.eikonal_queries must not exceed data.num_near_queries")
         if not self.data.datasets:

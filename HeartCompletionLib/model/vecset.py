@@ -153,13 +153,16 @@ _FPS_GRAPH_CACHE_SIZE = 8  # input shapes kept (training has one or two; inferen
 _fps_graphs: dict = {}
 
 
+@torch.compiler.disable
 @torch.no_grad()
 def farthest_point_indices(points: torch.Tensor, m: int) -> torch.Tensor:
     """Indices ``(B, m)`` of farthest-point samples of ``points`` ``(B, N, 3)``.
 
     Deterministic and independent of the input order (up to exact ties): the first sample is the
     point farthest from the centroid, each next one the point farthest from those chosen. On CUDA
-    the loop runs as a captured CUDA graph (:data:`FPS_CUDA_GRAPH_ENV`).
+    the loop runs as a captured CUDA graph (:data:`FPS_CUDA_GRAPH_ENV`). Never compiled: under
+    ``torch.compile`` of the whole model it runs eagerly between two graphs (tracing it would
+    unroll the loop over the ``m`` samples).
     """
     b, n, _ = points.shape
     if m > n:
@@ -189,7 +192,6 @@ def _farthest_point_indices_eager(points: torch.Tensor, m: int) -> torch.Tensor:
     return out
 
 
-@torch.compiler.disable
 def _farthest_point_indices_graphed(points: torch.Tensor, m: int) -> torch.Tensor:
     key = (points.device, tuple(points.shape), m)
     entry = _fps_graphs.pop(key, None)

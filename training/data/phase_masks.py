@@ -97,7 +97,7 @@ class MaskStatistics:
     """Counts of input structures and input-set sizes (logged so a phase's masks can be checked).
 
     With ``datasets`` (names, the config's order) it also counts what the log needs to show a
-    phase-4 mix is right (:meth:`add_batch`): samples drawn from each dataset, samples with a loss
+    phase-4 mix is right (:meth:`batch_counts`, :meth:`add_counts`): samples drawn from each dataset, samples with a loss
     target on each structure, and target entries on structures a sample does not annotate (always
     0: the dataset masks them; logged so that a run proves it)."""
 
@@ -117,16 +117,38 @@ class MaskStatistics:
         np.add.at(self.sizes, masks.sum(axis=1), 1)
         self.count += len(masks)
 
-    def add_batch(self, batch: dict) -> None:
-        """Input masks, datasets and loss targets of one collated batch (CPU or device tensors)."""
-        self.add(batch["input_mask"].cpu().numpy())
-        for name in batch.get("dataset", []):
+    @staticmethod
+    def batch_counts(batch: dict):
+        """The counts of one collated batch as one int64 tensor on the batch's device, computed there
+        without reading anything back (a training step sums them; :meth:`add_counts` takes the sum):
+        input structures (K), input-set sizes (K + 1), samples with a target on each structure (K),
+        target entries on structures a sample does not annotate (1) and samples (1)."""
+        import torch
+
+        inputs = batch["input_mask"].bool()  # (B, K)
+        target = batch["target_mask"].bool()  # (B, Q, K)
+        annotated = batch["annotated"].bool()  # (B, K)
+        b, k = inputs.shape
+        sizes = torch.zeros(k + 1, dtype=torch.int64, device=inputs.device)
+        sizes.scatter_add_(0, inputs.sum(dim=1), torch.ones(b, dtype=torch.int64, device=inputs.device))
+        stray = (target & ~annotated[:, None, :]).sum().reshape(1)
+        return torch.cat([inputs.sum(dim=0), sizes, target.any(dim=1).sum(dim=0), stray,
+                          torch.full((1,), b, dtype=torch.int64, device=inputs.device)])
+
+    def add_counts(self, counts: np.ndarray, datasets=()) -> None:
+        """Add a (sum of) :meth:`batch_counts`, read back to the host, and the samples' dataset names."""
+        k = self.num_classes
+        counts = np.asarray(counts, dtype=np.int64)
+        if counts.shape != (3 * k + 3,):
+            raise ValueError(f"mask counts of {k} structures have {3 * k + 3} entries, got shape {counts.shape}")
+        self.per_structure += counts[:k]
+        self.sizes += counts[k: 2 * k + 1]
+        self.target_samples += counts[2 * k + 1: 3 * k + 1]
+        self.unannotated_targets += int(counts[3 * k + 1])
+        self.count += int(counts[3 * k + 2])
+        for name in datasets:
             if name in self.datasets:
                 self.per_dataset[self.datasets.index(name)] += 1
-        target = batch["target_mask"].cpu().numpy().astype(bool)  # (B, Q, K)
-        annotated = batch["annotated"].cpu().numpy().astype(bool)  # (B, K)
-        self.target_samples += target.any(axis=1).sum(axis=0)
-        self.unannotated_targets += int((target & ~annotated[:, None, :]).sum())
 
     def add_stats(self, other: MaskStatistics) -> None:
         self.per_structure += other.per_structure

@@ -25,7 +25,7 @@ from HeartCompletionLib.errors import HeartCompletionError
 from HeartCompletionLib.geometry.normalization import Normalization
 from HeartCompletionLib.structures.table import StructureTable
 
-from .distributed import DistContext, all_reduce_sum, any_rank, barrier
+from .distributed import DistContext, all_reduce_sum, barrier
 from .logs import RunLogger
 from .losses import compute_losses, eikonal_queries, iou_from_counts
 from .state import STATE_NAME, TrainStateError, load_state, rng_state, save_state, set_rng_state
@@ -46,6 +46,31 @@ class TrainResult:
     val_metrics: dict = field(default_factory=dict)
     losses: list = field(default_factory=list)  #: (step, loss) of every optimizer step of this call
     replica_difference: float = 0.0  #: DDP: max |parameter difference| between ranks at the end
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step measured, left on the training device: reading a value back waits
+    for the GPU to finish everything queued, so the trainer reads them only when it logs
+    (:class:`heart_training.train.trainer._Window`)."""
+
+    step: int  #: the optimizer step these belong to (``Trainer.step`` after it)
+    terms: dict  #: name -> 0-d tensor: the loss terms (mean over micro-batches) and ``grad_norm``
+    intersection: torch.Tensor  #: (K,) float64 inside-counts over volume + near queries
+    union: torch.Tensor  #: (K,)
+    mask_counts: torch.Tensor  #: int64 sum of :meth:`MaskStatistics.batch_counts` of the micro-batches
+    datasets: list  #: dataset name of every sample (host)
+
+
+@dataclass
+class _PendingCheck:
+    """A step's loss finiteness, still on the device (:meth:`Trainer.raise_if_nonfinite`)."""
+
+    step: int
+    bad: torch.Tensor  #: (micro-batches,) float: 1 where this rank's loss was not finite
+    bad_anywhere: torch.Tensor  #: 0-d: the sum of ``bad`` over every rank
+    cases: list  #: the case ids of each micro-batch
+    terms: list  #: the loss terms of each micro-batch (device tensors)
 
 
 #: ``model.config`` value that takes the architecture from the ``model.init_from`` checkpoint
@@ -110,15 +135,24 @@ def build_datasets(cfg: TrainConfig, table: StructureTable, norm: Normalization)
     return train_ds, val_ds, sizes, weights
 
 
-def compile_model(model: torch.nn.Module) -> list[str]:
-    """``run.compile``: ``torch.compile`` the attention blocks in place (``Module.compile``: the
-    state-dict keys do not change, checkpoints stay interchangeable with eager runs). The
-    farthest-point sampling of the latent queries (a Python loop over the latents) stays eager:
-    compiling it would unroll that loop. Returns the names of the compiled modules."""
+def compile_model(model: torch.nn.Module, scope: str = "blocks", mode: str = "default") -> list[str]:
+    """``run.compile``: ``torch.compile`` in place (``Module.compile``: the state-dict keys do not
+    change, checkpoints stay interchangeable with eager runs) either the attention blocks
+    (``scope="blocks"``) or the whole model (``"model"``: embeddings, norms and the output layer
+    fused with the blocks). The farthest-point sampling of the latent queries (a Python loop over
+    the latents) always stays eager: compiling it would unroll that loop (a graph break, one graph
+    each side of it). ``mode`` is torch.compile's (``reduce-overhead`` replays CUDA graphs).
+    Returns the names of the compiled modules."""
+    if scope not in ("blocks", "model"):
+        raise ValueError(f"unknown compile scope {scope!r} (blocks | model)")
+    kwargs = {} if mode == "default" else {"mode": mode}
+    if scope == "model":
+        model.compile(**kwargs)
+        return ["model"]
     names = []
     for name, module in model.named_modules():
         if name == "encoder" or name == "decoder" or (name.startswith("trunk.") and name.count(".") == 1):
-            module.compile()
+            module.compile(**kwargs)
             names.append(name)
     return names
 
@@ -169,20 +203,29 @@ class Trainer:
         if cfg.loss.teacher > 0:  # the model as it starts (init_from), frozen: its distances stand in for missing labels
             self.teacher = build_model(cfg, self.table).to(ctx.device).eval().requires_grad_(False)
         if cfg.run.compile:
-            self.log.info(f"torch.compile: {', '.join(compile_model(self.model))}")
+            names = compile_model(self.model, cfg.run.compile_scope, cfg.run.compile_mode)
+            self.log.info(f"torch.compile ({cfg.run.compile_mode}): {', '.join(names)}")
         self.ddp = self.model
         if ctx.distributed:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        # the fused kernel: one launch for every parameter instead of a few per tensor group
+        fused = {"fused": True} if o.fused and ctx.device.type == "cuda" else {}
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay,
-                                           betas=tuple(o.betas))
+                                           betas=tuple(o.betas), **fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         use_bf16 = cfg.run.amp == "bf16" or (cfg.run.amp == "auto" and ctx.device.type == "cuda")
         self.autocast = (lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16)) if use_bf16 else \
             contextlib.nullcontext
         self.step, self.epoch, self.consumed, self.best = 0, 0, 0, -math.inf
         self.step_n = self.norm.distance_to_network(cfg.loss.eikonal_step_mm)
+        # the eikonal stencil's centres: the first near queries, after the volume ones (both data
+        # paths lay queries out as volume, near, surface); named here, not found per step
+        d = cfg.data
+        self.eikonal_near = torch.arange(d.num_volume_queries, d.num_volume_queries + cfg.loss.eikonal_queries,
+                                         device=ctx.device)
         self.stop_requested = False
+        self._pending: _PendingCheck | None = None
 
     # --- data -------------------------------------------------------------------------------
     def loader(self, dataset, sampler) -> DataLoader:
@@ -228,7 +271,7 @@ class Trainer:
         use_eik = self.cfg.loss.eikonal > 0 and model.training
         if use_eik:
             queries = torch.cat([queries, eikonal_queries(queries, batch["query_kind"], self.cfg.loss.eikonal_queries,
-                                                          self.step_n)], dim=1)
+                                                          self.step_n, near=self.eikonal_near)], dim=1)
         with self.autocast():
             out = model(batch["enc_points"], batch["enc_onehot"], queries)
         teacher_pred = None
@@ -240,34 +283,55 @@ class Trainer:
                               eikonal_pred=sdf[:, q:] if use_eik else None, step_n=self.step_n,
                               clamp_n=self.norm.distance_to_network(self.cfg.loss.clamp_mm), teacher_pred=teacher_pred)
 
-    def train_step(self, micro_batches) -> tuple[dict, torch.Tensor, torch.Tensor, MaskStatistics]:
+    def train_step(self, micro_batches) -> StepStats:
+        """One optimizer step over ``grad_accum`` micro-batches. Nothing is read back from the
+        device (a read would wait for the GPU to drain its queue): the statistics stay there
+        (:class:`StepStats`), and whether the loss was finite is checked at the start of the next
+        step (or at :meth:`raise_if_nonfinite` before anything is logged or saved)."""
+        self.raise_if_nonfinite()
         self.ddp.train()
         accum = self.cfg.optim.grad_accum
-        sums, inter, union = {}, 0, 0
-        masks = MaskStatistics(len(self.table), [spec.name for spec in self.cfg.data.datasets])
+        terms: dict = {}
+        inter = union = counts = 0
+        bad, cases, micro_terms, datasets = [], [], [], []
         for i in range(accum):
             batch = _to(next(micro_batches), self.ctx.device)
             sync = i == accum - 1 or not self.ctx.distributed
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 res = self.forward_loss(batch)
-                finite = bool(torch.isfinite(res.total).item())
-                if any_rank(not finite, self.ctx):
-                    where = f"cases {batch['case_id']}" if not finite else "a batch on another rank"
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {self.step} (rank {self.ctx.rank}): {where}; terms "
-                        f"{ {k: float(v) for k, v in res.terms.items()} }. Check these cases with heart-prepare --check")
                 (res.total / accum).backward()
+            bad.append(~torch.isfinite(res.total.detach()))
+            cases.append(batch["case_id"])
+            micro_terms.append(res.terms)
             for k, v in res.terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / accum
+                terms[k] = terms.get(k, 0.0) + v / accum
             inter, union = inter + res.intersection, union + res.union
-            masks.add_batch(batch)
+            counts = counts + MaskStatistics.batch_counts(batch)
+            datasets += list(batch.get("dataset", []))
         if self.cfg.optim.grad_clip > 0:
-            sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
+            terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip).detach()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        flags = torch.stack(bad).float()
+        self._pending = _PendingCheck(self.step, flags, all_reduce_sum(flags.sum(), self.ctx), cases, micro_terms)
         self.step += 1
-        return sums, inter, union, masks
+        return StepStats(self.step, terms, inter, union, counts, datasets)
+
+    def raise_if_nonfinite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if the last step's loss was NaN/inf on any rank (every
+        rank raises alike). Called at the start of each step and before anything is logged,
+        validated or saved, so no non-finite weights are ever written."""
+        pending, self._pending = self._pending, None
+        if pending is None or not bool(pending.bad_anywhere > 0):
+            return
+        local = pending.bad.cpu().tolist()
+        where = [c for flag, c in zip(local, pending.cases) if flag]
+        where = f"cases {[c for group in where for c in group]}" if where else "a batch on another rank"
+        terms = next((t for flag, t in zip(local, pending.terms) if flag), pending.terms[0])
+        raise NonFiniteLossError(
+            f"non-finite loss at step {pending.step} (rank {self.ctx.rank}): {where}; terms "
+            f"{ {k: float(v) for k, v in terms.items()} }. Check these cases with heart-prepare --check")
 
     # --- validation ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -44,9 +44,14 @@ class LossOutput:
     union: torch.Tensor  #: (K,)
 
 
-def eikonal_queries(queries: torch.Tensor, query_kind: torch.Tensor, count: int, step_n: float) -> torch.Tensor:
-    """(B, 6*count, 3) finite-difference stencil around the first ``count`` near queries."""
-    near = _first_near(query_kind, count)
+def eikonal_queries(queries: torch.Tensor, query_kind: torch.Tensor, count: int, step_n: float,
+                    near: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 6*count, 3) finite-difference stencil around the first ``count`` near queries.
+
+    ``near`` (count,): their indices when the caller knows them (the trainer, from the config's
+    query layout); otherwise they are found in ``query_kind``, a ``nonzero`` that waits for the
+    GPU to catch up."""
+    near = _first_near(query_kind, count) if near is None else near[None].expand(queries.shape[0], -1)
     centres = torch.gather(queries, 1, near[..., None].expand(-1, -1, 3))
     offsets = _OFFSETS.to(queries) * step_n
     return (centres[:, :, None, :] + offsets[None, None]).reshape(queries.shape[0], -1, 3)

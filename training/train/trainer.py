@@ -117,14 +117,18 @@ def _loop(trainer: Trainer) -> TrainResult:
     samples_per_step = cfg.optim.batch_size * cfg.optim.grad_accum * ctx.world_size
     stop_at = trainer.step + cfg.run.stop_after if cfg.run.stop_after > 0 else None
     while trainer.step < cfg.optim.max_steps:
-        sums, inter, union, masks = trainer.train_step(micro)
-        result.losses.append((trainer.step, sums["loss"]))
-        window.add(sums, inter, union, masks)
+        window.add(trainer.train_step(micro))
         bar.update(1)
         step, last = trainer.step, trainer.step >= cfg.optim.max_steps
         stop = any_rank(trainer.stop_requested, ctx) or (stop_at is not None and step >= stop_at and not last)
-        if step % cfg.run.log_every == 0 or last or stop:
+        validate = (cfg.run.val_every > 0 and step % cfg.run.val_every == 0) or last
+        save = (cfg.run.checkpoint_every > 0 and step % cfg.run.checkpoint_every == 0) or last or stop
+        log = step % cfg.run.log_every == 0 or last or stop
+        if log or validate or save:  # nothing non-finite is logged, validated or saved
+            trainer.raise_if_nonfinite()
+        if log:
             metrics = window.reduce(trainer, samples_per_step)
+            result.losses += window.losses
             trainer.log.log("train", step, metrics)
             result.train_metrics = metrics
             postfix = {"loss": f"{metrics['loss']:.4f}", "iou": f"{metrics['iou_mean']:.3f}",
@@ -133,7 +137,7 @@ def _loop(trainer: Trainer) -> TrainResult:
                 postfix["mem"] = f"{torch.cuda.max_memory_allocated(ctx.device) / 2**30:.1f}G"
             bar.set_postfix(postfix)
             window = _Window(trainer)
-        if (cfg.run.val_every > 0 and step % cfg.run.val_every == 0) or last:
+        if validate:
             val = trainer.validate()
             if val:
                 trainer.log.log("val", step, val)
@@ -141,7 +145,7 @@ def _loop(trainer: Trainer) -> TrainResult:
                 if cfg.run.keep_best and np.isfinite(val["iou_mean"]) and val["iou_mean"] > trainer.best:
                     trainer.best = val["iou_mean"]
                     result.best_checkpoint = trainer.export("model_best.safetensors", val) or result.best_checkpoint
-        if (cfg.run.checkpoint_every > 0 and step % cfg.run.checkpoint_every == 0) or last or stop:
+        if save:
             trainer.save_state()
             result.state_path = trainer.state_path()
         if stop:
@@ -162,29 +166,40 @@ def _loop(trainer: Trainer) -> TrainResult:
 
 
 class _Window:
-    """Training metrics accumulated between two log lines (reduced over ranks when logged)."""
+    """Training metrics accumulated between two log lines: summed on the training device step by
+    step (no reads back, see :class:`~heart_training.train.engine.StepStats`), read once and reduced
+    over ranks when logged."""
 
     def __init__(self, trainer: Trainer):
         num_classes = len(trainer.table)
         self.sums: dict = {}
         self.steps = 0
-        self.inter = torch.zeros(num_classes, dtype=torch.float64)
-        self.union = torch.zeros(num_classes, dtype=torch.float64)
+        self.step_losses: list = []  # (step, 0-d device tensor)
+        self.losses: list = []  # (step, float), filled by reduce()
+        self.inter = self.union = self.counts = 0
         self.masks = MaskStatistics(num_classes, [spec.name for spec in trainer.cfg.data.datasets])
+        self.datasets: list = []
         self.start = time.perf_counter()
 
-    def add(self, sums, inter, union, masks) -> None:
-        for k, v in sums.items():
+    def add(self, stats) -> None:
+        for k, v in stats.terms.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.steps += 1
-        self.inter += inter.cpu()
-        self.union += union.cpu()
-        self.masks.add_stats(masks)
+        self.step_losses.append((stats.step, stats.terms["loss"]))
+        self.inter, self.union = self.inter + stats.intersection, self.union + stats.union
+        self.counts = self.counts + stats.mask_counts
+        self.datasets += stats.datasets
 
     def reduce(self, trainer: Trainer, samples_per_step: int) -> dict:
+        """The window's metrics (every rank's); its per-step losses in :attr:`losses`."""
         ctx = trainer.ctx
         names = sorted(self.sums)
-        packed = torch.tensor([self.sums[k] / max(self.steps, 1) for k in names], dtype=torch.float64)
+        # the window's one read back from the device (it holds at least one step)
+        losses = torch.stack([v.double() for _, v in self.step_losses]).cpu().tolist()
+        self.losses = [(step, loss) for (step, _), loss in zip(self.step_losses, losses)]
+        packed = torch.stack([self.sums[k].double() for k in names]).cpu() / self.steps
+        self.inter, self.union = self.inter.double().cpu(), self.union.double().cpu()
+        self.masks.add_counts(self.counts.cpu().numpy(), self.datasets)
         packed = all_reduce_sum(packed, ctx) / ctx.world_size
         inter, union = all_reduce_sum(self.inter, ctx), all_reduce_sum(self.union, ctx)
         counts = all_reduce_sum(torch.from_numpy(self.masks.per_structure.astype(np.float64)), ctx)

@@ -233,3 +233,32 @@ def test_fit_reports_progress_and_can_be_cancelled(demo, heart):
         complete_label_map(heart, demo, structures=ALL, replace=True, device="cpu", fit_steps=200,
                            progress=lambda f, m: seen.append((f, m)), cancel=cancel_after_a_few)
     assert all(p.requires_grad for p in demo.model.parameters())  # restored after the cancelled fit
+
+
+def test_targets_of_a_fine_map_near_its_surface_use_the_partial_volume_meshes():
+    """On a 0.4 mm map the fit's targets come from the block-majority map of about 1 mm with the
+    sampling meshes (the same blocks' partial-volume surfaces, which completion passes): nearer the
+    true distance than with that map's own staircase meshes. A ball of radius 11 mm, true signed
+    distance |x - c| - r."""
+    from HeartCompletionLib.geometry.surface import coarse_structure_surfaces, sample_structure_surfaces
+    from HeartCompletionLib.inference.latent_fit import fit_label_map
+
+    spacing = np.array([0.4, 0.4, 0.5])
+    shape = (80, 80, 64)
+    ijk_to_ras = np.diag([*spacing, 1.0])
+    centre = (np.array(shape) - 1) / 2 * spacing + np.array([0.13, -0.07, 0.11])  # off the voxel lattice
+    grid = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij"), axis=-1)
+    fine = LabelMap((np.linalg.norm(grid - centre, axis=-1) <= 11.0).astype(np.uint8) * 3, ijk_to_ras)
+    meshes = coarse_structure_surfaces(fine, [3])
+    rng = np.random.default_rng(0)
+    points, _, labels = sample_structure_surfaces(fine, [3], 4000, rng, meshes=meshes)
+    index = np.asarray(labels, dtype=np.int64) - 1
+    block_map = fit_label_map(fine, [3])
+    assert block_map is not fine
+    errors = {}
+    for name, use in (("sampling meshes", meshes), ("own meshes", None)):
+        t = fit_targets(block_map, use, points, index, [3], np.random.default_rng(1))
+        true = np.linalg.norm(t.points_mm - centre, axis=1) - 11.0
+        near = t.valid[:, 0] & (np.abs(true) < 3.0)
+        errors[name] = float(np.abs(t.target_mm[near, 0] - true[near]).mean())
+    assert errors["sampling meshes"] < 0.1 and errors["sampling meshes"] < 0.8 * errors["own meshes"], errors

@@ -629,9 +629,11 @@ def _fit(inp: _Input, ck, latents, centre, surfaces: _Surfaces, request: Complet
     given structures (:mod:`.latent_fit`); outside ``inference_mode``, the model's weights untouched."""
     step(0.11, "fitting the latents to the given structures")
     t = time.perf_counter()
-    fit_map = fit_label_map(surfaces.label_map, inp.given)  # about 1 mm; its own surfaces then
-    meshes = surfaces.meshes if fit_map is surfaces.label_map else None
-    targets = fit_targets(fit_map, meshes, surfaces.points, surfaces.index, inp.given,
+    fit_map = fit_label_map(surfaces.label_map, inp.given)  # about 1 mm
+    # the sampling meshes are the same blocks' partial-volume surfaces: on a CT heart they bring the
+    # targets nearer the 0.4 mm map's distances than the block map's own meshes (within 3 mm of a
+    # surface: mean error 0.06 against 0.11 mm), and are not extracted again (0.9 -> 0.4 s)
+    targets = fit_targets(fit_map, surfaces.meshes, surfaces.points, surfaces.index, inp.given,
                           surfaces.rng, inp.sample_map.shape, inp.sample_map.ijk_to_ras,
                           truncated=inp.sample_map.border_labels())
     def report(fraction: float) -> None:  # progress through the fit; step() also honours cancel

@@ -49,6 +49,21 @@ def test_help_lists_the_options():
     assert "--protocol" not in out.stdout  # the panel's line protocol is internal
 
 
+def test_a_completion_process_never_imports_torchs_compiler(inputs, tmp_path):
+    """``torch._dynamo`` takes about 3 s to import on the 2-core machine: a decorator, an optimizer or
+    a factory call on the meta device would make every heart-complete run (and every completion
+    of the Slicer panel, a process of its own) pay it. The bundled model, its latent fit included."""
+    code = ("import sys\n"
+            "from HeartCompletionLib.inference.complete_cli import main\n"
+            f"code = main(['--checkpoint', 'synthetic-demo', '--input', {str(inputs / 'case_a.nii.gz')!r}, "
+            f"'--output', {str(tmp_path / 'out.nii.gz')!r}, '--quiet'])\n"
+            "print(code, 'torch' in sys.modules, 'torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-3:] == ["0", "True", "False"], out.stdout
+    assert (tmp_path / "out.nii.gz").is_file()
+
+
 def test_the_console_script_is_the_inference_side_command():
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
     assert 'heart-complete = "HeartCompletionLib.inference.complete_cli:main"' in pyproject

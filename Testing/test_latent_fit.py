@@ -262,3 +262,23 @@ def test_targets_of_a_fine_map_near_its_surface_use_the_partial_volume_meshes():
         near = t.valid[:, 0] & (np.abs(true) < 3.0)
         errors[name] = float(np.abs(t.target_mm[near, 0] - true[near]).mean())
     assert errors["sampling meshes"] < 0.1 and errors["sampling meshes"] < 0.8 * errors["own meshes"], errors
+
+
+def test_the_written_out_adam_is_torch_adam_bit_for_bit():
+    """The fit's Adam (``torch.optim`` stays unused: it imports torch's compiler on first use) gives
+    torch.optim.Adam's numbers exactly, step by step."""
+    from HeartCompletionLib.inference.latent_fit import _Adam
+
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(1, 16, 8, generator=gen)
+    ours, theirs = start.clone().requires_grad_(True), start.clone().requires_grad_(True)
+    mine, reference = _Adam(ours, lr=0.03), torch.optim.Adam([theirs], lr=0.03)
+    for _ in range(30):
+        target = torch.randn(1, 16, 8, generator=gen)
+        for z in (ours, theirs):
+            z.grad = None
+            ((z - target) ** 2 * torch.linspace(0.1, 3, 8)).sum().backward()
+        mine.step()
+        reference.step()
+        assert torch.equal(ours, theirs)
+    assert not torch.equal(ours, start)

@@ -54,7 +54,9 @@ class FourierEmbedding(nn.Module):
     def __init__(self, num_frequencies: int, include_input: bool) -> None:
         super().__init__()
         self.include_input = include_input
-        freqs = (2.0 ** torch.arange(num_frequencies, dtype=torch.float32)) * math.pi
+        # from a list, not torch.arange: built on the meta device (checkpoint checks), arange goes
+        # through a reference implementation that imports torch's compiler (~3 s); same values
+        freqs = torch.tensor([2.0**k * math.pi for k in range(num_frequencies)], dtype=torch.float32)
         self.register_buffer("freqs", freqs, persistent=False)
 
     def forward(self, xyz: torch.Tensor) -> torch.Tensor:
@@ -153,8 +155,6 @@ _FPS_GRAPH_CACHE_SIZE = 8  # input shapes kept (training has one or two; inferen
 _fps_graphs: dict = {}
 
 
-@torch.compiler.disable
-@torch.no_grad()
 def farthest_point_indices(points: torch.Tensor, m: int) -> torch.Tensor:
     """Indices ``(B, m)`` of farthest-point samples of ``points`` ``(B, N, 3)``.
 
@@ -162,8 +162,17 @@ def farthest_point_indices(points: torch.Tensor, m: int) -> torch.Tensor:
     point farthest from the centroid, each next one the point farthest from those chosen. On CUDA
     the loop runs as a captured CUDA graph (:data:`FPS_CUDA_GRAPH_ENV`). Never compiled: under
     ``torch.compile`` of the whole model it runs eagerly between two graphs (tracing it would
-    unroll the loop over the ``m`` samples).
+    unroll the loop over the ``m`` samples). The exclusion is asked for only while compiling, not
+    with a decorator: ``torch.compiler.disable`` imports torch's compiler, about 3 s that every
+    completion process would pay for nothing (``Testing/test_model.py`` checks it stays out).
     """
+    if torch.compiler.is_compiling():  # False in eager mode, without importing anything
+        return torch.compiler.disable(_farthest_point_indices)(points, m)
+    return _farthest_point_indices(points, m)
+
+
+@torch.no_grad()
+def _farthest_point_indices(points: torch.Tensor, m: int) -> torch.Tensor:
     b, n, _ = points.shape
     if m > n:
         raise ValueError(f"farthest-point sampling needs at least {m} input points (num_latents), got {n}")

@@ -1,7 +1,8 @@
 """A training step reads nothing back from the device: on a GPU every ``.item()``, ``float(t)``,
 ``.cpu()`` or ``nonzero`` waits until the GPU has run everything queued, so the CPU stops queueing
 the next kernels and the GPU idles while it catches up (``benchmarks/train_speed.py --profile``
-counts them on CUDA). The step keeps its statistics on the device; the trainer reads them when it
+counts them on CUDA). A blocking copy from the host to the GPU (a constant moved with ``.to``, a
+tensor made from a list on the device) waits the same way, so the step makes none either. The step keeps its statistics on the device; the trainer reads them when it
 logs, and reads each step's finiteness flag at the start of the next step, when that step's
 backward pass is already queued (:meth:`heart_training.train.engine.Trainer.raise_if_nonfinite`).
 
@@ -31,20 +32,67 @@ HOST_READS = {"item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool_
 
 
 class HostReads(TorchFunctionMode):
-    """Records every tensor call in :data:`HOST_READS` made inside the ``with`` block (with where it
-    was made), except on the tensors in ``host_tensors``: those live on the host on a GPU too."""
+    """Records, with where it was made, every call inside the ``with`` block that would wait for a
+    GPU: a tensor call in :data:`HOST_READS` (except on ``host_tensors``, which live on the host on a
+    GPU too), and a blocking copy of host data to the device: a tensor made from host data with a
+    ``device``, or ``.to(device)`` / ``.cuda()`` without ``non_blocking=True`` of a tensor that is on
+    the host. On the CPU nothing is copied, so the host is tracked: tensors made inside the block by
+    a factory without ``device`` (and whatever is computed only from them), and tensors from before
+    the block that are not in ``device_tensors`` (constants of a module)."""
 
-    def __init__(self, host_tensors=()):
+    FACTORIES = {"tensor", "as_tensor", "from_numpy", "zeros", "ones", "full", "empty", "arange", "eye", "linspace",
+                 "rand", "randn", "randint", "randperm"}
+
+    def __init__(self, host_tensors=(), device_tensors=()):
         super().__init__()
         self.seen: list[str] = []
         self.host = {id(t) for t in host_tensors}
+        self.device = {id(t) for t in device_tensors}
+        self.made_on_host: set[int] = set()
+        self.made: list = []  # keeps the tensors made inside alive, so their ids stay theirs
+
+    def _on_host(self, t) -> bool:
+        return id(t) in self.made_on_host or not (id(t) in self.device or any(id(t) == id(m) for m in self.made))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", str(func))
-        if name in HOST_READS and not (args and id(args[0]) in self.host):
+        kwargs = kwargs or {}
+        wait = name in HOST_READS and not (args and id(args[0]) in self.host)
+        if name in ("tensor", "as_tensor", "from_numpy"):
+            wait = wait or kwargs.get("device") is not None
+        elif name in ("to", "cuda") and args and isinstance(args[0], torch.Tensor) and _names_a_device(name, args, kwargs):
+            wait = wait or (self._on_host(args[0]) and not kwargs.get("non_blocking"))
+        if wait:
             caller = sys._getframe(1)
             self.seen.append(f"{name} at {Path(caller.f_code.co_filename).name}:{caller.f_lineno}")
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **kwargs)
+        flat = [b for a in (*args, *kwargs.values()) for b in (a if isinstance(a, (tuple, list)) else (a,))]
+        inputs = [a for a in flat if isinstance(a, torch.Tensor)]
+        host = (name in self.FACTORIES and kwargs.get("device") is None) or (
+            name not in ("to", "cuda") and bool(inputs) and all(id(t) in self.made_on_host for t in inputs))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.made.append(t)
+                (self.made_on_host.add if host else self.made_on_host.discard)(id(t))
+        return out
+
+
+def _names_a_device(name: str, args, kwargs) -> bool:
+    """``.cuda()``, or ``.to`` with a device, a device name or a tensor (its device) as target."""
+    return name == "cuda" or "device" in kwargs or any(isinstance(a, (torch.Tensor, torch.device, str)) for a in args[1:2])
+
+
+def _device_tensors(trainer, batches=()) -> list:
+    """What lives on the training device before a step: weights, gradients, optimizer state, the
+    device cache, the trainer's own index tensors and batches already moved there."""
+    out = [*trainer.model.parameters(), *trainer.model.buffers(), trainer.eikonal_near]
+    out += [p.grad for p in trainer.model.parameters() if p.grad is not None]
+    out += [v for state in trainer.optimizer.state.values() for k, v in state.items() if torch.is_tensor(v) and k != "step"]
+    if trainer.device_sampler is not None:
+        for holder in (trainer.device_sampler, trainer.device_sampler.store):
+            out += [v for v in vars(holder).values() if torch.is_tensor(v)]
+    out += [v for batch in batches for v in batch.values() if torch.is_tensor(v)]
+    return out
 
 
 def _optimizer_step_counters(optimizer) -> list:
@@ -75,16 +123,18 @@ def _trainer(data_dir, tmp_path, *overrides) -> Trainer:
 def test_a_training_step_reads_nothing_back(data_dir, tmp_path, device_cache):
     trainer = _trainer(data_dir, tmp_path, f"data.device_cache={str(device_cache).lower()}", "optim.grad_accum=2")
     try:
+        drawn = []
         if device_cache:  # drawn on the device: the draw itself is part of the step
             batches = trainer.batches()
         else:  # the loader's workers build batches on the CPU: what reaches the step is on the device
             loader = trainer.batches()
-            batches = iter([_to(next(loader), trainer.ctx.device) for _ in range(6)])
+            drawn = [_to(next(loader), trainer.ctx.device) for _ in range(6)]
+            batches = iter(drawn)
         trainer.train_step(batches)  # the first step may build its caches
         trainer.raise_if_nonfinite()  # the one deliberate read: the previous step's flag, read late
-        with HostReads(_optimizer_step_counters(trainer.optimizer)) as reads:
+        with HostReads(_optimizer_step_counters(trainer.optimizer), _device_tensors(trainer, drawn)) as reads:
             stats = trainer.train_step(batches)
-        assert reads.seen == [], f"host reads inside a training step: {reads.seen}"
+        assert reads.seen == [], f"calls inside a training step that would wait for a GPU: {reads.seen}"
         # what the step measured is all there, still on the device, and right when read
         assert set(stats.terms) >= {"loss", "volume", "near", "surface", "eikonal", "grad_norm"}
         assert all(torch.is_tensor(v) and v.ndim == 0 for v in stats.terms.values())

@@ -250,7 +250,9 @@ class DeviceSampler:
         plan items ``[(case_index, sample_seed), ...]``; the generator is seeded from the first."""
         st, cfg, dev = self.store, self.cfg, self.device
         self.gen.manual_seed(int(items[0][1]) * 2 + 1 & 0x7FFF_FFFF_FFFF_FFFF)
-        ci = torch.tensor([int(i) for i, _ in items], dtype=torch.long, device=dev)
+        ci = torch.tensor([int(i) for i, _ in items], dtype=torch.long)
+        if dev.type == "cuda":  # from pinned memory without waiting (a plain copy waits for the GPU's queue)
+            ci = ci.pin_memory().to(dev, non_blocking=True)
         b, k = len(items), st.num_classes
         annotated = st.annotated[ci]
         surf_count = st.t_surf_count[ci]
@@ -284,8 +286,8 @@ class DeviceSampler:
         surf_target = torch.full((b, ns, k), float("nan"), device=dev)
         surf_target.scatter_(2, surf_s[..., None], 0.0)
         target = torch.cat([st.vol_sdf[vol_idx], st.near_sdf[near_idx], surf_target], dim=1)
-        kind = torch.cat([torch.full((nv,), QUERY_VOLUME), torch.full((nn_,), QUERY_NEAR),
-                          torch.full((ns,), QUERY_SURFACE)]).to(dev).expand(b, -1)
+        kind = torch.cat([torch.full((nv,), QUERY_VOLUME, device=dev), torch.full((nn_,), QUERY_NEAR, device=dev),
+                          torch.full((ns,), QUERY_SURFACE, device=dev)]).expand(b, -1)
         valid = torch.isfinite(target) & annotated[:, None, :]
         valid &= self._truncation_keep(ci, q_mm, target)
 

@@ -33,8 +33,6 @@ import torch
 from heart_training.config import LossConfig
 from heart_training.data.dataset import QUERY_NEAR, QUERY_SURFACE, QUERY_VOLUME
 
-_OFFSETS = torch.tensor([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], dtype=torch.float32)
-
 
 @dataclass
 class LossOutput:
@@ -53,8 +51,19 @@ def eikonal_queries(queries: torch.Tensor, query_kind: torch.Tensor, count: int,
     GPU to catch up."""
     near = _first_near(query_kind, count) if near is None else near[None].expand(queries.shape[0], -1)
     centres = torch.gather(queries, 1, near[..., None].expand(-1, -1, 3))
-    offsets = _OFFSETS.to(queries) * step_n
+    offsets = _stencil_offsets(queries) * step_n
     return (centres[:, :, None, :] + offsets[None, None]).reshape(queries.shape[0], -1, 3)
+
+
+def _stencil_offsets(like: torch.Tensor) -> torch.Tensor:
+    """The six unit offsets of the central-difference stencil, +x, -x, +y, -y, +z, -z, made on
+    ``like``'s device (a constant copied from the host would wait for the GPU's queue every step).
+
+    >>> _stencil_offsets(torch.zeros(1)).tolist()
+    [[1.0, 0.0, 0.0], [-1.0, -0.0, -0.0], [0.0, 1.0, 0.0], [-0.0, -1.0, -0.0], [0.0, 0.0, 1.0], [-0.0, -0.0, -1.0]]
+    """
+    eye = torch.eye(3, dtype=like.dtype, device=like.device)
+    return torch.stack([eye, -eye], dim=1).reshape(6, 3)
 
 
 def _first_near(query_kind: torch.Tensor, count: int) -> torch.Tensor:

@@ -167,6 +167,42 @@ def test_resume_reproduces_the_uninterrupted_run_with_the_device_cache(small_dat
     assert any(m.startswith("device cache: 2 cases in") and "bytes per case" in m for m in messages)
 
 
+@pytest.mark.slow
+def test_a_stop_signal_saves_the_state_and_the_run_resumes(small_dataset, tmp_path):
+    """SIGUSR1 (Slurm's pre-emption warning; SIGTERM alike) mid-run: the state is saved after the
+    current step, the run returns, the caller's own handler is back, and --resume finishes the run."""
+    import signal
+    import threading
+    import time
+
+    out = tmp_path / "run"
+    caught = []
+    before = signal.signal(signal.SIGUSR1, lambda *_: caught.append(1))
+
+    def signal_after_two_steps():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            log = out / "log.jsonl"
+            if log.is_file() and log.read_text().count('"split": "train"') >= 2:
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+            time.sleep(0.01)
+
+    try:
+        sender = threading.Thread(target=signal_after_two_steps)
+        sender.start()
+        first = train(_quick(small_dataset, out, "optim.max_steps=400"))
+        sender.join()
+        assert 2 <= first.step < 400 and first.final_checkpoint is None and first.state_path.is_file()
+        assert f"stopping: state saved at step {first.step}" in (out / "log.jsonl").read_text()
+        os.kill(os.getpid(), signal.SIGUSR1)  # the caller's handler again, not the finished run's
+        assert caught == [1]
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    second = train(_quick(small_dataset, out, "optim.max_steps=400", "run.val_every=0"), resume=True)
+    assert second.losses[0][0] == first.step + 1 and second.step == 400 and second.final_checkpoint.is_file()
+
+
 def _train_records(out: Path) -> list[dict]:
     return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["split"] == "train"]
 

@@ -72,13 +72,6 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return t.to(tensor.device)
 
 
-def any_rank(flag: bool, ctx: DistContext) -> bool:
-    """Whether ``flag`` is true on any rank (every rank gets the same answer)."""
-    if not ctx.distributed:
-        return flag
-    return bool(all_reduce_sum(torch.tensor([1.0 if flag else 0.0]), ctx).item() > 0)
-
-
 def broadcast_object(obj, ctx: DistContext):
     """Rank 0's ``obj`` on every rank."""
     if not ctx.distributed:

@@ -29,7 +29,6 @@ from HeartCompletionLib.errors import ExitCode, HeartCompletionError
 
 from .distributed import (
     all_reduce_sum,
-    any_rank,
     broadcast_object,
     init_distributed,
     replica_max_difference,
@@ -50,6 +49,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     ctx = init_distributed(cfg.run.device)
     trainer = None
     threads_before = torch.get_num_threads()
+    handlers_before: dict = {}
     try:
         if cfg.run.threads > 0:
             # one thread per process is much faster than oversubscribed cores (shared CI machines)
@@ -71,9 +71,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
             annotated = [trainer.train_ds.load(i)["annotated"] for i in range(min(len(trainer.train_ds), 16))]
             trainer.log.info("planned " + simulate_masks(trainer.train_ds.masker, annotated, 1000, cfg.seed)
                              .summary(trainer.table.names))
-        _install_stop_handler(trainer)
+        handlers_before = _install_stop_handler(trainer)
         return _loop(trainer)
     finally:
+        for sig, handler in handlers_before.items():  # the caller's own handlers again (a library call)
+            signal.signal(sig, handler)
         if trainer is not None:
             trainer.log.close()
         torch.set_num_threads(threads_before)
@@ -116,11 +118,17 @@ def _loop(trainer: Trainer) -> TrainResult:
     val: dict = {}
     samples_per_step = cfg.optim.batch_size * cfg.optim.grad_accum * ctx.world_size
     stop_at = trainer.step + cfg.run.stop_after if cfg.run.stop_after > 0 else None
+    pending_stop = None  # DDP: the stop requests at the last step, summed over ranks on the device
     while trainer.step < cfg.optim.max_steps:
         window.add(trainer.train_step(micro))
         bar.update(1)
         step, last = trainer.step, trainer.step >= cfg.optim.max_steps
-        stop = any_rank(trainer.stop_requested, ctx) or (stop_at is not None and step >= stop_at and not last)
+        if ctx.distributed:  # every rank must agree; read a step late (now it would wait for this step)
+            requested = pending_stop is not None and bool(pending_stop.item() > 0)
+            pending_stop = all_reduce_sum(torch.full((1,), float(trainer.stop_requested), device=ctx.device), ctx)
+        else:
+            requested = trainer.stop_requested
+        stop = requested or (stop_at is not None and step >= stop_at and not last)
         validate = (cfg.run.val_every > 0 and step % cfg.run.val_every == 0) or last
         save = (cfg.run.checkpoint_every > 0 and step % cfg.run.checkpoint_every == 0) or last or stop
         log = step % cfg.run.log_every == 0 or last or stop
@@ -225,17 +233,20 @@ class _Window:
         return trainer.metrics(values, inter, union)
 
 
-def _install_stop_handler(trainer: Trainer) -> None:
-    """SIGTERM/SIGUSR1 (Slurm pre-emption) -> save the state after the current step and exit."""
+def _install_stop_handler(trainer: Trainer) -> dict:
+    """SIGTERM/SIGUSR1 (Slurm pre-emption) -> save the state after the current step and exit.
+    Returns the handlers it replaced, for :func:`train` to put back when it returns."""
     def handler(signum, frame):  # noqa: ARG001
         trainer.stop_requested = True
 
+    before = {}
     for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
         if sig is not None:
             try:
-                signal.signal(sig, handler)
+                before[sig] = signal.signal(sig, handler)
             except ValueError:  # not the main thread (e.g. inside a test runner thread)
                 pass
+    return before
 
 
 def main(argv=None) -> int:

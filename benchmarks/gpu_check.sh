@@ -18,8 +18,8 @@
 #   steps     the training step's options A/B (issue 13): train_speed.py on the device cache at batch
 #             STEPS_BATCH (default 64) for STEPS_CONFIGS (default small base): the default step with
 #             --profile (GPU busy share, kernels and host syncs per step, top kernels), then
-#             run.compile of the blocks, of the whole model, and of the whole model with CUDA graphs
-#             (run.compile_mode=reduce-overhead), each with its samples/s and MFU;
+#             run.compile of the whole model with CUDA graphs (run.compile_mode=reduce-overhead), of
+#             the whole model, and of the blocks, each with its samples/s and MFU;
 #   phase1    a short phase-1 run on that data through torchrun (NCCL process group, DDP wrapper,
 #             bf16 autocast, validation, export): loss curve, IoU and samples/s in log.jsonl;
 #   complete  benchmarks/complete_speed.py on CUDA with that run's checkpoint (1 mm output);
@@ -172,18 +172,18 @@ part_speed() {
 part_steps() {
     local common=(--batch_size "$STEPS_BATCH" --steps "$STEPS_STEPS" --warmup 3 --data device --peak_tflops "$PEAK_TFLOPS")
     local name
-    for name in default blocks model graphs; do
-        local extra=()
+    for name in default graphs model blocks; do  # most telling first: a part may be cut by DEADLINE_S
+        local extra=() seconds=150
         case $name in
-            default) extra=(--profile 3) ;;
-            blocks) extra=(--compile --no_flops) ;;
-            model) extra=(--compile --no_flops --overrides run.compile_scope=model) ;;
+            default) extra=(--profile 3); seconds=120 ;;
             graphs) extra=(--compile --no_flops --overrides run.compile_scope=model run.compile_mode=reduce-overhead) ;;
+            model) extra=(--compile --no_flops --overrides run.compile_scope=model) ;;
+            blocks) extra=(--compile --no_flops) ;;
         esac
-        stamp "steps: $name ($STEPS_CONFIGS, device cache, batch $STEPS_BATCH; limit $(limit 200) s)"
+        stamp "steps: $name ($STEPS_CONFIGS, device cache, batch $STEPS_BATCH; limit $(limit "$seconds") s)"
         # shellcheck disable=SC2086
-        timeout "$(limit 200)" python3 benchmarks/train_speed.py --configs $STEPS_CONFIGS "${common[@]}" "${extra[@]}" 2>&1 \
-            | grep -v Warning | tee "$OUT/train_steps_$name.txt"
+        timeout "$(limit "$seconds")" python3 benchmarks/train_speed.py --configs $STEPS_CONFIGS "${common[@]}" "${extra[@]}" \
+            2>&1 | grep -v Warning | tee "$OUT/train_steps_$name.txt"
     done
 }
 

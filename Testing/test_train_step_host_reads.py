@@ -2,9 +2,10 @@
 ``.cpu()`` or ``nonzero`` waits until the GPU has run everything queued, so the CPU stops queueing
 the next kernels and the GPU idles while it catches up (``benchmarks/train_speed.py --profile``
 counts them on CUDA). A blocking copy from the host to the GPU (a constant moved with ``.to``, a
-tensor made from a list on the device) waits the same way, so the step makes none either. The step keeps its statistics on the device; the trainer reads them when it
-logs, and reads each step's finiteness flag at the start of the next step, when that step's
-backward pass is already queued (:meth:`heart_training.train.engine.Trainer.raise_if_nonfinite`).
+tensor made from a list on the device) waits the same way, so the step makes none either. The
+step keeps its statistics on the device; the trainer reads them when it logs, and reads each
+step's finiteness flag at the start of the next step, when that step's backward pass is already
+queued (:meth:`heart_training.train.engine.Trainer.raise_if_nonfinite`).
 
 On the CPU there is no queue to drain, so these tests count the reads themselves (a
 ``TorchFunctionMode`` that sees every tensor call): the same code path runs on a GPU.
@@ -49,10 +50,11 @@ class HostReads(TorchFunctionMode):
         self.host = {id(t) for t in host_tensors}
         self.device = {id(t) for t in device_tensors}
         self.made_on_host: set[int] = set()
-        self.made: list = []  # keeps the tensors made inside alive, so their ids stay theirs
+        self.made: set[int] = set()
+        self.alive: list = []  # the tensors made inside, kept alive so that their ids stay theirs
 
     def _on_host(self, t) -> bool:
-        return id(t) in self.made_on_host or not (id(t) in self.device or any(id(t) == id(m) for m in self.made))
+        return id(t) in self.made_on_host or not (id(t) in self.device or id(t) in self.made)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", str(func))
@@ -72,7 +74,8 @@ class HostReads(TorchFunctionMode):
             name not in ("to", "cuda") and bool(inputs) and all(id(t) in self.made_on_host for t in inputs))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
-                self.made.append(t)
+                self.made.add(id(t))
+                self.alive.append(t)
                 (self.made_on_host.add if host else self.made_on_host.discard)(id(t))
         return out
 

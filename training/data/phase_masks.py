@@ -97,9 +97,9 @@ class MaskStatistics:
     """Counts of input structures and input-set sizes (logged so a phase's masks can be checked).
 
     With ``datasets`` (names, the config's order) it also counts what the log needs to show a
-    phase-4 mix is right (:meth:`batch_counts`, :meth:`add_counts`): samples drawn from each dataset, samples with a loss
-    target on each structure, and target entries on structures a sample does not annotate (always
-    0: the dataset masks them; logged so that a run proves it)."""
+    phase-4 mix is right (:meth:`batch_counts`, :meth:`add_counts`): samples drawn from each
+    dataset, samples with a loss target on each structure, and target entries on structures a
+    sample does not annotate (always 0: the dataset masks them; logged so that a run proves it)."""
 
     def __init__(self, num_classes: int, datasets=()):
         self.num_classes = num_classes
@@ -149,15 +149,6 @@ class MaskStatistics:
         for name in datasets:
             if name in self.datasets:
                 self.per_dataset[self.datasets.index(name)] += 1
-
-    def add_stats(self, other: MaskStatistics) -> None:
-        self.per_structure += other.per_structure
-        self.sizes += other.sizes
-        self.count += other.count
-        if len(other.per_dataset) == len(self.per_dataset):
-            self.per_dataset += other.per_dataset
-        self.target_samples += other.target_samples
-        self.unannotated_targets += other.unannotated_targets
 
     def frequencies(self) -> np.ndarray:
         """Fraction of samples in which each structure is an input."""

@@ -69,7 +69,7 @@ def test_field_fit_iou_names_a_bad_case_file(tmp_path):
 @pytest.mark.slow
 def test_train_speed_prints_samples_per_second_and_memory():
     args = ("--configs", "tiny", "--steps", "1", "--warmup", "0", "--batch_size", "1", "--threads", "1",
-            "--data", "both", "--peak_tflops", "989", "--max_batch_for_gib", "40")
+            "--data", "both", "--peak_tflops", "989", "--max_batch_for_gib", "40", "--profile", "1")
     text = run_benchmark("train_speed.py", *args)
     lines = text.splitlines()
     assert lines[0] == "command: python benchmarks/train_speed.py " + " ".join(args)
@@ -92,6 +92,14 @@ def test_train_speed_prints_samples_per_second_and_memory():
     memory = next(line for line in lines if "largest batch for 40 GiB" in line)
     assert int(memory.split("largest batch for 40 GiB: ")[1].split()[0]) > 100  # tiny: MiB per sample
     assert any(line.startswith("tiny   device cache: 2 cases in") and "bytes per case" in line for line in lines)
+    # --profile: for each data path, the ops with the most time, matrix products among them
+    assert sum(line.startswith("tiny   profile of 1 steps") for line in lines) == 2
+    tables = [i for i, line in enumerate(lines) if "by self CPU time per step" in line]
+    assert len(tables) == 2
+    for i in tables:
+        shares = [float(line.split(" ms ")[1].split("%")[0]) for line in lines[i + 1: i + 13]]
+        assert len(shares) == 12 and shares == sorted(shares, reverse=True) and sum(shares) <= 100.5
+    assert any("aten::mm" in line or "aten::addmm" in line for line in lines)
 
 
 @pytest.mark.slow

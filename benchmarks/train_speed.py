@@ -195,7 +195,8 @@ def host_syncs_per_step(trainer, batches) -> int | None:
 def profile_steps(trainer, batches, steps: int, step_s: float, top: int = 12) -> list[str]:
     """Where a training step's time goes (``torch.profiler`` over ``steps`` steps): on CUDA the GPU's
     busy time per step against the measured ``step_s``, kernels launched per step, host syncs per
-    step and the ops with the most GPU time; on the CPU the ops with the most CPU time."""
+    step, the kernels with the most GPU time and the host's ops with the most CPU time; on the CPU
+    the ops with the most CPU time."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -220,12 +221,17 @@ def profile_steps(trainer, batches, steps: int, step_s: float, top: int = 12) ->
         ranked = sorted(kernels, key=lambda e: -e.self_device_time_total)
     else:
         ranked = sorted((e for e in events if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)
-    total = sum(getattr(e, key) for e in ranked) or 1.0
-    lines.append(f"top {top} by self {'GPU' if cuda else 'CPU'} time per step (ms, share, calls per step):")
-    for e in ranked[:top]:
-        name = e.key if len(e.key) <= 70 else e.key[:67] + "..."
-        lines.append(f"  {getattr(e, key) / 1000 / steps:8.2f} ms {100 * getattr(e, key) / total:5.1f} %  "
-                     f"{e.count / steps:6.0f}x  {name}")
+    tables = [(key, "GPU" if cuda else "CPU", ranked, top)]
+    if cuda:  # where the host's time goes too: launches, Python, waits (cudaStreamSynchronize ...)
+        tables.append(("self_cpu_time_total", "CPU", sorted((e for e in events if e.self_cpu_time_total > 0),
+                                                          key=lambda e: -e.self_cpu_time_total), top // 2))
+    for attr, where, rows, n in tables:
+        total = sum(getattr(e, attr) for e in rows) or 1.0
+        lines.append(f"top {n} by self {where} time per step (ms, share, calls per step):")
+        for e in rows[:n]:
+            name = e.key if len(e.key) <= 70 else e.key[:67] + "..."
+            lines.append(f"  {getattr(e, attr) / 1000 / steps:8.2f} ms {100 * getattr(e, attr) / total:5.1f} %  "
+                         f"{e.count / steps:6.0f}x  {name}")
     return lines
 
 

@@ -164,7 +164,7 @@ def farthest_point_indices(points: torch.Tensor, m: int) -> torch.Tensor:
     ``torch.compile`` of the whole model it runs eagerly between two graphs (tracing it would
     unroll the loop over the ``m`` samples). The exclusion is asked for only while compiling, not
     with a decorator: ``torch.compiler.disable`` imports torch's compiler, about 3 s that every
-    completion process would pay for nothing (``Testing/test_model.py`` checks it stays out).
+    completion process would pay for nothing (``Testing/test_complete_cli.py`` checks it stays out).
     """
     if torch.compiler.is_compiling():  # False in eager mode, without importing anything
         return torch.compiler.disable(_farthest_point_indices)(points, m)

@@ -102,6 +102,16 @@ def test_train_speed_prints_samples_per_second_and_memory():
     assert any("aten::mm" in line or "aten::addmm" in line for line in lines)
 
 
+def test_train_speed_refuses_bad_options_before_any_work():
+    for args, message in ((("--configs", "tiny", "--overrides", "run.compile_scope=trunk"), "compile_scope 'trunk'"),
+                          (("--configs", "nosuch"), "invalid choice: 'nosuch'"),
+                          (("--configs", "tiny", "--overrides", "optim.lrr=1"), "optim.lrr")):
+        proc = subprocess.run([sys.executable, str(BENCH / "train_speed.py"), *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr[-500:])
+        assert "samples/s" not in proc.stdout
+
+
 @pytest.mark.slow
 def test_prepare_speed_times_the_stages_and_the_whole_case():
     text = run_benchmark("prepare_speed.py", "--num_surface", "2000", "--num_volume", "2000", "--num_near", "2000",

@@ -44,6 +44,8 @@ from pathlib import Path
 
 import torch
 
+from HeartCompletionLib.model.configs import CONFIG_NAMES
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Testing"))
 
 #: Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' datasheets (their
@@ -275,7 +277,7 @@ def measure(config_name: str, batch_size: int, steps: int, warmup: int, data_dir
             "amp": "bf16" if trainer.autocast is not contextlib.nullcontext else "fp32",
             "data": ("device cache" if device_cache else f"loader, {workers} workers")
             + (f", compiled ({cfg.run.compile_scope}, {cfg.run.compile_mode})" if compile_model else "")
-            + "".join(f", {o}" for o in extra),
+            + "".join(f", {o}" for o in extra if not o.startswith("run.compile")),
             "trainer": trainer, "batches": batches}
 
 
@@ -286,7 +288,8 @@ def _peaks_help() -> str:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description="Training samples/s, GFLOP per sample, MFU and memory per model config.")
-    parser.add_argument("--configs", nargs="+", default=["small", "base"], help="named model configs")
+    parser.add_argument("--configs", nargs="+", default=["small", "base"], choices=CONFIG_NAMES, metavar="NAME",
+                        help=f"named model configs ({', '.join(CONFIG_NAMES)}; default small base)")
     parser.add_argument("--batch_size", type=int, default=2, help="samples per step (default 2)")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
@@ -313,6 +316,14 @@ def main(argv=None) -> int:
                              "kernels and host-device syncs per step and the kernels with the most time; on the CPU "
                              "the ops with the most time")
     args = parser.parse_args(argv)
+    from heart_training.config import ConfigError, load_config
+
+    try:  # bad overrides: refused before any data is written or model built
+        for name in args.configs:
+            load_config("phase1", _overrides(name, args.batch_size, Path("."), Path("."), args.threads, args.workers,
+                                             False, args.compile, args.overrides)).validate()
+    except ConfigError as exc:
+        parser.error(str(exc))
     from fixtures_training import write_analytic_case, write_case_lists
 
     print("command: " + shlex.join(["python", "benchmarks/train_speed.py", *argv]), flush=True)

@@ -256,6 +256,21 @@ def block_factors(spacing, target_mm: float = COARSE_SURFACE_MM) -> np.ndarray:
     return np.maximum(1, np.floor(target_mm / spacing + 1e-6)).astype(np.int64)
 
 
+def block_matrix(ijk_to_ras: np.ndarray, factors, lo=(0, 0, 0)) -> np.ndarray:
+    """The ijk -> RAS matrix of the grid of ``factors``-sized blocks whose first block starts at
+    voxel ``lo``: each block's index maps to the RAS mm of its centre.
+
+    >>> block_matrix(np.diag([0.5, 0.5, 0.5, 1.0]), np.array([2, 2, 2]))[:3, 3].tolist()
+    [0.25, 0.25, 0.25]
+    """
+    matrix = np.asarray(ijk_to_ras, dtype=np.float64)
+    f = np.asarray(factors, dtype=np.float64)
+    out = matrix.copy()
+    out[:3, :3] = matrix[:3, :3] * f[None, :]
+    out[:3, 3] = matrix[:3, :3] @ (np.asarray(lo, dtype=np.float64) + (f - 1) / 2.0) + matrix[:3, 3]
+    return out
+
+
 def block_mean(mask: np.ndarray, factors) -> np.ndarray:
     """Occupancy fraction (float32) of each ``factors`` block of a binary mask (zero-padded to whole blocks)."""
     f = np.asarray(factors, dtype=np.int64)
@@ -284,10 +299,8 @@ def coarse_structure_surfaces(label_map, labels, target_mm: float = COARSE_SURFA
         return structure_surfaces(label_map, labels)
     meshes = {}
     for value, (box, lo) in structure_boxes(label_map.labels, labels).items():
-        coarse = matrix.copy()
-        coarse[:3, :3] = matrix[:3, :3] * factors[None, :]
-        coarse[:3, 3] = matrix[:3, :3] @ (lo + (factors - 1) / 2.0) + matrix[:3, 3]  # block centres
-        meshes[value] = surface_from_box(block_mean(box, factors), np.zeros(3, dtype=np.int64), coarse)
+        meshes[value] = surface_from_box(block_mean(box, factors), np.zeros(3, dtype=np.int64),
+                                         block_matrix(matrix, factors, lo))
     return meshes
 
 

@@ -78,7 +78,7 @@ def fit_label_map(label_map, labels, target_mm: float = COARSE_SURFACE_MM):
     block centres; the map itself when its voxels are already that large. A CT's 0.4 mm voxels
     would cost the distance transforms 5x the time for differences well under the model's detail."""
     from HeartCompletionLib.geometry.affine import spacing_of
-    from HeartCompletionLib.geometry.surface import block_factors, block_mean
+    from HeartCompletionLib.geometry.surface import block_factors, block_matrix, block_mean
     from HeartCompletionLib.io.labelmap import LabelMap
 
     matrix = np.asarray(label_map.ijk_to_ras, dtype=np.float64)
@@ -91,10 +91,7 @@ def fit_label_map(label_map, labels, target_mm: float = COARSE_SURFACE_MM):
         if out is None:
             out = np.zeros(fraction.shape, dtype=label_map.labels.dtype)
         out[fraction > 0.5] = value
-    coarse = matrix.copy()
-    coarse[:3, :3] = matrix[:3, :3] * factors[None, :]
-    coarse[:3, 3] = matrix[:3, :3] @ ((factors - 1) / 2.0) + matrix[:3, 3]
-    return LabelMap(out, coarse, label_map.source, label_map.metadata)
+    return LabelMap(out, block_matrix(matrix, factors), label_map.source, label_map.metadata)
 
 
 def fit_targets(label_map, meshes, surface_points_mm, surface_index, given, rng: np.random.Generator,

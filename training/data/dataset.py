@@ -30,6 +30,7 @@ import torch
 from heart_training.config import AugmentConfig, DataConfig, DatasetSpec, MaskConfig
 from torch.utils.data import Dataset, Sampler
 
+from HeartCompletionLib.geometry.affine import distance_to_image_border_mm as to_border
 from HeartCompletionLib.geometry.normalization import Normalization
 from HeartCompletionLib.model.encoder_input import encoder_arrays, encoder_centre_mm, select_encoder_points
 from HeartCompletionLib.structures.table import StructureTable
@@ -106,8 +107,6 @@ def random_rotation(max_deg: float, rng: np.random.Generator) -> np.ndarray:
 def distance_to_image_border_mm(points_mm: np.ndarray, meta: dict, origin_mm: np.ndarray) -> np.ndarray | None:
     """Distance (mm) from each point (relative to ``origin_mm``) to the nearest face of the image
     box (negative outside), from ``meta`` "affine"/"ijk_to_ras" and "shape"; ``None`` if absent."""
-    from HeartCompletionLib.geometry.affine import distance_to_image_border_mm as to_border
-
     affine = meta.get("ijk_to_ras", meta.get("affine"))
     shape = meta.get("shape")
     if affine is None or shape is None:

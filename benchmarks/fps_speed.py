@@ -1,9 +1,10 @@
-"""Farthest-point sampling of the latent queries: the eager loop against its captured CUDA graph.
+"""Farthest-point sampling of the latent queries: the eager loop against its CUDA graph and its Triton kernel.
 
-Checks that both give the same indices (exit 1 if not) and prints the time of each, for the
-training batch shapes of the study (batch 64, 2,048 input points, 256 latents) and a second shape.
-``benchmarks/gpu_check.sh`` runs it first and turns the graph off (``HEART_FPS_CUDA_GRAPH=0``) if it
-fails on the machine.
+Checks that all give the same indices (exit 1 if not) and prints the time of each, for the
+training batch shapes (batch 64, 2,048 input points, 256 latents for `small`, 512 for `base`) and
+one inference-sized case. The Triton kernel is timed where it applies (Triton installed, at most
+``FPS_KERNEL_MAX_POINTS`` points per row). ``benchmarks/gpu_check.sh`` runs it first and turns
+both off (``HEART_FPS_TRITON=0 HEART_FPS_CUDA_GRAPH=0``) if it fails on the machine.
 
     python benchmarks/fps_speed.py --device cuda
 """
@@ -20,6 +21,7 @@ from HeartCompletionLib.model.vecset import (
     _farthest_point_indices_eager,
     _farthest_point_indices_graphed,
     farthest_point_indices,
+    fps_triton_usable,
 )
 
 
@@ -38,8 +40,8 @@ def timed(fn, *args, repeats: int = 5) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cuda:N")
-    parser.add_argument("--shapes", nargs="+", default=["64x2048x256", "1x20000x256"],
-                        help="BxNxM shapes to check (default: 64x2048x256 1x20000x256)")
+    parser.add_argument("--shapes", nargs="+", default=["64x2048x256", "64x2048x512", "1x8192x512", "1x20000x256"],
+                        help="BxNxM shapes to check (default: 64x2048x256 64x2048x512 1x8192x512 1x20000x256)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error(f"CUDA is not available here (torch {torch.__version__}): the graph is CUDA only")
@@ -52,13 +54,26 @@ def main(argv=None) -> int:
         points = torch.rand(b, n, 3, generator=g).to(args.device)
         eager = _farthest_point_indices_eager(points, m)
         graphed = _farthest_point_indices_graphed(points, m)
-        again = farthest_point_indices(points.flip(0).contiguous(), m).flip(0)  # new data, same graph
+        again = _farthest_point_indices_graphed(points.flip(0).contiguous(), m).flip(0)  # new data, same graph
         same = torch.equal(eager, graphed) and torch.equal(eager, again)
-        ok &= same
         t_eager = timed(_farthest_point_indices_eager, points, m)
         t_graph = timed(_farthest_point_indices_graphed, points, m)
-        print(f"B {b} N {n} M {m}: eager {t_eager * 1e3:.2f} ms, CUDA graph {t_graph * 1e3:.2f} ms "
-              f"({t_eager / t_graph:.1f}x); same indices: {same}")
+        line = (f"B {b} N {n} M {m}: eager {t_eager * 1e3:.2f} ms, CUDA graph {t_graph * 1e3:.2f} ms "
+                f"({t_eager / t_graph:.1f}x)")
+        if fps_triton_usable(n):
+            from HeartCompletionLib.model.fps_kernel import farthest_point_indices_triton
+
+            kernel = farthest_point_indices_triton(points, m)
+            used = farthest_point_indices(points.flip(0).contiguous(), m).flip(0)  # what the model calls
+            same_kernel = torch.equal(eager, kernel) and torch.equal(eager, used)
+            if not same_kernel:
+                first = int((eager != kernel).any(0).nonzero()[0]) if not torch.equal(eager, kernel) else -1
+                line += f"; Triton kernel DIFFERS (first at sample {first})"
+            same &= same_kernel
+            t_kernel = timed(farthest_point_indices_triton, points, m)
+            line += f", Triton kernel {t_kernel * 1e3:.2f} ms ({t_eager / t_kernel:.1f}x)"
+        ok &= same
+        print(f"{line}; same indices: {same}", flush=True)
     return 0 if ok else 1
 
 

@@ -3,9 +3,9 @@
 # single-GPU machine (PyTorch with CUDA already installed there, no network). Parts, run in the
 # order PARTS lists them (default: all, in this order):
 #
-#   fps       benchmarks/fps_speed.py: farthest-point sampling as a CUDA graph against the eager loop
-#             (same indices, times); if it fails, the graph is turned off (HEART_FPS_CUDA_GRAPH=0) and
-#             the study's phase 1 is shortened to FPS_FALLBACK_STEPS;
+#   fps       benchmarks/fps_speed.py: farthest-point sampling as a Triton kernel and a CUDA graph against
+#             the eager loop (same indices, times); if it fails, both are turned off (HEART_FPS_TRITON=0
+#             HEART_FPS_CUDA_GRAPH=0) and the study's phase 1 is shortened to FPS_FALLBACK_STEPS;
 #   sweep     learning speed: benchmarks/overfit_iou.py recipes in parallel on the one GPU (fp32,
 #             as the CPU test runs): near-surface IoU per structure against steps (SWEEP_NAMES,
 #             SWEEP_STEPS, SWEEP_SPACING: voxel size of the two synthetic hearts, default 1.5 mm);
@@ -16,10 +16,12 @@
 #             against the device-resident cache (data.device_cache=true); SPEED_COMPILE=1 adds a
 #             run.compile=true pass on the device cache;
 #   steps     the training step's options A/B (issue 13): train_speed.py on the device cache at batch
-#             STEPS_BATCH (default 64) for STEPS_CONFIGS (default small base): the default step with
-#             --profile (GPU busy share, kernels and host syncs per step, top kernels), then
-#             run.compile of the whole model with CUDA graphs (run.compile_mode=reduce-overhead), of
-#             the whole model, and of the blocks, each with its samples/s and MFU;
+#             STEPS_BATCH (default 64) for STEPS_CONFIGS (default small base), the STEPS_VARIANTS in
+#             their order (default "default graphs model blocks"; NAME@BATCH for another batch):
+#             default: the default step with --profile (GPU busy share, kernels and host syncs per
+#             step, top kernels); graphs: run.compile of the whole model with CUDA graphs
+#             (run.compile_mode=reduce-overhead); model: of the whole model; blocks: of the attention
+#             blocks; each with its samples/s and MFU;
 #   phase1    a short phase-1 run on that data through torchrun (NCCL process group, DDP wrapper,
 #             bf16 autocast, validation, export): loss curve, IoU and samples/s in log.jsonl;
 #   complete  benchmarks/complete_speed.py on CUDA with that run's checkpoint (1 mm output);
@@ -51,7 +53,7 @@
 #   DEVICE=cpu OUT=/tmp/x SWEEP_STEPS=20 PHASE1_STEPS=10 PHASE1_CASES=3 SPEED_CONFIGS=tiny BATCH=2 \
 #       SPEED_STEPS=1 bash benchmarks/gpu_check.sh                          # a dry run on CPU
 set -u
-if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then sed -n '2,52p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then sed -n '2,54p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
 OUT="${OUT:-/tmp/gpu_check}"
 PARTS="${PARTS:-sweep data speed phase1 complete}"
 SWEEP_STEPS="${SWEEP_STEPS:-2500}"
@@ -83,6 +85,7 @@ BATCH="${BATCH:-16}"
 STEPS_BATCH="${STEPS_BATCH:-64}"
 STEPS_CONFIGS="${STEPS_CONFIGS:-small base}"
 STEPS_STEPS="${STEPS_STEPS:-8}"
+STEPS_VARIANTS="${STEPS_VARIANTS:-default graphs model blocks}"
 CT_CHECKPOINT="${CT_CHECKPOINT:-}"
 DEVICE="${DEVICE:-cuda}"
 WORK="${WORK:-/tmp/gpu_work}"
@@ -116,15 +119,15 @@ declare -A RECIPES=(
 )
 
 part_fps() {
-    stamp "fps: farthest-point sampling, CUDA graph against the eager loop"
+    stamp "fps: farthest-point sampling, Triton kernel and CUDA graph against the eager loop"
     timeout "$(limit 60)" python3 benchmarks/fps_speed.py --device "$DEVICE" > "$OUT/fps_speed.txt" 2>&1
     local rc=$?
     cat "$OUT/fps_speed.txt"
     if [ "$rc" -eq 0 ]; then
-        echo "fps: CUDA graph on"
+        echo "fps: Triton kernel and CUDA graph on"
     else
-        echo "fps: CUDA graph FAILED here; HEART_FPS_CUDA_GRAPH=0, study steps $FPS_FALLBACK_STEPS"
-        export HEART_FPS_CUDA_GRAPH=0
+        echo "fps: FAILED here; HEART_FPS_TRITON=0 HEART_FPS_CUDA_GRAPH=0, study steps $FPS_FALLBACK_STEPS"
+        export HEART_FPS_TRITON=0 HEART_FPS_CUDA_GRAPH=0
         STUDY_ARGS="--steps $FPS_FALLBACK_STEPS --train_seconds 400 $STUDY_ARGS"
     fi
 }
@@ -170,20 +173,22 @@ part_speed() {
 }
 
 part_steps() {
-    local common=(--batch_size "$STEPS_BATCH" --steps "$STEPS_STEPS" --warmup 3 --data device --peak_tflops "$PEAK_TFLOPS")
-    local name
-    for name in default graphs model blocks; do  # most telling first: a part may be cut by DEADLINE_S
-        local extra=() seconds=150
+    local variant
+    for variant in $STEPS_VARIANTS; do  # most telling first: a part may be cut by DEADLINE_S
+        local name=${variant%@*} batch=$STEPS_BATCH extra=() seconds=150
+        [ "$variant" != "$name" ] && batch=${variant#*@}
+        local common=(--batch_size "$batch" --steps "$STEPS_STEPS" --warmup 3 --data device --peak_tflops "$PEAK_TFLOPS")
         case $name in
             default) extra=(--profile 3); seconds=120 ;;
             graphs) extra=(--compile --no_flops --overrides run.compile_scope=model run.compile_mode=reduce-overhead) ;;
             model) extra=(--compile --no_flops --overrides run.compile_scope=model) ;;
             blocks) extra=(--compile --no_flops) ;;
+            *) echo "steps: unknown variant $variant (default graphs model blocks, each with an optional @BATCH)"; continue ;;
         esac
-        stamp "steps: $name ($STEPS_CONFIGS, device cache, batch $STEPS_BATCH; limit $(limit "$seconds") s)"
+        stamp "steps: $name ($STEPS_CONFIGS, device cache, batch $batch; limit $(limit "$seconds") s)"
         # shellcheck disable=SC2086
         timeout "$(limit "$seconds")" python3 benchmarks/train_speed.py --configs $STEPS_CONFIGS "${common[@]}" "${extra[@]}" \
-            2>&1 | grep -v Warning | tee "$OUT/train_steps_$name.txt"
+            2>&1 | grep -v Warning | tee "$OUT/train_steps_${name}_$batch.txt"
     done
 }
 

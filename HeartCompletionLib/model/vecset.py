@@ -32,6 +32,7 @@ cheaply.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 
@@ -146,10 +147,14 @@ class Bottleneck(nn.Module):
         return x, kl
 
 
-#: Farthest-point sampling on CUDA replays one captured CUDA graph per input shape instead of
-#: launching a few small kernels for each of its ``m`` sequential steps (at batch 64 the eager loop
-#: took 28 of the `small` model's 76 ms training step on an H100: docs/training.md). Same kernels,
-#: same result; ``HEART_FPS_CUDA_GRAPH=0`` turns it off.
+#: Farthest-point sampling on CUDA runs as one Triton kernel for the whole loop where Triton is
+#: installed (it comes with CUDA builds of torch on Linux) and a row has at most
+#: :data:`FPS_KERNEL_MAX_POINTS` points (:mod:`HeartCompletionLib.model.fps_kernel`); otherwise it
+#: replays one captured CUDA graph per input shape instead of launching a few small kernels for
+#: each of its ``m`` sequential steps (at batch 64 the eager loop took 28 of the `small` model's
+#: 76 ms training step on an H100: docs/training.md). All three give the same indices;
+#: ``HEART_FPS_TRITON=0`` turns the kernel off, ``HEART_FPS_CUDA_GRAPH=0`` the graph.
+FPS_TRITON_ENV = "HEART_FPS_TRITON"
 FPS_CUDA_GRAPH_ENV = "HEART_FPS_CUDA_GRAPH"
 _FPS_GRAPH_CACHE_SIZE = 8  # input shapes kept (training has one or two; inference one per case size)
 _fps_graphs: dict = {}
@@ -160,7 +165,7 @@ def farthest_point_indices(points: torch.Tensor, m: int) -> torch.Tensor:
 
     Deterministic and independent of the input order (up to exact ties): the first sample is the
     point farthest from the centroid, each next one the point farthest from those chosen. On CUDA
-    the loop runs as a captured CUDA graph (:data:`FPS_CUDA_GRAPH_ENV`). Never compiled: under
+    the loop runs as one Triton kernel or a captured CUDA graph (:data:`FPS_TRITON_ENV`). Never compiled: under
     ``torch.compile`` of the whole model it runs eagerly between two graphs (tracing it would
     unroll the loop over the ``m`` samples). The exclusion is asked for only while compiling, not
     with a decorator: ``torch.compiler.disable`` imports torch's compiler, about 3 s that every
@@ -176,14 +181,36 @@ def _farthest_point_indices(points: torch.Tensor, m: int) -> torch.Tensor:
     b, n, _ = points.shape
     if m > n:
         raise ValueError(f"farthest-point sampling needs at least {m} input points (num_latents), got {n}")
+    if points.is_cuda and fps_triton_usable(n):
+        from HeartCompletionLib.model.fps_kernel import farthest_point_indices_triton  # imports Triton
+
+        return farthest_point_indices_triton(points, m)
     if points.is_cuda and fps_cuda_graph_enabled() and not torch.cuda.is_current_stream_capturing():
         return _farthest_point_indices_graphed(points, m)
     return _farthest_point_indices_eager(points, m)
 
 
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def fps_cuda_graph_enabled() -> bool:
     """False when ``HEART_FPS_CUDA_GRAPH`` is 0 / false / no / off (default: on)."""
-    return os.environ.get(FPS_CUDA_GRAPH_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return _env_on(FPS_CUDA_GRAPH_ENV)
+
+
+#: Most points per row the Triton kernel keeps in registers (a power of two); here, not in the
+#: kernel's module, so that asking imports no Triton.
+FPS_KERNEL_MAX_POINTS = 8192
+
+
+def fps_triton_usable(n: int) -> bool:
+    """Whether CUDA farthest-point sampling of rows of ``n`` points runs as the Triton kernel.
+
+    Yes when ``HEART_FPS_TRITON`` is not 0 / false / no / off, Triton is installed (found, not
+    imported) and ``n`` is at most the kernel's register budget.
+    """
+    return n <= FPS_KERNEL_MAX_POINTS and _env_on(FPS_TRITON_ENV) and importlib.util.find_spec("triton") is not None
 
 
 def _farthest_point_indices_eager(points: torch.Tensor, m: int) -> torch.Tensor:

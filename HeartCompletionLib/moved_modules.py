@@ -21,6 +21,7 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
+import types
 import warnings
 
 #: old module -> new module, for the modules that moved into a subpackage
@@ -123,14 +124,16 @@ def install_moved_module_finder() -> None:
 
 def forward_old_names(package: str):
     """A module ``__getattr__`` for ``package``: a name the old module of that name had is
-    looked up in the module that holds it now (with a :class:`DeprecationWarning`)."""
+    looked up in the module that holds it now (with a :class:`DeprecationWarning`). Modules the old
+    one imported (``torch``, ``np``) are not among its names: torch's compiler probes such
+    attributes, hundreds of times per compiled model, and each used to warn."""
     holder = PACKAGE_FORMERLY_MODULE[package]
 
     def __getattr__(name: str):
         if name.startswith("__"):
             raise AttributeError(name)
         module = importlib.import_module(holder)
-        if not hasattr(module, name):
+        if not hasattr(module, name) or isinstance(getattr(module, name), types.ModuleType):
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         _warn(f"{package}.{name}", f"{holder}.{name}")
         return getattr(module, name)

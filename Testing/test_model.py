@@ -11,6 +11,7 @@ from HeartCompletionLib.model.configs import CONFIG_NAMES, ModelConfig, count_pa
 from HeartCompletionLib.model.configs_cli import main as configs_main
 from HeartCompletionLib.model.vecset import (
     FPS_CUDA_GRAPH_ENV,
+    FPS_TRITON_ENV,
     HeartVecSet,
     _farthest_point_indices_eager,
     farthest_point_indices,
@@ -235,8 +236,10 @@ def test_fps_cuda_graph_switch(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA graph path needs a CUDA device")
-def test_fps_cuda_graph_gives_the_eager_indices(monkeypatch):
+@pytest.mark.parametrize("triton_kernel", ["0", "1"])  # the CUDA graph, then the Triton kernel where installed
+def test_fps_cuda_graph_gives_the_eager_indices(monkeypatch, triton_kernel):
     monkeypatch.setenv(FPS_CUDA_GRAPH_ENV, "1")
+    monkeypatch.setenv(FPS_TRITON_ENV, triton_kernel)
     g = torch.Generator().manual_seed(1)
     for b, n in ((4, 500), (2, 700), (4, 500)):  # a second shape, then the first graph again
         points = torch.rand(b, n, 3, generator=g).cuda()

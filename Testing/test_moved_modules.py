@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import heart_training  # noqa: F401  (installs the finder for heart_training's old names too)
@@ -63,6 +64,12 @@ def test_old_names_of_modules_that_became_packages():
     assert LPS_TO_RAS.shape == (4, 4)
     with pytest.raises(ImportError):
         from HeartCompletionLib.model import no_such_name  # noqa: F401
+    import HeartCompletionLib.model as package
+
+    with warnings.catch_warnings():  # a module the old one imported is not one of its names, and
+        warnings.simplefilter("error")  # asking (as torch's compiler does) does not warn
+        assert not hasattr(package, "torch")
+        assert not hasattr(package, "math")
 
 
 def test_new_paths_import_without_warnings():

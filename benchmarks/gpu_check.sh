@@ -21,7 +21,8 @@
 #             default: the default step with --profile (GPU busy share, kernels and host syncs per
 #             step, top kernels); graphs: run.compile of the whole model with CUDA graphs
 #             (run.compile_mode=reduce-overhead); model: of the whole model; blocks: of the attention
-#             blocks; each with its samples/s and MFU;
+#             blocks; both: graphs on the loader (12 workers) and on the device cache, with their
+#             ratio; each with its samples/s and MFU;
 #   phase1    a short phase-1 run on that data through torchrun (NCCL process group, DDP wrapper,
 #             bf16 autocast, validation, export): loss curve, IoU and samples/s in log.jsonl;
 #   complete  benchmarks/complete_speed.py on CUDA with that run's checkpoint (1 mm output);
@@ -53,7 +54,7 @@
 #   DEVICE=cpu OUT=/tmp/x SWEEP_STEPS=20 PHASE1_STEPS=10 PHASE1_CASES=3 SPEED_CONFIGS=tiny BATCH=2 \
 #       SPEED_STEPS=1 bash benchmarks/gpu_check.sh                          # a dry run on CPU
 set -u
-if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then sed -n '2,54p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
 OUT="${OUT:-/tmp/gpu_check}"
 PARTS="${PARTS:-sweep data speed phase1 complete}"
 SWEEP_STEPS="${SWEEP_STEPS:-2500}"
@@ -183,7 +184,9 @@ part_steps() {
             graphs) extra=(--compile --no_flops --overrides run.compile_scope=model run.compile_mode=reduce-overhead) ;;
             model) extra=(--compile --no_flops --overrides run.compile_scope=model) ;;
             blocks) extra=(--compile --no_flops) ;;
-            *) echo "steps: unknown variant $variant (default graphs model blocks, each with an optional @BATCH)"; continue ;;
+            both) extra=(--compile --no_flops --data both --workers 12 --overrides run.compile_scope=model
+                         run.compile_mode=reduce-overhead) ;;
+            *) echo "steps: unknown variant $variant (default graphs model blocks both, each with an optional @BATCH)"; continue ;;
         esac
         stamp "steps: $name ($STEPS_CONFIGS, device cache, batch $batch; limit $(limit "$seconds") s)"
         # shellcheck disable=SC2086

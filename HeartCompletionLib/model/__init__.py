@@ -2,6 +2,8 @@
 
 - :mod:`.vecset`: the multi-class VecSet model (encoder, latent set, cross-attention decoder);
   :mod:`.configs`: its named configs (``tiny``/``small``/``base``), :mod:`.configs_cli` their sizes;
+- :mod:`.fps_kernel`: the farthest-point sampling of the latent queries as one Triton kernel (CUDA;
+  imported only there, Triton never on the CPU);
 - :mod:`.encoder_input`: the encoder-input rule that training and completion share;
 - :mod:`.checkpoint`: the inference checkpoint (safetensors + JSON), :mod:`.checkpoint_cli`;
 - :mod:`.registry`: the named models that ship in ``bundled/`` (``models.json``).

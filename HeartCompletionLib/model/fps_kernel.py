@@ -24,8 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .vecset import FPS_KERNEL_MAX_POINTS
-
 
 @triton.jit
 def _fps_kernel(points_ptr, first_ptr, out_ptr, n, m, BLOCK: tl.constexpr):
@@ -52,14 +50,13 @@ def _fps_kernel(points_ptr, first_ptr, out_ptr, n, m, BLOCK: tl.constexpr):
 def farthest_point_indices_triton(points: torch.Tensor, m: int) -> torch.Tensor:
     """Indices ``(B, m)`` (int64) of farthest-point samples of ``points`` ``(B, N, 3)``.
 
-    ``N`` at most :data:`~HeartCompletionLib.model.vecset.FPS_KERNEL_MAX_POINTS`.
+    The caller (:func:`HeartCompletionLib.model.vecset.farthest_point_indices`) keeps ``N`` within
+    ``vecset.FPS_KERNEL_MAX_POINTS``: more still runs, with registers spilled.
 
     The same indices as the eager loop; the caller checks ``m <= N``.
     """
     points = points.detach().float().contiguous()
     b, n, _ = points.shape
-    if n > FPS_KERNEL_MAX_POINTS:
-        raise ValueError(f"the farthest-point kernel keeps at most {FPS_KERNEL_MAX_POINTS} points per row, got {n}")
     # the first sample: the eager loop's own expression, so its bits (and ties) are the same
     first = (points - points.mean(dim=1, keepdim=True)).square().sum(-1).argmax(dim=1)
     out = torch.empty(b, m, dtype=torch.long, device=points.device)

@@ -102,10 +102,25 @@ def test_train_speed_prints_samples_per_second_and_memory():
     assert any("aten::mm" in line or "aten::addmm" in line for line in lines)
 
 
-def test_train_speed_refuses_bad_options_before_any_work():
+@pytest.mark.slow
+def test_train_speed_runs_on_prepared_cases(tmp_path):
+    from fixtures_training import write_analytic_case, write_case_lists
+
+    for seed in (3, 4, 5):
+        write_analytic_case(tmp_path / f"case{seed}.npz", seed=seed)
+    write_case_lists(tmp_path, ["case3", "case4", "case5"], [])
+    text = run_benchmark("train_speed.py", "--configs", "tiny", "--steps", "1", "--warmup", "0", "--batch_size", "2",
+                         "--threads", "1", "--no_flops", "--data", "device", "--data_dir", str(tmp_path))
+    assert f"data: {tmp_path}" in text
+    assert "device cache: 3 cases in" in text  # the three cases given, not the two analytic ones
+    assert sum(line.startswith("tiny") and "samples/s (" in line for line in text.splitlines()) == 1
+
+
+def test_train_speed_refuses_bad_options_before_any_work(tmp_path):
     for args, message in ((("--configs", "tiny", "--overrides", "run.compile_scope=trunk"), "compile_scope 'trunk'"),
                           (("--configs", "nosuch"), "invalid choice: 'nosuch'"),
-                          (("--configs", "tiny", "--overrides", "optim.lrr=1"), "optim.lrr")):
+                          (("--configs", "tiny", "--overrides", "optim.lrr=1"), "optim.lrr"),
+                          (("--configs", "tiny", "--data_dir", str(tmp_path)), f"--data_dir {tmp_path}: no train.csv")):
         proc = subprocess.run([sys.executable, str(BENCH / "train_speed.py"), *args], cwd=ROOT, capture_output=True,
                               text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr[-500:])

@@ -22,7 +22,8 @@
 #             step, top kernels); graphs: run.compile of the whole model with CUDA graphs
 #             (run.compile_mode=reduce-overhead); model: of the whole model; blocks: of the attention
 #             blocks; both: graphs on the loader (12 workers) and on the device cache, with their
-#             ratio; each with its samples/s and MFU;
+#             ratio, on prepared synthetic hearts (part data, run first if needed); each with its
+#             samples/s and MFU;
 #   phase1    a short phase-1 run on that data through torchrun (NCCL process group, DDP wrapper,
 #             bf16 autocast, validation, export): loss curve, IoU and samples/s in log.jsonl;
 #   complete  benchmarks/complete_speed.py on CUDA with that run's checkpoint (1 mm output);
@@ -184,8 +185,9 @@ part_steps() {
             graphs) extra=(--compile --no_flops --overrides run.compile_scope=model run.compile_mode=reduce-overhead) ;;
             model) extra=(--compile --no_flops --overrides run.compile_scope=model) ;;
             blocks) extra=(--compile --no_flops) ;;
-            both) extra=(--compile --no_flops --data both --workers 12 --overrides run.compile_scope=model
-                         run.compile_mode=reduce-overhead) ;;
+            both) [ -f "$WORK/synth_npz/train.csv" ] || part_data  # prepared hearts: the loader's real work
+                  extra=(--compile --no_flops --data both --workers 12 --data_dir "$WORK/synth_npz"
+                         --overrides run.compile_scope=model run.compile_mode=reduce-overhead) ;;
             *) echo "steps: unknown variant $variant (default graphs model blocks both, each with an optional @BATCH)"; continue ;;
         esac
         stamp "steps: $name ($STEPS_CONFIGS, device cache, batch $batch; limit $(limit "$seconds") s)"

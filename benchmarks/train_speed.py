@@ -2,8 +2,10 @@
 never a unit test).
 
 Runs real optimizer steps of :class:`heart_training.train.engine.Trainer` (forward, losses incl. the
-finite-difference eikonal term, backward, AdamW) on analytic hearts written to a temporary
-folder, on the available device (CUDA with bf16 autocast if present, else CPU)::
+finite-difference eikonal term, backward, AdamW) on two analytic hearts written to a temporary
+folder (2.8 MiB each), or with ``--data_dir`` on prepared cases (a 1 mm synthetic heart is about
+26 MiB: the loader's samples/s are then those of real training), on the available device (CUDA
+with bf16 autocast if present, else CPU)::
 
     python benchmarks/train_speed.py                       # small and base, batch 2, CPU/GPU
     python benchmarks/train_speed.py --configs small --batch_size 8 --steps 20
@@ -299,6 +301,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data", choices=("loader", "device", "both"), default="loader",
                         help="data path: the DataLoader (default), the device-resident cache (data.device_cache=true), "
                              "or both, with the ratio of their samples/s")
+    parser.add_argument("--data_dir", type=Path, default=None,
+                        help="prepared cases (heart-prepare + heart-split; train.csv is read) instead of the two small "
+                             "analytic hearts")
     parser.add_argument("--compile", action="store_true",
                         help="run.compile=true: torch.compile the attention blocks (run.compile_scope=model: the "
                              "whole model; run.compile_mode=reduce-overhead: with CUDA graphs; pass them in --overrides)")
@@ -327,12 +332,17 @@ def main(argv=None) -> int:
     from fixtures_training import write_analytic_case, write_case_lists
 
     print("command: " + shlex.join(["python", "benchmarks/train_speed.py", *argv]), flush=True)
+    if args.data_dir is not None and not (args.data_dir / "train.csv").is_file():
+        parser.error(f"--data_dir {args.data_dir}: no train.csv there (prepare with heart-prepare, then heart-split)")
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "data"
-        data.mkdir()
-        for seed in (0, 1):
-            write_analytic_case(data / f"h{seed}.npz", seed=seed)
-        write_case_lists(data, ["h0", "h1"], [])
+        data = args.data_dir
+        if data is None:
+            data = Path(tmp) / "data"
+            data.mkdir()
+            for seed in (0, 1):
+                write_analytic_case(data / f"h{seed}.npz", seed=seed)
+            write_case_lists(data, ["h0", "h1"], [])
+        print(f"data: {args.data_dir or 'two analytic hearts'}", flush=True)
         cuda = f"; CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
         print(f"torch {torch.__version__}{cuda}; phase1 sample sizes; threads "
               f"{torch.get_num_threads() if not args.threads else args.threads}", flush=True)

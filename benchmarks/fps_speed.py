@@ -65,11 +65,10 @@ def main(argv=None) -> int:
 
             kernel = farthest_point_indices_triton(points, m)
             used = farthest_point_indices(points.flip(0).contiguous(), m).flip(0)  # what the model calls
-            same_kernel = torch.equal(eager, kernel) and torch.equal(eager, used)
-            if not same_kernel:
-                first = int((eager != kernel).any(0).nonzero()[0]) if not torch.equal(eager, kernel) else -1
-                line += f"; Triton kernel DIFFERS (first at sample {first})"
-            same &= same_kernel
+            for name, got in (("Triton kernel", kernel), ("farthest_point_indices", used)):
+                if not torch.equal(eager, got):
+                    line += f"; {name} DIFFERS (first at sample {int((eager != got).any(0).nonzero()[0])})"
+                    same = False
             t_kernel = timed(farthest_point_indices_triton, points, m)
             line += f", Triton kernel {t_kernel * 1e3:.2f} ms ({t_eager / t_kernel:.1f}x)"
         ok &= same

@@ -331,9 +331,9 @@ def main(argv=None) -> int:
         parser.error(str(exc))
     from fixtures_training import write_analytic_case, write_case_lists
 
-    print("command: " + shlex.join(["python", "benchmarks/train_speed.py", *argv]), flush=True)
     if args.data_dir is not None and not (args.data_dir / "train.csv").is_file():
         parser.error(f"--data_dir {args.data_dir}: no train.csv there (prepare with heart-prepare, then heart-split)")
+    print("command: " + shlex.join(["python", "benchmarks/train_speed.py", *argv]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data_dir
         if data is None:

@@ -47,9 +47,10 @@ def test_kernel_gives_the_eager_indices_under_the_interpreter():
     assert run.stdout.count("same:") == 4
 
 
-def test_kernel_is_chosen_by_size_switch_and_installation(monkeypatch):
+def test_kernel_is_chosen_by_size_switch_installation_and_gpu(monkeypatch):
     found = []
     monkeypatch.setattr(vecset.importlib.util, "find_spec", lambda name: found.append(name) or object())
+    monkeypatch.setattr(vecset.torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.delenv(vecset.FPS_TRITON_ENV, raising=False)
     assert vecset.fps_triton_usable(2048)
     assert vecset.fps_triton_usable(vecset.FPS_KERNEL_MAX_POINTS)
@@ -58,9 +59,33 @@ def test_kernel_is_chosen_by_size_switch_and_installation(monkeypatch):
         monkeypatch.setenv(vecset.FPS_TRITON_ENV, off)
         assert not vecset.fps_triton_usable(2048)
     monkeypatch.setenv(vecset.FPS_TRITON_ENV, "1")
+    monkeypatch.setattr(vecset.torch.cuda, "get_device_capability", lambda device=None: (6, 1))  # a Pascal card
+    assert not vecset.fps_triton_usable(2048)
     monkeypatch.setattr(vecset.importlib.util, "find_spec", lambda name: None)  # Triton not installed
     assert not vecset.fps_triton_usable(2048)
-    assert found == ["triton", "triton"]
+    assert found == ["triton", "triton", "triton"]
+
+
+def test_the_model_asks_for_the_kernel_in_training_only(monkeypatch):
+    """A completion samples once or twice per process: Triton's import and the kernel's compile would
+    cost it more than the kernel saves, so an eval-mode encode keeps the CUDA graph."""
+    import torch
+
+    from HeartCompletionLib.model.configs import get_config
+
+    asked = []
+    real = vecset._farthest_point_indices
+
+    def spy(points, m, kernel=True):
+        asked.append(kernel)
+        return real(points, m, kernel)
+
+    monkeypatch.setattr(vecset, "_farthest_point_indices", spy)
+    model = vecset.HeartVecSet(get_config("tiny", 10))
+    points, onehot = torch.rand(2, 64, 3), torch.eye(10)[torch.randint(0, 10, (2, 64))]
+    model.train().encode(points, onehot)
+    model.eval().encode(points, onehot)
+    assert asked == [True, False]
 
 
 def test_cpu_sampling_never_imports_triton():

@@ -147,9 +147,8 @@ class Bottleneck(nn.Module):
         return x, kl
 
 
-#: Farthest-point sampling on CUDA runs as one Triton kernel for the whole loop where Triton is
-#: installed (it comes with CUDA builds of torch on Linux) and a row has at most
-#: :data:`FPS_KERNEL_MAX_POINTS` points (:mod:`HeartCompletionLib.model.fps_kernel`); otherwise it
+#: Farthest-point sampling on CUDA runs, in training, as one Triton kernel for the whole loop
+#: (:func:`fps_triton_usable`, :mod:`HeartCompletionLib.model.fps_kernel`); otherwise it
 #: replays one captured CUDA graph per input shape instead of launching a few small kernels for
 #: each of its ``m`` sequential steps (at batch 64 the eager loop took 28 of the `small` model's
 #: 76 ms training step on an H100: docs/training.md). All three give the same indices;
@@ -160,28 +159,31 @@ _FPS_GRAPH_CACHE_SIZE = 8  # input shapes kept (training has one or two; inferen
 _fps_graphs: dict = {}
 
 
-def farthest_point_indices(points: torch.Tensor, m: int) -> torch.Tensor:
+def farthest_point_indices(points: torch.Tensor, m: int, kernel: bool = True) -> torch.Tensor:
     """Indices ``(B, m)`` of farthest-point samples of ``points`` ``(B, N, 3)``.
 
     Deterministic and independent of the input order (up to exact ties): the first sample is the
     point farthest from the centroid, each next one the point farthest from those chosen. On CUDA
-    the loop runs as one Triton kernel or a captured CUDA graph (:data:`FPS_TRITON_ENV`). Never compiled: under
+    the loop runs as one Triton kernel (``kernel``, see :func:`fps_triton_usable`) or a captured
+    CUDA graph. The model asks for the kernel in training only: it saves ~5 ms per call, while a
+    completion process, which samples once or twice, would pay 0.3-0.7 s to import Triton and then
+    the kernel's compilation. Never compiled: under
     ``torch.compile`` of the whole model it runs eagerly between two graphs (tracing it would
     unroll the loop over the ``m`` samples). The exclusion is asked for only while compiling, not
     with a decorator: ``torch.compiler.disable`` imports torch's compiler, about 3 s that every
     completion process would pay for nothing (``Testing/test_complete_cli.py`` checks it stays out).
     """
     if torch.compiler.is_compiling():  # False in eager mode, without importing anything
-        return torch.compiler.disable(_farthest_point_indices)(points, m)
-    return _farthest_point_indices(points, m)
+        return torch.compiler.disable(_farthest_point_indices)(points, m, kernel)
+    return _farthest_point_indices(points, m, kernel)
 
 
 @torch.no_grad()
-def _farthest_point_indices(points: torch.Tensor, m: int) -> torch.Tensor:
+def _farthest_point_indices(points: torch.Tensor, m: int, kernel: bool = True) -> torch.Tensor:
     b, n, _ = points.shape
     if m > n:
         raise ValueError(f"farthest-point sampling needs at least {m} input points (num_latents), got {n}")
-    if points.is_cuda and fps_triton_usable(n):
+    if kernel and points.is_cuda and fps_triton_usable(n, points.device):
         from HeartCompletionLib.model.fps_kernel import farthest_point_indices_triton  # imports Triton
 
         return farthest_point_indices_triton(points, m)
@@ -204,13 +206,16 @@ def fps_cuda_graph_enabled() -> bool:
 FPS_KERNEL_MAX_POINTS = 8192
 
 
-def fps_triton_usable(n: int) -> bool:
-    """Whether CUDA farthest-point sampling of rows of ``n`` points runs as the Triton kernel.
+def fps_triton_usable(n: int, device=None) -> bool:
+    """Whether CUDA farthest-point sampling of rows of ``n`` points on ``device`` (default: the
+    current CUDA device) can run as the Triton kernel.
 
-    Yes when ``HEART_FPS_TRITON`` is not 0 / false / no / off, Triton is installed (found, not
-    imported) and ``n`` is at most the kernel's register budget.
+    Yes when ``HEART_FPS_TRITON`` is not 0 / false / no / off, ``n`` is at most the kernel's
+    register budget, Triton is installed (found, not imported) and the GPU is one Triton compiles
+    for (compute capability 7.0 or newer, as torch's own compiler requires).
     """
-    return n <= FPS_KERNEL_MAX_POINTS and _env_on(FPS_TRITON_ENV) and importlib.util.find_spec("triton") is not None
+    return (n <= FPS_KERNEL_MAX_POINTS and _env_on(FPS_TRITON_ENV) and importlib.util.find_spec("triton") is not None
+            and torch.cuda.get_device_capability(device) >= (7, 0))
 
 
 def _farthest_point_indices_eager(points: torch.Tensor, m: int) -> torch.Tensor:
@@ -324,7 +329,7 @@ class HeartVecSet(nn.Module):
         if self.config.latent_queries == "learned":
             queries = self.latent_queries.expand(points_n.shape[0], -1, -1)
         else:
-            idx = farthest_point_indices(points_n, self.config.num_latents)
+            idx = farthest_point_indices(points_n, self.config.num_latents, kernel=self.training)
             queries = torch.gather(tokens, 1, idx[..., None].expand(-1, -1, tokens.shape[-1]))
         latents = self.encoder(queries, tokens)
         latents, kl = self.bottleneck(latents)

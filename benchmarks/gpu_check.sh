@@ -190,7 +190,9 @@ part_steps() {
                          --overrides run.compile_scope=model run.compile_mode=reduce-overhead) ;;
             *) echo "steps: unknown variant $variant (default graphs model blocks both, each with an optional @BATCH)"; continue ;;
         esac
-        stamp "steps: $name ($STEPS_CONFIGS, device cache, batch $batch; limit $(limit "$seconds") s)"
+        local data_path="device cache"
+        [ "$name" = both ] && data_path="loader and device cache, prepared hearts"
+        stamp "steps: $name ($STEPS_CONFIGS, $data_path, batch $batch; limit $(limit "$seconds") s)"
         # shellcheck disable=SC2086
         timeout "$(limit "$seconds")" python3 benchmarks/train_speed.py --configs $STEPS_CONFIGS "${common[@]}" "${extra[@]}" \
             2>&1 | grep -v Warning | tee "$OUT/train_steps_${name}_$batch.txt"

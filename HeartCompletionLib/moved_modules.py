@@ -122,6 +122,9 @@ def install_moved_module_finder() -> None:
         sys.meta_path.append(_MovedModuleFinder())
 
 
+_MISSING = object()
+
+
 def forward_old_names(package: str):
     """A module ``__getattr__`` for ``package``: a name the old module of that name had is
     looked up in the module that holds it now (with a :class:`DeprecationWarning`). Modules the old
@@ -132,10 +135,10 @@ def forward_old_names(package: str):
     def __getattr__(name: str):
         if name.startswith("__"):
             raise AttributeError(name)
-        module = importlib.import_module(holder)
-        if not hasattr(module, name) or isinstance(getattr(module, name), types.ModuleType):
+        value = getattr(importlib.import_module(holder), name, _MISSING)
+        if value is _MISSING or isinstance(value, types.ModuleType):
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         _warn(f"{package}.{name}", f"{holder}.{name}")
-        return getattr(module, name)
+        return value
 
     return __getattr__

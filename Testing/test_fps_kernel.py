@@ -20,8 +20,7 @@ from HeartCompletionLib.model import vecset
 
 _CHECK = textwrap.dedent("""
     import torch
-    from HeartCompletionLib.model.fps_kernel import farthest_point_indices_triton
-    from HeartCompletionLib.model.vecset import _farthest_point_indices_eager
+    from HeartCompletionLib.model.vecset import _farthest_point_indices_eager, _farthest_point_indices_kernel
 
     g = torch.Generator().manual_seed(3)
     grid = torch.stack(torch.meshgrid(*[torch.arange(5.0)] * 3, indexing="ij"), -1).reshape(1, -1, 3)
@@ -32,7 +31,7 @@ _CHECK = textwrap.dedent("""
         "float64, non-contiguous input": (torch.rand(2, 3, 200, generator=g, dtype=torch.float64).transpose(1, 2), 25),
     }
     for name, (points, m) in cases.items():
-        got = farthest_point_indices_triton(points, m)
+        got = _farthest_point_indices_kernel(points, m)  # what the CUDA dispatch calls
         want = _farthest_point_indices_eager(points, m)
         assert got.dtype == torch.long and got.shape == want.shape, name
         assert torch.equal(got, want), (name, got, want)

@@ -20,6 +20,7 @@ import torch
 from HeartCompletionLib.model.vecset import (
     _farthest_point_indices_eager,
     _farthest_point_indices_graphed,
+    _farthest_point_indices_kernel,
     farthest_point_indices,
     fps_triton_usable,
 )
@@ -61,15 +62,13 @@ def main(argv=None) -> int:
         line = (f"B {b} N {n} M {m}: eager {t_eager * 1e3:.2f} ms, CUDA graph {t_graph * 1e3:.2f} ms "
                 f"({t_eager / t_graph:.1f}x)")
         if fps_triton_usable(n):
-            from HeartCompletionLib.model.fps_kernel import farthest_point_indices_triton
-
-            kernel = farthest_point_indices_triton(points, m)
+            kernel = _farthest_point_indices_kernel(points, m)
             used = farthest_point_indices(points.flip(0).contiguous(), m).flip(0)  # what the model calls
             for name, got in (("Triton kernel", kernel), ("farthest_point_indices", used)):
                 if not torch.equal(eager, got):
                     line += f"; {name} DIFFERS (first at sample {int((eager != got).any(0).nonzero()[0])})"
                     same = False
-            t_kernel = timed(farthest_point_indices_triton, points, m)
+            t_kernel = timed(_farthest_point_indices_kernel, points, m)
             line += f", Triton kernel {t_kernel * 1e3:.2f} ms ({t_eager / t_kernel:.1f}x)"
         ok &= same
         print(f"{line}; same indices: {same}", flush=True)

@@ -6,8 +6,8 @@ seven small kernels for each of its ``m`` sequential steps; even replayed as a C
 batch 64 on an H100 (docs/training.md). Here one program per batch row keeps its points and their
 running distances in registers and loops over the ``m`` steps itself.
 
-It computes what the eager loop computes, in the same order and rounding: the first index comes
-from the same torch expression, each distance is ``dx*dx + dy*dy + dz*dz`` summed left to right
+It computes what the eager loop computes, in the same order and rounding: the first index is the
+eager loop's own (the caller passes it), each distance is ``dx*dx + dy*dy + dz*dz`` summed left to right
 without fused multiply-adds (``enable_fp_fusion=False``), and ``tl.argmax`` takes the first of
 equal maxima as ``torch.argmax`` does. ``benchmarks/fps_speed.py`` checks the indices against the
 eager loop on the GPU; ``Testing/test_fps_kernel.py`` runs the kernel through Triton's interpreter
@@ -47,18 +47,15 @@ def _fps_kernel(points_ptr, first_ptr, out_ptr, n, m, BLOCK: tl.constexpr):
         far = tl.argmax(min_dist, axis=0).to(tl.int32)
 
 
-def farthest_point_indices_triton(points: torch.Tensor, m: int) -> torch.Tensor:
-    """Indices ``(B, m)`` (int64) of farthest-point samples of ``points`` ``(B, N, 3)``.
+def farthest_point_indices_triton(points: torch.Tensor, first: torch.Tensor, m: int) -> torch.Tensor:
+    """Indices ``(B, m)`` (int64) of farthest-point samples of ``points`` ``(B, N, 3)`` (contiguous
+    float32), starting from ``first`` ``(B,)``.
 
-    The caller (:func:`HeartCompletionLib.model.vecset.farthest_point_indices`) keeps ``N`` within
-    ``vecset.FPS_KERNEL_MAX_POINTS``: more still runs, with registers spilled.
-
-    The same indices as the eager loop; the caller checks ``m <= N``.
+    The caller (:func:`HeartCompletionLib.model.vecset.farthest_point_indices`) passes the eager
+    loop's own first indices (so their bits and ties are the same), checks ``m <= N`` and keeps
+    ``N`` within ``vecset.FPS_KERNEL_MAX_POINTS``: more still runs, with registers spilled.
     """
-    points = points.detach().float().contiguous()
     b, n, _ = points.shape
-    # the first sample: the eager loop's own expression, so its bits (and ties) are the same
-    first = (points - points.mean(dim=1, keepdim=True)).square().sum(-1).argmax(dim=1)
     out = torch.empty(b, m, dtype=torch.long, device=points.device)
     block = max(triton.next_power_of_2(n), 16)
     _fps_kernel[(b,)](points, first, out, n, m, BLOCK=block, num_warps=min(16, max(4, block // 512)),

@@ -184,9 +184,7 @@ def _farthest_point_indices(points: torch.Tensor, m: int, kernel: bool = True) -
     if m > n:
         raise ValueError(f"farthest-point sampling needs at least {m} input points (num_latents), got {n}")
     if kernel and points.is_cuda and fps_triton_usable(n, points.device):
-        from HeartCompletionLib.model.fps_kernel import farthest_point_indices_triton  # imports Triton
-
-        return farthest_point_indices_triton(points, m)
+        return _farthest_point_indices_kernel(points, m)
     if points.is_cuda and fps_cuda_graph_enabled() and not torch.cuda.is_current_stream_capturing():
         return _farthest_point_indices_graphed(points, m)
     return _farthest_point_indices_eager(points, m)
@@ -218,12 +216,25 @@ def fps_triton_usable(n: int, device=None) -> bool:
             and torch.cuda.get_device_capability(device) >= (7, 0))
 
 
+def _farthest_from_centroid(points: torch.Tensor) -> torch.Tensor:
+    """The first sample of each row (B,): its point farthest from the row's centroid (float32 points)."""
+    return (points - points.mean(dim=1, keepdim=True)).square().sum(-1).argmax(dim=1)
+
+
+def _farthest_point_indices_kernel(points: torch.Tensor, m: int) -> torch.Tensor:
+    """The Triton kernel's indices, from the eager loop's own first samples (imports Triton)."""
+    from HeartCompletionLib.model.fps_kernel import farthest_point_indices_triton
+
+    points = points.detach().float().contiguous()
+    return farthest_point_indices_triton(points, _farthest_from_centroid(points), m)
+
+
 def _farthest_point_indices_eager(points: torch.Tensor, m: int) -> torch.Tensor:
     points = points.float()
     b, n, _ = points.shape
     out = torch.empty(b, m, dtype=torch.long, device=points.device)
     rows = torch.arange(b, device=points.device)
-    far = (points - points.mean(dim=1, keepdim=True)).square().sum(-1).argmax(dim=1)
+    far = _farthest_from_centroid(points)
     min_dist = torch.full((b, n), float("inf"), device=points.device)
     for i in range(m):
         out[:, i] = far

@@ -231,3 +231,24 @@ def test_a_lower_error_quantile_decodes_less_of_a_rough_field():
         return sum(level["queries"] for level in stats["levels"])
 
     assert queries(0.0) < queries(0.5) < queries(0.9) < queries(0.99)
+
+
+def test_settled_cells_match_a_padded_reference_on_odd_sizes():
+    """Which cells are wholly settled, per stride of the refinement, against a direct reference:
+    the mask padded with settled voxels to whole coarse cells and reduced block by block (odd and
+    even sizes, unequal strides per axis, so axes stop halving at different levels)."""
+    from HeartCompletionLib.inference.decode_grid import _settled_cells
+
+    rng = np.random.default_rng(3)
+    for size, strides in (((13, 10, 7), (8, 4, 2)), ((16, 9, 12), (4, 8, 4)), ((5, 5, 5), (1, 2, 4))):
+        settled = rng.random(size) < 0.9  # mostly settled: whole cells exist at every stride
+        whole = -(-np.array(size) // strides) * strides
+        padded = np.ones(tuple(whole), dtype=bool)
+        padded[tuple(slice(0, n) for n in size)] = settled
+        pooled = _settled_cells(settled, size, strides)
+        assert len(pooled) == int(np.log2(max(strides)))
+        for stride, cells in pooled.items():
+            shape = [x for n, s in zip(whole, stride) for x in (n // s, s)]
+            expected = padded.reshape(shape).all(axis=(1, 3, 5))
+            assert cells.shape == expected.shape and np.array_equal(cells, expected), (size, strides, stride)
+            assert expected.any() and not expected.all()

@@ -80,16 +80,29 @@ def label_margin_ambiguity(values: np.ndarray, write: np.ndarray):
     return labels, margin, ambiguity
 
 
+def _two_smallest(values: np.ndarray):
+    """The smallest and the second smallest (``inf`` for a single column) of each row of ``values``
+    (n, C): one vectorised pass per column, no sort."""
+    d1 = values[:, 0].copy()
+    d2 = np.full(d1.shape, np.inf, dtype=values.dtype)
+    for c in range(1, values.shape[-1]):
+        x = values[:, c]
+        np.minimum(d2, np.maximum(d1, x), out=d2)
+        np.minimum(d1, x, out=d1)
+    return d1, d2
+
+
 def _measured_band(exact_vals: np.ndarray, interp_vals: np.ndarray, quantile: float) -> float:
     """The ``quantile`` of the interpolation error (mm) of the two smallest competing distances at
     decoded values."""
     if len(exact_vals) == 0:
         return 0.0
     # the label depends on the two smallest distances only (their signs and their difference)
-    k = min(2, exact_vals.shape[-1])
-    two_exact = np.partition(exact_vals, k - 1, axis=-1)[..., :k]
-    two_interp = np.partition(interp_vals, k - 1, axis=-1)[..., :k]
-    err = np.abs(np.sort(two_exact, axis=-1) - np.sort(two_interp, axis=-1)).max(axis=-1)
+    e1, e2 = _two_smallest(exact_vals)
+    i1, i2 = _two_smallest(interp_vals)
+    err = np.abs(e1 - i1)
+    if exact_vals.shape[-1] > 1:
+        np.maximum(err, np.abs(e2 - i2), out=err)
     return float(np.quantile(err, quantile))
 
 
@@ -113,26 +126,76 @@ def _free_voxels(mask, cells, stride, offs, size, settled):
     return n_idx[keep], v_idx[keep], vox[keep]
 
 
+def _and_pairs(a: np.ndarray, axis: int) -> np.ndarray:
+    """``a`` pooled by pairs along ``axis`` (logical and); an unpaired last element is kept as it
+    is (its partner would lie beyond the region, which counts as settled)."""
+    n = a.shape[axis]
+    first, second, last = ([slice(None)] * a.ndim for _ in range(3))
+    first[axis], second[axis], last[axis] = slice(0, n - 1, 2), slice(1, n, 2), slice(n - 1, n)
+    pooled = a[tuple(first)] & a[tuple(second)]
+    return np.concatenate([pooled, a[tuple(last)]], axis=axis) if n % 2 else pooled
+
+
 def _settled_cells(settled: np.ndarray, size, strides) -> dict:
     """For every cell stride of the refinement (``strides`` halved level by level): which cells have
     every voxel settled. Voxels beyond the region count as settled (they are cropped)."""
     strides = np.asarray(strides, dtype=np.int64)
-    full = np.ones(tuple(-(-np.asarray(size) // strides) * strides), dtype=bool)
-    full[tuple(slice(0, int(n)) for n in size)] = settled
+    whole = -(-np.asarray(size) // strides) * strides  # the voxels of whole coarse cells
     sequence = [strides]
     while (sequence[-1] > 1).any():
         sequence.append(sequence[-1] // np.where(sequence[-1] > 1, 2, 1))
-    pooled, current, out = full, np.ones(3, dtype=np.int64), {}
+    pooled, current, out = settled, np.ones(3, dtype=np.int64), {}
     for stride in reversed(sequence[:-1]):  # fine to coarse, halving with strided slices (10x faster than reshape + all)
         for axis in range(3):
             while current[axis] < stride[axis]:
-                even = [slice(None)] * 3
-                odd = [slice(None)] * 3
-                even[axis], odd[axis] = slice(0, None, 2), slice(1, None, 2)
-                pooled = pooled[tuple(even)] & pooled[tuple(odd)]
+                pooled = _and_pairs(pooled, axis)
                 current[axis] *= 2
+        shape = tuple(int(v) for v in whole // stride)
+        if pooled.shape != shape:  # the cells beyond the region (once, at the finest stride: the
+            full = np.ones(shape, dtype=bool)  # padded shape halves exactly from there on)
+            full[tuple(slice(0, n) for n in pooled.shape)] = pooled
+            pooled = full
         out[tuple(int(v) for v in stride)] = pooled
     return out
+
+
+def _child_nodes(cells, at, corner_vals, stride, split, first_index, region_cells):
+    """The lattice nodes that splitting the cells (origins ``cells`` in units of ``stride``, corners
+    ``at``, their values ``corner_vals`` (cells, 8, C)) by ``split`` adds: ``(ijk (n, 3), values
+    interpolated trilinearly (n, C) float32, table)``. ``table`` (cells, positions) holds the node index
+    of every child lattice position of every cell (``product`` order over ``split + 1`` per axis):
+    the corner's where the position is a corner, else ``first_index`` + the new node's row. A node
+    on a face or an edge shared by two active cells is added once."""
+    child_stride = stride // split
+    pos = np.array(list(product(*[range(s + 1) for s in split])), dtype=np.int64)  # in child strides
+    corner = (pos % split == 0).all(1)
+    table = np.empty((len(cells), len(pos)), dtype=np.int64)
+    table[:, corner] = at[:, np.ravel_multi_index((pos[corner] // split).T, (2, 2, 2))]
+    fresh = np.flatnonzero(~corner)
+    # one row per distinct position: scatter the row number of every (cell, position) into a scratch
+    # lattice and read back which one landed (any one of a repeated position: all read the same),
+    # O(n) instead of a sort
+    grid_shape = tuple(int(v) for v in region_cells * split + 1)  # the lattice, in child strides
+    # linear index in that lattice (linear in ijk: offsets add)
+    keys = (np.ravel_multi_index((cells * split).T, grid_shape)[:, None]
+            + np.ravel_multi_index(pos[fresh].T, grid_shape)[None]).reshape(-1)
+    scratch = np.empty(int(np.prod(grid_shape)), dtype=np.int32)  # pages touched only where written
+    order = np.arange(len(keys), dtype=np.int32)
+    scratch[keys] = order
+    landed = scratch[keys]
+    rows = np.flatnonzero(landed == order)  # the distinct positions, one row each
+    row_of = np.empty(len(keys), dtype=np.int64)
+    row_of[rows] = np.arange(len(rows))
+    table[:, fresh] = first_index + row_of[landed].reshape(len(cells), len(fresh))
+    cell, j = np.divmod(rows, len(fresh))
+    ijk = np.stack(np.unravel_index(keys[rows], grid_shape), -1) * child_stride
+    # trilinear values from the parent's corners: one small matrix product for every (cell,
+    # position), then one row per distinct position
+    w = _trilinear_weights(pos[fresh] / split)  # (fresh, 8)
+    n, c = corner_vals.shape[0], corner_vals.shape[-1]
+    every = (np.ascontiguousarray(corner_vals.transpose(0, 2, 1)).reshape(-1, 8) @ w.T).reshape(n, c, len(fresh))
+    values = every[cell, :, j]
+    return ijk, values, table
 
 
 def fast_hierarchical_labels(
@@ -165,26 +228,23 @@ def fast_hierarchical_labels(
     size = hi - lo
     spacing = spacing_of(ijk_to_ras)
     n_cells = -(-size // strides)
-    dims = n_cells * strides + 1
     out = np.zeros(n_cells * strides, dtype=np.int16)
     levels = int(np.log2(strides.max())) + 1
     per_level = []
     settled_cells = None if settled is None else _settled_cells(settled, size, strides)
 
-    def lin(ijk):  # linear lattice index (linear in ijk: offsets add)
-        return np.ravel_multi_index(np.asarray(ijk).T, dims)
-
-    # level 0: every coarse node, exactly
+    # level 0: every coarse node, exactly. Lattice nodes live in arrays that only grow (values,
+    # label, margin, ambiguity, exact or not, ijk), and every cell carries the indices ``at`` of its 8
+    # corners in them: a node is computed once, not once per corner, and never searched for
     t = time.perf_counter()
-    cells = np.stack(np.meshgrid(*[np.arange(n) for n in n_cells], indexing="ij"), -1).reshape(-1, 3)
-    keys = np.unique((lin(cells * strides)[:, None] + lin(_CORNERS * strides)[None]).reshape(-1))
-    node_ijk = np.stack(np.unravel_index(keys, dims), -1)
+    node_dims = n_cells + 1
+    node_ijk = np.stack(np.meshgrid(*[np.arange(n) for n in node_dims], indexing="ij"), -1).reshape(-1, 3) * strides
     vals = decode(ijk_to_ras_points(node_ijk + lo, ijk_to_ras), lambda f: report(f / levels))
-    exact = np.ones(len(keys), dtype=bool)
-    # label, margin and ambiguity of every lattice node, kept in the order of ``keys`` (a node is
-    # a corner of up to 8 cells: computed once per node, not once per corner)
+    exact = np.ones(len(vals), dtype=bool)
     node_lab, node_marg, node_amb = label_margin_ambiguity(vals, write)
-    per_level.append({"stride_vox": strides.tolist(), "cells": len(cells), "queries": len(keys), "interpolated": 0,
+    cells = np.stack(np.meshgrid(*[np.arange(n) for n in n_cells], indexing="ij"), -1).reshape(-1, 3)
+    at = np.ravel_multi_index((cells[:, None, :] + _CORNERS[None]).reshape(-1, 3).T, node_dims).reshape(-1, 8)
+    per_level.append({"stride_vox": strides.tolist(), "cells": len(cells), "queries": len(vals), "interpolated": 0,
                       "seconds": round(time.perf_counter() - t, 3)})
     stride = strides.copy()
     level = 0
@@ -198,7 +258,6 @@ def fast_hierarchical_labels(
         def sub_report(f, s=span):
             report(s[0] + f * (s[1] - s[0]))
 
-        at = np.searchsorted(keys, lin(cells * stride)[:, None] + lin(_CORNERS * stride)[None])
         labs, marg, corner_amb = node_lab[at], node_marg[at], node_amb[at]  # (cells, 8)
         tau = refine_factor * 0.5 * float(np.linalg.norm(stride * spacing))
         active = (labs != labs[:, :1]).any(1) | (marg.min(1) < tau)
@@ -206,11 +265,10 @@ def fast_hierarchical_labels(
             active &= ~settled_cells[tuple(stride)][tuple(cells.T)]
         blocks = out.reshape(out.shape[0] // stride[0], stride[0], out.shape[1] // stride[1], stride[1],
                              out.shape[2] // stride[2], stride[2])
-        if level == 1:  # every coarse cell in order: one broadcast (active cells are overwritten below)
-            blocks[...] = labs[:, 0].reshape(tuple(n_cells))[:, None, :, None, :, None]
-        else:  # uniform cells: fill their voxel block from the corners (finer levels write the rest)
-            idle, idle_lab = cells[~active], labs[~active, 0]
-            blocks[idle[:, 0], :, idle[:, 1], :, idle[:, 2], :] = idle_lab[:, None, None, None]
+        # a cell that is not refined has its corners' label in every voxel; ``out`` starts at 0 (pages
+        # not yet touched), so only the cells of a structure are written: each voxel at most once
+        idle = ~active & (labs[:, 0] != 0)
+        blocks[cells[idle, 0], :, cells[idle, 1], :, cells[idle, 2], :] = labs[idle, 0][:, None, None, None]
         cells, at, labs, corner_amb = cells[active], at[active], labs[active], corner_amb[active]
         corner_vals = vals[at]  # (cells, 8, C): the active cells' corner distances, for interpolation
         interp = float((stride * spacing).max()) <= interp_cell_mm + 1e-9
@@ -226,8 +284,8 @@ def fast_hierarchical_labels(
             if interp:
                 band = max(voxel_band * scale, error_per_scale * scale)
                 uniform = (labs == labs[:, :1]).all(1) & (corner_amb.min(1) >= band)
-                fill = cells[uniform]
-                blocks[fill[:, 0], :, fill[:, 1], :, fill[:, 2], :] = labs[uniform, 0][:, None, None, None]
+                fill = uniform & (labs[:, 0] != 0)
+                blocks[cells[fill, 0], :, cells[fill, 1], :, cells[fill, 2], :] = labs[fill, 0][:, None, None, None]
                 n_uniform = int(uniform.sum()) * int(np.prod(stride))
                 cells, corner_vals, at = cells[~uniform], corner_vals[~uniform], at[~uniform]
             else:
@@ -261,57 +319,45 @@ def fast_hierarchical_labels(
             final_done = True
             break
         # an intermediate level: the child lattice nodes of the active cells
-        pos = np.array(list(product(*[range(s + 1) for s in split])), dtype=np.int64)  # in child strides
-        child_keys = lin(cells * stride)[:, None] + lin(pos * child_stride)[None]
-        uniq, first = np.unique(child_keys.reshape(-1), return_index=True)
-        where = np.searchsorted(keys, uniq).clip(max=len(keys) - 1)
-        new = keys[where] != uniq
-        new_keys, src = uniq[new], first[new]
-        n_src, j_src = src // len(pos), src % len(pos)
-        w = _trilinear_weights(pos * child_stride / stride)
-        new_vals = np.matmul(w[j_src][:, None, :], corner_vals[n_src])[:, 0]
+        new_ijk, new_vals, table = _child_nodes(cells, at, corner_vals, stride, split, len(vals),
+                                                n_cells * strides // stride)
         band = measured = new_lab = None
         if interp:  # label, margin and ambiguity of the interpolated values (kept where nothing is decoded)
             new_lab, new_marg, new_amb = label_margin_ambiguity(new_vals, write)
             band = max(node_band * scale, error_per_scale * scale)
             need = new_amb < band
         else:
-            need = np.ones(len(new_keys), dtype=bool)
+            need = np.ones(len(new_vals), dtype=bool)
         if need.any():
-            ijk = np.stack(np.unravel_index(new_keys[need], dims), -1) + lo
             interp_vals = new_vals[need]
-            new_vals[need] = decode(ijk_to_ras_points(ijk, ijk_to_ras), sub_report)
+            new_vals[need] = decode(ijk_to_ras_points(new_ijk[need] + lo, ijk_to_ras), sub_report)
             if interp:
                 measured = _measured_band(new_vals[need], interp_vals, error_quantile)
                 error_per_scale = max(error_per_scale, measured / scale)
                 if measured > band:  # rougher than the band assumed: decode the wider band too
                     more = (new_amb < measured) & ~need
                     if more.any():
-                        ijk = np.stack(np.unravel_index(new_keys[more], dims), -1) + lo
-                        new_vals[more] = decode(ijk_to_ras_points(ijk, ijk_to_ras), sub_report)
+                        new_vals[more] = decode(ijk_to_ras_points(new_ijk[more] + lo, ijk_to_ras), sub_report)
                         need |= more
         per_level.append({"stride_vox": child_stride.tolist(), "cells": int(len(cells)), "queries": int(need.sum()),
                           "interpolated": int((~need).sum()),
                           "band_mm": None if band is None else round(band, 4),
                           "measured_band_mm": None if measured is None else round(measured, 4),
                           "seconds": round(time.perf_counter() - t, 3)})
-        order = np.argsort(np.concatenate([keys, new_keys]), kind="stable")
-        keys = np.concatenate([keys, new_keys])[order]
-        vals = np.concatenate([vals, new_vals])[order]
-        exact = np.concatenate([exact, need])[order]
         if new_lab is None:
             new_lab, new_marg, new_amb = label_margin_ambiguity(new_vals, write)
         elif need.any():  # the decoded nodes' own values replace the interpolated ones
             new_lab[need], new_marg[need], new_amb[need] = label_margin_ambiguity(new_vals[need], write)
-        node_lab = np.concatenate([node_lab, new_lab])[order]
-        node_marg = np.concatenate([node_marg, new_marg])[order]
-        node_amb = np.concatenate([node_amb, new_amb])[order]
+        vals, exact = np.concatenate([vals, new_vals]), np.concatenate([exact, need])
+        node_lab, node_marg = np.concatenate([node_lab, new_lab]), np.concatenate([node_marg, new_marg])
+        node_amb, node_ijk = np.concatenate([node_amb, new_amb]), np.concatenate([node_ijk, new_ijk])
         children = np.array(list(product(*[range(s) for s in split])), dtype=np.int64)
+        child_corners = np.ravel_multi_index((children[:, None, :] + _CORNERS[None]).reshape(-1, 3).T, tuple(split + 1))
+        at = table[:, child_corners].reshape(-1, 8)
         cells = (cells[:, None, :] * split + children[None]).reshape(-1, 3)
         stride = child_stride
     if not final_done:  # the coarse lattice was already the voxel lattice: its nodes are the voxels
-        node = np.stack(np.unravel_index(keys, dims), -1)
-        keep = np.all(node < np.array(out.shape), axis=1) & exact
-        out[tuple(node[keep].T)] = node_lab[keep]
+        keep = np.all(node_ijk < np.array(out.shape), axis=1) & exact
+        out[tuple(node_ijk[keep].T)] = node_lab[keep]
     crop = tuple(slice(0, int(n)) for n in size)
     return out[crop], {"levels": per_level}

@@ -212,6 +212,50 @@ def test_detached_pieces_are_removed_by_physical_distance():
         complete_label_map(np.zeros((4, 4, 4), np.int16), "unused.safetensors", max_detached_mm=-1.0)
 
 
+@pytest.mark.parametrize("backend", ["scipy", "cc3d"])
+def test_pieces_are_the_same_with_either_backend(monkeypatch, backend):
+    """Connected pieces (26-connected) come from the optional cc3d package when installed, else
+    scipy: both give the partition of a direct reference (scipy's label with the full 3x3x3
+    structure), whatever their numbering, on a mask with pieces touching at faces, edges, corners."""
+    import sys
+
+    from scipy import ndimage
+
+    from HeartCompletionLib.inference.islands import label_pieces
+
+    if backend == "cc3d":
+        pytest.importorskip("cc3d", reason="the optional cc3d package (extra fast) is not installed")
+    else:
+        monkeypatch.setitem(sys.modules, "cc3d", None)  # makes `import cc3d` raise ImportError
+    mask = np.random.default_rng(11).random((30, 24, 17)) < 0.1  # sparse: many pieces
+    pieces, count = label_pieces(mask)
+    reference, ref_count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    assert count == ref_count > 10 and pieces.shape == mask.shape
+    assert np.array_equal(pieces > 0, mask)
+    pairs = np.unique(np.stack([pieces[mask].astype(np.int64), reference[mask]]), axis=1)
+    assert pairs.shape[1] == count  # one to one: every piece of one is exactly one piece of the other
+
+
+def test_presence_bits_match_a_direct_reference():
+    """The per-block label bits the detached-piece rule works on, against a loop over the blocks:
+    sizes that are not whole blocks, several slabs and a partial last one, labels up to 63."""
+    from HeartCompletionLib.inference.islands import _presence_bits
+
+    rng = np.random.default_rng(5)
+    for high, shape, block in ((31, (13, 7, 9), (3, 2, 4)), (63, (8, 10, 5), (2, 5, 1))):
+        labels = rng.integers(0, high + 1, size=shape).astype(np.int16)
+        labels[rng.random(shape) < 0.7] = 0  # mostly background: some blocks hold few labels
+        bits = _presence_bits(labels, block, slab_blocks=2)
+        expected = np.zeros(tuple(-(-n // b) for n, b in zip(shape, block)), dtype=np.uint64)
+        for index in np.ndindex(*expected.shape):
+            part = labels[tuple(slice(i * b, (i + 1) * b) for i, b in zip(index, block))]
+            for value in np.unique(part):
+                expected[index] |= np.uint64(1) << np.uint64(value)
+        assert np.array_equal(bits, expected), (shape, block)
+    with pytest.raises(ValueError, match="0..63"):
+        _presence_bits(np.full((2, 2, 2), 64, dtype=np.int16), (1, 1, 1))
+
+
 def test_progress_increases_and_cancel_stops(checkpoint, completed_iso):
     _, source, _ = completed_iso
     fractions, messages = [], []

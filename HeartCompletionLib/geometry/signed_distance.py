@@ -93,8 +93,10 @@ def _edt_both_sides(inside: np.ndarray, spacing, threads: int) -> np.ndarray:
     return edt.edt(two_labels, anisotropy=tuple(float(s) for s in spacing), parallel=threads)
 
 
-def _edt_outside(outside: np.ndarray, spacing, threads: int) -> np.ndarray:
-    """Distance (mm, float32) from every True voxel centre to the nearest False one."""
+def edt_outside(outside: np.ndarray, spacing, threads: int | None = None) -> np.ndarray:
+    """Distance (mm, float32) from every True voxel centre to the nearest False one (the ``edt``
+    package when installed, else scipy; ``threads`` default :func:`default_threads`)."""
+    threads = default_threads() if threads is None else max(1, int(threads))
     try:
         import edt
     except ImportError:
@@ -173,7 +175,7 @@ class _CoarseGrid:
         part = part.reshape(nb[0], f[0], nb[1], f[1], nb[2], f[2]).any(axis=(1, 3, 5))
         occupied = np.zeros(tuple(self.shape), dtype=bool)
         occupied[a0[0] : a1[0] + 1, a0[1] : a1[1] + 1, a0[2] : a1[2] + 1] = part
-        return _edt_outside(~occupied, self.spacing * f, threads)
+        return edt_outside(~occupied, self.spacing * f, threads)
 
     def evaluate(self, distance_grids: np.ndarray, ijk: np.ndarray) -> np.ndarray:
         """(N, C) outside distances (mm) at voxel indices from (I, J, K, C) block-centre grids."""

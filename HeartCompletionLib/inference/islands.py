@@ -43,6 +43,26 @@ _DETACHED_SAMPLE_MM = 1.0
 _DETACHED_BLOCK_MM = 2.0
 
 
+def label_pieces(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """The 26-connected pieces of a boolean mask: ``(labels, count)``, 0 outside, 1..count inside
+    (numbered in any order). The ``cc3d`` package (extra "fast") when installed, about 6x faster
+    than scipy's ``ndimage.label``, which is used otherwise; the pieces are the same.
+
+    >>> mask = np.zeros((5, 5, 5), dtype=bool)
+    >>> mask[0, 0, 0] = mask[1, 1, 1] = mask[3, 3, 3] = True  # the first two touch at a corner
+    >>> label_pieces(mask)[1]
+    2
+    """
+    try:
+        import cc3d
+    except ImportError:  # optional (extra "fast")
+        from scipy import ndimage
+
+        return ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    pieces, count = cc3d.connected_components(mask, connectivity=26, return_N=True)
+    return pieces, int(count)
+
+
 def remove_small_islands(labels: np.ndarray, values: Iterable[int], min_fraction: float = DEFAULT_MIN_ISLAND_FRACTION,
                          where: np.ndarray | None = None) -> dict[int, int]:
     """Clear (in place) the small pieces of each label in ``values``; returns voxels removed per label.
@@ -50,24 +70,23 @@ def remove_small_islands(labels: np.ndarray, values: Iterable[int], min_fraction
     ``where`` (bool, same shape): only voxels there may be removed (e.g. the newly written ones);
     pieces are still measured on the whole label. ``min_fraction <= 0`` removes nothing.
     """
-    from scipy import ndimage
-
     removed: dict[int, int] = {}
     if min_fraction <= 0:
         return removed
-    structure = np.ones((3, 3, 3), dtype=bool)
     for value in values:
         mask = labels == value
         if not mask.any():
             continue
-        pieces, count = ndimage.label(mask, structure=structure)
+        pieces, count = label_pieces(mask)
         if count < 2:
             continue
-        sizes = np.bincount(pieces.ravel())[1:]
-        small = np.flatnonzero(sizes < min_fraction * sizes.max()) + 1
-        if len(small) == 0:
+        sizes = np.bincount(pieces.ravel())
+        sizes[0] = 0
+        small = sizes < min_fraction * sizes.max()
+        small[0] = False
+        if not small.any():
             continue
-        drop = np.isin(pieces, small)
+        drop = small[pieces]  # a lookup per voxel (np.isin sorts)
         if where is not None:
             drop &= where
         labels[drop] = 0
@@ -98,6 +117,8 @@ def remove_detached_pieces(labels: np.ndarray, values: Iterable[int], spacing_mm
     """
     from scipy import ndimage
 
+    from HeartCompletionLib.geometry.signed_distance import edt_outside
+
     removed: dict[int, int] = {}
     values = [int(v) for v in values]
     if max_gap_mm <= 0 or not values:
@@ -114,23 +135,23 @@ def remove_detached_pieces(labels: np.ndarray, values: Iterable[int], spacing_mm
     present = _presence_bits(labels[::step[0], ::step[1], ::step[2]], block)
     for value in values:
         here = ((present >> np.uint64(value)) & np.uint64(1)).astype(bool)
-        pieces, count = ndimage.label(here, structure=structure)
+        pieces, count = label_pieces(here)
         if count < 2:
             continue
         others = (present & ~np.uint64((1 << value) | 1)) != 0
         attached = np.zeros(count + 1, dtype=bool)
-        if others.any():  # each piece's distance to the other structures
-            gap = ndimage.distance_transform_edt(~others, sampling=block_mm)
-            attached[1:] = np.asarray(ndimage.minimum(gap, labels=pieces, index=np.arange(1, count + 1))) <= limit
+        if others.any():  # the pieces touching another structure (26-neighbouring blocks: within the limit)
+            attached[np.unique(pieces[ndimage.binary_dilation(others, structure=structure)])] = True
+            attached[0] = False
         boxes = ndimage.find_objects(pieces)
         reach = np.ceil(limit / block_mm).astype(int) + 1
-        for k in np.flatnonzero(~attached[1:]) + 1:  # the rest: distance to the label's other pieces,
-            crop = tuple(slice(max(0, b.start - r), min(n, b.stop + r))  # within reach of the piece
+        for k in np.flatnonzero(~attached[1:]) + 1:  # the rest: distance to the other structures and the
+            crop = tuple(slice(max(0, b.start - r), min(n, b.stop + r))  # label's other pieces, within reach
                          for b, r, n in zip(boxes[k - 1], reach, pieces.shape))
             this = pieces[crop] == k
             rest = others[crop] | ((pieces[crop] > 0) & ~this)
             if rest.any():
-                attached[k] = bool(ndimage.distance_transform_edt(~this, sampling=block_mm)[rest].min() <= limit)
+                attached[k] = bool(edt_outside(~this, block_mm)[rest].min() <= limit)
         if attached[1:].all() or not attached[1:].any():
             continue
         count_removed = 0
@@ -152,18 +173,32 @@ def remove_detached_pieces(labels: np.ndarray, values: Iterable[int], spacing_mm
 def _presence_bits(labels: np.ndarray, block, slab_blocks: int = 16) -> np.ndarray:
     """For each ``block``-sized block, a uint64 with bit ``v`` set if label ``v`` (0-63) occurs in it;
     computed slab by slab along the first axis (a few tens of MB at a time on a CT grid)."""
-    if labels.size and (int(labels.min()) < 0 or int(labels.max()) > 63):
-        raise ValueError(f"labels must be in 0..63 to measure detached pieces, got {labels.min()}..{labels.max()}")
-    dtype = np.uint32 if labels.size == 0 or int(labels.max()) < 32 else np.uint64
+    low, high = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
+    if low < 0 or high > 63:
+        raise ValueError(f"labels must be in 0..63 to measure detached pieces, got {low}..{high}")
+    dtype = np.uint32 if high < 32 else np.uint64
     coarse = [-(-n // b) for n, b in zip(labels.shape, block)]
     out = np.zeros(coarse, dtype=np.uint64)
     rows = slab_blocks * int(block[0])
     for start in range(0, labels.shape[0], rows):
         bits = np.left_shift(dtype(1), labels[start:start + rows].astype(dtype))
-        view = _blocks(bits, block)
         first = start // int(block[0])
-        out[first:first + view.shape[0]] = np.bitwise_or.reduce(
-            np.bitwise_or.reduce(np.bitwise_or.reduce(view, axis=5), axis=3), axis=1)
+        for axis, b in enumerate(block):  # OR of the b strided slices per axis (a reduce over a short
+            b = int(b)  # strided axis is several times slower)
+            if b == 1:
+                continue
+            if bits.shape[axis] % b:
+                pad = [(0, 0)] * 3
+                pad[axis] = (0, (-bits.shape[axis]) % b)
+                bits = np.pad(bits, pad)
+            index = [slice(None)] * 3
+            index[axis] = slice(0, None, b)
+            pooled = bits[tuple(index)].copy()
+            for offset in range(1, b):
+                index[axis] = slice(offset, None, b)
+                pooled |= bits[tuple(index)]
+            bits = pooled
+        out[first:first + bits.shape[0]] = bits
     return out
 
 
@@ -173,11 +208,3 @@ def _voxels_of_blocks(blocks: np.ndarray, block, shape) -> np.ndarray:
     for axis, b in enumerate(block):
         full = np.repeat(full, b, axis=axis)
     return full[: shape[0], : shape[1], : shape[2]]
-
-
-def _blocks(array: np.ndarray, block) -> np.ndarray:
-    """A 6-D view ``(I, bi, J, bj, K, bk)`` of ``array`` zero-padded to whole blocks."""
-    pad = [(0, (-n) % b) for n, b in zip(array.shape, block)]
-    padded = np.pad(array, pad) if any(p[1] for p in pad) else array
-    shape = [n // b for n, b in zip(padded.shape, block)]
-    return padded.reshape(shape[0], block[0], shape[1], block[1], shape[2], block[2])

@@ -634,7 +634,16 @@ def write_label_map(label_map: LabelMap, path, table=None) -> Path:
     return path
 
 
+#: single-file NIfTI-1: the 348-byte header, 4 bytes of (no) extensions, then the voxels
+_NIFTI_VOX_OFFSET = 352
+#: gzip level of .nii.gz (nibabel's default; level 6 makes a CT label map 2x smaller, 1.0 -> 0.5 MB,
+#: and its compression 4x slower, 0.14 -> 0.52 s)
+NIFTI_GZIP_LEVEL = 1
+
+
 def _write_nifti(handle, data: np.ndarray, ijk_to_ras: np.ndarray, compress: bool) -> None:
+    """The bytes nibabel's ``Nifti1Image.to_bytes`` writes (tested), voxels in Fortran order
+    streamed from a tiled transpose (a CT label map: 0.2 s instead of 0.9 s)."""
     import nibabel as nib
 
     affine = np.asarray(ijk_to_ras, dtype=np.float64)
@@ -643,11 +652,31 @@ def _write_nifti(handle, data: np.ndarray, ijk_to_ras: np.ndarray, compress: boo
     img.set_qform(affine, code=1)
     img.header.set_xyzt_units("mm")
     img.header.set_data_dtype(data.dtype)
+    img.update_header()
+    header = img.header.copy()
+    header.set_data_offset(_NIFTI_VOX_OFFSET)
+    header.set_slope_inter(1.0, 0.0)  # what nibabel writes for unscaled integer voxels
+    head = header.binaryblock + b"\0" * (_NIFTI_VOX_OFFSET - len(header.binaryblock))
+    voxels = _fortran_order(data)
     if compress:  # no file name or time stamp in the gzip header: same data, same bytes
-        with gzip.GzipFile(filename="", mode="wb", fileobj=handle, compresslevel=6, mtime=0) as stream:
-            stream.write(img.to_bytes())
+        with gzip.GzipFile(filename="", mode="wb", fileobj=handle, compresslevel=NIFTI_GZIP_LEVEL, mtime=0) as stream:
+            stream.write(head)
+            stream.write(memoryview(voxels).cast("B"))
     else:
-        handle.write(img.to_bytes())
+        handle.write(head)
+        handle.write(memoryview(voxels).cast("B"))
+
+
+def _fortran_order(data: np.ndarray, tile: int = 32) -> np.ndarray:
+    """``data`` (I, J, K) as a C-contiguous (K, J, I) array, i.e. its Fortran-order voxels, copied
+    tile by tile over (I, J): a whole-array transpose of a CT grid strides through memory and takes
+    3x longer."""
+    ni, nj, _ = data.shape
+    out = np.empty(data.shape[::-1], dtype=data.dtype)
+    for i0 in range(0, ni, tile):
+        for j0 in range(0, nj, tile):
+            out[:, j0:j0 + tile, i0:i0 + tile] = data[i0:i0 + tile, j0:j0 + tile, :].transpose(2, 1, 0)
+    return out
 
 
 def _write_nrrd(handle, data: np.ndarray, ijk_to_ras: np.ndarray, table: StructureTable | None) -> None:

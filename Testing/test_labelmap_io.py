@@ -392,3 +392,17 @@ def test_nifti_bytes_are_nibabels(tmp_path):
         assert gzip.decompress(packed.read_bytes()) == reference
         back = nib.load(packed)
         assert np.array_equal(np.asanyarray(back.dataobj), labels) and np.allclose(back.affine, matrix)
+
+
+def test_fortran_order_voxels_become_c_order_in_tiles():
+    """What nibabel and pynrrd return (Fortran order) is made C-contiguous tile by tile, cast on the
+    way; the values are numpy's own conversion's, on sizes that are not whole tiles."""
+    from HeartCompletionLib.io.labelmap_files import _c_order
+
+    rng = np.random.default_rng(4)
+    fortran = np.asfortranarray(rng.integers(0, 11, size=(45, 33, 7)).astype(np.uint8))
+    out = _c_order(fortran, np.int16)
+    assert out.flags.c_contiguous and out.dtype == np.int16 and np.array_equal(out, fortran)
+    already = rng.integers(0, 5, size=(4, 5, 6)).astype(np.int16)
+    assert _c_order(already) is already  # already C order: no copy
+    assert np.array_equal(_c_order(np.asfortranarray(already[..., 0])), already[..., 0])  # 2-D: numpy's copy

@@ -220,7 +220,7 @@ def read_label_map(path, table=None, convention=None, max_voxels=None) -> LabelM
             labels, ijk_to_ras, meta = _read_nrrd(path, table, convention, max_voxels)
         meta["format"] = suffix
         # C order whatever the file's layout, so downstream ravel/reshape never copy by surprise
-        return LabelMap(np.ascontiguousarray(labels), ijk_to_ras, source=str(path), metadata=meta)
+        return LabelMap(_c_order(labels), ijk_to_ras, source=str(path), metadata=meta)
     except LabelMapError:
         raise
     except MemoryError as exc:
@@ -321,7 +321,7 @@ def _integer_values(path: Path, data: np.ndarray) -> np.ndarray:
 def _plain_labels(path, data, table, convention) -> np.ndarray:
     data = _integer_values(path, data)
     if convention in (None, "", "default") and (data.size == 0 or int(data.max()) <= len(table)):
-        return data.astype(np.int16, order="C")  # already table values: skip the lookup (a CT-sized map is 70M voxels)
+        return _c_order(data, np.int16)  # already table values: skip the lookup (a CT-sized map is 70M voxels)
     _refuse_intensity_image(path, data, table, convention)
     return apply_convention(data, table, convention, source=str(path)).astype(np.int16, copy=False)
 
@@ -657,7 +657,7 @@ def _write_nifti(handle, data: np.ndarray, ijk_to_ras: np.ndarray, compress: boo
     header.set_data_offset(_NIFTI_VOX_OFFSET)
     header.set_slope_inter(1.0, 0.0)  # what nibabel writes for unscaled integer voxels
     head = header.binaryblock + b"\0" * (_NIFTI_VOX_OFFSET - len(header.binaryblock))
-    voxels = _fortran_order(data)
+    voxels = _axes_reversed(data)
     if compress:  # no file name or time stamp in the gzip header: same data, same bytes
         with gzip.GzipFile(filename="", mode="wb", fileobj=handle, compresslevel=NIFTI_GZIP_LEVEL, mtime=0) as stream:
             stream.write(head)
@@ -667,16 +667,24 @@ def _write_nifti(handle, data: np.ndarray, ijk_to_ras: np.ndarray, compress: boo
         handle.write(memoryview(voxels).cast("B"))
 
 
-def _fortran_order(data: np.ndarray, tile: int = 32) -> np.ndarray:
-    """``data`` (I, J, K) as a C-contiguous (K, J, I) array, i.e. its Fortran-order voxels, copied
-    tile by tile over (I, J): a whole-array transpose of a CT grid strides through memory and takes
-    3x longer."""
+def _axes_reversed(data: np.ndarray, dtype=None, tile: int = 32) -> np.ndarray:
+    """``data`` (I, J, K) as a C-contiguous (K, J, I) array (cast to ``dtype`` on the way), copied
+    tile by tile over (I, J): a C array's Fortran-order voxels, or, given ``a.T``, a Fortran array
+    in C order. A whole-array transpose of a CT grid strides through memory: 3-10x slower."""
     ni, nj, _ = data.shape
-    out = np.empty(data.shape[::-1], dtype=data.dtype)
+    out = np.empty(data.shape[::-1], dtype=data.dtype if dtype is None else dtype)
     for i0 in range(0, ni, tile):
         for j0 in range(0, nj, tile):
             out[:, j0:j0 + tile, i0:i0 + tile] = data[i0:i0 + tile, j0:j0 + tile, :].transpose(2, 1, 0)
     return out
+
+
+def _c_order(data: np.ndarray, dtype=None) -> np.ndarray:
+    """``data`` C-contiguous (and of ``dtype``); a 3-D Fortran-order array (what nibabel and pynrrd
+    return) goes through :func:`_axes_reversed` (a CT label map: 0.2 s instead of 1.9 s)."""
+    if data.ndim == 3 and data.flags.f_contiguous and not data.flags.c_contiguous:
+        return _axes_reversed(data.T, dtype)
+    return np.ascontiguousarray(data, dtype=dtype)
 
 
 def _write_nrrd(handle, data: np.ndarray, ijk_to_ras: np.ndarray, table: StructureTable | None) -> None:

@@ -156,6 +156,35 @@ def test_complete_speed_times_stages_and_checks_fast_against_exact():
     assert "(exact decode)" in exact.strip().splitlines()[-1] and "accuracy" not in exact
 
 
+def test_decode_bookkeeping_replays_the_recorded_decode():
+    """The bundled model at 1 mm: the decode is recorded, replayed without the network asking for
+    the same points and giving the same labels; ``--module`` replays a given decode_grid.py."""
+    demo = BUNDLED_MODELS_DIR / "synthetic_demo.safetensors"
+    module = ROOT / "HeartCompletionLib" / "inference" / "decode_grid.py"
+    text = run_benchmark("decode_bookkeeping.py", "--checkpoint", str(demo), "--repeats", "1", "--module", str(module))
+    lines = text.strip().splitlines()
+    assert lines[0].startswith("command: python benchmarks/decode_bookkeeping.py --checkpoint"), lines[0]
+    recorded = int(lines[1].split("recorded decode: ")[1].split(" queries")[0].replace(",", ""))
+    asked = int(lines[2].split("), ")[1].split(" queries asked")[0].replace(",", ""))
+    assert recorded == asked > 10_000, lines
+    assert "bookkeeping alone: " in lines[2] and "labels identical to the recorded decode" in lines[2], lines[2]
+
+
+def test_interpolation_error_compares_trilinear_and_cubic():
+    """The bundled model at 1 mm, two boxes: both interpolants' error quantiles are printed, each
+    ordered (median <= 90th <= 99th percentile) and a fraction of a millimetre."""
+    demo = BUNDLED_MODELS_DIR / "synthetic_demo.safetensors"
+    text = run_benchmark("interpolation_error.py", "--checkpoint", str(demo), "--boxes", "2", "--threads", "1")
+    lines = text.strip().splitlines()
+    assert lines[0].startswith("command: python benchmarks/interpolation_error.py --checkpoint"), lines[0]
+    assert "2 boxes of 13^3 voxels decoded" in lines[1], lines[1]
+    rows = [line for line in lines if " error (mm) median " in line]
+    assert [row.split()[0] for row in rows] == ["trilinear", "trilinear", "Catmull-Rom", "Catmull-Rom"], rows
+    for row in rows:
+        q = [float(row.split(name)[1].split()[0]) for name in ("median", "90th", "99th")]
+        assert 0.0 <= q[0] <= q[1] <= q[2] < 1.0, row
+
+
 @pytest.mark.slow
 def test_population_stats_prints_ranges_and_r2_with_and_without_modes():
     text = run_benchmark("population_stats.py", "--hearts", "12", "--spacing", "3", "--folds", "3")

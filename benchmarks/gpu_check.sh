@@ -50,7 +50,7 @@
 # for every background part. The parts left running at the end are waited for.
 #   PARTS="fps bg:real studydata bg:small study wait ct pack"     # issues 10, 11 and 13 in one call
 # Every part's time limit is cut to what is left of DEADLINE_S (default 580 s) from the start.
-# Set-up on the machine: the wheels in .whl/ (this project's wheel + nibabel, pynrrd, edt; see
+# Set-up on the machine: the wheels in .whl/ (this project's wheel + nibabel, pynrrd, edt, cc3d; see
 # docs/benchmarks.md, "GPU checks") are installed to /tmp/site. Results go to $OUT (default /tmp/gpu_check).
 #   DEVICE=cpu OUT=/tmp/x SWEEP_STEPS=20 PHASE1_STEPS=10 PHASE1_CASES=3 SPEED_CONFIGS=tiny BATCH=2 \
 #       SPEED_STEPS=1 bash benchmarks/gpu_check.sh                          # a dry run on CPU

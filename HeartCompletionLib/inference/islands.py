@@ -183,8 +183,9 @@ def _presence_bits(labels: np.ndarray, block, slab_blocks: int = 16) -> np.ndarr
     for start in range(0, labels.shape[0], rows):
         bits = np.left_shift(dtype(1), labels[start:start + rows].astype(dtype))
         first = start // int(block[0])
-        for axis, b in enumerate(block):  # OR of the b strided slices per axis (a reduce over a short
-            b = int(b)  # strided axis is several times slower)
+        # per axis, the OR of the b strided slices (several times faster than a reduce over a short
+        # strided axis of a 6-D view)
+        for axis, b in enumerate(int(v) for v in block):
             if b == 1:
                 continue
             if bits.shape[axis] % b:

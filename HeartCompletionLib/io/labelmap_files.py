@@ -681,7 +681,7 @@ def _axes_reversed(data: np.ndarray, dtype=None, tile: int = 32) -> np.ndarray:
 
 def _c_order(data: np.ndarray, dtype=None) -> np.ndarray:
     """``data`` C-contiguous (and of ``dtype``); a 3-D Fortran-order array (what nibabel and pynrrd
-    return) goes through :func:`_axes_reversed` (a CT label map: 0.2 s instead of 1.9 s)."""
+    return) goes through :func:`_axes_reversed` (a CT label map to int16: 0.3 s instead of 1.9 s)."""
     if data.ndim == 3 and data.flags.f_contiguous and not data.flags.c_contiguous:
         return _axes_reversed(data.T, dtype)
     return np.ascontiguousarray(data, dtype=dtype)

@@ -406,3 +406,19 @@ def test_fortran_order_voxels_become_c_order_in_tiles():
     already = rng.integers(0, 5, size=(4, 5, 6)).astype(np.int16)
     assert _c_order(already) is already  # already C order: no copy
     assert np.array_equal(_c_order(np.asfortranarray(already[..., 0])), already[..., 0])  # 2-D: numpy's copy
+
+
+def test_present_values_match_numpy_unique():
+    """Which labels occur, counted slab by slab, against ``np.unique``: uint8 and int16 volumes,
+    values above 255, a flat array, an empty one, and negative values (np.unique's own answer)."""
+    from HeartCompletionLib.io.labelmap import present_values
+
+    rng = np.random.default_rng(8)
+    cases = [rng.integers(0, 11, size=(9, 8, 7)).astype(np.uint8),
+             (rng.integers(0, 3, size=(6, 5, 4)) * 200).astype(np.int16),
+             rng.integers(0, 5, size=40).astype(np.int16),
+             np.zeros((0, 3, 3), dtype=np.int16),
+             np.array([[-2, 0], [5, 5]], dtype=np.int16)]
+    for labels in cases:
+        values = present_values(labels)
+        assert values.dtype == labels.dtype and np.array_equal(values, np.unique(labels)), labels.dtype

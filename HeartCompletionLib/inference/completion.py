@@ -50,7 +50,7 @@ import numpy as np
 
 from HeartCompletionLib.errors import HeartCompletionError
 from HeartCompletionLib.geometry.affine import direction_of, ijk_to_ras_points, spacing_of, validate_ijk_to_ras
-from HeartCompletionLib.io.labelmap import LabelMap
+from HeartCompletionLib.io.labelmap import LabelMap, present_values
 from HeartCompletionLib.model.encoder_input import encoder_arrays, encoder_centre_mm, select_encoder_points
 
 from .decode_grid import (
@@ -280,19 +280,6 @@ def closest_canonical(label_map: LabelMap) -> LabelMap:
     return LabelMap(labels, m, label_map.source, label_map.metadata)
 
 
-def _present_values(labels: np.ndarray) -> np.ndarray:
-    """``np.unique(labels)`` of an integer label volume, slab by slab (no full-size int64 copy)."""
-    if labels.size == 0 or labels.ndim == 0 or labels.dtype.kind not in "iu":
-        return np.unique(labels)
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high > 65_535:
-        return np.unique(labels)
-    counts = np.zeros(high + 1, dtype=np.int64)
-    for plane in labels:  # one slab at a time: the int64 cast stays small
-        counts += np.bincount(plane.ravel(), minlength=high + 1)
-    return np.flatnonzero(counts).astype(labels.dtype)
-
-
 def _fuse_slabs(sub: np.ndarray, region_labels: np.ndarray, labels) -> dict:
     """Write ``region_labels`` into the free (0) voxels of ``sub`` in place, one slab at a time (no
     full-size temporaries), and return the bounding box (slices) of each of ``labels`` in ``sub``."""
@@ -341,7 +328,7 @@ class _Input:
 def _label_map_given(label_map: LabelMap, table):
     """``(label_map, given labels)`` of a label map in the table's values (other values refused)."""
     k = len(table)
-    values = _present_values(label_map.labels)
+    values = present_values(label_map.labels)
     unknown = [int(v) for v in values if v < 0 or v > k]
     if unknown:
         raise CompletionError(

@@ -50,8 +50,7 @@ class LabelMap:
 
     def present_labels(self) -> list[int]:
         """Label values > 0 that occur in the map, sorted."""
-        values = np.unique(self.labels)
-        return [int(v) for v in values if v > 0]
+        return [int(v) for v in present_values(self.labels) if v > 0]
 
     def border_labels(self) -> list[int]:
         """Label values > 0 with a voxel on any of the six faces of the grid, sorted.
@@ -73,3 +72,21 @@ class LabelMap:
 
     def same_geometry(self, other: LabelMap, atol: float = 1e-4) -> bool:
         return self.shape == other.shape and np.allclose(self.ijk_to_ras, other.ijk_to_ras, atol=atol)
+
+
+def present_values(labels: np.ndarray) -> np.ndarray:
+    """``np.unique(labels)`` of an integer label volume by counting, slab by slab: O(n) and no
+    full-size int64 copy (a CT map: about 0.1 s instead of a 1 s sort).
+
+    >>> present_values(np.array([[[3, 0], [3, 7]]], dtype=np.int16)).tolist()
+    [0, 3, 7]
+    """
+    if labels.size == 0 or labels.ndim == 0 or labels.dtype.kind not in "iu":
+        return np.unique(labels)
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high > 65_535:
+        return np.unique(labels)
+    counts = np.zeros(high + 1, dtype=np.int64)
+    for plane in labels if labels.ndim > 1 else [labels]:  # one slab at a time: the int64 cast stays small
+        counts += np.bincount(plane.ravel(), minlength=high + 1)
+    return np.flatnonzero(counts).astype(labels.dtype)

@@ -57,7 +57,7 @@ from HeartCompletionLib.structures.conventions import apply_convention, load_con
 from HeartCompletionLib.structures.segment_mapping import match_segment, terminology_entry
 from HeartCompletionLib.structures.table import Structure, StructureTable
 
-from .labelmap import LabelMap
+from .labelmap import LabelMap, present_values
 from .metaimage import METAIMAGE_SUFFIXES
 
 SUPPORTED_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".seg.nrrd", ".mha", ".mhd")
@@ -605,7 +605,7 @@ def write_label_map(label_map: LabelMap, path, table=None) -> Path:
         raise LabelMapError(path, f"label values up to {top} do not fit int16")
     data = labels.astype(np.uint8 if top <= 255 else np.int16, copy=False)
     if suffix == ".seg.nrrd":
-        unknown = [v for v in np.unique(data).tolist() if v > len(table)]
+        unknown = [v for v in present_values(data).tolist() if v > len(table)]
         if unknown:
             raise LabelMapError(path, f"label values {unknown} are not in structure table {table.name!r}")
     try:
@@ -636,9 +636,9 @@ def write_label_map(label_map: LabelMap, path, table=None) -> Path:
 
 #: single-file NIfTI-1: the 348-byte header, 4 bytes of (no) extensions, then the voxels
 _NIFTI_VOX_OFFSET = 352
-#: gzip level of .nii.gz (nibabel's default; level 6 makes a CT label map 2x smaller, 1.0 -> 0.5 MB,
-#: and its compression 4x slower, 0.14 -> 0.52 s)
-NIFTI_GZIP_LEVEL = 1
+#: gzip level of .nii.gz and .nrrd (nibabel's default; level 6 makes a CT label map 2x smaller,
+#: 1.0 -> 0.5 MB, and its compression 4x slower, 0.14 -> 0.52 s)
+GZIP_LEVEL = 1
 
 
 def _write_nifti(handle, data: np.ndarray, ijk_to_ras: np.ndarray, compress: bool) -> None:
@@ -659,7 +659,7 @@ def _write_nifti(handle, data: np.ndarray, ijk_to_ras: np.ndarray, compress: boo
     head = header.binaryblock + b"\0" * (_NIFTI_VOX_OFFSET - len(header.binaryblock))
     voxels = _axes_reversed(data)
     if compress:  # no file name or time stamp in the gzip header: same data, same bytes
-        with gzip.GzipFile(filename="", mode="wb", fileobj=handle, compresslevel=NIFTI_GZIP_LEVEL, mtime=0) as stream:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=handle, compresslevel=GZIP_LEVEL, mtime=0) as stream:
             stream.write(head)
             stream.write(memoryview(voxels).cast("B"))
     else:
@@ -706,7 +706,8 @@ def _write_nrrd(handle, data: np.ndarray, ijk_to_ras: np.ndarray, table: Structu
         broken = [k for k, v in header.items() if isinstance(v, str) and any(c in v for c in "\r\n\0")]
         if broken:  # a line break would end the field and garble the header (names come from checkpoints)
             raise ValueError(f"segment fields {broken} contain line breaks")
-    nrrd.write(handle, data, header, index_order="F", compression_level=6)
+    # pynrrd writes ``tobytes(order="F")``: a Fortran-contiguous array makes that a plain copy
+    nrrd.write(handle, _axes_reversed(data).T, header, index_order="F", compression_level=GZIP_LEVEL)
 
 
 def _segmentation_header(data: np.ndarray, ijk_to_ras: np.ndarray, table: StructureTable) -> dict:
@@ -723,7 +724,7 @@ def _segmentation_header(data: np.ndarray, ijk_to_ras: np.ndarray, table: Struct
         "Segmentation_SourceRepresentation": "Binary labelmap",
         "Segmentation_ReferenceImageExtentOffset": "0 0 0",
     }
-    present = [int(v) for v in np.unique(data) if v > 0]
+    present = [int(v) for v in present_values(data) if v > 0]
     for i, label in enumerate(present):
         s = table.by_label(label)
         tags = f"Segmentation.Status:inprogress|TerminologyEntry:{terminology_entry(s)}|"

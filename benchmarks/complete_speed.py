@@ -53,6 +53,25 @@ def partial_heart(seed: int, spacing, drop, shape=None):
     return truth, LabelMap(labels, truth.ijk_to_ras, source=f"<synthetic seed={seed}, {spacing} mm>")
 
 
+def complete_with_decode_hook(checkpoint: str, ct: bool, hook):
+    """One completion of the benchmark's heart (seed 0, subset B completed; ``ct``: the CT grid,
+    else 1 mm) with ``checkpoint``, while ``completion.fast_hierarchical_labels`` is replaced by
+    ``hook(original)`` (other benchmarks record or capture the fast decode that way); returns the
+    :class:`CompletionResult`."""
+    from HeartCompletionLib.inference import completion
+    from HeartCompletionLib.model.checkpoint import load_inference_checkpoint
+
+    spacing, shape = (CT_SPACING_MM, CT_SHAPE) if ct else (1.0, None)
+    model = load_inference_checkpoint(checkpoint)  # before the heart: a bad file fails at once
+    _, source = partial_heart(0, spacing, list(B_SUBSET), shape)
+    original = completion.fast_hierarchical_labels
+    completion.fast_hierarchical_labels = hook(original)
+    try:
+        return completion.complete_label_map(source, model)
+    finally:
+        completion.fast_hierarchical_labels = original
+
+
 def fit_model(path: Path, config: str, seed: int, spacing: float, drop, steps: int = 300, lr: float = 2e-3,
               points: int = 60_000) -> None:
     """A ``config`` model fitted to one heart's signed distances (mm / S) for the encoder input of

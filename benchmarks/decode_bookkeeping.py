@@ -30,37 +30,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def record(checkpoint: str, ct: bool, threads: int) -> dict:
     """The arguments, the query points and answers, and the labels of one fast decode."""
-    import complete_speed as cs
     import torch
-
-    from HeartCompletionLib.inference import completion
-    from HeartCompletionLib.model.checkpoint import load_inference_checkpoint
+    from complete_speed import complete_with_decode_hook
 
     torch.set_num_threads(threads)
-    spacing, shape = (cs.CT_SPACING_MM, cs.CT_SHAPE) if ct else (1.0, None)
-    _, source = cs.partial_heart(0, spacing, list(cs.B_SUBSET), shape)
     recorded: dict = {}
-    original = completion.fast_hierarchical_labels
 
-    def recording(decode, *args, **kwargs):
-        points, values = [], []
+    def recording(original):
+        def fast_hierarchical_labels(decode, *args, **kwargs):
+            points, values = [], []
 
-        def network(p, report):
-            v = decode(p, report)
-            points.append(p.copy())
-            values.append(v.copy())
-            return v
+            def network(p, report):
+                v = decode(p, report)
+                points.append(p.copy())
+                values.append(v.copy())
+                return v
 
-        labels, stats = original(network, *args, **kwargs)
-        recorded.update(args=args, kwargs=kwargs, points=np.concatenate(points), values=np.concatenate(values),
-                        labels=labels, stats=stats)
-        return labels, stats
+            labels, stats = original(network, *args, **kwargs)
+            recorded.update(args=args, kwargs=kwargs, points=np.concatenate(points),
+                            values=np.concatenate(values), labels=labels, stats=stats)
+            return labels, stats
 
-    completion.fast_hierarchical_labels = recording
-    try:
-        completion.complete_label_map(source, load_inference_checkpoint(checkpoint))
-    finally:
-        completion.fast_hierarchical_labels = original
+        return fast_hierarchical_labels
+
+    complete_with_decode_hook(checkpoint, ct, recording)
     return recorded
 
 
@@ -112,6 +105,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="replays (the best is reported; default 3)")
     p.add_argument("--module", default=None, help="another decode_grid.py to replay (default: the library's)")
     args = p.parse_args(argv)
+    if not Path(args.checkpoint).is_file():
+        p.error(f"--checkpoint {args.checkpoint}: no such file")
     print("command: python benchmarks/decode_bookkeeping.py " + " ".join(sys.argv[1:] if argv is None else argv),
           flush=True)
     if args.module:

@@ -47,13 +47,6 @@ def _interpolate(nodes: np.ndarray, stride: int, kind: str) -> np.ndarray:
     return along(along(along(nodes, 0), 1), 2)
 
 
-def _two_smallest_error(exact: np.ndarray, approx: np.ndarray) -> np.ndarray:
-    k = min(2, exact.shape[-1])
-    a = np.sort(np.partition(exact, k - 1, axis=-1)[..., :k], axis=-1)
-    b = np.sort(np.partition(approx, k - 1, axis=-1)[..., :k], axis=-1)
-    return np.abs(a - b).max(axis=-1)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="inference checkpoint (.safetensors)")
@@ -64,31 +57,27 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--seed", type=int, default=1, help="seed of the box centres")
     args = p.parse_args(argv)
+    if not Path(args.checkpoint).is_file():
+        p.error(f"--checkpoint {args.checkpoint}: no such file")
     print("command: python benchmarks/interpolation_error.py " + " ".join(sys.argv[1:] if argv is None else argv),
           flush=True)
-    import complete_speed as cs
     import torch
+    from complete_speed import complete_with_decode_hook
 
     from HeartCompletionLib.geometry.affine import ijk_to_ras_points
-    from HeartCompletionLib.inference import completion
-    from HeartCompletionLib.inference.decode_grid import label_margin_ambiguity
-    from HeartCompletionLib.model.checkpoint import load_inference_checkpoint
+    from HeartCompletionLib.inference.decode_grid import interpolation_error, label_margin_ambiguity
 
     torch.set_num_threads(args.threads)
-    spacing, shape = (cs.CT_SPACING_MM, cs.CT_SHAPE) if args.ct else (1.0, None)
-    _, source = cs.partial_heart(0, spacing, list(cs.B_SUBSET), shape)
     captured = {}
-    original = completion.fast_hierarchical_labels
 
-    def capturing(decode, write, lo, hi, ijk_to_ras, *rest, **kwargs):
-        captured.update(decode=decode, write=np.asarray(write), ijk_to_ras=ijk_to_ras)
-        return original(decode, write, lo, hi, ijk_to_ras, *rest, **kwargs)
+    def capturing(original):
+        def fast_hierarchical_labels(decode, write, lo, hi, ijk_to_ras, *rest, **kwargs):
+            captured.update(decode=decode, write=np.asarray(write), ijk_to_ras=ijk_to_ras)
+            return original(decode, write, lo, hi, ijk_to_ras, *rest, **kwargs)
 
-    completion.fast_hierarchical_labels = capturing
-    try:
-        result = completion.complete_label_map(source, load_inference_checkpoint(args.checkpoint))
-    finally:
-        completion.fast_hierarchical_labels = original
+        return fast_hierarchical_labels
+
+    result = complete_with_decode_hook(args.checkpoint, args.ct, capturing)
     labels = result.label_map.labels
     boundary = np.zeros(labels.shape, dtype=bool)
     for value in result.completed_labels:
@@ -115,7 +104,8 @@ def main(argv=None) -> int:
         near.append(label_margin_ambiguity(inner, captured["write"])[2].ravel() < args.band)
         for kind in errors:
             approx = _interpolate(exact[::s, ::s, ::s], s, "trilinear" if kind == "trilinear" else "cubic")
-            errors[kind].append(_two_smallest_error(inner, approx).ravel())
+            errors[kind].append(interpolation_error(inner.reshape(-1, inner.shape[-1]),
+                                                    approx.reshape(-1, approx.shape[-1])))
     near = np.concatenate(near)
     print(f"{args.boxes} boxes of {n}^3 voxels decoded in {time.perf_counter() - t:.1f} s; nodes every {s} voxels; "
           f"{int(near.sum())} of {len(near)} inner voxels within {args.band} mm of a label change")

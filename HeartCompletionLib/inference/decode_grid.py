@@ -92,18 +92,23 @@ def _two_smallest(values: np.ndarray):
     return d1, d2
 
 
-def _measured_band(exact_vals: np.ndarray, interp_vals: np.ndarray, quantile: float) -> float:
-    """The ``quantile`` of the interpolation error (mm) of the two smallest competing distances at
-    decoded values."""
-    if len(exact_vals) == 0:
-        return 0.0
-    # the label depends on the two smallest distances only (their signs and their difference)
+def interpolation_error(exact_vals: np.ndarray, interp_vals: np.ndarray) -> np.ndarray:
+    """Per row of competing distances (n, C), the error (mm) that matters for the label: the larger
+    of the errors of the smallest and of the second smallest distance (the label depends on those
+    two only: their signs and their difference)."""
     e1, e2 = _two_smallest(exact_vals)
     i1, i2 = _two_smallest(interp_vals)
     err = np.abs(e1 - i1)
     if exact_vals.shape[-1] > 1:
         np.maximum(err, np.abs(e2 - i2), out=err)
-    return float(np.quantile(err, quantile))
+    return err
+
+
+def _measured_band(exact_vals: np.ndarray, interp_vals: np.ndarray, quantile: float) -> float:
+    """The ``quantile`` of the :func:`interpolation_error` at decoded values."""
+    if len(exact_vals) == 0:
+        return 0.0
+    return float(np.quantile(interpolation_error(exact_vals, interp_vals), quantile))
 
 
 def _trilinear_weights(t: np.ndarray) -> np.ndarray:

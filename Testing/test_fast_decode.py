@@ -142,10 +142,12 @@ def test_options_are_validated_with_clear_errors(demo, fine_partial):
     with pytest.raises(CompletionError, match=r"decode must be one of fast, exact, got 'slow'"):
         complete_label_map(fine_partial, demo, decode="slow")
     with pytest.raises(CompletionError, match=r"option 'band' is unknown \(known: interp_cell_mm, node_band, voxel_band, "
-                                              r"error_quantile\)"):
+                                              r"error_quantile, dice_loss\)"):
         complete_label_map(fine_partial, demo, fast_options={"band": 0.1})
     with pytest.raises(CompletionError, match=r"error_quantile must be a fraction in \[0, 1\], got 1.5"):
         complete_label_map(fine_partial, demo, fast_options={"error_quantile": 1.5})
+    with pytest.raises(CompletionError, match=r"dice_loss must be a fraction in \[0, 1\], got 2"):
+        complete_label_map(fine_partial, demo, fast_options={"dice_loss": 2})
     for bad in (-0.1, float("nan"), float("inf"), "wide", None):
         with pytest.raises(CompletionError, match=r"voxel_band must be a number >= 0"):
             complete_label_map(fine_partial, demo, fast_options={"voxel_band": bad})
@@ -211,26 +213,53 @@ def test_settled_voxels_are_left_undecoded_and_change_nothing_else():
     assert [level["queries"] for level in everything["levels"]][1:] == [0] * (len(everything["levels"]) - 1)
 
 
-def test_a_lower_error_quantile_decodes_less_of_a_rough_field():
-    """``error_quantile`` sets how far the measured interpolation error widens the bands: on a rough
-    field (the analytic balls plus a ripple of 1.6 mm wavelength, like an under-trained network's)
-    the median decodes fewer voxels than the 99th percentile, and both more than no widening."""
-    from HeartCompletionLib.inference.decode_grid import fast_hierarchical_labels
-
+def _rippled_balls(amplitude: float, wavelength: float):
+    """Two overlapping analytic balls (labels 6, 7) on a 0.4 x 0.4 x 0.5 mm grid, plus a ripple of
+    ``amplitude`` mm and ``wavelength`` mm (like an under-trained network's field): the
+    ``fast_hierarchical_labels`` arguments."""
     ijk_to_ras = np.diag([0.4, 0.4, 0.5, 1.0])
     size = np.array([64, 64, 56])
     centres, radii = np.array([[12.0, 13.0, 14.0], [15.0, 13.0, 14.0]]), np.array([7.0, 5.0])
 
     def decode(points, report):
-        ripple = 0.1 * np.sin(2 * np.pi * points / 1.6).sum(-1, keepdims=True)
+        ripple = amplitude * np.sin(2 * np.pi * points / wavelength).sum(-1, keepdims=True)
         return (np.linalg.norm(points[:, None] - centres[None], axis=-1) - radii + ripple).astype(np.float32)
 
-    def queries(q):
-        args = (decode, np.array([6, 7]), [0, 0, 0], size, ijk_to_ras, [8, 8, 8], 1.0, lambda f: None)
-        stats = fast_hierarchical_labels(*args, error_quantile=q)[1]
-        return sum(level["queries"] for level in stats["levels"])
+    return (decode, np.array([6, 7]), [0, 0, 0], size, ijk_to_ras, [8, 8, 8], 1.0, lambda f: None)
 
-    assert queries(0.0) < queries(0.5) < queries(0.9) < queries(0.99)
+
+def test_the_dice_budget_bounds_what_the_finest_level_leaves_interpolated():
+    """``dice_loss``: a larger budget decodes fewer voxels at the finest level, the loss of Dice
+    against the exact decode (every voxel of the same cells) stays within it, and the expected
+    wrong labels reported grow with it. On a ripple of 1.6 mm wavelength, finer than the 2-voxel
+    lattice, so no interpolation removes it."""
+    from HeartCompletionLib.inference.decode_grid import fast_hierarchical_labels
+
+    args = _rippled_balls(0.1, 1.6)
+    exact = fast_hierarchical_labels(*args, interp_cell_mm=0.0)[0]
+    finest, expected = [], []
+    for budget in (0.0, 0.002, 0.01, 0.05):
+        labels, stats = fast_hierarchical_labels(*args, dice_loss=budget)
+        finest.append(stats["levels"][-1]["queries"])
+        expected.append(stats["levels"][-1]["expected_wrong"])
+        for w in (6, 7):
+            a, b = labels == w, exact == w
+            assert 1 - (a ^ b).sum() / (a.sum() + b.sum()) >= 1 - max(budget, 0.001), (budget, w)
+    assert finest[0] > finest[1] > finest[2] > finest[3]
+    assert expected[0] == 0.0 < expected[1] < expected[2] < expected[3]
+
+
+def test_a_lower_error_quantile_decodes_fewer_nodes_of_a_rough_field():
+    """``error_quantile`` sets how far the measured interpolation error widens the node bands of
+    the coarser interpolated levels: on a ripple of 3.2 mm wavelength (the 2-4 mm lattices' scale)
+    the median decodes fewer lattice nodes than the 90th percentile, and that fewer than the 99th."""
+    from HeartCompletionLib.inference.decode_grid import fast_hierarchical_labels
+
+    def nodes(q):
+        levels = fast_hierarchical_labels(*_rippled_balls(0.5, 3.2), error_quantile=q)[1]["levels"]
+        return sum(level["queries"] for level in levels[1:-1])
+
+    assert nodes(0.5) < nodes(0.9) < nodes(0.99)
 
 
 def test_settled_cells_match_a_padded_reference_on_odd_sizes():

@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     p.add_argument("--grid_spacing_mm", type=float, default=None, help="coarse lattice (default: completion's)")
     p.add_argument("--refine_factor", type=float, default=None, help="refinement band (default: completion's)")
     p.add_argument("--fast_option", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                   help="fast decode option (interp_cell_mm, node_band, voxel_band, error_quantile), repeatable")
+                   help="fast decode option (interp_cell_mm, node_band, voxel_band, error_quantile, dice_loss), repeatable")
     p.add_argument("--repeats", type=int, default=1, help="timed completions (the best is reported)")
     p.add_argument("--fit_steps", type=int, default=300, help="Adam steps of the fit (default 300)")
     p.add_argument("--latent_fit_steps", type=int, default=None, metavar="N",

@@ -54,6 +54,7 @@ from HeartCompletionLib.io.labelmap import LabelMap, present_values
 from HeartCompletionLib.model.encoder_input import encoder_arrays, encoder_centre_mm, select_encoder_points
 
 from .decode_grid import (
+    DEFAULT_DICE_LOSS,
     DEFAULT_ERROR_QUANTILE,
     DEFAULT_INTERP_CELL_MM,
     DEFAULT_NODE_BAND,
@@ -86,7 +87,8 @@ DEFAULT_CPU_CHUNK = 4_096
 DECODE_MODES = ("fast", "exact")
 DEFAULT_DECODE = "fast"
 FAST_OPTION_DEFAULTS = {"interp_cell_mm": DEFAULT_INTERP_CELL_MM, "node_band": DEFAULT_NODE_BAND,
-                        "voxel_band": DEFAULT_VOXEL_BAND, "error_quantile": DEFAULT_ERROR_QUANTILE}
+                        "voxel_band": DEFAULT_VOXEL_BAND, "error_quantile": DEFAULT_ERROR_QUANTILE,
+                        "dice_loss": DEFAULT_DICE_LOSS}
 
 _CORNERS = np.array(list(product((0, 1), repeat=3)), dtype=np.int64)
 # progress fractions: sampling+encoding, then decoding, then fusion
@@ -187,8 +189,8 @@ def _check_decode(decode, fast_options) -> dict:
             value = float("nan")
         if not (np.isfinite(value) and value >= 0):
             raise CompletionError(f"fast decode option {key} must be a number >= 0, got {fast_options[key]!r}")
-        if key == "error_quantile" and value > 1:
-            raise CompletionError(f"fast decode option error_quantile must be a fraction in [0, 1], got {value:g}")
+        if key in ("error_quantile", "dice_loss") and value > 1:
+            raise CompletionError(f"fast decode option {key} must be a fraction in [0, 1], got {value:g}")
         options[key] = value
     return options
 
@@ -822,8 +824,8 @@ def complete_label_map(
     more than ``max_detached_mm`` (default 15) from every other structure while another piece of the
     same structure is attached (0 keeps them). ``decode``: ``"fast"``
     (default) or ``"exact"`` (see the module docstring); ``fast_options`` tunes the fast decode
-    (``interp_cell_mm``, ``node_band``, ``voxel_band``, ``error_quantile``, see :mod:`.decode_grid`); an unknown mode,
-    key or a negative value raises :class:`CompletionError`. ``chunk_size``: queries per model call
+    (``interp_cell_mm``, ``node_band``, ``voxel_band``, ``error_quantile``, ``dice_loss``, see
+    :mod:`.decode_grid`); an unknown mode, key or a negative value raises :class:`CompletionError`. ``chunk_size``: queries per model call
     (default 4,096 on the CPU, 16,384 on a GPU). ``output_grid``: ``(shape, ijk_to_ras)`` of another
     grid to write the result on (:mod:`.output_grid`: grown, resampled or a reference image's); the
     given structures are carried onto it by nearest neighbour and kept, their surfaces still

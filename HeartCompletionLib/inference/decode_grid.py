@@ -11,7 +11,10 @@ diagonal (the unit of the refinement test, so they scale with the cell):
 - a lattice node of a finer level is decoded when its ambiguity is under ``node_band`` x half
   the parent cell's diagonal (so the nodes around every surface are exact, and the voxels below
   interpolate from exact corners);
-- a voxel is decoded when its ambiguity is under ``voxel_band`` x half the diagonal of its cell.
+- a voxel is decoded when its ambiguity is under ``voxel_band`` x half the diagonal of its cell;
+  beyond that band, the finest level decodes the least ambiguous voxels of each structure until the
+  labels expected wrong among the rest (from the interpolation errors measured at the voxels just
+  decoded) cost it at most ``dice_loss`` of Dice against the exact decode (:func:`_over_budget`).
 
 The *ambiguity* of a vector of competing distances ``d`` (mm, negative inside) is how far it is
 from changing the voxel's label: ``|d1|`` (the smallest distance against the zero level), and
@@ -32,6 +35,7 @@ finest level, and cells made only of them are not refined.
 from __future__ import annotations
 
 import time
+from functools import partial
 from itertools import product
 from typing import Callable
 
@@ -51,6 +55,15 @@ DEFAULT_VOXEL_BAND = 0.088
 #: under-trained network) is decoded more exactly instead of being smoothed over. A lower quantile
 #: decodes fewer voxels of a rough field at some accuracy (``docs/benchmarks.md``)
 DEFAULT_ERROR_QUANTILE = 0.99
+
+#: at the finest level, beyond the voxel band, a voxel is decoded only where the *expected* number
+#: of wrong labels left undecoded would cost a structure more than this much Dice against the exact
+#: decode (see :func:`_over_budget`); the estimate is conservative (it counts every error larger than
+#: the voxel's ambiguity, of either sign), so the loss measured is about half of it
+DEFAULT_DICE_LOSS = 0.002
+#: fewer decoded voxels than this at the finest level give no error distribution to budget with:
+#: the band widened by the previous level's error is decoded instead
+MIN_ERROR_SAMPLES = 64
 
 _CORNERS = np.array(list(product((0, 1), repeat=3)), dtype=np.int64)
 
@@ -109,6 +122,96 @@ def _measured_band(exact_vals: np.ndarray, interp_vals: np.ndarray, quantile: fl
     if len(exact_vals) == 0:
         return 0.0
     return float(np.quantile(interpolation_error(exact_vals, interp_vals), quantile))
+
+
+def _near_structures(values: np.ndarray, write: np.ndarray):
+    """For each row of competing distances (n, C): the label written for the structure whose zero
+    level is nearest (``write[argmin]``) and, where the row is inside and its ambiguity is the half
+    difference of the two smallest distances, the label of the runner-up (else 0): the structures
+    whose labels the row's ambiguity is about (a wrong label there costs these two their Dice).
+
+    >>> rows = np.array([[0.3, 2.0], [-2.0, -1.8], [-0.5, 3.0]], dtype=np.float32)
+    >>> [v.tolist() for v in _near_structures(rows, np.array([6, 7], dtype=np.int16))]
+    [[6, 6, 6], [0, 7, 0]]
+    """
+    near = write[np.argmin(values, axis=1)]
+    if values.shape[1] < 2:
+        return near, np.zeros_like(near)
+    two = np.partition(values, 1, axis=1)[:, :2]
+    pair = (two[:, 0] < 0) & (0.5 * (two[:, 1] - two[:, 0]) < np.abs(two[:, 0]))
+    second = np.where(values == two[:, 1:2], np.arange(values.shape[1]), values.shape[1]).min(axis=1)
+    return near, np.where(pair, write[np.minimum(second, values.shape[1] - 1)], 0).astype(near.dtype)
+
+
+#: the measured errors are summarised by this many quantile intervals for :func:`_over_budget`
+ERROR_QUANTILES = 1_000
+
+
+def _over_budget(amb: np.ndarray, near: np.ndarray, other: np.ndarray, errors: np.ndarray, lower: dict,
+                 counts: Callable[[], dict], dice_loss: float) -> np.ndarray:
+    """Which of the undecoded voxels (ambiguities ``amb`` (n,), structures ``near`` and ``other``
+    (n,), see :func:`_near_structures`) must be decoded so that, for each structure ``w`` of
+    ``N`` voxels, the labels expected wrong among the rest cost it at most ``dice_loss`` of Dice.
+
+    A voxel's label is wrong only if its interpolation error exceeds its ambiguity: with
+    ``errors`` the errors measured at this level (:func:`interpolation_error`), the chance is at
+    most the fraction of them larger than ``amb`` (taken at the :data:`ERROR_QUANTILES` quantile
+    below ``amb``: rounded up). A wrong voxel adds 1 to the symmetric difference of a structure
+    of ``N`` voxels, i.e. costs about ``1 / (2 N)`` of Dice, so each structure may leave
+    ``2 N dice_loss`` expected wrong labels: its safest voxels (largest ambiguity) are left first,
+    and the rest are decoded. ``lower[w]`` is at most ``N`` (a cheap count); ``counts()`` gives
+    every ``N`` and is called only when a structure's expected wrong labels exceed the budget of
+    its lower count.
+
+    >>> amb = np.array([0.05, 0.15, 0.25, 0.35])
+    >>> w = np.array([6, 6, 6, 6]); o = np.zeros(4, dtype=int)
+    >>> errors = np.array([0.0, 0.1, 0.2, 0.3])  # chances (rounded up) 1, 1/2, 1/4, 0: 1.75 expected
+    >>> _over_budget(amb, w, o, errors, {6: 10}, lambda: {6: 100}, 0.0025).tolist()  # 0.5 allowed
+    [True, True, False, False]
+    >>> _over_budget(amb, w, o, errors, {6: 400}, None, 0.0025).tolist()  # 2 allowed: none decoded
+    [False, False, False, False]
+    """
+    levels = min(ERROR_QUANTILES, len(errors))
+    edges = np.quantile(np.asarray(errors, dtype=np.float64), np.linspace(0.0, 1.0, levels + 1))
+    # bin k: edges[k-1] <= amb < edges[k]; at most a fraction 1 - (k-1)/levels of the errors exceed amb
+    bins = np.searchsorted(edges.astype(amb.dtype), amb, side="right")
+    chance = np.clip(1.0 - (np.arange(levels + 2) - 1.0) / levels, 0.0, 1.0)
+    mine = {}
+    for label in lower:
+        rows = np.flatnonzero((near == label) | (other == label))
+        per_bin = np.bincount(bins[rows], minlength=levels + 2)
+        expected = float(per_bin @ chance)
+        if expected > 2.0 * lower[label] * dice_loss:
+            mine[label] = rows, per_bin
+    decode = np.zeros(len(amb), dtype=bool)
+    if not mine:
+        return decode
+    every = counts()
+    for label, (rows, per_bin) in mine.items():
+        from_safest = np.cumsum((per_bin * chance)[::-1])[::-1]  # expected wrong in bins >= k
+        over = np.flatnonzero(from_safest > 2.0 * every[label] * dice_loss)
+        if len(over):  # bins below the first one within budget are decoded
+            decode[rows[bins[rows] <= over[-1]]] = True
+    return decode
+
+
+def _structure_voxels(v_labs, free, write, out=None, size=None, settled=None) -> dict:
+    """Voxels of each written label (``write``, not 0), at most as many as the region has: those
+    of the finest level's cells at the ``free`` indices of ``v_labs`` (cells, voxels) and, given
+    ``out``, an estimate of those of the cells settled on coarser levels (already in ``out``; the
+    finest cells' blocks are still 0 there) from every 2nd voxel along each axis, the settled
+    voxels left out (fusion keeps the given structures there). A budget needs no exact count, and
+    the sample costs an eighth of a pass over the region."""
+    from HeartCompletionLib.io.labelmap import value_counts
+
+    top = int(max(write.max(), 0)) + 1
+    counts = np.bincount(v_labs[free], minlength=top)[:top]
+    if out is not None:
+        sample = out[tuple(slice(0, int(n), 2) for n in size)]
+        if settled is not None:
+            sample = sample[~settled[::2, ::2, ::2]]
+        counts = counts + 8 * value_counts(sample, top)[:top]
+    return {int(w): int(counts[w]) for w in np.unique(write) if w > 0}
 
 
 def _trilinear_weights(t: np.ndarray) -> np.ndarray:
@@ -217,6 +320,7 @@ def fast_hierarchical_labels(
     voxel_band: float = DEFAULT_VOXEL_BAND,
     error_quantile: float = DEFAULT_ERROR_QUANTILE,
     settled: np.ndarray | None = None,
+    dice_loss: float = DEFAULT_DICE_LOSS,
 ):
     """Labels (int16) of the region voxels ``[lo, hi)`` and decoding statistics.
 
@@ -226,7 +330,8 @@ def fast_hierarchical_labels(
     region's shape): voxels whose label the caller writes anyway (the kept given structures, which
     fusion never overwrites); the finest level decodes none of them, and their returned label is
     the interpolated one. ``error_quantile``: which quantile of the measured interpolation error
-    widens the bands (see :data:`DEFAULT_ERROR_QUANTILE`).
+    widens the bands of the coarser levels (see :data:`DEFAULT_ERROR_QUANTILE`); ``dice_loss``: the
+    finest level's budget (see :data:`DEFAULT_DICE_LOSS` and :func:`_over_budget`).
     """
     lo, hi, strides = np.asarray(lo), np.asarray(hi), np.asarray(strides, dtype=np.int64)
     write = np.asarray(write, dtype=np.int16)
@@ -299,17 +404,39 @@ def fast_hierarchical_labels(
             w = _trilinear_weights(offs / stride)
             v = np.matmul(w[None], corner_vals)  # (cells, voxels, C)
             v_labs, _, amb = label_margin_ambiguity(v, write)
-            need = amb < band if interp else np.ones(amb.shape, dtype=bool)
+            # first the voxel band (every voxel where not interpolating), then, beyond it, the voxels a
+            # structure's Dice budget needs, judged by the errors the first decode measured
+            floor = voxel_band * scale
+            need = amb < floor if interp else np.ones(amb.shape, dtype=bool)
             need[:, 0] &= ~exact[at[:, 0]]  # the block's first voxel is its exact corner node
             n_idx, v_idx, vox = _free_voxels(need, cells, stride, offs, size, settled)
+            errors = np.zeros(0, dtype=np.float32)
             if len(n_idx):
                 exact_vals = decode(ijk_to_ras_points(vox + lo, ijk_to_ras), sub_report)
                 v_labs[n_idx, v_idx] = label_margin_ambiguity(exact_vals, write)[0]
-            measured = _measured_band(exact_vals, v[n_idx, v_idx], error_quantile) if interp and len(n_idx) else 0.0
-            if interp and measured > band:  # rougher than the band assumed: decode the wider band too
-                more = (amb < measured) & ~need
+                if interp:
+                    errors = interpolation_error(exact_vals, v[n_idx, v_idx])
+            measured = float(np.quantile(errors, error_quantile)) if len(errors) else 0.0
+            expected_wrong = 0.0
+            if interp:
+                if len(errors) >= MIN_ERROR_SAMPLES:
+                    more = (amb >= floor) & (amb < errors.max())  # elsewhere no measured error is large enough
+                else:  # too few decoded voxels to judge the errors by: the band the coarser levels measured
+                    more = (amb < band) & ~need
                 more[:, 0] &= ~exact[at[:, 0]]
                 m_idx, mv_idx, mvox = _free_voxels(more, cells, stride, offs, size, settled)
+                if len(errors) >= MIN_ERROR_SAMPLES and len(m_idx):
+                    near, other = _near_structures(v[m_idx, mv_idx], write)
+                    free = (np.concatenate([n_idx, m_idx]), np.concatenate([v_idx, mv_idx]))
+
+                    # the decoded and the candidate voxels undercount each structure; the rest of the
+                    # region is counted (from a sample of it) only when some structure needs more
+                    pick = _over_budget(amb[m_idx, mv_idx], near, other, errors, _structure_voxels(v_labs, free, write),
+                                        partial(_structure_voxels, v_labs, free, write, out, size, settled), dice_loss)
+                    left = amb[m_idx[~pick], mv_idx[~pick]]
+                    expected_wrong = float((1.0 - np.searchsorted(np.sort(errors), left, side="right")
+                                            / len(errors)).sum())
+                    m_idx, mv_idx, mvox = m_idx[pick], mv_idx[pick], mvox[pick]
                 if len(m_idx):
                     v_labs[m_idx, mv_idx] = label_margin_ambiguity(
                         decode(ijk_to_ras_points(mvox + lo, ijk_to_ras), sub_report), write)[0]
@@ -318,8 +445,9 @@ def fast_hierarchical_labels(
             per_level.append({"stride_vox": [1, 1, 1], "cells": int(len(cells) * len(offs)) + n_uniform,
                               "queries": int(len(n_idx)),
                               "interpolated": int(len(cells) * len(offs) - len(n_idx)) + n_uniform if interp else 0,
-                              "band_mm": round(band, 4) if interp else None,
+                              "band_mm": round(floor, 4) if interp else None,
                               "measured_band_mm": round(measured, 4) if interp else None,
+                              "expected_wrong": round(expected_wrong, 1) if interp else None,
                               "seconds": round(time.perf_counter() - t, 3)})
             final_done = True
             break

@@ -74,19 +74,31 @@ class LabelMap:
         return self.shape == other.shape and np.allclose(self.ijk_to_ras, other.ijk_to_ras, atol=atol)
 
 
+def value_counts(labels: np.ndarray, minlength: int = 0) -> np.ndarray:
+    """Voxels of each value ``0 .. max`` (at least ``minlength`` entries) of a non-negative integer
+    volume, counted slab by slab: O(n) and no full-size int64 copy (``np.bincount`` of a whole CT
+    map casts it to int64 first: about 1 s instead of 0.1 s).
+
+    >>> value_counts(np.array([[[3, 0], [3, 7]]], dtype=np.int16)).tolist()
+    [1, 0, 0, 2, 0, 0, 0, 1]
+    """
+    labels = np.asarray(labels)
+    high = int(labels.max()) if labels.size else -1
+    counts = np.zeros(max(high + 1, int(minlength)), dtype=np.int64)
+    for plane in labels if labels.ndim > 1 else [labels.reshape(-1)]:  # one slab at a time: the int64 cast stays small
+        counts += np.bincount(plane.ravel(), minlength=len(counts))
+    return counts
+
+
 def present_values(labels: np.ndarray) -> np.ndarray:
-    """``np.unique(labels)`` of an integer label volume by counting, slab by slab: O(n) and no
-    full-size int64 copy (a CT map: about 0.1 s instead of a 1 s sort).
+    """``np.unique(labels)`` of an integer label volume by counting (:func:`value_counts`; a CT map:
+    about 0.1 s instead of a 1 s sort).
 
     >>> present_values(np.array([[[3, 0], [3, 7]]], dtype=np.int16)).tolist()
     [0, 3, 7]
     """
     if labels.size == 0 or labels.ndim == 0 or labels.dtype.kind not in "iu":
         return np.unique(labels)
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high > 65_535:
+    if int(labels.min()) < 0 or int(labels.max()) > 65_535:
         return np.unique(labels)
-    counts = np.zeros(high + 1, dtype=np.int64)
-    for plane in labels if labels.ndim > 1 else [labels]:  # one slab at a time: the int64 cast stays small
-        counts += np.bincount(plane.ravel(), minlength=high + 1)
-    return np.flatnonzero(counts).astype(labels.dtype)
+    return np.flatnonzero(value_counts(labels)).astype(labels.dtype)

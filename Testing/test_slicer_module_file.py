@@ -200,6 +200,9 @@ def test_declared_minimums_are_the_projects():
     for requirement in (install.TORCH, *install.PIP_REQUIREMENTS, *install.BUNDLED):
         assert declared.get(requirement.distribution) == requirement.minimum, requirement
     assert not {r.distribution.lower() for r in install.PIP_REQUIREMENTS} & install.NEVER_INSTALLED
+    fast = re.search(r"^fast = \[(.*)\]$", text, re.MULTILINE).group(1)
+    assert dict(re.findall(r'"([A-Za-z0-9_.-]+)>=([0-9.]+)"', fast)) == {
+        r.distribution: r.minimum for r in install.OPTIONAL_REQUIREMENTS}
 
 
 @pytest.mark.parametrize(
@@ -232,7 +235,8 @@ def make_install(monkeypatch, versions, answers=()):
 
 
 CURRENT = {"torch": "2.5.1+cu121", "safetensors": "0.4.5", "nibabel": "5.2.0", "pynrrd": "1.0.0",
-           "scikit-image": "0.24.0", "numpy": "1.26.4", "scipy": "1.13.1"}
+           "scikit-image": "0.24.0", "numpy": "1.26.4", "scipy": "1.13.1", "edt": "3.0.0",
+           "connected-components-3d": "3.26.1"}
 
 
 def test_first_use_installs_what_is_missing_or_too_old(monkeypatch):
@@ -255,6 +259,33 @@ def test_first_use_installs_what_is_missing_or_too_old(monkeypatch):
     logic, calls, _ = make_install(monkeypatch, {**CURRENT, "safetensors": ""})
     logic.ensurePackages()
     assert calls == []
+
+
+def test_first_use_installs_the_speedups_and_carries_on_without_them(monkeypatch):
+    """edt and cc3d (the ``fast`` extra): installed after the file-format packages in a pip call of
+    their own; where pip fails for them (no wheel for the platform), that is logged and the
+    packages the completion needs are still installed and no error is raised."""
+    versions = {**CURRENT, "pynrrd": None, "edt": None, "connected-components-3d": "3.1.0"}
+    logic, calls, _ = make_install(monkeypatch, versions)
+    logic.ensurePackages()
+    assert calls == [["pynrrd>=1.0"], ["edt>=2.3", "connected-components-3d>=3.10"]]
+
+    def pip_without_speedup_wheels(requirements):
+        if any(r.startswith("edt") for r in requirements):
+            raise RuntimeError("no matching distribution found for edt>=2.3")
+        calls.append(requirements)
+
+    logic, calls, _ = make_install(monkeypatch, versions)
+    logic._pipInstall = pip_without_speedup_wheels
+    logged = []
+    logic.logged.connect(logged.append)
+    logic.ensurePackages()
+    assert calls == [["pynrrd>=1.0"]]
+    assert "no matching distribution" in logged[-1] and "scipy" in logged[-1]
+    assert logic.ensureSpeedups() is False
+
+    logic, calls, _ = make_install(monkeypatch, CURRENT)
+    assert logic.ensureSpeedups() is True and calls == []
 
 
 def test_slicers_own_packages_are_checked_never_installed(monkeypatch):

@@ -5,7 +5,8 @@ extension) fails in the background process with an obscure error. So every requi
 minimum version the extension declares (the same floors as ``pyproject.toml``'s dependencies; a
 test keeps them equal), and what is missing *or older* is installed: PyTorch through the PyTorch
 extension (the right CUDA build; ``pip install torch>=...`` when that extension is absent), the
-file-format packages with one ``pip install``. numpy and scipy come with Slicer and are only
+file-format packages with one ``pip install``, then the optional speed-ups (``edt``, ``cc3d``:
+scipy does their work when pip cannot install them). numpy and scipy come with Slicer and are only
 checked (a pip-installed numpy, vtk or SimpleITK would break Slicer); too old means a too old Slicer.
 
 Needs ``slicer`` (``slicer.util.pip_install``, the confirmation dialog) but no Qt of its own; the
@@ -58,6 +59,13 @@ PIP_REQUIREMENTS = (
     Requirement("nibabel", "nibabel", "4.0"),
     Requirement("nrrd", "pynrrd", "1.0"),
     Requirement("skimage", "scikit-image", "0.19"),
+)
+#: Speed only (the ``fast`` extra): installed with pip when missing or older, after the ones above;
+#: where pip cannot install them (no wheel for this platform) the completion does the same work with
+#: scipy, the same results more slowly (a CT completion's distance transforms and connected pieces).
+OPTIONAL_REQUIREMENTS = (
+    Requirement("edt", "edt", "2.3"),
+    Requirement("cc3d", "connected-components-3d", "3.10"),
 )
 #: Bundled with Slicer: checked, never installed.
 BUNDLED = (Requirement("numpy", "numpy", "1.22"), Requirement("scipy", "scipy", "1.8"))
@@ -146,8 +154,9 @@ class InstallLogic:
             raise RuntimeError(_("PyTorch installation failed; see the Python console."))
 
     def ensurePackages(self) -> None:
-        """pip-install the file-format packages that are missing or too old (one pip call); refuse,
-        naming the package, when a package bundled with Slicer is too old."""
+        """pip-install the file-format packages that are missing or too old (one pip call), then the
+        speed-ups (:meth:`ensureSpeedups`); refuse, naming the package, when a package bundled with
+        Slicer is too old."""
         tooOld = self.outdated(BUNDLED)
         if tooOld:
             raise RuntimeError(_("This Slicer is too old for Complete heart: {0}.").format(
@@ -157,3 +166,19 @@ class InstallLogic:
         if needed:
             self._log(_("Installing {0}").format(", ".join(needed)))
             self._pipInstall(needed)
+        self.ensureSpeedups()
+
+    def ensureSpeedups(self) -> bool:
+        """pip-install the optional speed-ups that are missing or too old (one pip call); a failure is
+        logged, not raised (scipy does the same work). True when all of them are there."""
+        needed = [r.specifier for r, _version in self.outdated(OPTIONAL_REQUIREMENTS)]
+        if not needed:
+            return True
+        self._log(_("Installing {0} (faster distance transforms and connected pieces)").format(", ".join(needed)))
+        try:
+            self._pipInstall(needed)
+        except Exception as error:  # noqa: BLE001 - whatever pip raised, the completion still works
+            self._log(_("Could not install {0} ({1}); the completion uses scipy instead: the same results, "
+                        "more slowly.").format(", ".join(needed), error))
+            return False
+        return True

@@ -76,18 +76,21 @@ class LabelMap:
 
 def value_counts(labels: np.ndarray, minlength: int = 0) -> np.ndarray:
     """Voxels of each value ``0 .. max`` (at least ``minlength`` entries) of a non-negative integer
-    volume, counted slab by slab: O(n) and no full-size int64 copy (``np.bincount`` of a whole CT
+    volume, counted a chunk at a time: O(n) and no full-size int64 copy (``np.bincount`` of a whole CT
     map casts it to int64 first: about 1 s instead of 0.1 s).
 
     >>> value_counts(np.array([[[3, 0], [3, 7]]], dtype=np.int16)).tolist()
     [1, 0, 0, 2, 0, 0, 0, 1]
     """
-    labels = np.asarray(labels)
-    high = int(labels.max()) if labels.size else -1
+    flat = np.asarray(labels).reshape(-1)
+    high = int(flat.max()) if flat.size else -1
     counts = np.zeros(max(high + 1, int(minlength)), dtype=np.int64)
-    for plane in labels if labels.ndim > 1 else [labels.reshape(-1)]:  # one slab at a time: the int64 cast stays small
-        counts += np.bincount(plane.ravel(), minlength=len(counts))
+    for start in range(0, flat.size, _COUNT_CHUNK):  # a chunk at a time: the int64 cast stays in the cache
+        counts += np.bincount(flat[start : start + _COUNT_CHUNK], minlength=len(counts))
     return counts
+
+
+_COUNT_CHUNK = 1 << 16
 
 
 def present_values(labels: np.ndarray) -> np.ndarray:

@@ -422,3 +422,20 @@ def test_present_values_match_numpy_unique():
     for labels in cases:
         values = present_values(labels)
         assert values.dtype == labels.dtype and np.array_equal(values, np.unique(labels)), labels.dtype
+
+
+def test_value_counts_match_numpy_bincount_on_views():
+    """Counts per value, a chunk at a time, against ``np.bincount`` of a copy: a contiguous volume
+    larger than a chunk, cropped and strided views (counted slab by slab, never copied whole), a
+    flat strided view, ``minlength`` above the largest value, and an empty volume."""
+    from HeartCompletionLib.io import labelmap
+    from HeartCompletionLib.io.labelmap import value_counts
+
+    rng = np.random.default_rng(9)
+    big = rng.integers(0, 12, size=(70, 40, 30)).astype(np.int16)
+    assert big.size > labelmap._COUNT_CHUNK
+    for labels in (big, big[3:60, ::2, 1:], big[::2, ::2, ::2], big[5], big.ravel()[::3]):
+        assert np.array_equal(value_counts(labels), np.bincount(labels.ravel())), labels.shape
+    assert value_counts(big[:, :, :1].astype(np.uint8), minlength=20).tolist() == \
+        np.bincount(big[:, :, 0].ravel(), minlength=20).tolist()
+    assert value_counts(np.zeros((0, 4, 4), dtype=np.int16), minlength=3).tolist() == [0, 0, 0]

@@ -196,12 +196,12 @@ def _over_budget(amb: np.ndarray, near: np.ndarray, other: np.ndarray, errors: n
 
 
 def _structure_voxels(v_labs, free, write, out=None, size=None, settled=None) -> dict:
-    """Voxels of each written label (``write``, not 0), at most as many as the region has: those
-    of the finest level's cells at the ``free`` indices of ``v_labs`` (cells, voxels) and, given
-    ``out``, an estimate of those of the cells settled on coarser levels (already in ``out``; the
-    finest cells' blocks are still 0 there) from every 2nd voxel along each axis, the settled
-    voxels left out (fusion keeps the given structures there). A budget needs no exact count, and
-    the sample costs an eighth of a pass over the region."""
+    """Voxels of each written label (``write``, not 0): those of the finest level's cells at the
+    ``free`` indices of ``v_labs`` (cells, voxels), counted (alone, at most the region's count) and,
+    given ``out``, plus an estimate of those of the cells settled on coarser levels (already in
+    ``out``; the finest cells' blocks are still 0 there) from every 2nd voxel along each axis, the
+    settled voxels left out (fusion keeps the given structures there). A budget needs no exact
+    count, and the sample costs an eighth of a pass over the region."""
     from HeartCompletionLib.io.labelmap import value_counts
 
     top = int(max(write.max(), 0)) + 1

@@ -82,11 +82,15 @@ def value_counts(labels: np.ndarray, minlength: int = 0) -> np.ndarray:
     >>> value_counts(np.array([[[3, 0], [3, 7]]], dtype=np.int16)).tolist()
     [1, 0, 0, 2, 0, 0, 0, 1]
     """
-    flat = np.asarray(labels).reshape(-1)
-    high = int(flat.max()) if flat.size else -1
+    labels = np.asarray(labels)
+    high = int(labels.max()) if labels.size else -1
     counts = np.zeros(max(high + 1, int(minlength)), dtype=np.int64)
-    for start in range(0, flat.size, _COUNT_CHUNK):  # a chunk at a time: the int64 cast stays in the cache
-        counts += np.bincount(flat[start : start + _COUNT_CHUNK], minlength=len(counts))
+    # a view of a contiguous volume, else one slab at a time (a cropped view is never copied whole)
+    parts = [labels.reshape(-1)] if labels.flags.c_contiguous or labels.ndim < 2 else labels
+    for part in parts:
+        flat = part.reshape(-1)
+        for start in range(0, flat.size, _COUNT_CHUNK):  # a chunk at a time: the int64 cast stays in the cache
+            counts += np.bincount(flat[start : start + _COUNT_CHUNK], minlength=len(counts))
     return counts
 
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from HeartCompletionLib.model.registry import BUNDLED_MODELS_DIR
@@ -154,6 +155,38 @@ def test_complete_speed_times_stages_and_checks_fast_against_exact():
     exact = run_benchmark("complete_speed.py", "--checkpoint", str(demo), "--spacing", "3.0", "--threads", "1",
                           "--decode", "exact")
     assert "(exact decode)" in exact.strip().splitlines()[-1] and "accuracy" not in exact
+
+
+def test_complete_speed_completes_a_label_map_file_in_its_own_numbering(tmp_path):
+    """``--input`` with ``--label_map``: a file whose values are not the table's (ventricles as 1-3,
+    like the ACDC files) is read in that numbering and completed, with the same stage times and
+    accuracy check and no truth; ``--input`` without a checkpoint is refused."""
+    from HeartCompletionLib.io.labelmap import LabelMap
+    from HeartCompletionLib.io.labelmap_files import write_label_map
+    from HeartCompletionLib.io.synthetic import synthetic_label_map
+    from HeartCompletionLib.structures.table import StructureTable
+
+    table = StructureTable.default()
+    heart = synthetic_label_map(seed=1, spacing_mm=3.0)
+    own = {table.by_name("RV").label: 1, table.by_name("Myocardium").label: 2, table.by_name("LV").label: 3}
+    labels = np.zeros_like(heart.labels)
+    for value, mine in own.items():
+        labels[heart.labels == value] = mine
+    path, convention = tmp_path / "ventricles.nii.gz", tmp_path / "labels.json"
+    write_label_map(LabelMap(labels, heart.ijk_to_ras), path)
+    convention.write_text(json.dumps({"1": "RV", "2": "Myocardium", "3": "LV"}))
+    demo = BUNDLED_MODELS_DIR / "synthetic_demo.safetensors"
+    text = run_benchmark("complete_speed.py", "--checkpoint", str(demo), "--input", str(path), "--label_map",
+                         str(convention), "--threads", "1")
+    report = json.loads(text[text.index("{"):text.rindex("}") + 1])
+    assert report["input"] == str(path) and report["dice_vs_truth"] is None
+    assert report["completed"] == [s.name for s in table if s.name not in ("RV", "Myocardium", "LV")]
+    check = next(line for line in text.splitlines() if line.startswith("accuracy fast vs exact:"))
+    assert check.count("Dice") == 7, check
+    assert "accuracy vs exact" in text.strip().splitlines()[-1]
+    refused = subprocess.run([sys.executable, str(BENCH / "complete_speed.py"), "--input", str(path)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--input needs --checkpoint" in refused.stderr
 
 
 def test_decode_bookkeeping_replays_the_recorded_decode():

@@ -147,52 +147,67 @@ def _near_structures(values: np.ndarray, write: np.ndarray):
 ERROR_QUANTILES = 1_000
 
 
-def _over_budget(amb: np.ndarray, near: np.ndarray, other: np.ndarray, errors: np.ndarray, lower: dict,
-                 counts: Callable[[], dict], dice_loss: float) -> np.ndarray:
-    """Which of the undecoded voxels (ambiguities ``amb`` (n,), structures ``near`` and ``other``
-    (n,), see :func:`_near_structures`) must be decoded so that, for each structure ``w`` of
-    ``N`` voxels, the labels expected wrong among the rest cost it at most ``dice_loss`` of Dice.
+def _errors_by_structure(errors: np.ndarray, near: np.ndarray, other: np.ndarray, labels) -> dict:
+    """The measured ``errors`` (n,) of the voxels about each structure of ``labels`` (``near`` or
+    ``other`` is it, see :func:`_near_structures`): a structure's field may be rougher than the
+    others' (a thin wall's distance has a ridge inside it). With fewer than
+    :data:`MIN_ERROR_SAMPLES` of its own, a structure gets all of them."""
+    out = {}
+    for label in labels:
+        mine = errors[(near == label) | (other == label)]
+        out[label] = mine if len(mine) >= MIN_ERROR_SAMPLES else errors
+    return out
+
+
+def _over_budget(amb: np.ndarray, near: np.ndarray, other: np.ndarray, errors_of: dict, lower: dict,
+                 counts: Callable[[], dict], dice_loss: float) -> tuple:
+    """``(decode, expected)``: which of the undecoded voxels (ambiguities ``amb`` (n,), structures
+    ``near`` and ``other`` (n,), see :func:`_near_structures`) must be decoded so that, for each
+    structure ``w`` of ``N`` voxels, the labels expected wrong among the rest cost it at most
+    ``dice_loss`` of Dice; ``expected``: those expected wrong labels, summed over the structures.
 
     A voxel's label is wrong only if its interpolation error exceeds its ambiguity: with
-    ``errors`` the errors measured at this level (:func:`interpolation_error`), the chance is at
-    most the fraction of them larger than ``amb`` (taken at the :data:`ERROR_QUANTILES` quantile
-    below ``amb``: rounded up). A wrong voxel adds 1 to the symmetric difference of a structure
-    of ``N`` voxels, i.e. costs about ``1 / (2 N)`` of Dice, so each structure may leave
-    ``2 N dice_loss`` expected wrong labels: its safest voxels (largest ambiguity) are left first,
-    and the rest are decoded. ``lower[w]`` is at most ``N`` (a cheap count); ``counts()`` gives
-    every ``N`` and is called only when a structure's expected wrong labels exceed the budget of
-    its lower count.
+    ``errors_of[w]`` the errors measured at this level near ``w`` (:func:`interpolation_error`,
+    :func:`_errors_by_structure`), the chance is at most the fraction of them larger than ``amb``
+    (taken at the :data:`ERROR_QUANTILES` quantile below ``amb``: rounded up). A wrong voxel adds 1
+    to the symmetric difference of a structure of ``N`` voxels, i.e. costs about ``1 / (2 N)`` of
+    Dice, so each structure may leave ``2 N dice_loss`` expected wrong labels: its safest voxels
+    (largest ambiguity) are left first, and the rest are decoded. ``lower[w]`` is at most ``N``
+    (a cheap count); ``counts()`` gives every ``N`` and is called only when a structure's expected
+    wrong labels exceed the budget of its lower count.
 
     >>> amb = np.array([0.05, 0.15, 0.25, 0.35])
     >>> w = np.array([6, 6, 6, 6]); o = np.zeros(4, dtype=int)
-    >>> errors = np.array([0.0, 0.1, 0.2, 0.3])  # chances (rounded up) 1, 1/2, 1/4, 0: 1.75 expected
-    >>> _over_budget(amb, w, o, errors, {6: 10}, lambda: {6: 100}, 0.0025).tolist()  # 0.5 allowed
-    [True, True, False, False]
-    >>> _over_budget(amb, w, o, errors, {6: 400}, None, 0.0025).tolist()  # 2 allowed: none decoded
+    >>> errors = {6: np.array([0.0, 0.1, 0.2, 0.3])}  # chances (rounded up) 1, 1/2, 1/4, 0: 1.75 expected
+    >>> decode, expected = _over_budget(amb, w, o, errors, {6: 10}, lambda: {6: 100}, 0.0025)  # 0.5 allowed
+    >>> decode.tolist(), expected
+    ([True, True, False, False], 0.25)
+    >>> _over_budget(amb, w, o, errors, {6: 400}, None, 0.0025)[0].tolist()  # 2 allowed: none decoded
     [False, False, False, False]
     """
-    levels = min(ERROR_QUANTILES, len(errors))
-    edges = np.quantile(np.asarray(errors, dtype=np.float64), np.linspace(0.0, 1.0, levels + 1))
-    # bin k: edges[k-1] <= amb < edges[k]; at most a fraction 1 - (k-1)/levels of the errors exceed amb
-    bins = np.searchsorted(edges.astype(amb.dtype), amb, side="right")
-    chance = np.clip(1.0 - (np.arange(levels + 2) - 1.0) / levels, 0.0, 1.0)
     mine = {}
     for label in lower:
         rows = np.flatnonzero((near == label) | (other == label))
-        per_bin = np.bincount(bins[rows], minlength=levels + 2)
-        expected = float(per_bin @ chance)
-        if expected > 2.0 * lower[label] * dice_loss:
-            mine[label] = rows, per_bin
+        errors = np.asarray(errors_of[label], dtype=np.float64)
+        levels = min(ERROR_QUANTILES, len(errors))
+        edges = np.quantile(errors, np.linspace(0.0, 1.0, levels + 1))
+        # bin k: edges[k-1] <= amb < edges[k]; at most a fraction 1 - (k-1)/levels of the errors exceed amb
+        bins = np.searchsorted(edges.astype(amb.dtype), amb[rows], side="right")
+        chance = np.clip(1.0 - (np.arange(levels + 2) - 1.0) / levels, 0.0, 1.0)
+        per_bin = np.bincount(bins, minlength=levels + 2)
+        mine[label] = rows, bins, per_bin * chance
     decode = np.zeros(len(amb), dtype=bool)
-    if not mine:
-        return decode
-    every = counts()
-    for label, (rows, per_bin) in mine.items():
-        from_safest = np.cumsum((per_bin * chance)[::-1])[::-1]  # expected wrong in bins >= k
-        over = np.flatnonzero(from_safest > 2.0 * every[label] * dice_loss)
-        if len(over):  # bins below the first one within budget are decoded
-            decode[rows[bins[rows] <= over[-1]]] = True
-    return decode
+    expected = {label: float(wrong.sum()) for label, (_, _, wrong) in mine.items()}
+    over = [label for label in mine if expected[label] > 2.0 * lower[label] * dice_loss]
+    every = counts() if over else {}
+    for label in over:
+        rows, bins, wrong = mine[label]
+        from_safest = np.cumsum(wrong[::-1])[::-1]  # expected wrong in bins >= k
+        beyond = np.flatnonzero(from_safest > 2.0 * every[label] * dice_loss)
+        if len(beyond):  # bins below the first one within budget are decoded
+            decode[rows[bins <= beyond[-1]]] = True
+            expected[label] = float(from_safest[beyond[-1] + 1]) if beyond[-1] + 1 < len(wrong) else 0.0
+    return decode, sum(expected.values())
 
 
 def _structure_voxels(v_labs, free, write, out=None, size=None, settled=None) -> dict:
@@ -390,16 +405,14 @@ def fast_hierarchical_labels(
             # last level: every voxel of the active cells' blocks, interpolated or decoded. A cell whose
             # corners share one label, each at least the band from a label change, has that label in
             # every voxel under trilinear interpolation (each distance, and each difference of two,
-            # stays within its corner values): filled without interpolating
+            # stays within its corner values): *uniform*, filled without interpolating, unless this
+            # level's measured errors (below) reach its corners' ambiguity
+            uniform = np.zeros(len(cells), dtype=bool)
             if interp:
                 band = max(voxel_band * scale, error_per_scale * scale)
                 uniform = (labs == labs[:, :1]).all(1) & (corner_amb.min(1) >= band)
-                fill = uniform & (labs[:, 0] != 0)
-                blocks[cells[fill, 0], :, cells[fill, 1], :, cells[fill, 2], :] = labs[fill, 0][:, None, None, None]
-                n_uniform = int(uniform.sum()) * int(np.prod(stride))
-                cells, corner_vals, at = cells[~uniform], corner_vals[~uniform], at[~uniform]
-            else:
-                n_uniform = 0
+            kept = (cells[uniform], labs[uniform, 0], corner_amb[uniform].min(1), corner_vals[uniform], at[uniform])
+            cells, corner_vals, at = cells[~uniform], corner_vals[~uniform], at[~uniform]
             offs = np.array(list(product(*[range(s) for s in stride])), dtype=np.int64)  # (v, 3)
             w = _trilinear_weights(offs / stride)
             v = np.matmul(w[None], corner_vals)  # (cells, voxels, C)
@@ -418,6 +431,18 @@ def fast_hierarchical_labels(
                     errors = interpolation_error(exact_vals, v[n_idx, v_idx])
             measured = float(np.quantile(errors, error_quantile)) if len(errors) else 0.0
             expected_wrong = 0.0
+            if len(errors) >= MIN_ERROR_SAMPLES:  # uniform cells within reach of the errors are interpolated too
+                reopen = kept[2] < errors.max()
+                if reopen.any():
+                    cells, corner_vals, at = (np.concatenate([a, b[reopen]]) for a, b in
+                                              zip((cells, corner_vals, at), (kept[0], kept[3], kept[4])))
+                    v2 = np.matmul(w[None], kept[3][reopen])
+                    l2, _, a2 = label_margin_ambiguity(v2, write)
+                    v, v_labs, amb = np.concatenate([v, v2]), np.concatenate([v_labs, l2]), np.concatenate([amb, a2])
+                    kept = tuple(a[~reopen] for a in kept)
+            fill = kept[1] != 0
+            blocks[kept[0][fill, 0], :, kept[0][fill, 1], :, kept[0][fill, 2], :] = kept[1][fill][:, None, None, None]
+            n_uniform = len(kept[0]) * int(np.prod(stride))
             if interp:
                 if len(errors) >= MIN_ERROR_SAMPLES:
                     more = (amb >= floor) & (amb < errors.max())  # elsewhere no measured error is large enough
@@ -428,14 +453,13 @@ def fast_hierarchical_labels(
                 if len(errors) >= MIN_ERROR_SAMPLES and len(m_idx):
                     near, other = _near_structures(v[m_idx, mv_idx], write)
                     free = (np.concatenate([n_idx, m_idx]), np.concatenate([v_idx, mv_idx]))
-
                     # the decoded and the candidate voxels undercount each structure; the rest of the
                     # region is counted (from a sample of it) only when some structure needs more
-                    pick = _over_budget(amb[m_idx, mv_idx], near, other, errors, _structure_voxels(v_labs, free, write),
-                                        partial(_structure_voxels, v_labs, free, write, out, size, settled), dice_loss)
-                    left = amb[m_idx[~pick], mv_idx[~pick]]
-                    expected_wrong = float((1.0 - np.searchsorted(np.sort(errors), left, side="right")
-                                            / len(errors)).sum())
+                    lower = _structure_voxels(v_labs, free, write)
+                    errors_of = _errors_by_structure(errors, *_near_structures(v[n_idx, v_idx], write), lower)
+                    pick, expected_wrong = _over_budget(
+                        amb[m_idx, mv_idx], near, other, errors_of, lower,
+                        partial(_structure_voxels, v_labs, free, write, out, size, settled), dice_loss)
                     m_idx, mv_idx, mvox = m_idx[pick], mv_idx[pick], mvox[pick]
                 if len(m_idx):
                     v_labs[m_idx, mv_idx] = label_margin_ambiguity(

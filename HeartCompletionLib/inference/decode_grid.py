@@ -134,13 +134,17 @@ def _near_structures(values: np.ndarray, write: np.ndarray):
     >>> [v.tolist() for v in _near_structures(rows, np.array([6, 7], dtype=np.int16))]
     [[6, 6, 6], [0, 7, 0]]
     """
-    near = write[np.argmin(values, axis=1)]
-    if values.shape[1] < 2:
-        return near, np.zeros_like(near)
-    two = np.partition(values, 1, axis=1)[:, :2]
-    pair = (two[:, 0] < 0) & (0.5 * (two[:, 1] - two[:, 0]) < np.abs(two[:, 0]))
-    second = np.where(values == two[:, 1:2], np.arange(values.shape[1]), values.shape[1]).min(axis=1)
-    return near, np.where(pair, write[np.minimum(second, values.shape[1] - 1)], 0).astype(near.dtype)
+    d1, d2 = values[:, 0].copy(), np.full(len(values), np.inf, dtype=values.dtype)
+    first, second = np.zeros(len(values), dtype=np.int8), np.zeros(len(values), dtype=np.int8)
+    for c in range(1, values.shape[1]):  # C is small: one vectorised pass per structure, no sort
+        x = values[:, c]
+        lower = x < d1
+        second = np.where(lower, first, np.where(x < d2, np.int8(c), second))
+        d2 = np.where(lower, d1, np.minimum(d2, x))
+        first = np.where(lower, np.int8(c), first)
+        d1 = np.minimum(d1, x)
+    pair = (d1 < 0) & (0.5 * (d2 - d1) < np.abs(d1))
+    return write[first], np.where(pair, write[second], 0).astype(write.dtype)
 
 
 #: the measured errors are summarised by this many quantile intervals for :func:`_over_budget`
@@ -408,10 +412,12 @@ def fast_hierarchical_labels(
             # stays within its corner values): *uniform*, filled without interpolating, unless this
             # level's measured errors (below) reach its corners' ambiguity
             uniform = np.zeros(len(cells), dtype=bool)
+            corner_min = corner_amb.min(1)
             if interp:
                 band = max(voxel_band * scale, error_per_scale * scale)
-                uniform = (labs == labs[:, :1]).all(1) & (corner_amb.min(1) >= band)
-            kept = (cells[uniform], labs[uniform, 0], corner_amb[uniform].min(1), corner_vals[uniform], at[uniform])
+                uniform = (labs == labs[:, :1]).all(1) & (corner_min >= band)
+            every_cell, every_vals, every_at = cells, corner_vals, at
+            kept = np.flatnonzero(uniform)  # indices into the active cells
             cells, corner_vals, at = cells[~uniform], corner_vals[~uniform], at[~uniform]
             offs = np.array(list(product(*[range(s) for s in stride])), dtype=np.int64)  # (v, 3)
             w = _trilinear_weights(offs / stride)
@@ -432,17 +438,17 @@ def fast_hierarchical_labels(
             measured = float(np.quantile(errors, error_quantile)) if len(errors) else 0.0
             expected_wrong = 0.0
             if len(errors) >= MIN_ERROR_SAMPLES:  # uniform cells within reach of the errors are interpolated too
-                reopen = kept[2] < errors.max()
-                if reopen.any():
-                    cells, corner_vals, at = (np.concatenate([a, b[reopen]]) for a, b in
-                                              zip((cells, corner_vals, at), (kept[0], kept[3], kept[4])))
-                    v2 = np.matmul(w[None], kept[3][reopen])
+                reach = corner_min[kept] < errors.max()
+                if reach.any():
+                    reopen = kept[reach]
+                    cells, at = np.concatenate([cells, every_cell[reopen]]), np.concatenate([at, every_at[reopen]])
+                    v2 = np.matmul(w[None], every_vals[reopen])
                     l2, _, a2 = label_margin_ambiguity(v2, write)
                     v, v_labs, amb = np.concatenate([v, v2]), np.concatenate([v_labs, l2]), np.concatenate([amb, a2])
-                    kept = tuple(a[~reopen] for a in kept)
-            fill = kept[1] != 0
-            blocks[kept[0][fill, 0], :, kept[0][fill, 1], :, kept[0][fill, 2], :] = kept[1][fill][:, None, None, None]
-            n_uniform = len(kept[0]) * int(np.prod(stride))
+                    kept = kept[~reach]
+            fill = kept[labs[kept, 0] != 0]
+            blocks[every_cell[fill, 0], :, every_cell[fill, 1], :, every_cell[fill, 2], :] = labs[fill, 0][:, None, None, None]
+            n_uniform = len(kept) * int(np.prod(stride))
             if interp:
                 if len(errors) >= MIN_ERROR_SAMPLES:
                     more = (amb >= floor) & (amb < errors.max())  # elsewhere no measured error is large enough

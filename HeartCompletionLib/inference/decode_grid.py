@@ -59,8 +59,9 @@ DEFAULT_ERROR_QUANTILE = 0.99
 #: at the finest level, beyond the voxel band, a voxel is decoded only where the *expected* number
 #: of wrong labels left undecoded would cost a structure more than this much Dice against the exact
 #: decode (see :func:`_over_budget`). The estimate counts every error larger than the voxel's
-#: ambiguity, of either sign; on the synthetic CT heart and six real label maps the whole fast decode
-#: lost 0.0000-0.0019 of Dice against the exact one (``docs/benchmarks.md``, session 13)
+#: ambiguity, of either sign. It prices only what the finest level leaves interpolated: on the
+#: synthetic CT heart and ten real label maps the whole fast decode lost 0-0.0034 of Dice against the
+#: exact one (``docs/benchmarks.md``, session 13)
 DEFAULT_DICE_LOSS = 0.002
 #: fewer decoded voxels than this at the finest level give no error distribution to budget with:
 #: the band widened by the previous level's error is decoded instead

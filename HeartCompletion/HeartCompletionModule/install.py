@@ -100,6 +100,9 @@ class InstallLogic:
         self._confirm = confirm or (lambda text: slicer.util.confirmOkCancelDisplay(text))
         self._pipInstall = pipInstall or (lambda requirements: slicer.util.pip_install(requirements))
         self.logged = Signal()
+        #: True once pip failed to install the speed-ups: not tried again in this Slicer session
+        #: (each try costs a pip run; scipy does the same work)
+        self.speedupsFailed = False
         #: True once a PyTorch that this process had already imported was upgraded: the panel's
         #: version line is stale until Slicer restarts (the background process uses the new one).
         self.needsRestart = False
@@ -170,15 +173,19 @@ class InstallLogic:
 
     def ensureSpeedups(self) -> bool:
         """pip-install the optional speed-ups that are missing or too old (one pip call); a failure is
-        logged, not raised (scipy does the same work). True when all of them are there."""
+        logged, not raised (scipy does the same work), and not tried again in this session. True
+        when all of them are there."""
         needed = [r.specifier for r, _version in self.outdated(OPTIONAL_REQUIREMENTS)]
         if not needed:
             return True
+        if self.speedupsFailed:
+            return False
         self._log(_("Installing {0} (faster distance transforms and connected pieces)").format(", ".join(needed)))
         try:
             self._pipInstall(needed)
         except Exception as error:  # noqa: BLE001 - whatever pip raised, the completion still works
             self._log(_("Could not install {0} ({1}); the completion uses scipy instead: the same results, "
                         "more slowly.").format(", ".join(needed), error))
+            self.speedupsFailed = True
             return False
         return True

@@ -826,9 +826,10 @@ def complete_label_map(
     (default) or ``"exact"`` (see the module docstring); ``fast_options`` tunes the fast decode
     (``interp_cell_mm``, ``node_band``, ``voxel_band``, ``error_quantile``, ``dice_loss``, see
     :mod:`.decode_grid`); an unknown mode, key or a negative value raises :class:`CompletionError`.
-    ``chunk_size``: queries per model call (default 4,096 on the CPU, 16,384 on a GPU). ``output_grid``: ``(shape, ijk_to_ras)`` of another
-    grid to write the result on (:mod:`.output_grid`: grown, resampled or a reference image's); the
-    given structures are carried onto it by nearest neighbour and kept, their surfaces still
+    ``chunk_size``: queries per model call (default 4,096 on the CPU, 16,384 on a GPU).
+    ``output_grid``: ``(shape, ijk_to_ras)`` of another grid to write the result on
+    (:mod:`.output_grid`: grown, resampled or a reference image's); the given structures are
+    carried onto it by nearest neighbour and kept, their surfaces still
     sampled on the input's grid (default: the input's grid). ``fit_steps``: Adam steps fitting the
     encoded latents to the given structures before decoding (:mod:`.latent_fit`; None, the default:
     30, or 250 when every requested structure is given, a reconstruction; 0: off), ``fit_lr`` its

@@ -42,6 +42,7 @@ from typing import Callable
 import numpy as np
 
 from HeartCompletionLib.geometry.affine import ijk_to_ras_points, spacing_of
+from HeartCompletionLib.io.labelmap import value_counts
 
 #: fine levels are interpolated when the parent cell's largest edge is at most this (mm)
 DEFAULT_INTERP_CELL_MM = 4.0
@@ -223,8 +224,6 @@ def _structure_voxels(v_labs, free, write, out=None, size=None, settled=None) ->
     ``out``; the finest cells' blocks are still 0 there) from every 2nd voxel along each axis, the
     settled voxels left out (fusion keeps the given structures there). A budget needs no exact
     count, and the sample costs an eighth of a pass over the region."""
-    from HeartCompletionLib.io.labelmap import value_counts
-
     top = int(max(write.max(), 0)) + 1
     counts = np.bincount(v_labs[free], minlength=top)[:top]
     if out is not None:
@@ -449,7 +448,8 @@ def fast_hierarchical_labels(
                     v, v_labs, amb = np.concatenate([v, v2]), np.concatenate([v_labs, l2]), np.concatenate([amb, a2])
                     kept = kept[~reach]
             fill = kept[labs[kept, 0] != 0]
-            blocks[every_cell[fill, 0], :, every_cell[fill, 1], :, every_cell[fill, 2], :] = labs[fill, 0][:, None, None, None]
+            blocks[every_cell[fill, 0], :, every_cell[fill, 1], :, every_cell[fill, 2], :] = \
+                labs[fill, 0][:, None, None, None]
             n_uniform = len(kept) * int(np.prod(stride))
             if interp:
                 if len(errors) >= MIN_ERROR_SAMPLES:

@@ -84,7 +84,12 @@ def value_counts(labels: np.ndarray, minlength: int = 0) -> np.ndarray:
     """
     labels = np.asarray(labels)
     high = int(labels.max()) if labels.size else -1
-    counts = np.zeros(max(high + 1, int(minlength)), dtype=np.int64)
+    return _counts(labels, max(high + 1, int(minlength)))
+
+
+def _counts(labels: np.ndarray, length: int) -> np.ndarray:
+    """:func:`value_counts` with the number of entries known (at least the largest value + 1)."""
+    counts = np.zeros(length, dtype=np.int64)
     # a view of a contiguous volume, else one slab at a time (a cropped view is never copied whole)
     parts = [labels.reshape(-1)] if labels.flags.c_contiguous or labels.ndim < 2 else labels
     for part in parts:
@@ -106,6 +111,7 @@ def present_values(labels: np.ndarray) -> np.ndarray:
     """
     if labels.size == 0 or labels.ndim == 0 or labels.dtype.kind not in "iu":
         return np.unique(labels)
-    if int(labels.min()) < 0 or int(labels.max()) > 65_535:
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high > 65_535:
         return np.unique(labels)
-    return np.flatnonzero(value_counts(labels)).astype(labels.dtype)
+    return np.flatnonzero(_counts(labels, high + 1)).astype(labels.dtype)

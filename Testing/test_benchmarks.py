@@ -187,6 +187,10 @@ def test_complete_speed_completes_a_label_map_file_in_its_own_numbering(tmp_path
     refused = subprocess.run([sys.executable, str(BENCH / "complete_speed.py"), "--input", str(path)], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--input needs --checkpoint" in refused.stderr
+    missing = subprocess.run([sys.executable, str(BENCH / "complete_speed.py"), "--checkpoint", str(demo), "--input",
+                              str(tmp_path / "none.nii.gz")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "none.nii.gz: file not found" in missing.stderr
+    assert "Traceback" not in missing.stderr
 
 
 def test_decode_bookkeeping_replays_the_recorded_decode():

@@ -228,10 +228,14 @@ def main(argv=None) -> int:
     if args.input is None:
         truth, source = partial_heart(args.seed, spacing, args.drop, shape)
     else:
+        from HeartCompletionLib.errors import HeartCompletionError
         from HeartCompletionLib.geometry.affine import spacing_of
         from HeartCompletionLib.io.labelmap_files import read_label_map
 
-        truth, source = None, read_label_map(args.input, table=table, convention=args.label_map)
+        try:  # a missing or unreadable file, an unknown numbering: a usage error naming it
+            truth, source = None, read_label_map(args.input, table=table, convention=args.label_map)
+        except HeartCompletionError as exc:
+            p.error(f"--input: {exc}")
         spacing = spacing_of(source.ijk_to_ras)
     options = {} if args.refine_factor is None else {"refine_factor": args.refine_factor}
     options.update(device=args.device, grid_spacing_mm=args.grid_spacing_mm, decode=args.decode,

@@ -200,6 +200,7 @@ def test_panel_maps_and_completes_with_the_checkpoint_table(checkpoints, tmp_pat
     for index in range(segmentation.GetNumberOfSegments()):
         segment = segmentation.GetNthSegment(index)
         segment.SetName(table16.by_label(segment.GetLabelValue()).name)
+    logic = None
     try:
         logic = HeartCompletionLogic()
         assert logic.setCheckpoint(str(checkpoints["sixteen"])) is True  # the table changed
@@ -229,6 +230,8 @@ def test_panel_maps_and_completes_with_the_checkpoint_table(checkpoints, tmp_pat
         assert logic.setCheckpoint(str(tmp_path / "missing.safetensors")) is True
         assert logic.table.names == TABLE.names
     finally:
+        if logic is not None:
+            logic.shutdown()  # its warm worker
         slicer.mrmlScene.Clear(1)
 
 

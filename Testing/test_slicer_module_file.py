@@ -54,10 +54,26 @@ class Recorder:
         return [e[1:] for e in self.events if e[0] == name]
 
 
+_LOGICS = []  # every logic a test made: its warm worker ends after the test (the module's cleanup)
+
+
+@pytest.fixture(autouse=True)
+def _shut_down_logics():
+    yield
+    while _LOGICS:
+        _LOGICS.pop().shutdown()
+
+
+def new_logic(**kwargs):
+    logic = HeartCompletionLogic(**kwargs)
+    _LOGICS.append(logic)
+    return logic
+
+
 def recorded_panel(scene, heart):
     """``(logic, recorder of its signals, segmentation node, volume, segment mappings)`` of a
     partial heart loaded into the scene, as the panel starts from."""
-    logic = HeartCompletionLogic()
+    logic = new_logic()
     recorder = Recorder(logic)
     node, volume = partial_segmentation(scene, heart)
     return logic, recorder, node, volume, logic.segmentMappings(node)
@@ -75,7 +91,7 @@ def poll_until_done(logic, timeout_s=300):
 def test_logic_completes_undoes_and_exports_like_the_panel(scene, heart, tiny_checkpoint, tmp_path):
     from HeartCompletionLib.io.labelmap_files import read_label_map
 
-    logic = HeartCompletionLogic()
+    logic = new_logic()
     node, volume = partial_segmentation(scene, heart)
     mappings = logic.segmentMappings(node)
     unmapped = [m.segment.name for m in mappings if m.structure is None]
@@ -120,7 +136,7 @@ def test_logic_completes_undoes_and_exports_like_the_panel(scene, heart, tiny_ch
 
 
 def test_logic_refuses_incomplete_input_with_a_message(scene, heart, tiny_checkpoint, tmp_path):
-    logic = HeartCompletionLogic()
+    logic = new_logic()
     node, _volume = partial_segmentation(scene, heart)
     mappings = logic.segmentMappings(node)
     with pytest.raises(ValueError, match="Select a segmentation"):
@@ -172,6 +188,47 @@ def test_cancel_stops_the_process_and_adds_nothing(scene, heart, tiny_checkpoint
     assert recorder.of("runningChanged") == [(True,), (False,)] and recorder.of("finished") == []
     assert [info.segment_id for info in segments.segment_infos(node)] == before
     assert logic.cancel() is False  # nothing to cancel
+
+
+def test_a_second_completion_reuses_the_warm_worker(scene, heart, tiny_checkpoint):
+    """The panel keeps its completion process between runs with the same model and device (only
+    the first run starts Python and loads the model); another device, a changed checkpoint file or
+    a cancelled run start a new one; ``shutdown`` (the module's cleanup) ends it."""
+    import os
+
+    logic, recorder, node, volume, mappings = recorded_panel(scene, heart)
+    masks = []
+    for _ in range(2):
+        logic.start(node, mappings, ["LAA"], str(tiny_checkpoint), "cpu", False, volume, showSurfaces=False)
+        poll_until_done(logic)
+        (laa,) = [i for i in segments.segment_infos(node) if i.name == "LAA"]
+        masks.append(segments.segment_mask(node, laa.segment_id, heart.shape, heart.ijk_to_ras))
+        logic.undoLastCompletion()
+        if len(masks) == 1:
+            worker = logic._worker
+            assert worker is not None and worker.alive and not worker.busy
+    assert logic._worker is worker and worker.alive, "the second run was not served by the same process"
+    np.testing.assert_array_equal(masks[0], masks[1])
+    assert recorder.of("failed") == [] and len(recorder.of("finished")) == 2 and logic.workDir is None
+
+    logic.start(node, mappings, ["LAA"], str(tiny_checkpoint), "auto", False, volume, showSurfaces=False)
+    poll_until_done(logic)
+    assert logic._worker is not worker and not worker.alive  # another device: the old one ended
+    worker = logic._worker
+    stat = os.stat(tiny_checkpoint)
+    os.utime(tiny_checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # a retrained file, same name
+    logic.start(node, mappings, ["LAA"], str(tiny_checkpoint), "auto", False, volume, showSurfaces=False)
+    poll_until_done(logic)
+    assert logic._worker is not worker and not worker.alive
+    worker = logic._worker
+    logic.start(node, mappings, ["LAA"], str(tiny_checkpoint), "auto", False, volume, showSurfaces=False)
+    assert logic.cancel() and not worker.alive
+    logic.start(node, mappings, ["LAA"], str(tiny_checkpoint), "auto", False, volume, showSurfaces=False)
+    poll_until_done(logic)
+    assert logic._worker is not worker and recorder.of("failed") == [] and len(recorder.of("finished")) == 5
+    worker = logic._worker
+    logic.shutdown()
+    assert logic._worker is None and not worker.alive and worker._process.returncode == 0
 
 
 def test_a_failing_process_is_reported_not_raised(scene, heart, tiny_checkpoint, tmp_path):
@@ -333,7 +390,7 @@ def test_first_use_installs_pytorch_through_the_extension(monkeypatch):
 def test_export_installs_missing_packages_first(scene, heart, monkeypatch, tmp_path):
     """The exports need the file-format packages: the logic asks its install logic first."""
     installer, calls, _ = make_install(monkeypatch, {**CURRENT, "pynrrd": None})
-    logic = HeartCompletionLogic(installLogic=installer)
+    logic = new_logic(installLogic=installer)
     node, _volume = partial_segmentation(scene, heart)
     logic.export("segnrrd", node, str(tmp_path))
     assert calls == [["pynrrd>=1.0"]]

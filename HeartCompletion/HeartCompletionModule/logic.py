@@ -1,9 +1,11 @@
 """The module's logic: no Qt, no widgets; drives ``HeartCompletionLib`` and the background process.
 
 :class:`HeartCompletionLogic` maps segments to the checkpoint's structures, describes models,
-writes the input and starts the completion in a separate Python process (``heart-complete``'s
-module with ``--protocol lines``: :func:`HeartCompletionLib.inference.completion_process.build_command`),
-reads that process's events when asked (:meth:`~HeartCompletionLogic.poll`, which the widget calls
+writes the input and hands the completion to a separate Python process (``heart-complete``'s
+module with ``--protocol lines --serve``: a warm worker,
+:class:`HeartCompletionLib.inference.completion_process.CompletionWorker`, kept for the next
+completion with the same model and device, so that only the first one pays for starting Python,
+importing torch and loading the model), reads that process's events when asked (:meth:`~HeartCompletionLogic.poll`, which the widget calls
 from a ``qt.QTimer``), cancels it, turns its output into segments (with one undo record) and
 exports. It reports through plain-Python :class:`~.signals.Signal` s that the widget connects to,
 so tests drive it on a real MRML scene with ``slicer-core`` alone.
@@ -22,6 +24,7 @@ Usage (inside Slicer, or with slicer-core after setting ``slicer.mrmlScene``)::
         logic.poll()
         time.sleep(0.2)
     logic.undoLastCompletion()
+    logic.shutdown()                               # the module's cleanup: the worker ends
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ class HeartCompletionLogic:
         self.workDir = None
         self.outputPath = None
         self._run: _Run | None = None
+        self._worker = None  # the warm completion process (CompletionWorker), kept between runs
         self.progressChanged = Signal()
         self.logged = Signal()
         self.runningChanged = Signal()
@@ -226,8 +230,9 @@ class HeartCompletionLogic:
             self.finished.emit(added)
 
     def cancel(self):
-        """Stop a running completion (nothing is added) and remove its temporary files; returns
-        whether one was running. Emits ``runningChanged(False)`` when it was."""
+        """Stop a running completion (nothing is added; its worker process is terminated, the next
+        run starts another) and remove its temporary files; returns whether one was running.
+        Emits ``runningChanged(False)`` when it was."""
         run, self._run = self._run, None
         if run is not None:
             run.process.cancel()
@@ -236,11 +241,38 @@ class HeartCompletionLogic:
             self.runningChanged.emit(False)
         return run is not None
 
+    def shutdown(self):
+        """Cancel a running completion and end the warm worker (the module's cleanup, Slicer's exit)."""
+        self.cancel()
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.close()
+
+    def _workerFor(self, python, checkpoint, path, device):
+        """The warm worker for ``checkpoint`` (file ``path``) on ``device``: the kept one when it
+        serves the same Python, file (same modification time and size) and device and is idle,
+        else a new one (the old one ends)."""
+        from HeartCompletionLib.inference import completion_process
+
+        stat = os.stat(path)
+        key = (python, str(checkpoint), os.path.realpath(path), stat.st_mtime_ns, stat.st_size, device)
+        worker = self._worker
+        if worker is not None and (worker.key != key or not worker.alive or worker.busy):
+            worker.close(timeout_s=1.0)
+            worker = None
+        if worker is None:
+            worker = completion_process.CompletionWorker(
+                completion_process.build_worker_command(checkpoint, device, python), key=key
+            )
+        self._worker = worker
+        return worker
+
     # --- the steps of a run (also used directly by the self-test and scripts) ----------------------
     def startCompletion(self, segmentationNode, mappings, structures, checkpoint, device, replace, referenceVolume):
         """Write the input label map (in the values of ``self.table``, which must be the
-        checkpoint's) and start the background process (returns it). ``checkpoint``: a file or
-        a registered model name."""
+        checkpoint's) and hand it to the background process (returns the run, a
+        :class:`~HeartCompletionLib.inference.completion_process.WorkerJob`: ``poll``, ``wait``,
+        ``cancel``, ``returncode``). ``checkpoint``: a file or a registered model name."""
         from HeartCompletionLib.inference import completion_process
         from HeartCompletionLib.io.labelmap_files import write_label_map
         from HeartCompletionLib.model.checkpoint import CheckpointError, read_checkpoint_metadata
@@ -278,10 +310,8 @@ class HeartCompletionLogic:
             json.dump(self.table.to_dict(), f)
         self.outputPath = os.path.join(self.workDir, "output.nrrd")
         python = shutil.which("PythonSlicer") or sys.executable
-        command = completion_process.build_command(
-            checkpoint, inputPath, self.outputPath, structures, replace, device, python, table=tablePath
-        )
-        return completion_process.CompletionProcess(command)
+        request = completion_process.build_request(inputPath, self.outputPath, structures, replace, table=tablePath)
+        return self._workerFor(python, checkpoint, path, device).submit(request)
 
     def finishCompletion(self, segmentationNode, mappings, completedLabels, replace, showSurfaces):
         """Turn the process output into segments; returns the names of the structures written."""

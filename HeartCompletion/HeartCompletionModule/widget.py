@@ -73,7 +73,7 @@ class HeartCompletionPanel(VTKObservationMixin):
 
     # --- module life cycle (called by HeartCompletionWidget) ------------------------------------
     def cleanup(self):
-        self.logic.cancel()
+        self.logic.shutdown()  # cancels a running completion and ends the warm worker
         self.timer.stop()
         self.removeObservers()
 
@@ -212,8 +212,8 @@ class HeartCompletionPanel(VTKObservationMixin):
         onCpu = self.logic.runsOnCpu(self.ui.deviceComboBox.currentText)
         self.ui.cpuWarningLabel.visible = onCpu
         self.ui.cpuWarningLabel.text = _(
-            "The model will run on the CPU: expect about half a minute to a few minutes per heart "
-            "(more for large images). A CUDA GPU takes seconds."
+            "The model will run on the CPU: with the bundled model expect about 5-15 seconds per heart; "
+            "larger models take up to a few minutes. A CUDA GPU is faster."
         )
 
     # --- apply / cancel ---------------------------------------------------------------------------
@@ -228,7 +228,7 @@ class HeartCompletionPanel(VTKObservationMixin):
                 return
             p = self._parameterNode
             if self.logic.runsOnCpu(p.device) and not slicer.util.confirmOkCancelDisplay(
-                _("No CUDA GPU will be used: the completion runs on the CPU and may take a few minutes. Continue?"),
+                _("No CUDA GPU will be used: the completion runs on the CPU and may take from seconds to a few minutes, depending on the model. Continue?"),
                 dontShowAgainSettingsKey=DONT_ASK_BEFORE_CPU_SETTING,
             ):
                 return

@@ -24,6 +24,11 @@ the Slicer panel) it prints the machine-readable lines of :mod:`.completion_proc
 instead: ``HC-PROGRESS <0..1> <message>``, ``HC-RESULT <json>`` once per completed case (output,
 completed and given labels, timings), ``HC-ERROR <message>`` (one line each); warnings and
 summaries are plain log lines. Nothing else differs: same options, same checks, same exit codes.
+With ``--protocol lines --serve`` (hidden too) it is the panel's warm worker: the model is loaded
+once, then each line on stdin is one request, a JSON list of a case's options (``--input``,
+``--output``, ``--table``, ``--structures``, ...), answered with the same lines and ended by
+``HC-DONE <exit status>`` (:class:`.completion_process.CompletionWorker`). It exits at the end of
+stdin or after ``--idle_s`` seconds without a request.
 
 Exit codes (:class:`~HeartCompletionLib.errors.ExitCode`): 0 success; 1 some case failed (each
 failure printed with its file; the other cases of a folder are still processed) or an unexpected
@@ -50,7 +55,17 @@ from pathlib import Path
 
 from HeartCompletionLib.errors import ExitCode, HeartCompletionError
 
-from .completion_process import DECODE_MODES, DEFAULT_DECODE, ERROR_PREFIX, RESULT_PREFIX, format_progress
+from .completion_process import (
+    DECODE_MODES,
+    DEFAULT_DECODE,
+    DONE_PREFIX,
+    ERROR_PREFIX,
+    READY_PREFIX,
+    RESULT_PREFIX,
+    SERVE_OPTION,
+    WORKER_IDLE_S,
+    format_progress,
+)
 
 PROG = "heart-complete"
 #: ``--protocol``: ``bar`` (people: progress bar and messages on stderr) or ``lines`` (the panel)
@@ -74,6 +89,14 @@ def _positive_mm(text: str) -> float:
     value = _finite(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a length > 0 mm, got {value:g}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    """argparse type: a finite time > 0 in seconds."""
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a time > 0 s, got {value:g}")
     return value
 
 
@@ -123,7 +146,9 @@ def _wants_lines(argv) -> bool:
     return "--protocol=lines" in argv or any(a == "--protocol" and b == "lines" for a, b in zip(argv, argv[1:]))
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(serve: bool = False) -> argparse.ArgumentParser:
+    """heart-complete's options; ``serve``: a worker's, whose cases (``--input``, ``--output``) come
+    with each request instead."""
     from HeartCompletionLib.io.meshes import MESH_FORMATS
 
     from .completion import DEFAULT_GRID_SPACING_MM, DEFAULT_MARGIN_MM
@@ -141,8 +166,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="CK",
                    help="inference checkpoint (.safetensors), or the name of a registered model: "
                    f"{_registered_names()} (an existing file of that name wins)")
-    p.add_argument("--input", required=True, help="label map file, or a folder of label maps (batch mode)")
-    p.add_argument("--output", required=True,
+    p.add_argument("--input", required=not serve, help="label map file, or a folder of label maps (batch mode)")
+    p.add_argument("--output", required=not serve,
                    help="output file (format from its suffix: .nii, .nii.gz, .nrrd, .seg.nrrd), or a folder "
                    "(any other name; created; files keep the input names and formats)")
     p.add_argument("--structures", nargs="+", default=None, metavar="NAME",
@@ -195,6 +220,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar, only errors")
     # internal: the Slicer panel's background process reads HC-PROGRESS/HC-RESULT/HC-ERROR lines on stdout
     p.add_argument("--protocol", default="bar", choices=PROTOCOLS, help=argparse.SUPPRESS)
+    # internal: the panel's warm worker (completion_process.CompletionWorker): requests on stdin
+    p.add_argument(SERVE_OPTION, action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--idle_s", type=_positive_seconds, default=WORKER_IDLE_S, help=argparse.SUPPRESS)
     return p
 
 
@@ -388,6 +416,12 @@ class _LineOutput:
         if count > 1:
             self._emit(f"{failures} of {count} case(s) failed")
 
+    def ready(self) -> None:
+        self._emit(READY_PREFIX)
+
+    def done(self, code: int) -> None:
+        self._emit(f"{DONE_PREFIX} {int(code)}")
+
 
 # --- the run -------------------------------------------------------------------------------------
 
@@ -433,15 +467,7 @@ def _complete_one(src: Path, dst: Path, checkpoint, args, output) -> tuple[str, 
     return "\n".join([summary, *notes]), payload
 
 
-def _prepare(args, output):
-    """Everything checked before any input is read: ``(jobs, checkpoint)``; raises on refusal."""
-    from HeartCompletionLib.model.registry import load_model
-    from HeartCompletionLib.structures.table import StructureTable
-
-    from .completion import check_device, resolve_structures
-
-    jobs = _jobs(Path(args.input), Path(args.output))
-    check_device(args.device)  # an unavailable CUDA is refused before anything is read
+def _check_mesh_format(args) -> None:
     if args.meshes:  # e.g. GLB without trimesh: refused before a completion is spent on it
         from HeartCompletionLib.io.meshes import check_mesh_format
 
@@ -449,6 +475,15 @@ def _prepare(args, output):
             check_mesh_format(args.mesh_format)
         except ImportError as exc:
             raise CliError(f"--mesh_format {args.mesh_format}: {exc}") from None
+
+
+def _load(args, output, warn: bool = True):
+    """``(checkpoint, registry entry or None)`` of ``--checkpoint`` (checked against ``--table``),
+    torch's threads set; a registered model's warning printed (``warn``; a worker prints it with
+    each request instead)."""
+    from HeartCompletionLib.model.registry import load_model
+    from HeartCompletionLib.structures.table import StructureTable
+
     if args.threads:
         import torch
 
@@ -456,35 +491,46 @@ def _prepare(args, output):
     output.loading(args.checkpoint)
     expected = StructureTable.from_spec(args.table) if args.table else None
     checkpoint, entry = load_model(args.checkpoint, expected_table=expected, device="cpu")
-    if entry is not None:  # every time a registered model is used, quiet or not
+    if entry is not None and warn:  # every time a registered model is used, quiet or not
         output.warning(f"model {entry.name!r} ({entry.path}): {entry.warning}")
+    return checkpoint, entry
+
+
+def _check_cases(args, jobs, checkpoint) -> None:
+    """What is checked of the cases once the model is known: the reference grid, the structures."""
+    from .completion import resolve_structures
+
     args.reference_grid = _reference_grid(args, jobs)
     if args.structures:  # an unknown name is refused before the input is read
         try:
             resolve_structures(checkpoint.table, args.structures)
         except KeyError as exc:
             raise CliError(f"--structures: {exc.args[0]}") from None
+
+
+def _prepare(args, output):
+    """Everything checked before any input is read: ``(jobs, checkpoint)``; raises on refusal."""
+    from .completion import check_device
+
+    jobs = _jobs(Path(args.input), Path(args.output))
+    check_device(args.device)  # an unavailable CUDA is refused before anything is read
+    _check_mesh_format(args)
+    checkpoint, _entry = _load(args, output)
+    _check_cases(args, jobs, checkpoint)
     return jobs, checkpoint
 
 
-def main(argv=None) -> int:
-    parser = _parser()
-    parser.lines = _wants_lines(argv)
-    args = parser.parse_args(argv)
-    started = time.perf_counter()
-    output = _LineOutput() if args.protocol == "lines" else _BarOutput(args.quiet)
-    try:
-        jobs, checkpoint = _prepare(args, output)
-    except ImportError as exc:  # torch or a reader is missing in this Python
-        output.error(f"cannot import the completion code: {exc}")
-        return ExitCode.FAILED
-    except (HeartCompletionError, ValueError, KeyError, OSError) as exc:  # options, checkpoint, table, files
-        output.error(str(exc))
-        return ExitCode.USAGE
-    except Exception as exc:  # noqa: BLE001 - reported as one message, never a traceback
-        output.error(f"unexpected {type(exc).__name__}: {exc}")
-        return ExitCode.FAILED
+def _refusal(exc: BaseException) -> tuple[int, str]:
+    """``(exit status, message)`` of a failure before any input is read."""
+    if isinstance(exc, ImportError):  # torch or a reader is missing in this Python
+        return ExitCode.FAILED, f"cannot import the completion code: {exc}"
+    if isinstance(exc, (HeartCompletionError, ValueError, KeyError, OSError)):  # options, checkpoint, table, files
+        return ExitCode.USAGE, str(exc)
+    return ExitCode.FAILED, f"unexpected {type(exc).__name__}: {exc}"
 
+
+def _run_cases(jobs, checkpoint, args, output, started: float) -> int:
+    """Complete every ``(input, output)`` of ``jobs``; one case's failure never stops the others."""
     from HeartCompletionLib.io.labelmap_files import LabelMapError
 
     from .completion import CompletionError
@@ -509,6 +555,151 @@ def main(argv=None) -> int:
         output.failures(failures, len(jobs))
         return ExitCode.FAILED
     return ExitCode.OK
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser(serve=SERVE_OPTION in argv)
+    parser.lines = _wants_lines(argv)
+    args = parser.parse_args(argv)
+    if args.serve:
+        if args.protocol != "lines":
+            parser.error(f"{SERVE_OPTION} needs --protocol lines")
+        return _serve(args, _LineOutput(), sys.stdin)
+    started = time.perf_counter()
+    output = _LineOutput() if args.protocol == "lines" else _BarOutput(args.quiet)
+    try:
+        jobs, checkpoint = _prepare(args, output)
+    except Exception as exc:  # noqa: BLE001 - reported as one message, never a traceback
+        code, message = _refusal(exc)
+        output.error(message)
+        return code
+    return _run_cases(jobs, checkpoint, args, output, started)
+
+
+# --- the panel's warm worker (--serve) -----------------------------------------------------------
+
+#: options a worker fixes when it starts: a request may not change them
+_WORKER_OPTIONS = ("checkpoint", "device", "threads", "protocol", "serve", "idle_s")
+
+
+def _serve(args, output, stdin) -> int:
+    """Load the model once, then complete the requests on ``stdin`` one by one (module docstring)
+    until it ends; exits by itself after ``args.idle_s`` seconds without a request."""
+    from .completion import check_device
+
+    try:
+        check_device(args.device)
+        checkpoint, entry = _load(args, output, warn=False)
+    except Exception as exc:  # noqa: BLE001 - reported as one message, never a traceback
+        code, message = _refusal(exc)
+        output.error(message)
+        return code
+    parser = _parser()  # a request's options: --input and --output required
+    parser.lines = True
+    idle = _IdleExit(args.idle_s, output)
+    output.ready()
+    try:
+        while True:
+            line = stdin.readline()
+            if not line:  # the parent closed our stdin, or ended
+                return ExitCode.OK
+            if not line.strip():
+                continue
+            idle.busy()
+            try:
+                code = _serve_request(line, args, parser, checkpoint, entry, output)
+            finally:
+                _release_memory()
+                idle.idle()
+            output.done(code)
+    finally:
+        idle.stop()
+
+
+def _serve_request(line: str, worker_args, parser, checkpoint, entry, output) -> int:
+    """One request of a worker: its options parsed and checked as on the command line, then its cases."""
+    started = time.perf_counter()
+    try:
+        request = json.loads(line)
+        if not isinstance(request, list) or not all(isinstance(a, str) for a in request):
+            raise ValueError("not a JSON list of strings")
+    except ValueError as exc:
+        output.error(f"{PROG}: error: a request must be one line holding a JSON list of options ({exc}): {line.strip()[:200]}")
+        return ExitCode.USAGE
+    fixed = ["--protocol", "lines", SERVE_OPTION, "--checkpoint", worker_args.checkpoint, "--device", worker_args.device,
+             "--threads", str(worker_args.threads), "--idle_s", repr(worker_args.idle_s)]
+    try:
+        args = parser.parse_args([*fixed, *request])
+    except SystemExit as exc:  # the parser printed the HC-ERROR line
+        return int(exc.code or ExitCode.USAGE)
+    changed = [f"--{name}" for name in _WORKER_OPTIONS if getattr(args, name) != getattr(worker_args, name)]
+    if changed:
+        output.error(f"{PROG}: error: a worker serves one model on one device: a request may not set {', '.join(changed)}")
+        return ExitCode.USAGE
+    try:
+        from HeartCompletionLib.model.checkpoint import check_expected_table
+        from HeartCompletionLib.structures.table import StructureTable
+
+        jobs = _jobs(Path(args.input), Path(args.output))
+        _check_mesh_format(args)
+        if args.table:
+            check_expected_table(checkpoint.path, checkpoint.table, StructureTable.from_spec(args.table))
+        if entry is not None:  # every time a registered model is used
+            output.warning(f"model {entry.name!r} ({entry.path}): {entry.warning}")
+        _check_cases(args, jobs, checkpoint)
+    except Exception as exc:  # noqa: BLE001 - reported as one message, never a traceback
+        code, message = _refusal(exc)
+        output.error(message)
+        return code
+    return _run_cases(jobs, checkpoint, args, output, started)
+
+
+class _IdleExit:
+    """Ends the worker process after ``seconds`` without a request (a watchdog thread; the main
+    thread waits on stdin, which no timeout interrupts on every platform) unless :meth:`stop` ped."""
+
+    def __init__(self, seconds: float, output) -> None:
+        import threading
+
+        self.seconds, self.output = float(seconds), output
+        self._busy, self._since = False, time.monotonic()
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def busy(self) -> None:
+        with self._lock:
+            self._busy = True
+
+    def idle(self) -> None:
+        with self._lock:
+            self._busy, self._since = False, time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._stopped.is_set():
+            with self._lock:
+                left = self.seconds - (time.monotonic() - self._since)
+                if not self._busy and left <= 0:
+                    self.output.log(f"no request for {self.seconds:g} s: the worker exits")
+                    os._exit(ExitCode.OK)
+            self._stopped.wait(min(max(left, 0.05), 1.0))
+
+
+def _release_memory() -> None:
+    """Give the memory of the last request back to the system (a worker waits between requests)."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed heap pages otherwise
+    except (OSError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":

@@ -279,6 +279,16 @@ def _resolve_device(device):
     return device
 
 
+def check_expected_table(path, table: StructureTable, expected_table: StructureTable | None) -> None:
+    """Refuse (:class:`CheckpointError` naming ``path``, both lists in the message) a checkpoint
+    whose structure ``table`` is not ``expected_table``; nothing to check when that is None."""
+    if expected_table is not None and not table.is_compatible(expected_table):
+        raise CheckpointError(
+            f"{path}: trained on other structures than expected.\n  checkpoint: {table.names}\n"
+            f"  expected:   {expected_table.names}"
+        )
+
+
 def load_inference_checkpoint(path, expected_table: StructureTable | None = None, device="cpu") -> InferenceCheckpoint:
     """Load a checkpoint written by :func:`save_inference_checkpoint` without unpickling anything.
 
@@ -300,11 +310,7 @@ def load_inference_checkpoint(path, expected_table: StructureTable | None = None
         int(meta["encoder_input"]["num_input_points"]), int(meta["encoder_input"]["min_per_structure"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: garbled HeartCompletion metadata: {exc}") from exc
-    if expected_table is not None and not table.is_compatible(expected_table):
-        raise CheckpointError(
-            f"{path}: trained on other structures than expected.\n  checkpoint: {table.names}\n"
-            f"  expected:   {expected_table.names}"
-        )
+    check_expected_table(path, table, expected_table)
     if config.num_classes != len(table):
         raise CheckpointError(
             f"{path}: model config predicts {config.num_classes} structures but the table has {len(table)}"

@@ -157,6 +157,16 @@ def test_complete_speed_times_stages_and_checks_fast_against_exact():
     assert "(exact decode)" in exact.strip().splitlines()[-1] and "accuracy" not in exact
 
 
+def test_worker_latency_compares_fresh_processes_with_the_warm_worker():
+    text = run_benchmark("worker_latency.py", "--spacing", "3", "--repeats", "1", "--threads", "1")
+    lines = text.strip().splitlines()
+    assert lines[0] == "command: python benchmarks/worker_latency.py --spacing 3 --repeats 1 --threads 1"
+    assert [line.split(":")[0] for line in lines[1:4]] == ["fresh process 1", "worker request 1 (starts the worker)",
+                                                           "worker request 2"]
+    assert lines[-1].startswith("3 mm (") and "fresh process" in lines[-1] and "warm worker" in lines[-1]
+    assert lines[-1].endswith("outputs identical: True")
+
+
 def test_complete_speed_completes_a_label_map_file_in_its_own_numbering(tmp_path):
     """``--input`` with ``--label_map``: a file whose values are not the table's (ventricles as 1-3,
     like the ACDC files) is read in that numbering and completed, with the same stage times and

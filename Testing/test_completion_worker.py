@@ -177,3 +177,29 @@ def test_build_worker_command_and_request_are_heart_completes_options():
         "in.nrrd", "out.nrrd", ["LAA", "PA"], True, "t.json", "exact", 7)
     with pytest.raises(SystemExit):
         _parser().parse_args(["--checkpoint", "ck"])  # people must name the input and the output
+
+
+def test_a_worker_warms_up_only_while_no_request_waits(monkeypatch, capsys):
+    """Started ahead (nothing on stdin yet), a worker runs one small completion so that its first
+    request is as fast as the later ones; a failure there is only logged. With a request already
+    waiting (started by Apply) it goes straight to the request."""
+    import os
+
+    from HeartCompletionLib.inference import complete_cli, completion
+
+    read_end, write_end = os.pipe()
+    with os.fdopen(read_end, "r") as reader, os.fdopen(write_end, "w") as writer:
+        assert complete_cli._request_waiting(reader) is False
+        writer.write("[]\n")
+        writer.flush()
+        assert complete_cli._request_waiting(reader) is True
+    assert complete_cli._request_waiting(io.StringIO("[]\n")) is False  # cannot be asked: warm up
+
+    calls = []
+    monkeypatch.setattr(completion, "complete_label_map", lambda *a, **k: calls.append(k) or 1 / 0)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert main(["--protocol", "lines", "--serve", "--checkpoint", MODEL, "--device", "cpu"]) == ExitCode.OK
+    lines = capsys.readouterr().out.splitlines()
+    assert calls and calls[0]["fit_steps"] == 2 and calls[0]["device"] == "cpu"
+    (failed,) = [line for line in lines if line.startswith("warm-up completion failed")]
+    assert "ZeroDivisionError" in failed and lines.index(failed) < lines.index("HC-READY")

@@ -231,6 +231,32 @@ def test_a_second_completion_reuses_the_warm_worker(scene, heart, tiny_checkpoin
     assert logic._worker is None and not worker.alive and worker._process.returncode == 0
 
 
+def test_warm_up_starts_the_worker_the_first_apply_uses(scene, heart, tiny_checkpoint, monkeypatch, tmp_path):
+    """Entering the module starts the completion process ahead of Apply (never installing
+    anything, never for an unusable checkpoint or while a run is going on); Apply then uses it."""
+    logic, recorder, node, volume, mappings = recorded_panel(scene, heart)
+    assert logic.warmUp("", "cpu") is False and logic.warmUp(str(tmp_path / "missing.safetensors"), "cpu") is False
+    assert logic.warmUp("no-such-registered-model", "cpu") is False and logic._worker is None
+    installer, calls, _ = make_install(monkeypatch, {**CURRENT, "pynrrd": None})
+    logic.installLogic, kept = installer, logic.installLogic
+    assert logic.warmUp(str(tiny_checkpoint), "cpu") is False and logic._worker is None and calls == []
+    logic.installLogic = kept
+
+    assert logic.warmUp(str(tiny_checkpoint), "cpu") is True
+    worker = logic._worker
+    assert worker is not None and worker.alive
+    deadline = time.monotonic() + 120
+    while not worker.ready:  # the model loads with no request yet
+        assert time.monotonic() < deadline and worker.alive, "the warmed-up worker did not get ready"
+        time.sleep(0.05)
+    assert logic.warmUp(str(tiny_checkpoint), "cpu") is True and logic._worker is worker  # already warm
+    logic.start(node, mappings, ["LAA"], str(tiny_checkpoint), "cpu", False, volume, showSurfaces=False)
+    assert logic.warmUp(str(tiny_checkpoint), "auto") is False  # not while a run is going on
+    poll_until_done(logic)
+    assert logic._worker is worker and recorder.of("failed") == [] and len(recorder.of("finished")) == 1
+    assert any(message.startswith("loading") for _fraction, message in recorder.of("progressChanged"))
+
+
 def test_a_failing_process_is_reported_not_raised(scene, heart, tiny_checkpoint, tmp_path):
     """A process that exits with an error: ``failed`` carries the message, nothing is added."""
     logic, recorder, node, volume, mappings = recorded_panel(scene, heart)

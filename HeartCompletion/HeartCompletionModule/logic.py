@@ -241,6 +241,26 @@ class HeartCompletionLogic:
             self.runningChanged.emit(False)
         return run is not None
 
+    def warmUp(self, checkpoint, device):
+        """Start the warm worker for ``checkpoint`` on ``device`` ahead of the first **Apply** (the
+        panel calls it when the module is entered and when the model or device changes), so that
+        Python, torch and the model load while the user ticks structures. Only when nothing is
+        running and every requirement is installed (it never installs) and ``checkpoint`` names an
+        existing file or installed registered model; a checkpoint that cannot be used is left for
+        **Apply** to report. Returns whether a worker for them is starting or ready."""
+        from HeartCompletionLib.model.registry import RegistryError, resolve_checkpoint
+
+        if self._run is not None or not checkpoint or self.installLogic.outdated():
+            return False
+        try:
+            path, _entry = resolve_checkpoint(checkpoint)
+        except (RegistryError, OSError):
+            return False
+        if not path.is_file():
+            return False
+        self._workerFor(shutil.which("PythonSlicer") or sys.executable, checkpoint, path, device)
+        return True
+
     def shutdown(self):
         """Cancel a running completion and end the warm worker (the module's cleanup, Slicer's exit)."""
         self.cancel()

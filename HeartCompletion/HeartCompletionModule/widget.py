@@ -81,6 +81,7 @@ class HeartCompletionPanel(VTKObservationMixin):
         self._entered = True
         self.initializeParameterNode()
         self.updateTables()
+        self.warmUp()
 
     def exit(self):
         self._entered = False
@@ -206,8 +207,20 @@ class HeartCompletionPanel(VTKObservationMixin):
         if self.logic.setCheckpoint(checkpoint):  # another structure table: map the segments again
             self.userChoices = {}
             self.updateTables()
+        self.warmUp()
+
+    def warmUp(self):
+        """Start the completion process for the chosen model and device ahead of **Apply**, while
+        the module is shown (the logic does nothing when something is missing or running)."""
+        if not self._entered:
+            return
+        try:
+            self.logic.warmUp(self.currentCheckpoint(), self.ui.deviceComboBox.currentText)
+        except Exception:  # noqa: BLE001 - a head start only: Apply reports any real problem
+            logging.debug("warm-up of the completion process failed:\n" + traceback.format_exc())
 
     def updateDeviceInfo(self, *_args):
+        self.warmUp()  # a worker serves one device
         self.ui.deviceInfoLabel.text = self.logic.torchDescription()
         onCpu = self.logic.runsOnCpu(self.ui.deviceComboBox.currentText)
         self.ui.cpuWarningLabel.visible = onCpu

@@ -45,6 +45,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -597,6 +598,8 @@ def _serve(args, output, stdin) -> int:
         return code
     parser = _parser()  # a request's options: --input and --output required
     parser.lines = True
+    if not _request_waiting(stdin):  # started ahead of its first request (the panel's warm-up)
+        _warm_up(checkpoint, args.device, output)
     idle = _IdleExit(args.idle_s, output)
     output.ready()
     try:
@@ -653,6 +656,41 @@ def _serve_request(line: str, worker_args, parser, checkpoint, entry, output) ->
         output.error(message)
         return code
     return _run_cases(jobs, checkpoint, args, output, started)
+
+
+def _request_waiting(stdin) -> bool:
+    """Whether a request is already waiting on ``stdin`` (POSIX pipes; False where that cannot be
+    asked, e.g. on Windows)."""
+    import select
+
+    try:
+        return bool(select.select([stdin], [], [], 0)[0])
+    except (OSError, ValueError, TypeError, io.UnsupportedOperation):
+        return False
+
+
+def _warm_up(checkpoint, device, output) -> None:
+    """One small completion while no request is waiting: the modules a completion imports on first
+    use, the allocator and the kernels get warm, so that the first request of a worker started
+    ahead is about as fast as the later ones (docs/benchmarks.md, session 14). A failure here is
+    only logged: the requests report real problems."""
+    import numpy as np
+
+    from HeartCompletionLib.io import labelmap_files  # noqa: F401 - the readers and writers, imported now
+    from HeartCompletionLib.io.labelmap import LabelMap
+
+    from .completion import complete_label_map
+
+    try:
+        table = checkpoint.table
+        radius = np.linalg.norm(np.indices((24, 24, 24)) - 11.5, axis=0)
+        labels = np.zeros(radius.shape, dtype=np.int16)
+        labels[radius < 9] = table.structures[0].label  # a ball in a shell of another structure
+        labels[radius < 6] = table.structures[-1].label
+        ijk_to_ras = np.diag([3.0, 3.0, 3.0, 1.0])
+        complete_label_map(LabelMap(labels, ijk_to_ras, source="<warm-up>"), checkpoint, device=device, fit_steps=2)
+    except Exception as exc:  # noqa: BLE001 - a head start only
+        output.log(f"warm-up completion failed (requests are not affected): {type(exc).__name__}: {exc}")
 
 
 class _IdleExit:

@@ -154,6 +154,10 @@ def test_an_idle_worker_exits_and_a_cancelled_one_is_gone(partial, tmp_path):
     finally:
         idle.close()
         cancelled.close()
+    loading = completion_process.CompletionWorker(completion_process.build_worker_command(MODEL, "cpu"))
+    started = time.monotonic()
+    loading.close()  # still loading: terminated at once, nobody waits for the model to load
+    assert not loading.alive and not loading.ready and time.monotonic() - started < 5
 
 
 def test_parse_worker_lines():

@@ -278,7 +278,7 @@ class HeartCompletionLogic:
         key = (python, str(checkpoint), os.path.realpath(path), stat.st_mtime_ns, stat.st_size, device)
         worker = self._worker
         if worker is not None and (worker.key != key or not worker.alive or worker.busy):
-            worker.close(timeout_s=1.0)
+            worker.terminate()  # idle or dead: nothing is lost, and the panel does not wait for it
             worker = None
         if worker is None:
             worker = completion_process.CompletionWorker(

@@ -73,6 +73,7 @@ class HeartCompletionPanel(VTKObservationMixin):
 
     # --- module life cycle (called by HeartCompletionWidget) ------------------------------------
     def cleanup(self):
+        self._entered = False  # no warm-up from here on
         self.logic.shutdown()  # cancels a running completion and ends the warm worker
         self.timer.stop()
         self.removeObservers()
@@ -261,6 +262,7 @@ class HeartCompletionPanel(VTKObservationMixin):
             self.timer.start()
         else:
             self.timer.stop()
+            self.warmUp()  # a cancelled run ended its process: start the next one ahead
 
     def onProgress(self, fraction, message):
         self.ui.progressBar.value = int(100 * fraction)

@@ -401,7 +401,11 @@ class CompletionWorker:
 
     def close(self, timeout_s: float = 5.0) -> None:
         """End the worker: close its stdin (it exits once the request it may be completing is
-        done), then terminate it if it has not exited within ``timeout_s``."""
+        done), then terminate it if it has not exited within ``timeout_s``; one still loading its
+        model is terminated at once (nothing to finish, and nobody should wait for it)."""
+        if not self.ready:
+            self.terminate(timeout_s)
+            return
         try:
             if self._process.stdin is not None:
                 self._process.stdin.close()

@@ -3,11 +3,11 @@
 :class:`HeartCompletionLogic` maps segments to the checkpoint's structures, describes models,
 writes the input and hands the completion to a separate Python process (``heart-complete``'s
 module with ``--protocol lines --serve``: a warm worker,
-:class:`HeartCompletionLib.inference.completion_process.CompletionWorker`, kept for the next
-completion with the same model and device, so that only the first one pays for starting Python,
-importing torch and loading the model), reads that process's events when asked (:meth:`~HeartCompletionLogic.poll`, which the widget calls
-from a ``qt.QTimer``), cancels it, turns its output into segments (with one undo record) and
-exports. It reports through plain-Python :class:`~.signals.Signal` s that the widget connects to,
+:class:`HeartCompletionLib.inference.completion_process.CompletionWorker`, started ahead by
+:meth:`~HeartCompletionLogic.warmUp` and kept for the next completion with the same model and
+device, so that Python, torch and the model are loaded once), reads that process's events when
+asked (:meth:`~HeartCompletionLogic.poll`, which the widget calls from a ``qt.QTimer``), cancels
+it, turns its output into segments (with one undo record) and exports. It reports through plain-Python :class:`~.signals.Signal` s that the widget connects to,
 so tests drive it on a real MRML scene with ``slicer-core`` alone.
 
 Usage (inside Slicer, or with slicer-core after setting ``slicer.mrmlScene``)::

@@ -38,6 +38,8 @@
 #   ct        benchmarks/complete_speed.py --ct on $DEVICE with that checkpoint, or CT_CHECKPOINT (e.g.
 #             the bundled model: CT_CHECKPOINT=HeartCompletionLib/model/bundled/synthetic_demo.safetensors)
 #             (CT grid and 1 mm);
+#   worker    benchmarks/worker_latency.py --ct on $DEVICE with the same checkpoint: what the Slicer panel's user
+#             waits for per Apply, a fresh heart-complete process against the panel's warm worker (--serve);
 #   real      benchmarks/real_study.py --budget gpu (issue 11: phase 4 on the real partial labels of
 #             REAL_DIR from REAL_INIT, held-out patients' figures, whole hearts from single structures),
 #             limit REAL_LIMIT_S (default 330 s; a report of what finished is written either way), further
@@ -292,6 +294,15 @@ part_ct() {
     timeout "$(limit 30)" python3 benchmarks/complete_speed.py --checkpoint "$CK" --device "$DEVICE" --repeats 3 \
         --threads 8 > "$OUT/complete_1mm.txt" 2>&1
     grep -v "^ " "$OUT/complete_1mm.txt" | tail -n 8
+}
+
+part_worker() {
+    CK="${CT_CHECKPOINT:-$WORK/small/model_best.safetensors}"
+    [ -f "$CK" ] || { echo "worker: no checkpoint $CK"; return; }
+    stamp "worker: worker_latency --ct on $DEVICE with $CK (limit $(limit 90) s)"
+    timeout "$(limit 90)" python3 benchmarks/worker_latency.py --ct --checkpoint "$CK" --device "$DEVICE" --repeats 2 \
+        --threads 8 > "$OUT/worker_latency_ct.txt" 2>&1
+    tail -n 8 "$OUT/worker_latency_ct.txt"
 }
 
 part_real() {

@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--ct", action="store_true", help="CT grid (512 x 512 x 300 voxels of 0.4 x 0.4 x 0.5 mm) instead of 1 mm")
     p.add_argument("--repeats", type=int, default=3, help="completions of each kind (default 3)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the child (default 2)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="device of the completions (default cpu)")
     args = p.parse_args(argv)
     print("command: python benchmarks/worker_latency.py " + " ".join(sys.argv[1:] if argv is None else argv), flush=True)
 
@@ -57,10 +58,10 @@ def main(argv=None) -> int:
 
     fresh = []
     for i in range(args.repeats):
-        command = cp.build_command(args.checkpoint, source_path, folder / f"fresh{i}.nrrd", device="cpu") + threads
+        command = cp.build_command(args.checkpoint, source_path, folder / f"fresh{i}.nrrd", device=args.device) + threads
         fresh.append(_timed(cp.CompletionProcess(command)))
         print(f"fresh process {i + 1}: {fresh[-1]:.2f} s", flush=True)
-    worker = cp.CompletionWorker(cp.build_worker_command(args.checkpoint, "cpu") + threads)
+    worker = cp.CompletionWorker(cp.build_worker_command(args.checkpoint, args.device) + threads)
     warm = []
     try:
         for i in range(args.repeats + 1):
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
             print(f"worker request {i + 1}{' (starts the worker)' if i == 0 else ''}: {warm[-1]:.2f} s", flush=True)
     finally:
         worker.close()
-    ahead = cp.CompletionWorker(cp.build_worker_command(args.checkpoint, "cpu") + threads)
+    ahead = cp.CompletionWorker(cp.build_worker_command(args.checkpoint, args.device) + threads)
     try:
         deadline = time.monotonic() + 300
         while not ahead.ready and ahead.alive and time.monotonic() < deadline:
@@ -80,7 +81,8 @@ def main(argv=None) -> int:
     reference = read_label_map(folder / "fresh0.nrrd").labels
     outputs = [folder / f"fresh{i}.nrrd" for i in range(args.repeats)] + [folder / f"warm{i}.nrrd" for i in range(args.repeats + 1)] + [folder / "ahead.nrrd"]
     same = all(np.array_equal(read_label_map(path).labels, reference) for path in outputs)
-    print(f"\n{'CT grid' if args.ct else f'{args.spacing:g} mm'} {source.shape}, {args.checkpoint}, {args.threads} threads: "
+    print(f"\n{'CT grid' if args.ct else f'{args.spacing:g} mm'} {source.shape}, {args.checkpoint}, {args.device}, "
+          f"{args.threads} threads: "
           f"fresh process {min(fresh):.2f} s (best of {args.repeats}), warm worker {min(warm[1:]):.2f} s "
           f"(best of {args.repeats}; its first request {warm[0]:.2f} s, {warmed:.2f} s when started ahead); "
           f"outputs identical: {same}")

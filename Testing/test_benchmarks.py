@@ -169,6 +169,17 @@ def test_worker_latency_compares_fresh_processes_with_the_warm_worker():
     assert lines[-1].endswith("outputs identical: True")
 
 
+def test_panel_steps_times_the_panels_own_work_around_a_completion():
+    pytest.importorskip("slicer", reason="slicer-core is not installed")
+    text = run_benchmark("panel_steps.py", "--spacing", "3")
+    lines = text.strip().splitlines()
+    assert lines[0] == "command: python benchmarks/panel_steps.py --spacing 3"
+    for start in ("segmentation -> input file (startCompletion): ", "completion in the worker",
+                  "result -> segments (finishCompletion): "):
+        assert any(line.startswith(start) for line in lines), start
+    assert lines[-1].startswith("3 mm (") and "5 structures added" in lines[-1] and "with surfaces" in lines[-1]
+
+
 def test_complete_speed_completes_a_label_map_file_in_its_own_numbering(tmp_path):
     """``--input`` with ``--label_map``: a file whose values are not the table's (ventricles as 1-3,
     like the ACDC files) is read in that numbering and completed, with the same stage times and

@@ -435,3 +435,25 @@ def _child_env():
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     return env
 
+
+
+def test_a_crop_or_pad_of_the_grid_is_placed_exactly_as_vtk_resamples_it(scene):
+    """Segments on a crop of the reference grid (what importing a label map makes) are placed by
+    their integer offset instead of being resampled: the same mask as VTK's nearest neighbour."""
+    grid = make_ijk_to_ras(spacing_mm=(0.7, 1.3, 2.5), direction=rotation_matrix((1, 2, 0.5), 0.6), origin_ras=(5, -3, 8))
+    rng = np.random.default_rng(0)
+    mask = rng.random((14, 9, 11)) > 0.5
+    for shift in [(3, -2, 5), (-4, 0, 30), (20, 20, 20)]:  # inside, cut by the border, outside
+        crop = grid.copy()
+        crop[:3, 3] = grid[:3, :3] @ np.array(shift, dtype=float) + grid[:3, 3]
+        assert np.array_equal(segments.lattice_offset(crop, grid), shift)
+        placed = segments.resample_mask(mask, crop, (16, 12, 32), grid)
+        nudged = crop.copy()
+        nudged[:3, 3] += grid[:3, :3] @ np.array([1e-3, 0, 0])  # not on the lattice: VTK resamples
+        assert segments.lattice_offset(nudged, grid) is None
+        np.testing.assert_array_equal(placed, segments.resample_mask(mask, nudged, (16, 12, 32), grid))
+    half = grid.copy()
+    half[:3, 3] += grid[:3, :3] @ np.array([0.5, 0, 0])
+    other = grid.copy()
+    other[:3, 0] *= 2
+    assert segments.lattice_offset(half, grid) is None and segments.lattice_offset(other, grid) is None

@@ -28,6 +28,7 @@ import vtk
 from vtk.util import numpy_support
 
 from HeartCompletionLib.atomic_io import atomic_path
+from HeartCompletionLib.geometry.surface import structure_boxes
 from HeartCompletionLib.io.labelmap import LabelMap
 from HeartCompletionLib.io.meshes import MESH_FORMATS, write_mesh
 from HeartCompletionLib.structures.segment_mapping import terminology_entry
@@ -38,6 +39,7 @@ from .segments import (
     CLOSED_SURFACE,
     array_from_oriented_image,
     ensure_segmentation_converters,
+    lattice_offset,
     oriented_image_from_array,
     resample_mask,
     segment_infos,
@@ -99,6 +101,26 @@ def _segment_binary_image(segmentation_node, segment_id: str):
     return oriented_image_from_array(values == segment.GetLabelValue(), layer_ijk_to_ras)
 
 
+def _new_segment_image(label_map: LabelMap, label: int, target, offset, box):
+    """``(oriented image, extent or None)`` of a new segment: ``label`` of ``label_map`` on the
+    grid ``target`` (``(shape, ijk_to_ras)``). When the grids share a lattice (``offset``,
+    :func:`.segments.lattice_offset`) only its bounding box ``box`` (``(box mask, first voxel)`` in
+    the label map's indices), with that extent of the grid to write; else the whole grid,
+    resampled. A whole CT-sized grid per structure cost about 1 s to copy and 1-1.5 s for Slicer
+    to merge; a box with its extent 0.2 s."""
+    shape, ijk_to_ras = target
+    if offset is not None and box is not None:
+        box_mask, first = box
+        lo = np.asarray(first) + offset  # the box in the target's indices, clipped to it
+        clip_lo, clip_hi = np.maximum(lo, 0), np.minimum(lo + np.asarray(box_mask.shape), np.asarray(shape))
+        if np.all(clip_hi > clip_lo):
+            inside = box_mask[tuple(slice(a - b, c - b) for a, b, c in zip(clip_lo, lo, clip_hi))]
+            extent = [int(bound) for a in range(3) for bound in (clip_lo[a], clip_hi[a] - 1)]
+            return oriented_image_from_array(inside, ijk_to_ras, first=clip_lo), extent
+    mask = resample_mask(label_map.labels == label, label_map.ijk_to_ras, shape, ijk_to_ras)
+    return oriented_image_from_array(mask, ijk_to_ras), None
+
+
 def add_result_segments(
     segmentation_node,
     label_map: LabelMap,
@@ -123,21 +145,30 @@ def add_result_segments(
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     # Results go into the segmentation's own geometry when it has one (the completion may
     # have run on another reference volume's grid).
-    target = segmentation_geometry(segmentation_node) or (label_map.shape, label_map.ijk_to_ras)
+    own = segmentation_geometry(segmentation_node)
+    target = own or (label_map.shape, label_map.ijk_to_ras)
+    # on the segmentation's own grid and lattice, a new segment is written as its bounding box
+    # with that extent (the boxes found in one pass)
+    offset = lattice_offset(label_map.ijk_to_ras, target[1]) if own is not None else None
+    boxes = structure_boxes(label_map.labels, [int(v) for v in labels]) if offset is not None else {}
     was_modifying = segmentation_node.StartModify()
     try:
         for label in labels:
             structure = table.by_label(int(label))
-            mask = resample_mask(label_map.labels == structure.label, label_map.ijk_to_ras, *target)
-            image = oriented_image_from_array(mask, target[1])
             segment_id = replace_segments.get(structure.label)
             if segment_id and segmentation.GetSegment(segment_id) is not None:
+                mask = resample_mask(label_map.labels == structure.label, label_map.ijk_to_ras, *target)
+                image, extent = oriented_image_from_array(mask, target[1]), None  # the whole grid: old voxels go
                 undo.replaced[segment_id] = _segment_binary_image(segmentation_node, segment_id)
             else:
+                image, extent = _new_segment_image(label_map, structure.label, target, offset, boxes.get(structure.label))
                 segment_id = segmentation.AddEmptySegment("", structure.name, list(structure.color_float))
                 undo.added.append(segment_id)
                 apply_structure_style(segmentation.GetSegment(segment_id), structure)
-            if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_REPLACE):
+            written = (logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_REPLACE)
+                       if extent is None else
+                       logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_REPLACE, extent))
+            if not written:
                 raise RuntimeError(f"could not write {structure.name!r} into segmentation {segmentation_node.GetName()!r}")
     except BaseException:
         segmentation_node.EndModify(was_modifying)

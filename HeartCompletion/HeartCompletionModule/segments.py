@@ -55,14 +55,18 @@ def ensure_segmentation_converters() -> None:
 # --- numpy <-> vtkOrientedImageData ----------------------------------------------------------
 
 
-def oriented_image_from_array(values: np.ndarray, ijk_to_ras: np.ndarray) -> slicer.vtkOrientedImageData:
-    """An oriented image (uint8 scalars) holding ``values[i, j, k]`` on the grid ``ijk_to_ras``."""
+def oriented_image_from_array(values: np.ndarray, ijk_to_ras: np.ndarray, first=None) -> slicer.vtkOrientedImageData:
+    """An oriented image (uint8 scalars) holding ``values[i, j, k]`` on the grid ``ijk_to_ras``;
+    ``first``: the grid index of ``values[0, 0, 0]`` (the image's extent starts there; default 0)."""
     values = np.asarray(values)
     image = slicer.vtkOrientedImageData()
-    image.SetDimensions(*values.shape)
+    start = [0, 0, 0] if first is None else [int(v) for v in first]
+    image.SetExtent(*[bound for a in range(3) for bound in (start[a], start[a] + values.shape[a] - 1)])
     image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    # VTK stores x (= i) fastest, i.e. a C-ordered (k, j, i) array.
-    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = values.transpose(2, 1, 0).ravel().astype(np.uint8)
+    # VTK stores x (= i) fastest, i.e. a C-ordered (k, j, i) array: copied straight into VTK's
+    # buffer (a bool mask as its bytes), no flattened temporary of the whole image
+    target = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(values.shape[::-1])
+    np.copyto(target, (values.view(np.uint8) if values.dtype == bool else values).transpose(2, 1, 0), casting="unsafe")
     image.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras))
     return image
 
@@ -79,7 +83,9 @@ def array_from_oriented_image(image) -> tuple[np.ndarray, np.ndarray]:
     if min(dims) <= 0 or image.GetPointData().GetScalars() is None:
         return np.zeros([max(d, 0) for d in dims], dtype=np.uint8), ijk_to_ras
     flat = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
-    return flat.reshape(dims[2], dims[1], dims[0]).transpose(2, 1, 0).copy(), ijk_to_ras
+    # a plain copy of VTK's (k, j, i) buffer (ours to keep), seen as [i, j, k]: a strided copy of a
+    # CT-sized image into C order took about 1 s
+    return flat.reshape(dims[2], dims[1], dims[0]).copy().transpose(2, 1, 0), ijk_to_ras
 
 
 def _geometry_image(shape, ijk_to_ras) -> slicer.vtkOrientedImageData:
@@ -165,11 +171,12 @@ def _conversion_parameter_names(segmentation) -> set[str]:
     return {item.split("|")[0] for item in text.split("&") if item}
 
 
-def segment_mask(segmentation_node, segment_id: str, shape, ijk_to_ras) -> np.ndarray:
+def segment_mask(segmentation_node, segment_id: str, shape, ijk_to_ras, layers: dict | None = None) -> np.ndarray:
     """Boolean mask ``[i, j, k]`` of one segment on the grid ``(shape, ijk_to_ras)``.
 
     Works for shared labelmap layers (a layer holds several segments by label value) and
-    resamples with nearest neighbour when the segment lives on another grid.
+    resamples with nearest neighbour when the segment lives on another grid. ``layers``: a dict
+    that keeps each layer's voxels read once for several segments (:func:`segmentation_to_label_map`).
     """
     segmentation_node.CreateBinaryLabelmapRepresentation()
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
@@ -178,15 +185,39 @@ def segment_mask(segmentation_node, segment_id: str, shape, ijk_to_ras) -> np.nd
     layer = segmentation_node.GetBinaryLabelmapInternalRepresentation(segment_id)
     if layer is None:
         return np.zeros(shape, dtype=bool)
-    values, layer_ijk_to_ras = array_from_oriented_image(layer)
+    layers = {} if layers is None else layers
+    key = layer.GetAddressAsString("vtkOrientedImageData")
+    if key not in layers:
+        layers[key] = array_from_oriented_image(layer)
+    values, layer_ijk_to_ras = layers[key]
     return resample_mask(values == segment.GetLabelValue(), layer_ijk_to_ras, shape, ijk_to_ras)
+
+
+def lattice_offset(mask_ijk_to_ras: np.ndarray, ijk_to_ras: np.ndarray, atol: float = 1e-4):
+    """The integer voxel offset ``o`` with ``mask index = grid index - o`` when the two grids share
+    orientation, spacing and voxel lattice (one is a crop or pad of the other), else None."""
+    a, b = np.asarray(mask_ijk_to_ras, dtype=np.float64), np.asarray(ijk_to_ras, dtype=np.float64)
+    if not np.allclose(a[:3, :3], b[:3, :3], atol=1e-6) or not np.allclose(a[3], b[3]):
+        return None
+    shift = np.linalg.solve(b[:3, :3], a[:3, 3] - b[:3, 3])  # the mask's first voxel in grid indices
+    offset = np.rint(shift)
+    return offset.astype(int) if np.allclose(shift, offset, atol=atol) else None
 
 
 def resample_mask(mask: np.ndarray, mask_ijk_to_ras: np.ndarray, shape, ijk_to_ras: np.ndarray) -> np.ndarray:
     """A boolean mask moved onto the grid ``(shape, ijk_to_ras)``: nearest neighbour in RAS mm
     (exact copy/crop/pad when the grids share orientation, spacing and voxel lattice)."""
-    if mask.shape == tuple(shape) and np.allclose(mask_ijk_to_ras, ijk_to_ras, atol=1e-6):
-        return mask.astype(bool)
+    shape = tuple(int(n) for n in shape)
+    offset = lattice_offset(mask_ijk_to_ras, ijk_to_ras)
+    if offset is not None:  # a crop or pad of the grid: place the overlap, no resampling
+        out = np.zeros(shape, dtype=bool)
+        lo = np.maximum(offset, 0)
+        hi = np.minimum(offset + np.asarray(mask.shape), shape)
+        if np.all(hi > lo):
+            out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = mask[lo[0] - offset[0]:hi[0] - offset[0],
+                                                              lo[1] - offset[1]:hi[1] - offset[1],
+                                                              lo[2] - offset[2]:hi[2] - offset[2]]
+        return out
     resampled = slicer.vtkOrientedImageData()
     ok = slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
         oriented_image_from_array(mask, mask_ijk_to_ras), _geometry_image(shape, ijk_to_ras), resampled, False, False
@@ -218,11 +249,12 @@ def segmentation_to_label_map(
     labels = np.zeros(shape, dtype=np.int16)
     written = np.zeros(shape, dtype=bool)
     overlap = 0
+    layers: dict = {}  # a shared layer's voxels are read once for all its segments
     for info in segment_infos(segmentation_node):
         label = segment_labels.get(info.segment_id)
         if not label:
             continue
-        mask = segment_mask(segmentation_node, info.segment_id, shape, ijk_to_ras)
+        mask = segment_mask(segmentation_node, info.segment_id, shape, ijk_to_ras, layers)
         overlap += int(np.count_nonzero(mask & written))
         labels[mask] = label
         written |= mask

@@ -11,8 +11,10 @@ resampling, and :func:`segmentation_to_label_map`.
 
 Geometry: a label map is read on one *reference grid*, given as ``(shape, ijk_to_ras)`` in RAS
 mm: the reference volume's grid when one is chosen, else the segmentation's own reference
-image geometry, else the segments' bounding box padded by ``margin_mm``. Segments stored on
-other grids are resampled onto it (nearest neighbour, exact when the grids coincide).
+image geometry, else the segments' bounding box padded by ``margin_mm``. Segments stored on a
+crop or pad of that grid (the same axes, spacing and voxel lattice: what importing a label map
+makes) are placed by their integer voxel offset; segments on other grids are resampled onto it
+(nearest neighbour).
 
 Usage (inside Slicer, or with slicer-core after setting ``slicer.mrmlScene``)::
 

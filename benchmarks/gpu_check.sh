@@ -283,9 +283,13 @@ part_small() {
         "$OUT/small_best.safetensors.part"
 }
 
-part_ct() {
+ct_checkpoint() {  # CK: the checkpoint of parts ct and worker (CT_CHECKPOINT, else part small's); 1 if absent
     CK="${CT_CHECKPOINT:-$WORK/small/model_best.safetensors}"
-    [ -f "$CK" ] || { echo "ct: no checkpoint $CK"; return; }
+    [ -f "$CK" ] || { echo "$1: no checkpoint $CK"; return 1; }
+}
+
+part_ct() {
+    ct_checkpoint ct || return
     stamp "ct: complete_speed --ct on $DEVICE with $CK (limit $(limit 60) s)"
     timeout "$(limit 60)" python3 benchmarks/complete_speed.py --ct --checkpoint "$CK" --device "$DEVICE" --repeats 3 \
         --threads 8 > "$OUT/complete_ct.txt" 2>&1
@@ -297,8 +301,7 @@ part_ct() {
 }
 
 part_worker() {
-    CK="${CT_CHECKPOINT:-$WORK/small/model_best.safetensors}"
-    [ -f "$CK" ] || { echo "worker: no checkpoint $CK"; return; }
+    ct_checkpoint worker || return
     stamp "worker: worker_latency --ct on $DEVICE with $CK (limit $(limit 90) s)"
     timeout "$(limit 90)" python3 benchmarks/worker_latency.py --ct --checkpoint "$CK" --device "$DEVICE" --repeats 2 \
         --threads 8 > "$OUT/worker_latency_ct.txt" 2>&1

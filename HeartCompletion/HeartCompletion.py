@@ -120,8 +120,9 @@ class HeartCompletionTest(ScriptedLoadableModuleTest):
     def test_CompleteSyntheticHeart(self):
         import numpy as np
         from HeartCompletionModule.logic import HeartCompletionLogic
-        from HeartCompletionModule.segments import segment_terminology
+        from HeartCompletionModule.segments import segment_terminology, segmentation_from_label_map
 
+        from HeartCompletionLib.io.labelmap import LabelMap
         from HeartCompletionLib.io.synthetic import synthetic_label_map
         from HeartCompletionLib.structures import segment_mapping
 
@@ -130,15 +131,8 @@ class HeartCompletionTest(ScriptedLoadableModuleTest):
         logic.setCheckpoint(self.MODEL)
         heart = synthetic_label_map(seed=3, spacing_mm=2.5)
         partial = np.where(np.isin(heart.labels, [8, 9]), 0, heart.labels)
-        labelmapNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "partial")
-        slicer.util.updateVolumeFromArray(labelmapNode, np.ascontiguousarray(partial.transpose(2, 1, 0), dtype=np.int16))
-        labelmapNode.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(heart.ijk_to_ras))
-        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "heart")
-        slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmapNode, segmentationNode)
+        segmentationNode, labelmapNode = segmentation_from_label_map(LabelMap(partial, heart.ijk_to_ras), "heart", logic.table)
         segmentation = segmentationNode.GetSegmentation()
-        for index in range(segmentation.GetNumberOfSegments()):
-            segment = segmentation.GetNthSegment(index)
-            segment.SetName(logic.table.by_label(segment.GetLabelValue()).name)
         mappings = logic.segmentMappings(segmentationNode)
         structures = [s.name for s in logic.defaultStructures(mappings)]
         self.assertEqual(structures, ["LAA", "Coronary"])
@@ -150,11 +144,14 @@ class HeartCompletionTest(ScriptedLoadableModuleTest):
         logic.failed.connect(failures.append)
         logic.start(segmentationNode, mappings, structures, self.MODEL, "cpu", False, labelmapNode)
         deadline = time.monotonic() + 600
-        while logic.isRunning and time.monotonic() < deadline:  # what the panel's timer does
-            logic.poll()
-            slicer.app.processEvents()
-            time.sleep(0.1)
-        self.assertFalse(logic.cancel(), "the completion did not finish within 600 s")
+        try:
+            while logic.isRunning and time.monotonic() < deadline:  # what the panel's timer does
+                logic.poll()
+                slicer.app.processEvents()
+                time.sleep(0.1)
+            self.assertFalse(logic.cancel(), "the completion did not finish within 600 s")
+        finally:
+            logic.shutdown()  # this test's own background process
         self.assertEqual(failures, [])
         self.assertTrue(any("not for patient data" in line for line in logs))
         self.assertEqual(sorted(added), sorted(structures))

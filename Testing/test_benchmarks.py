@@ -169,6 +169,16 @@ def test_worker_latency_compares_fresh_processes_with_the_warm_worker():
     assert lines[-1].endswith("outputs identical: True")
 
 
+@pytest.mark.parametrize("name, args, message", [
+    ("worker_latency.py", ["--repeats", "0"], "--repeats and --threads must be at least 1"),
+    ("panel_steps.py", ["--spacing", "0"], "--spacing must be a voxel size above 0 mm"),
+])
+def test_panel_benchmarks_refuse_bad_options_before_any_work(name, args, message):
+    proc = subprocess.run([sys.executable, str(BENCH / name), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_panel_steps_times_the_panels_own_work_around_a_completion():
     pytest.importorskip("slicer", reason="slicer-core is not installed")
     text = run_benchmark("panel_steps.py", "--spacing", "3")

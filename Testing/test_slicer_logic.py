@@ -81,10 +81,7 @@ def partial_segmentation(scene, heart: LabelMap):
     partial = np.where(np.isin(heart.labels, [TABLE.by_name(n).label for n in DROPPED]), 0, heart.labels)
     tumor_label = 99
     partial[tuple(np.array(partial.shape) // 5)] = tumor_label  # a one-voxel "Tumor" outside the heart
-    volume = add_volume(scene, LabelMap(partial.astype(np.int16), heart.ijk_to_ras), "image")
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "heart")
-    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(volume, node, "")
+    node, volume = segments.segmentation_from_label_map(LabelMap(partial.astype(np.int16), heart.ijk_to_ras))
     segmentation = node.GetSegmentation()
     for index in range(segmentation.GetNumberOfSegments()):
         segment = segmentation.GetNthSegment(index)
@@ -457,3 +454,13 @@ def test_a_crop_or_pad_of_the_grid_is_placed_exactly_as_vtk_resamples_it(scene):
     other = grid.copy()
     other[:3, 0] *= 2
     assert segments.lattice_offset(half, grid) is None and segments.lattice_offset(other, grid) is None
+
+
+def test_segmentation_from_label_map_names_segments_and_keeps_the_voxels(scene, heart):
+    node, volume = segments.segmentation_from_label_map(heart, "whole", TABLE)
+    names = sorted(info.name for info in segments.segment_infos(node))
+    assert names == sorted(s.name for s in TABLE if np.any(heart.labels == s.label))
+    shape, ijk_to_ras = segments.reference_geometry(node, volume)
+    assert shape == heart.shape and np.allclose(ijk_to_ras, heart.ijk_to_ras, atol=1e-6)
+    mapping = {info.segment_id: TABLE.by_name(info.name).label for info in segments.segment_infos(node)}
+    np.testing.assert_array_equal(segments.segmentation_to_label_map(node, mapping, volume).labels, heart.labels)

@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "HeartCompletion"))
@@ -36,6 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--spacing", type=float, default=1.0, help="voxel size in mm without --ct (default 1)")
     p.add_argument("--checkpoint", default="synthetic-demo", help="model of the completion (default: bundled)")
     args = p.parse_args(argv)
+    if args.spacing <= 0:
+        p.error(f"--spacing must be a voxel size above 0 mm, got {args.spacing:g}")
     print("command: python benchmarks/panel_steps.py " + " ".join(sys.argv[1:] if argv is None else argv), flush=True)
     try:
         import slicer
@@ -48,20 +48,9 @@ def main(argv=None) -> int:
     _, source = partial_heart(0, spacing, list(B_SUBSET), shape)
     slicer.mrmlScene = slicer.vtkMRMLScene()
     segments.ensure_segmentation_converters()
-    volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "image")
-    slicer.util.updateVolumeFromArray(volume, np.ascontiguousarray(source.labels.transpose(2, 1, 0)).astype(np.int16))
-    volume.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(source.ijk_to_ras))
-    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "heart")
-    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-    if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(volume, node, ""):
-        raise SystemExit("importing the label map into a segmentation failed")
-
     logic = HeartCompletionLogic()
     logic.setCheckpoint(args.checkpoint)
-    segmentation = node.GetSegmentation()
-    for index in range(segmentation.GetNumberOfSegments()):
-        segment = segmentation.GetNthSegment(index)
-        segment.SetName(logic.table.by_label(segment.GetLabelValue()).name)
+    node, volume = segments.segmentation_from_label_map(source, "heart", logic.table)
     mappings = logic.segmentMappings(node)
     structures = [s.name for s in logic.defaultStructures(mappings)]
     try:

@@ -45,6 +45,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads of the child (default 2)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="device of the completions (default cpu)")
     args = p.parse_args(argv)
+    if args.repeats < 1 or args.threads < 1 or args.spacing <= 0:
+        p.error("--repeats and --threads must be at least 1 and --spacing above 0")
     print("command: python benchmarks/worker_latency.py " + " ".join(sys.argv[1:] if argv is None else argv), flush=True)
 
     from HeartCompletionLib.inference import completion_process as cp

@@ -258,7 +258,7 @@ class HeartCompletionLogic:
             return False
         if not path.is_file():
             return False
-        self._workerFor(shutil.which("PythonSlicer") or sys.executable, checkpoint, path, device)
+        self._workerFor(checkpoint, path, device)
         return True
 
     def shutdown(self):
@@ -268,12 +268,13 @@ class HeartCompletionLogic:
         if worker is not None:
             worker.close()
 
-    def _workerFor(self, python, checkpoint, path, device):
+    def _workerFor(self, checkpoint, path, device):
         """The warm worker for ``checkpoint`` (file ``path``) on ``device``: the kept one when it
         serves the same Python, file (same modification time and size) and device and is idle,
-        else a new one (the old one ends)."""
+        else a new one (the old one ends). Its Python is Slicer's ``PythonSlicer`` when there is one."""
         from HeartCompletionLib.inference import completion_process
 
+        python = shutil.which("PythonSlicer") or sys.executable
         stat = os.stat(path)
         key = (python, str(checkpoint), os.path.realpath(path), stat.st_mtime_ns, stat.st_size, device)
         worker = self._worker
@@ -329,9 +330,8 @@ class HeartCompletionLogic:
         with open(tablePath, "w", encoding="utf-8") as f:
             json.dump(self.table.to_dict(), f)
         self.outputPath = os.path.join(self.workDir, "output.nrrd")
-        python = shutil.which("PythonSlicer") or sys.executable
         request = completion_process.build_request(inputPath, self.outputPath, structures, replace, table=tablePath)
-        return self._workerFor(python, checkpoint, path, device).submit(request)
+        return self._workerFor(checkpoint, path, device).submit(request)
 
     def finishCompletion(self, segmentationNode, mappings, completedLabels, replace, showSurfaces):
         """Turn the process output into segments; returns the names of the structures written."""

@@ -239,6 +239,27 @@ def resample_mask(mask: np.ndarray, mask_ijk_to_ras: np.ndarray, shape, ijk_to_r
     return mask
 
 
+def segmentation_from_label_map(label_map: LabelMap, name: str = "heart", table=None):
+    """``(segmentation node, label-map volume node)``: ``label_map`` imported into a new
+    segmentation of the scene the way Slicer imports a label map (one segment per value, a
+    shared layer cropped to the labels, the volume's grid as reference geometry); with ``table``
+    (a :class:`~HeartCompletionLib.structures.table.StructureTable`) each segment is named after
+    its structure. For self-tests, benchmarks and scripts."""
+    volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{name} labels")
+    slicer.util.updateVolumeFromArray(volume, np.ascontiguousarray(label_map.labels.transpose(2, 1, 0), dtype=np.int16))
+    volume.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(label_map.ijk_to_ras))
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(volume, node, ""):
+        raise RuntimeError(f"importing {label_map.source or 'the label map'} into a segmentation failed")
+    if table is not None:
+        segmentation = node.GetSegmentation()
+        for index in range(segmentation.GetNumberOfSegments()):
+            segment = segmentation.GetNthSegment(index)
+            segment.SetName(table.by_label(segment.GetLabelValue()).name)
+    return node, volume
+
+
 def segmentation_to_label_map(
     segmentation_node, segment_labels: dict[str, int], reference_volume_node=None, margin_mm: float = 40.0
 ) -> LabelMap:

@@ -157,6 +157,33 @@ def test_complete_speed_times_stages_and_checks_fast_against_exact():
     assert "(exact decode)" in exact.strip().splitlines()[-1] and "accuracy" not in exact
 
 
+def test_fit_batch_study_compares_batches_on_the_same_hearts(tmp_path):
+    """One tuning heart, one scenario, two batches: both heart-eval runs finish, the report pairs
+    the same rows (n = the heart's scored structures) and prints the time per completion."""
+    text = run_benchmark("fit_batch_study.py", "--count", "1", "--scenarios", "missing_LAA", "--batches", "2048",
+                         "64", "--output_dir", str(tmp_path), timeout=600)
+    lines = text.strip().splitlines()
+    assert lines[0].startswith("command: python benchmarks/fit_batch_study.py --count 1"), lines[0]
+    assert "fit_batch 64 against 2048" in text
+    rows = {line.split()[0]: line for line in lines if line.startswith("  ")}
+    assert set(rows) == {"all", "missing_X"} and "n=1)" in rows["all"] and "dice" in rows["all"], rows
+    seconds = [line.split() for line in lines if line.split()[:1] in (["2048"], ["64"])]
+    assert len(seconds) == 2 and all(float(row[1]) > 0 for row in seconds), seconds
+    assert len(list((tmp_path / "hearts_tuning_1").glob("*.nii.gz"))) == 1
+    again = run_benchmark("fit_batch_study.py", "--count", "1", "--scenarios", "missing_LAA", "--batches", "2048",
+                          "64", "--output_dir", str(tmp_path))  # finished runs are reused: the same report
+    assert again.strip().splitlines()[3:] == lines[3:]
+
+
+@pytest.mark.parametrize("args", [["--batches", "0"], ["--batches", "512", "512"], ["--workers", "0"],
+                                  ["--checkpoint", "no_such.safetensors"]])
+def test_fit_batch_study_refuses_bad_options_before_any_work(args, tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "fit_batch_study.py"), *args, "--output_dir",
+                           str(tmp_path / "never")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "error:" in proc.stderr
+    assert not (tmp_path / "never").exists()
+
+
 def test_worker_latency_compares_fresh_processes_with_the_warm_worker():
     text = run_benchmark("worker_latency.py", "--spacing", "3", "--repeats", "1", "--threads", "1")
     lines = text.strip().splitlines()

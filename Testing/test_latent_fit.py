@@ -8,6 +8,8 @@ options. No timing is asserted: the cost is measured in docs/completion_study.md
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -15,8 +17,10 @@ import torch
 from HeartCompletionLib.geometry.metrics import dice
 from HeartCompletionLib.inference.completion import CompletionError, CompletionRequest, complete_label_map
 from HeartCompletionLib.inference.latent_fit import (
+    DEFAULT_FIT_BATCH,
     DEFAULT_FIT_STEPS,
     FIT_SURFACE_POINTS,
+    RECONSTRUCTION_FIT_BATCH,
     RECONSTRUCTION_FIT_STEPS,
     fit_latents,
     fit_targets,
@@ -153,7 +157,11 @@ def test_options_are_validated_and_reach_every_entry_point(capsys):
             CompletionRequest(fit_lr=bad)
     with pytest.raises(CompletionError, match=r"fit_anchor must be a number >= 0"):
         CompletionRequest(fit_anchor=-1.0)
+    for bad in (0, -5, 2.5, True, "all"):
+        with pytest.raises(CompletionError, match=r"fit_batch must be a whole number of points >= 1 or None"):
+            CompletionRequest(fit_batch=bad)
     assert CompletionRequest().fit_steps is None  # auto: resolve_fit_steps
+    assert CompletionRequest().fit_batch is None and CompletionRequest(fit_batch=np.int64(64)).fit_batch == 64
 
     from heart_training.evaluation.evaluate import build_parser
 
@@ -170,11 +178,34 @@ def test_options_are_validated_and_reach_every_entry_point(capsys):
     assert _parser().parse_args(command[3:]).fit_steps == 0
     assert "--fit_steps" not in completion_process.build_command("ck", "in.nrrd", "out.nrrd")
     assert build_parser().parse_args(["--checkpoint", "c", "--data_dir", "d"]).fit_steps is None
+    assert build_parser().parse_args(["--checkpoint", "c", "--data_dir", "d"]).fit_batch is None
+    assert build_parser().parse_args(["--checkpoint", "c", "--data_dir", "d", "--fit_batch", "64"]).fit_batch == 64
     from heart_training.evaluation.evaluate import main as eval_main
 
     capsys.readouterr()
     assert eval_main(["--checkpoint", str(DEMO), "--data_dir", "nowhere", "--fit_steps", "-2"]) == 2
     assert "fit_steps must be a whole number of steps >= 0" in capsys.readouterr().err
+    assert eval_main(["--checkpoint", str(DEMO), "--data_dir", "nowhere", "--fit_batch", "0"]) == 2
+    assert "fit_batch must be a whole number of points >= 1" in capsys.readouterr().err
+
+
+def test_fit_batch_is_the_points_decoded_per_step(demo, heart):
+    """The request's ``fit_batch`` reaches the fit: the same batch gives the same fit, another batch
+    another one; more than there are fitting points decodes all of them at each step (no draw).
+    Auto (None): DEFAULT_FIT_BATCH for a completion, RECONSTRUCTION_FIT_BATCH for a reconstruction."""
+    lv = LabelMap(np.where(heart.labels == 3, 3, 0).astype(heart.labels.dtype), heart.ijk_to_ras, source="<LV>")
+    run = partial(complete_label_map, lv, demo, structures=["LV", "RV"], device="cpu", fit_steps=3)
+    small, again = run(fit_batch=64), run(fit_batch=64)
+    every, every_again = run(fit_batch=100_000), run(fit_batch=200_000)
+    assert small.fit_losses == again.fit_losses and len(small.fit_losses) == 4
+    assert small.fit_losses != every.fit_losses
+    assert every.fit_losses == every_again.fit_losses  # more than there are points: all of them, every step
+    assert DEFAULT_FIT_BATCH < RECONSTRUCTION_FIT_BATCH
+    auto, default = run(), run(fit_batch=DEFAULT_FIT_BATCH)
+    assert auto.fit_losses == default.fit_losses != run(fit_batch=RECONSTRUCTION_FIT_BATCH).fit_losses
+    rebuild = partial(complete_label_map, lv, demo, structures=["LV"], replace=True, device="cpu", fit_steps=3)
+    assert rebuild().fit_losses == rebuild(fit_batch=RECONSTRUCTION_FIT_BATCH).fit_losses
+    assert rebuild().fit_losses != rebuild(fit_batch=DEFAULT_FIT_BATCH).fit_losses
 
 
 def test_auto_fits_longer_only_when_nothing_is_missing(demo, heart):

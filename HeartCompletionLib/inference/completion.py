@@ -62,7 +62,15 @@ from .decode_grid import (
     fast_hierarchical_labels,
 )
 from .islands import DEFAULT_MAX_DETACHED_MM, DEFAULT_MIN_ISLAND_FRACTION, remove_detached_pieces, remove_small_islands
-from .latent_fit import DEFAULT_FIT_ANCHOR, DEFAULT_FIT_LR, fit_label_map, fit_latents, fit_targets, resolve_fit_steps
+from .latent_fit import (
+    DEFAULT_FIT_ANCHOR,
+    DEFAULT_FIT_LR,
+    fit_label_map,
+    fit_latents,
+    fit_targets,
+    resolve_fit_batch,
+    resolve_fit_steps,
+)
 from .output_grid import box_on_grid, given_box, resample_nearest
 
 #: Surface samples drawn from the given structures to place the heart (centre) and pick encoder
@@ -227,6 +235,7 @@ class CompletionRequest:
     fit_steps: int | None = None
     fit_lr: float = DEFAULT_FIT_LR
     fit_anchor: float = DEFAULT_FIT_ANCHOR
+    fit_batch: int | None = None
 
     def __post_init__(self) -> None:
         if self.structures is not None and not isinstance(self.structures, tuple):
@@ -242,6 +251,11 @@ class CompletionRequest:
             raise CompletionError(f"fit_lr must be a number > 0, got {self.fit_lr!r}")
         if not (isinstance(self.fit_anchor, (int, float)) and np.isfinite(self.fit_anchor) and self.fit_anchor >= 0):
             raise CompletionError(f"fit_anchor must be a number >= 0, got {self.fit_anchor!r}")
+        batch = self.fit_batch
+        if batch is not None and (not isinstance(batch, (int, np.integer)) or isinstance(batch, bool) or batch < 1):
+            raise CompletionError(f"fit_batch must be a whole number of points >= 1 or None (auto), got {batch!r}")
+        if batch is not None:
+            object.__setattr__(self, "fit_batch", int(batch))
         if steps is not None:
             object.__setattr__(self, "fit_steps", int(steps))
 
@@ -614,8 +628,8 @@ class _Surfaces:
 
 def _fit(inp: _Input, ck, latents, centre, surfaces: _Surfaces, request: CompletionRequest, steps: int, step,
          timings: dict):
-    """Step 2b (``steps`` > 0, :func:`.latent_fit.resolve_fit_steps`): the latents fitted to the
-    given structures (:mod:`.latent_fit`); outside ``inference_mode``, the model's weights untouched."""
+    """Step 2b (``steps`` > 0, :func:`.latent_fit.resolve_fit_steps`; points per step:
+    :func:`.latent_fit.resolve_fit_batch`): the latents fitted to the given structures (:mod:`.latent_fit`); outside ``inference_mode``, the model's weights untouched."""
     step(0.11, "fitting the latents to the given structures")
     t = time.perf_counter()
     fit_map = fit_label_map(surfaces.label_map, inp.given)  # about 1 mm
@@ -629,7 +643,9 @@ def _fit(inp: _Input, ck, latents, centre, surfaces: _Surfaces, request: Complet
         step(0.11 + (_P_ENCODED - 0.11) * fraction, "fitting the latents to the given structures")
 
     latents, losses = fit_latents(ck.model, latents, targets, centre, ck.normalization, steps,
-                                  lr=request.fit_lr, anchor=request.fit_anchor, seed=request.seed, report=report)
+                                  lr=request.fit_lr, anchor=request.fit_anchor, seed=request.seed,
+                                  batch=resolve_fit_batch(request.fit_batch, inp.requested, inp.given),
+                                  report=report)
     timings["fit_s"] = time.perf_counter() - t
     return latents, losses
 
@@ -801,6 +817,7 @@ def complete_label_map(
     fit_steps: int | None = None,
     fit_lr: float = DEFAULT_FIT_LR,
     fit_anchor: float = DEFAULT_FIT_ANCHOR,
+    fit_batch: int | None = None,
 ) -> CompletionResult:
     """Complete ``label_map`` with the model of ``checkpoint``; see the module docstring for the steps.
 
@@ -834,7 +851,8 @@ def complete_label_map(
     encoded latents to the given structures before decoding (:mod:`.latent_fit`; None, the default:
     30, or 250 when every requested structure is given, a reconstruction; 0: off), ``fit_lr`` its
     step size relative to the latents' RMS, ``fit_anchor`` the weight pulling them back to the
-    encoder's.
+    encoder's, ``fit_batch`` the fitting points decoded per step (None: 512, or 2,048 for a
+    reconstruction, :func:`.latent_fit.resolve_fit_batch`).
     """
     request = CompletionRequest(
         structures=structures, replace=replace, device=device, seed=seed, num_input_points=num_input_points,
@@ -842,6 +860,7 @@ def complete_label_map(
         fast_options=fast_options, min_island_fraction=min_island_fraction, chunk_size=chunk_size,
         output_grid=output_grid, hierarchical=hierarchical, return_signed_distance=return_signed_distance,
         max_detached_mm=max_detached_mm, fit_steps=fit_steps, fit_lr=fit_lr, fit_anchor=fit_anchor,
+        fit_batch=fit_batch,
     )
     return complete(label_map, checkpoint, request, progress=progress, cancel=cancel, ijk_to_ras=ijk_to_ras)
 

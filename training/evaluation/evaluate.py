@@ -38,8 +38,10 @@ from HeartCompletionLib.geometry.metrics import structure_metrics
 from HeartCompletionLib.inference.completion import CompletionError
 from HeartCompletionLib.inference.latent_fit import (
     DEFAULT_FIT_ANCHOR,
+    DEFAULT_FIT_BATCH,
     DEFAULT_FIT_LR,
     DEFAULT_FIT_STEPS,
+    RECONSTRUCTION_FIT_BATCH,
     RECONSTRUCTION_FIT_STEPS,
 )
 from HeartCompletionLib.io.labelmap import LabelMap
@@ -293,7 +295,7 @@ def run_evaluation(args) -> dict:
 
     from . import report
 
-    fit = {"fit_steps": args.fit_steps, "fit_lr": args.fit_lr, "fit_anchor": args.fit_anchor}
+    fit = {"fit_steps": args.fit_steps, "fit_lr": args.fit_lr, "fit_anchor": args.fit_anchor, "fit_batch": args.fit_batch}
     CompletionRequest(**fit)  # bad fitting options: refused before anything is read
     checkpoint = load_inference_checkpoint(args.checkpoint, device=args.device)
     table = checkpoint.table
@@ -403,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fitting step size relative to the latents' RMS (default %(default)s)")
     parser.add_argument("--fit_anchor", type=float, default=DEFAULT_FIT_ANCHOR,
                         help="weight of the pull back to the encoder's latents (default %(default)s)")
+    parser.add_argument("--fit_batch", type=int, default=None, metavar="N",
+                        help=f"fitting points decoded per Adam step (default: as heart-complete, {DEFAULT_FIT_BATCH}, "
+                        f"or {RECONSTRUCTION_FIT_BATCH} in scenarios that re-predict only given structures)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 

@@ -629,7 +629,8 @@ class _Surfaces:
 def _fit(inp: _Input, ck, latents, centre, surfaces: _Surfaces, request: CompletionRequest, steps: int, step,
          timings: dict):
     """Step 2b (``steps`` > 0, :func:`.latent_fit.resolve_fit_steps`; points per step:
-    :func:`.latent_fit.resolve_fit_batch`): the latents fitted to the given structures (:mod:`.latent_fit`); outside ``inference_mode``, the model's weights untouched."""
+    :func:`.latent_fit.resolve_fit_batch`): the latents fitted to the given structures
+    (:mod:`.latent_fit`); outside ``inference_mode``, the model's weights untouched."""
     step(0.11, "fitting the latents to the given structures")
     t = time.perf_counter()
     fit_map = fit_label_map(surfaces.label_map, inp.given)  # about 1 mm

@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -138,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=Path,
                         default=ROOT / "HeartCompletionLib" / "model" / "bundled" / "synthetic_demo.safetensors")
     parser.add_argument("--output_dir", type=Path, default=ROOT / "runs" / "fit_batch_study",
-                        help="hearts and heart-eval outputs; finished runs are reused (default %(default)s)")
+                        help="hearts and heart-eval outputs; a finished run of the same hearts, checkpoint and "
+                        "scenarios is reused (default %(default)s)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="heart-eval processes side by side (default: the CPU cores)")
     return parser
@@ -158,9 +161,12 @@ def main(argv=None) -> int:
     paths = write_hearts(hearts, args.hearts, args.count)
     print(f"{len(paths)} {args.hearts} hearts in {hearts}; checkpoint {args.checkpoint.name}", flush=True)
     start = time.perf_counter()
+    # a finished run is reused only for the same hearts, checkpoint and scenarios
+    key = json.dumps([str(args.checkpoint.resolve()), args.checkpoint.stat().st_size, sorted(args.scenarios)])
+    tag = hashlib.sha1(key.encode()).hexdigest()[:10]
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
         futures = {b: pool.submit(run_eval, args.checkpoint, hearts, b, args.scenarios,
-                                  args.output_dir / f"eval_{label}_batch{b}") for b in args.batches}
+                                  args.output_dir / f"eval_{label}_{tag}_batch{b}") for b in args.batches}
         runs = {b: read_model_rows(f.result()) for b, f in futures.items()}
     print(f"heart-eval runs done in {time.perf_counter() - start:.0f} s\n")
     print(report(args.batches, runs))

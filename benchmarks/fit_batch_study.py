@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scenarios", nargs="+", default=list(DEFAULT_SCENARIOS),
                         help="heart-eval scenarios (default: %(default)s)")
     parser.add_argument("--checkpoint", type=Path,
-                        default=ROOT / "HeartCompletionLib" / "model" / "bundled" / "synthetic_demo.safetensors")
+                        default=ROOT / "HeartCompletionLib" / "model" / "bundled" / "synthetic_demo.safetensors",
+                        help="model to score (default: the bundled synthetic-demo)")
     parser.add_argument("--output_dir", type=Path, default=ROOT / "runs" / "fit_batch_study",
                         help="hearts and heart-eval outputs; a finished run of the same hearts, checkpoint and "
                         "scenarios is reused (default %(default)s)")

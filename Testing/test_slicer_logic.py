@@ -433,7 +433,6 @@ def _child_env():
     return env
 
 
-
 def test_a_crop_or_pad_of_the_grid_is_placed_exactly_as_vtk_resamples_it(scene):
     """Segments on a crop of the reference grid (what importing a label map makes) are placed by
     their integer offset instead of being resampled: the same mask as VTK's nearest neighbour."""
@@ -464,3 +463,10 @@ def test_segmentation_from_label_map_names_segments_and_keeps_the_voxels(scene, 
     assert shape == heart.shape and np.allclose(ijk_to_ras, heart.ijk_to_ras, atol=1e-6)
     mapping = {info.segment_id: TABLE.by_name(info.name).label for info in segments.segment_infos(node)}
     np.testing.assert_array_equal(segments.segmentation_to_label_map(node, mapping, volume).labels, heart.labels)
+
+
+def test_lattice_overlap_clips_a_box_to_the_grid():
+    on_grid, in_box = segments.lattice_overlap((-2, 3, 8), (5, 4, 4), (10, 10, 10))
+    assert on_grid == (slice(0, 3), slice(3, 7), slice(8, 10)) and in_box == (slice(2, 5), slice(0, 4), slice(0, 2))
+    assert segments.lattice_overlap((10, 0, 0), (5, 4, 4), (10, 10, 10)) is None  # beyond the last voxel
+    assert segments.lattice_overlap((-5, 0, 0), (5, 4, 4), (10, 10, 10)) is None  # ends before the first

@@ -63,7 +63,10 @@ def run_eval(checkpoint: Path, hearts: Path, batch: int, scenarios, out: Path) -
     """One ``heart-eval`` run with ``--fit_batch batch`` (one torch thread); its ``metrics.csv``."""
     metrics = out / "metrics.csv"
     if metrics.exists():
+        print(f"fit_batch {batch}: reusing {out.name}", flush=True)
         return metrics
+    start = time.perf_counter()
+    print(f"fit_batch {batch}: heart-eval running ({out.name})", flush=True)
     command = [sys.executable, "-m", "heart_training.evaluation.evaluate", "--checkpoint", str(checkpoint),
                "--data_dir", str(hearts), "--no_baseline", "--scenarios", *scenarios, "--output_dir", str(out),
                "--device", "cpu", "--quiet", "--figure_cases", "0", "--no_mesh_figures", "--fit_batch", str(batch)]
@@ -71,6 +74,7 @@ def run_eval(checkpoint: Path, hearts: Path, batch: int, scenarios, out: Path) -
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"heart-eval --fit_batch {batch} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    print(f"fit_batch {batch}: done in {time.perf_counter() - start:.0f} s", flush=True)
     return metrics
 
 

@@ -40,6 +40,7 @@ from .segments import (
     array_from_oriented_image,
     ensure_segmentation_converters,
     lattice_offset,
+    lattice_overlap,
     oriented_image_from_array,
     resample_mask,
     segment_infos,
@@ -111,12 +112,11 @@ def _new_segment_image(label_map: LabelMap, label: int, target, offset, box):
     shape, ijk_to_ras = target
     if offset is not None and box is not None:
         box_mask, first = box
-        lo = np.asarray(first) + offset  # the box in the target's indices, clipped to it
-        clip_lo, clip_hi = np.maximum(lo, 0), np.minimum(lo + np.asarray(box_mask.shape), np.asarray(shape))
-        if np.all(clip_hi > clip_lo):
-            inside = box_mask[tuple(slice(a - b, c - b) for a, b, c in zip(clip_lo, lo, clip_hi))]
-            extent = [int(bound) for a in range(3) for bound in (clip_lo[a], clip_hi[a] - 1)]
-            return oriented_image_from_array(inside, ijk_to_ras, first=clip_lo), extent
+        overlap = lattice_overlap(np.asarray(first) + offset, box_mask.shape, shape)  # clipped to the grid
+        if overlap is not None:
+            on_grid, in_box = overlap
+            extent = [bound for s in on_grid for bound in (s.start, s.stop - 1)]
+            return oriented_image_from_array(box_mask[in_box], ijk_to_ras, first=[s.start for s in on_grid]), extent
     mask = resample_mask(label_map.labels == label, label_map.ijk_to_ras, shape, ijk_to_ras)
     return oriented_image_from_array(mask, ijk_to_ras), None
 

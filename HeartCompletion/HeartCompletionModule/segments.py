@@ -206,6 +206,18 @@ def lattice_offset(mask_ijk_to_ras: np.ndarray, ijk_to_ras: np.ndarray, atol: fl
     return offset.astype(int) if np.allclose(shift, offset, atol=atol) else None
 
 
+def lattice_overlap(first, mask_shape, grid_shape):
+    """``(grid slices, mask slices)`` of the voxels that a mask whose first voxel sits at grid index
+    ``first`` (e.g. :func:`lattice_offset`) shares with a grid of ``grid_shape``; None when none."""
+    first = np.asarray(first, dtype=np.int64)
+    lo = np.maximum(first, 0)
+    hi = np.minimum(first + np.asarray(mask_shape), np.asarray(grid_shape))
+    if not np.all(hi > lo):
+        return None
+    return (tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)),
+            tuple(slice(int(a - f), int(b - f)) for a, b, f in zip(lo, hi, first)))
+
+
 def resample_mask(mask: np.ndarray, mask_ijk_to_ras: np.ndarray, shape, ijk_to_ras: np.ndarray) -> np.ndarray:
     """A boolean mask moved onto the grid ``(shape, ijk_to_ras)``: nearest neighbour in RAS mm
     (exact copy/crop/pad when the grids share orientation, spacing and voxel lattice)."""
@@ -213,12 +225,9 @@ def resample_mask(mask: np.ndarray, mask_ijk_to_ras: np.ndarray, shape, ijk_to_r
     offset = lattice_offset(mask_ijk_to_ras, ijk_to_ras)
     if offset is not None:  # a crop or pad of the grid: place the overlap, no resampling
         out = np.zeros(shape, dtype=bool)
-        lo = np.maximum(offset, 0)
-        hi = np.minimum(offset + np.asarray(mask.shape), shape)
-        if np.all(hi > lo):
-            out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = mask[lo[0] - offset[0]:hi[0] - offset[0],
-                                                              lo[1] - offset[1]:hi[1] - offset[1],
-                                                              lo[2] - offset[2]:hi[2] - offset[2]]
+        overlap = lattice_overlap(offset, mask.shape, shape)
+        if overlap is not None:
+            out[overlap[0]] = mask[overlap[1]]
         return out
     resampled = slicer.vtkOrientedImageData()
     ok = slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(

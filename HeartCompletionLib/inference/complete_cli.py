@@ -53,6 +53,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 from HeartCompletionLib.errors import ExitCode, HeartCompletionError
 
@@ -740,5 +741,14 @@ def _release_memory() -> None:
         pass
 
 
+def run() -> NoReturn:
+    """The process entry point (the ``heart-complete`` script, ``python -m``): :func:`main`, then
+    the exit without Python's teardown (:mod:`HeartCompletionLib.process_exit`: 0.7-0.9 s saved
+    per process once torch is imported)."""
+    from HeartCompletionLib.process_exit import exit_after
+
+    exit_after(main)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

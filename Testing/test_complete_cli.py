@@ -66,7 +66,7 @@ def test_a_completion_process_never_imports_torchs_compiler(inputs, tmp_path):
 
 def test_the_console_script_is_the_inference_side_command():
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
-    # run: main, then the exit without Python's teardown (HeartCompletionLib.process_exit)
+    # run: main, then the exit without Python's teardown (HeartCompletionLib.inference.process_exit)
     assert 'heart-complete = "HeartCompletionLib.inference.complete_cli:run"' in pyproject
     assert not (Path(__file__).resolve().parents[1] / "training" / "complete_cli.py").exists()
 

@@ -1,4 +1,4 @@
-"""``HeartCompletionLib.process_exit``: a command's process ends with main's status, its output
+"""``HeartCompletionLib.inference.process_exit``: a command's process ends with main's status, its output
 flushed and its atexit handlers run, without the interpreter's teardown; a normal exit where that
 could change anything. Each case is a small script run in a process of its own."""
 
@@ -13,7 +13,7 @@ import pytest
 #: an object torn down with the module globals at a normal exit (not at all with exit_after)
 PREAMBLE = textwrap.dedent("""\
     import atexit, sys, threading, time
-    from HeartCompletionLib.process_exit import exit_after
+    from HeartCompletionLib.inference.process_exit import exit_after
 
     class Teardown:
         def __del__(self):

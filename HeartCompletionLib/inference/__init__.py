@@ -6,5 +6,6 @@
   :mod:`.islands`: small and detached pieces cleared; :mod:`.envelope`: plausibility against a
   whole-heart envelope;
 - :mod:`.complete_cli`: ``heart-complete``, the one inference command; with ``--protocol lines``
-  it is the Slicer panel's background process, started and read by :mod:`.completion_process`.
+  it is the Slicer panel's background process, started and read by :mod:`.completion_process`;
+  :mod:`.process_exit`: its process ends without the interpreter's teardown.
 """

@@ -743,9 +743,9 @@ def _release_memory() -> None:
 
 def run() -> NoReturn:
     """The process entry point (the ``heart-complete`` script, ``python -m``): :func:`main`, then
-    the exit without Python's teardown (:mod:`HeartCompletionLib.process_exit`: 0.7-0.9 s saved
+    the exit without Python's teardown (:mod:`.process_exit`: 0.7-0.9 s saved
     per process once torch is imported)."""
-    from HeartCompletionLib.process_exit import exit_after
+    from .process_exit import exit_after
 
     exit_after(main)
 

@@ -15,8 +15,10 @@ and 120 when the final flush of the standard streams fails. An exception from ``
 than ``SystemExit`` takes the normal path (traceback, status 1).
 
 A command's ``main`` itself stays an ordinary function that returns its status, so tests and
-other Python code call it as before; only the process entry points (the console script and
-``python -m``) go through :func:`exit_after`.
+other Python code call it as before; only the process entry points go through :func:`exit_after`:
+``heart-complete``'s (:func:`.complete_cli.run`: the console script and ``python -m``, the Slicer
+panel's background process included). The training commands keep the ordinary exit: their runs
+are minutes long, and the distributed ones' process groups are not to be cut short.
 """
 
 from __future__ import annotations

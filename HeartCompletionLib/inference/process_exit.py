@@ -6,10 +6,10 @@ and nothing the user asked for happens in it. For ``heart-complete`` on one file
 seventh of a 1 mm completion started from the command line (docs/benchmarks.md, session 16).
 
 :func:`exit_after` runs a command's ``main`` and ends the process the way a normal exit does up
-to that teardown: it waits for nothing (it falls back to a normal exit while a non-daemon thread
-still runs, which a normal exit would wait for), runs the ``atexit`` handlers (logging's flush,
-the clean-up of ``tempfile`` and ``weakref.finalize``, multiprocessing's), flushes the standard
-streams and then leaves with ``os._exit``. The exit status is the one a normal exit would give:
+to that teardown: it runs the ``atexit`` handlers (logging's flush, the clean-up of ``tempfile``
+and ``weakref.finalize``, multiprocessing's), flushes the standard streams and then leaves with
+``os._exit``. While a non-daemon thread still runs (a normal exit would wait for it) it makes the
+normal exit instead. The exit status is the one a normal exit would give:
 ``main``'s return value or ``SystemExit`` code (``None`` is 0, a message is printed and gives 1),
 and 120 when the final flush of the standard streams fails. An exception from ``main`` other
 than ``SystemExit`` takes the normal path (traceback, status 1).

@@ -743,8 +743,8 @@ def _release_memory() -> None:
 
 def run() -> NoReturn:
     """The process entry point (the ``heart-complete`` script, ``python -m``): :func:`main`, then
-    the exit without Python's teardown (:mod:`.process_exit`: 0.7-0.9 s saved
-    per process once torch is imported)."""
+    the exit without Python's teardown (:mod:`.process_exit`: 0.7-0.9 s per process once torch is
+    imported)."""
     from .process_exit import exit_after
 
     exit_after(main)

@@ -32,16 +32,6 @@ from typing import Callable, NoReturn
 FLUSH_FAILED = 120
 
 
-def exit_status(code) -> int:
-    """The process status of ``sys.exit(code)``: ``None`` -> 0, an integer -> itself, anything
-    else -> 1 (CPython then prints it to stderr; :func:`exit_after` does too)."""
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return int(code)
-    return 1
-
-
 def _other_threads_running() -> bool:
     main = threading.main_thread()
     return any(t is not main and t.is_alive() and not t.daemon for t in threading.enumerate())
@@ -60,9 +50,11 @@ def exit_after(main: Callable[[], object]) -> NoReturn:
     run_handlers = getattr(atexit, "_run_exitfuncs", None)  # CPython's; what a normal exit calls
     if run_handlers is None or _other_threads_running():
         sys.exit(code)
-    status = exit_status(code)
-    if not (code is None or isinstance(code, int)):
+    if code is None or isinstance(code, int):  # sys.exit's mapping: None -> 0, an integer -> itself
+        status = int(code or 0)
+    else:  # a message: printed, status 1
         print(code, file=sys.stderr)
+        status = 1
     run_handlers()
     for stream in (sys.stdout, sys.stderr):
         try:

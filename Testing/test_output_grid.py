@@ -13,7 +13,13 @@ import pytest
 from HeartCompletionLib.geometry.affine import direction_of, ijk_to_ras_points, rotation_matrix, spacing_of
 from HeartCompletionLib.inference.complete_cli import main
 from HeartCompletionLib.inference.completion import complete_label_map
-from HeartCompletionLib.inference.output_grid import OutputGridError, box_on_grid, grown_grid, resample_nearest
+from HeartCompletionLib.inference.output_grid import (
+    OutputGridError,
+    box_on_grid,
+    crop_to_labels,
+    grown_grid,
+    resample_nearest,
+)
 from HeartCompletionLib.io.labelmap import LabelMap
 from HeartCompletionLib.io.labelmap_files import read_image_geometry, read_label_map, write_label_map
 from HeartCompletionLib.io.synthetic import synthetic_label_map
@@ -180,3 +186,51 @@ def test_heart_complete_grid_options(tmp_path, capsys):
     assert "stack.nii.gz" in err and "more than the limit" in err
     assert not (tmp_path / "x.nii.gz").exists()
     assert not list(Path(tmp_path).glob("*.tmp*"))
+
+
+# --- --crop_output: the box around the labelled voxels, on the same lattice ---------------------------
+def _paste(box: LabelMap, shape, ijk_to_ras) -> np.ndarray:
+    """``box`` put back on the grid ``(shape, ijk_to_ras)`` by its integer voxel offset (what the
+    Slicer panel does with a cropped result); fails if the lattices differ."""
+    shift = np.linalg.solve(ijk_to_ras[:3, :3], box.ijk_to_ras[:3, 3] - ijk_to_ras[:3, 3])
+    assert np.allclose(box.ijk_to_ras[:3, :3], ijk_to_ras[:3, :3]) and np.allclose(shift, np.rint(shift), atol=1e-6)
+    lo = np.rint(shift).astype(int)
+    out = np.zeros(shape, dtype=box.labels.dtype)
+    out[lo[0]:lo[0] + box.shape[0], lo[1]:lo[1] + box.shape[1], lo[2]:lo[2] + box.shape[2]] = box.labels
+    return out
+
+
+def test_crop_to_labels_keeps_every_voxel_in_place():
+    labels = np.zeros((20, 16, 12), np.int16)
+    labels[3:9, 5:7, 2:11] = 4
+    labels[12, 14, 6] = 9
+    lm = LabelMap(labels, _oblique(), "oblique")
+    box = crop_to_labels(lm)
+    assert box.shape == (10, 10, 9)
+    # the same RAS position for the first labelled voxel, and the whole map back by the offset
+    assert np.allclose(ijk_to_ras_points(np.zeros((1, 3)), box.ijk_to_ras), ijk_to_ras_points([[3, 5, 2]], lm.ijk_to_ras))
+    np.testing.assert_array_equal(_paste(box, lm.shape, lm.ijk_to_ras), labels)
+    assert np.shares_memory(box.labels, labels), "a view, no copy"
+    # nothing to crop: the map itself (empty, or labels touching every face)
+    empty = LabelMap(np.zeros((4, 4, 4), np.int16), np.eye(4), "empty")
+    assert crop_to_labels(empty) is empty
+    full = LabelMap(np.ones((4, 4, 4), np.int16), np.eye(4), "full")
+    assert crop_to_labels(full) is full
+
+
+def test_heart_complete_crop_output_writes_the_same_result_in_a_box(tmp_path, capsys):
+    truth = synthetic_label_map(2, spacing_mm=2.0)
+    labels = truth.labels.copy()
+    labels[~np.isin(labels, VENTRICLES)] = 0
+    # the given ventricles in a grid with room around the heart: the result does not fill it
+    src = tmp_path / "ventricles.nrrd"
+    write_label_map(LabelMap(np.pad(labels, 12), truth.ijk_to_ras, "ventricles"), src)
+    whole, boxed = tmp_path / "whole.nrrd", tmp_path / "boxed.nrrd"
+    for out, extra in ((whole, []), (boxed, ["--crop_output"])):
+        code = main(["--checkpoint", "synthetic-demo", "--input", str(src), "--output", str(out), "--quiet",
+                     "--device", "cpu", "--threads", "1", *extra])
+        assert code == 0, capsys.readouterr().err
+    whole_map, boxed_map = read_label_map(whole), read_label_map(boxed)
+    assert np.prod(boxed_map.shape) < 0.8 * np.prod(whole_map.shape), (boxed_map.shape, whole_map.shape)
+    np.testing.assert_array_equal(_paste(boxed_map, whole_map.shape, whole_map.ijk_to_ras), whole_map.labels)
+    assert set(boxed_map.present_labels()) == set(TABLE.labels)

@@ -197,6 +197,43 @@ def test_results_land_in_the_segmentation_geometry(scene):
     np.testing.assert_array_equal(mask.reshape(-1), expected)
 
 
+def test_a_result_cropped_to_its_labels_lands_as_the_whole_one(scene, heart):
+    """``heart-complete --crop_output`` (the panel's hand-over): the box around the result's labels
+    gives the same segments as the whole grid, also in a segmentation without a reference geometry
+    of its own, and a replaced segment loses its voxels outside the box."""
+    from HeartCompletionLib.inference.output_grid import crop_to_labels
+
+    lv = TABLE.by_name("LV").label
+    labels = np.where(np.isin(heart.labels, [lv, TABLE.by_name("LAA").label]), heart.labels, 0).astype(np.int16)
+    whole = LabelMap(labels, heart.ijk_to_ras)
+    box = crop_to_labels(whole)
+    assert np.prod(box.shape) < np.prod(whole.shape) / 4
+    grid = (heart.shape, heart.ijk_to_ras)
+
+    def imported(result, keep_geometry):
+        partial = np.where(heart.labels == lv, 0, heart.labels).astype(np.int16)
+        partial[2, 2, 2] = lv  # an old LV voxel far outside the result's box: a replaced LV must lose it
+        node, _volume = segments.segmentation_from_label_map(LabelMap(partial, heart.ijk_to_ras), table=TABLE)
+        if not keep_geometry:
+            name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+            node.GetSegmentation().SetConversionParameter(name, "")
+            assert segments.segmentation_geometry(node) is None
+        lv_id = next(i.segment_id for i in segments.segment_infos(node) if i.name == TABLE.by_name("LV").name)
+        results.add_result_segments(node, result, [lv, TABLE.by_name("LAA").label], TABLE, {lv: lv_id},
+                                    show_surfaces=False)
+        return {i.name: segments.segment_mask(node, i.segment_id, *grid) for i in segments.segment_infos(node)}
+
+    for keep_geometry in (True, False):
+        expected = imported(whole, keep_geometry)
+        got = imported(box, keep_geometry)
+        assert expected.keys() == got.keys()
+        for name, mask in expected.items():
+            np.testing.assert_array_equal(got[name], mask, err_msg=name)
+        assert not got[TABLE.by_name("LV").name][2, 2, 2]
+        np.testing.assert_array_equal(got[TABLE.by_name("LV").name], labels == lv)
+        slicer.mrmlScene.Clear(0)
+
+
 # --- mapping -----------------------------------------------------------------------------------
 
 
@@ -358,8 +395,8 @@ def test_background_process_matches_in_process(scene, heart, tiny_checkpoint, tm
     input_map = segments.segmentation_to_label_map(node, segment_labels(mappings), volume)
     input_path = write_label_map(input_map, tmp_path / "input.nrrd")
     output_path = tmp_path / "output.nrrd"
-    process = completion_process.CompletionProcess(
-        completion_process.build_command(tiny_checkpoint, input_path, output_path, device="cpu")
+    process = completion_process.CompletionProcess(  # the result as the box around its labels, as the panel asks
+        completion_process.build_command(tiny_checkpoint, input_path, output_path, device="cpu", crop_output=True)
     )
     events = process.wait(timeout_s=300)
     assert process.returncode == 0, [e.message for e in events]
@@ -370,6 +407,7 @@ def test_background_process_matches_in_process(scene, heart, tiny_checkpoint, tm
     assert sorted(completed) == sorted(TABLE.by_name(n).label for n in DROPPED)
 
     output = read_label_map(output_path)
+    assert np.prod(output.shape) < np.prod(input_map.shape), "the result was not cropped to its labels"
     undo = results.import_completion_result(node, mappings, output, completed, TABLE, show_surfaces=False)
     direct = complete_label_map(input_map, tiny_checkpoint, device="cpu")
     for segment_id in undo.added:

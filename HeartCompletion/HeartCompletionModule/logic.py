@@ -330,7 +330,10 @@ class HeartCompletionLogic:
         with open(tablePath, "w", encoding="utf-8") as f:
             json.dump(self.table.to_dict(), f)
         self.outputPath = os.path.join(self.workDir, "output.nrrd")
-        request = completion_process.build_request(inputPath, self.outputPath, structures, replace, table=tablePath)
+        # the result comes back as the box around its labels (a CT result's file a third to a half
+        # the size); import_completion_result places it on the segmentation's grid
+        request = completion_process.build_request(inputPath, self.outputPath, structures, replace, table=tablePath,
+                                                   crop_output=True)
         return self._workerFor(checkpoint, path, device).submit(request)
 
     def finishCompletion(self, segmentationNode, mappings, completedLabels, replace, showSurfaces):

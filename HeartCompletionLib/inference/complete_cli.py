@@ -7,7 +7,8 @@ input's format (by the output name's suffix; a folder output keeps the input's n
 its geometry, unless ``--extend_mm MM`` (grow the grid around the given structures),
 ``--output_spacing MM`` (another voxel size, e.g. isotropic from a short-axis stack) or
 ``--reference IMAGE`` (another image's grid) asks for another grid
-(:mod:`HeartCompletionLib.inference.output_grid`). Given structures are kept voxel for voxel (on another
+(:mod:`HeartCompletionLib.inference.output_grid`); ``--crop_output`` writes only the box around the
+result's labelled voxels, on the same lattice (the Slicer panel's hand-over). Given structures are kept voxel for voxel (on another
 grid: carried over by nearest neighbour) unless ``--replace``; predicted structures fill the rest. ``--meshes DIR`` also writes one surface mesh per structure
 (``<case>_<Structure>.stl``, RAS mm, ``SPACE=RAS`` header for 3D Slicer).
 
@@ -218,6 +219,11 @@ def _parser(serve: bool = False) -> argparse.ArgumentParser:
     grid.add_argument("--reference", default=None, metavar="IMAGE",
                       help="write the result on this image's grid (a NIfTI/NRRD image, e.g. the CT the labels were "
                            "drawn on); not with --extend_mm/--output_spacing")
+    grid.add_argument("--crop_output", action="store_true",
+                      help="write only the box around the result's labelled voxels, on the same voxel lattice (the "
+                           "file's matrix moves with the box, every voxel keeps its place in RAS): a CT-sized result "
+                           "in a file a third to a half the size, faster to write and read; for tools that place a "
+                           "box on its grid by its offset, as the Slicer panel does")
     p.add_argument("--seed", type=int, default=0, help="seed of the input surface sampling (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, only errors")
     # internal: the Slicer panel's background process reads HC-PROGRESS/HC-RESULT/HC-ERROR lines on stdout
@@ -433,6 +439,7 @@ def _complete_one(src: Path, dst: Path, checkpoint, args, output) -> tuple[str, 
     from HeartCompletionLib.io.labelmap_files import case_name, read_label_map, write_label_map
 
     from .completion import complete
+    from .output_grid import crop_to_labels
 
     table = checkpoint.table
     output.reading(src)
@@ -445,7 +452,7 @@ def _complete_one(src: Path, dst: Path, checkpoint, args, output) -> tuple[str, 
         raise CliError(f"{src}: no recognised structure of {table.names} in this label map{hint}")
 
     result = complete(label_map, checkpoint, _request(args, _output_grid(label_map, args)), progress=output.progress)
-    write_label_map(result.label_map, dst, table=table)
+    write_label_map(crop_to_labels(result.label_map) if args.crop_output else result.label_map, dst, table=table)
     if args.meshes:
         from HeartCompletionLib.io.meshes import write_structure_meshes
 

@@ -71,7 +71,7 @@ from .latent_fit import (
     resolve_fit_batch,
     resolve_fit_steps,
 )
-from .output_grid import box_on_grid, given_box, resample_nearest
+from .output_grid import box_on_grid, cropped, given_box, resample_nearest
 
 #: Surface samples drawn from the given structures to place the heart (centre) and pick encoder
 #: points; the floor per structure keeps heart-prepare's ratio (1,000 of 120,000).
@@ -434,14 +434,6 @@ def _region(given_lo, given_hi, shape, ijk_to_ras, margin_mm: float):
     return np.maximum(0, given_lo - pad), np.minimum(np.asarray(shape), given_hi + pad)
 
 
-def _cropped(label_map: LabelMap, lo, hi) -> LabelMap:
-    """The voxels ``[lo, hi)`` of ``label_map`` (a view) with the matrix that keeps them in place."""
-    m = np.asarray(label_map.ijk_to_ras, dtype=np.float64).copy()
-    m[:3, 3] = m[:3, :3] @ np.asarray(lo, dtype=np.float64) + m[:3, 3]
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-    return LabelMap(label_map.labels[box], m, label_map.source, label_map.metadata)
-
-
 class _Field:
     """Decodes RAS points (mm) into (output label, min |sdf| of competing structures in mm).
 
@@ -592,7 +584,7 @@ def _encode(inp: _Input, ck, dev, request: CompletionRequest, step, timings: dic
     # the given structures' box only: the same surfaces without passes over the whole image
     # (a map finer than 1 mm is block-averaged to about 1 mm first: the same surfaces to well under
     # a voxel of the training data, several times faster at CT resolution)
-    canonical = closest_canonical(_cropped(inp.sample_map, inp.given_lo, inp.given_hi))
+    canonical = closest_canonical(cropped(inp.sample_map, inp.given_lo, inp.given_hi))
     meshes = coarse_structure_surfaces(canonical, inp.given)
     points, normals, point_labels = sample_structure_surfaces(
         canonical, inp.given, SURFACE_SAMPLES, rng, min_per_structure=floor, meshes=meshes)

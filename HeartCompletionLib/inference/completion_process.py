@@ -143,6 +143,7 @@ def build_request(
     table: str | Path | None = None,
     decode: str | None = None,
     fit_steps: int | None = None,
+    crop_output: bool = False,
 ) -> list[str]:
     """The options of one case, ``heart-complete``'s own: a fresh process takes them after its
     model and device (:func:`build_command`), a worker takes them as one request
@@ -151,7 +152,8 @@ def build_request(
     ``table``: the structure table JSON the input label map was written with (the process refuses
     a checkpoint trained on another one); ``decode``: ``"fast"`` or ``"exact"`` (None: the library
     default, fast); ``fit_steps``: steps of fitting the latents to the given structures (None: the
-    library default).
+    library default); ``crop_output``: write only the box around the result's labelled voxels, on the
+    input's lattice (``--crop_output``; the Slicer panel places it by its offset).
     """
     request = ["--input", str(input_path), "--output", str(output_path)]
     if table is not None:
@@ -164,6 +166,8 @@ def build_request(
         request += ["--decode", str(decode)]
     if fit_steps is not None:
         request += ["--fit_steps", str(int(fit_steps))]
+    if crop_output:
+        request.append("--crop_output")
     return request
 
 
@@ -178,6 +182,7 @@ def build_command(
     table: str | Path | None = None,
     decode: str | None = None,
     fit_steps: int | None = None,
+    crop_output: bool = False,
 ) -> list[str]:
     """The command line that runs one completion in a fresh Python process: ``heart-complete``'s
     module with ``--protocol lines``; ``checkpoint``: a file or a registered model name; the case's
@@ -185,7 +190,7 @@ def build_command(
     """
     command = [python_executable or sys.executable, "-m", CHILD_MODULE, *PROTOCOL_OPTION]
     command += ["--checkpoint", str(checkpoint), "--device", device]
-    return command + build_request(input_path, output_path, structures, replace, table, decode, fit_steps)
+    return command + build_request(input_path, output_path, structures, replace, table, decode, fit_steps, crop_output)
 
 
 def build_worker_command(

@@ -193,14 +193,14 @@ def test_fit_batch_study_refuses_bad_options_before_any_work(args, tmp_path):
 
 
 def test_worker_latency_compares_fresh_processes_with_the_warm_worker():
-    text = run_benchmark("worker_latency.py", "--spacing", "3", "--repeats", "1", "--threads", "1")
+    text = run_benchmark("worker_latency.py", "--spacing", "3", "--repeats", "1", "--threads", "1", "--panel_files")
     lines = text.strip().splitlines()
-    assert lines[0] == "command: python benchmarks/worker_latency.py --spacing 3 --repeats 1 --threads 1"
+    assert lines[0] == "command: python benchmarks/worker_latency.py --spacing 3 --repeats 1 --threads 1 --panel_files"
     assert [line.split(":")[0] for line in lines[1:4]] == ["fresh process 1", "worker request 1 (starts the worker)",
                                                            "worker request 2"]
     assert any(line.startswith("first request to a worker started ahead: ") for line in lines)
     assert lines[-1].startswith("3 mm (") and "fresh process" in lines[-1] and "warm worker" in lines[-1]
-    assert "when started ahead" in lines[-1]
+    assert "when started ahead" in lines[-1] and "files as the panel hands them over" in lines[-1]
     assert lines[-1].endswith("outputs identical: True")
 
 

@@ -16,6 +16,8 @@ from fixtures_data import structure_centroids_ras
 from HeartCompletionLib.geometry.affine import LPS_TO_RAS, make_ijk_to_ras, rotation_matrix
 from HeartCompletionLib.io.labelmap import LabelMap
 from HeartCompletionLib.io.labelmap_files import (
+    GRID_OFFSET_FIELD,
+    GRID_SIZES_FIELD,
     SUPPORTED_SUFFIXES,
     LabelMapError,
     read_label_map,
@@ -439,3 +441,44 @@ def test_value_counts_match_numpy_bincount_on_views():
     assert value_counts(big[:, :, :1].astype(np.uint8), minlength=20).tolist() == \
         np.bincount(big[:, :, 0].ravel(), minlength=20).tolist()
     assert value_counts(np.zeros((0, 4, 4), dtype=np.int16), minlength=3).tolist() == [0, 0, 0]
+
+
+# --- box_only: the box around the labels, with the grid it belongs to (the Slicer panel's input) ----
+def test_a_box_only_nrrd_reads_back_as_the_whole_grid(tmp_path):
+    m = make_ijk_to_ras((0.7, 0.8, 1.3), (-20.0, 14.0, 3.0), rotation_matrix((1.0, 2.0, 0.5), 0.4))
+    labels = np.zeros((40, 36, 30), np.int16)
+    labels[10:25, 8:20, 5:12] = 3
+    labels[30, 30, 20] = 7
+    lm = LabelMap(labels, m, "heart")
+    whole, box = write_label_map(lm, tmp_path / "whole.nrrd"), write_label_map(lm, tmp_path / "box.nrrd", box_only=True)
+    back = read_label_map(box)
+    np.testing.assert_array_equal(back.labels, labels)
+    np.testing.assert_allclose(back.ijk_to_ras, m, atol=1e-9)
+    assert back.labels.flags.c_contiguous
+    # what another reader sees: the box alone, in place (its first voxel is the grid's voxel 10, 8, 5)
+    data, header = nrrd.read(str(box))
+    assert data.shape == (21, 23, 16) and header[GRID_SIZES_FIELD] == "40 36 30" and header[GRID_OFFSET_FIELD] == "10 8 5"
+    origin_ras = (LPS_TO_RAS @ np.append(header["space origin"], 1.0))[:3]
+    np.testing.assert_allclose(origin_ras, m[:3, :3] @ [10, 8, 5] + m[:3, 3], atol=1e-9)
+    assert box.stat().st_size < whole.stat().st_size
+    # nothing to crop: a plain file, no grid fields
+    empty = write_label_map(LabelMap(np.zeros((4, 4, 4), np.int16), m, "e"), tmp_path / "empty.nrrd", box_only=True)
+    assert GRID_SIZES_FIELD not in nrrd.read_header(str(empty))
+    with pytest.raises(LabelMapError, match=r"only a \.nrrd"):
+        write_label_map(lm, tmp_path / "box.nii.gz", box_only=True)
+    assert not (tmp_path / "box.nii.gz").exists()
+
+
+@pytest.mark.parametrize("sizes, offset, problem", [
+    ("40 36", "10 8 5", "do not place"), ("40 36 30", "30 8 5", "do not place"), ("40 x 30", "10 8 5", "do not place"),
+    ("40 36 30", "-1 8 5", "do not place"), ("4000 4000 4000", "0 0 0", "more voxels than the limit"),
+])
+def test_bad_grid_fields_are_refused_with_the_file_named(tmp_path, sizes, offset, problem):
+    path = tmp_path / "bad.nrrd"
+    write_label_map(LabelMap(np.ones((21, 23, 16), np.int16), np.eye(4), "b"), path)
+    data, header = nrrd.read(str(path))
+    header[GRID_SIZES_FIELD], header[GRID_OFFSET_FIELD] = sizes, offset
+    nrrd.write(str(path), data, header)
+    with pytest.raises(LabelMapError, match=problem) as caught:
+        read_label_map(path)
+    assert "bad.nrrd" in str(caught.value)

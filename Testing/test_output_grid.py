@@ -13,14 +13,8 @@ import pytest
 from HeartCompletionLib.geometry.affine import direction_of, ijk_to_ras_points, rotation_matrix, spacing_of
 from HeartCompletionLib.inference.complete_cli import main
 from HeartCompletionLib.inference.completion import complete_label_map
-from HeartCompletionLib.inference.output_grid import (
-    OutputGridError,
-    box_on_grid,
-    crop_to_labels,
-    grown_grid,
-    resample_nearest,
-)
-from HeartCompletionLib.io.labelmap import LabelMap
+from HeartCompletionLib.inference.output_grid import OutputGridError, box_on_grid, grown_grid, resample_nearest
+from HeartCompletionLib.io.labelmap import LabelMap, crop_to_labels
 from HeartCompletionLib.io.labelmap_files import read_image_geometry, read_label_map, write_label_map
 from HeartCompletionLib.io.synthetic import synthetic_label_map
 from HeartCompletionLib.model.registry import load_model

@@ -201,7 +201,7 @@ def test_a_result_cropped_to_its_labels_lands_as_the_whole_one(scene, heart):
     """``heart-complete --crop_output`` (the panel's hand-over): the box around the result's labels
     gives the same segments as the whole grid, also in a segmentation without a reference geometry
     of its own, and a replaced segment loses its voxels outside the box."""
-    from HeartCompletionLib.inference.output_grid import crop_to_labels
+    from HeartCompletionLib.io.labelmap import crop_to_labels
 
     lv = TABLE.by_name("LV").label
     labels = np.where(np.isin(heart.labels, [lv, TABLE.by_name("LAA").label]), heart.labels, 0).astype(np.int16)
@@ -385,15 +385,16 @@ def test_replace_overwrites_only_the_ticked_segment(scene, heart, tiny_checkpoin
 
 
 def test_background_process_matches_in_process(scene, heart, tiny_checkpoint, tmp_path):
-    """The path the module takes: input file -> completion_process in a subprocess (progress
-    lines polled) -> output file -> segments; same voxels as the in-process call."""
+    """The path the module takes: input file (the box around the given structures, with its grid)
+    -> completion_process in a subprocess (progress lines polled) -> output file (the box around the
+    result's labels) -> segments; same voxels as the in-process call on the whole input map."""
     from HeartCompletionLib.inference.completion import complete_label_map
     from HeartCompletionLib.io.labelmap_files import read_label_map, write_label_map
 
     node, volume = partial_segmentation(scene, heart)
     mappings = map_segments(segments.segment_infos(node), TABLE)
     input_map = segments.segmentation_to_label_map(node, segment_labels(mappings), volume)
-    input_path = write_label_map(input_map, tmp_path / "input.nrrd")
+    input_path = write_label_map(input_map, tmp_path / "input.nrrd", box_only=True)  # as the panel hands it over
     output_path = tmp_path / "output.nrrd"
     process = completion_process.CompletionProcess(  # the result as the box around its labels, as the panel asks
         completion_process.build_command(tiny_checkpoint, input_path, output_path, device="cpu", crop_output=True)

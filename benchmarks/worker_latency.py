@@ -11,7 +11,7 @@ output is checked to be the same, voxel for voxel, as the first fresh process's.
 
     python benchmarks/worker_latency.py --repeats 3          # 1 mm
     python benchmarks/worker_latency.py --repeats 3 --ct     # CT grid
-    python benchmarks/worker_latency.py --repeats 3 --ct --crop_output   # the result as the panel asks for it
+    python benchmarks/worker_latency.py --repeats 3 --ct --panel_files   # files as the panel hands them over
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="completions of each kind (default 3)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the child (default 2)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="device of the completions (default cpu)")
-    p.add_argument("--crop_output", action="store_true",
-                   help="results written as the box around their labels (heart-complete --crop_output), as the panel asks")
+    p.add_argument("--panel_files", action="store_true",
+                   help="the files as the panel hands them over: the input as the box around its labels with its grid "
+                        "(write_label_map box_only), the results as the box around theirs (--crop_output)")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.threads < 1 or args.spacing <= 0:
         p.error("--repeats and --threads must be at least 1 and --spacing above 0")
@@ -58,20 +59,20 @@ def main(argv=None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="worker_latency_"))
     spacing, shape = (CT_SPACING_MM, CT_SHAPE) if args.ct else (args.spacing, None)
     _, source = partial_heart(0, spacing, list(B_SUBSET), shape)
-    source_path = write_label_map(source, folder / "input.nrrd")
+    source_path = write_label_map(source, folder / "input.nrrd", box_only=args.panel_files)
     threads = ["--threads", str(args.threads)]
 
     fresh = []
     for i in range(args.repeats):
         command = cp.build_command(args.checkpoint, source_path, folder / f"fresh{i}.nrrd", device=args.device,
-                                   crop_output=args.crop_output) + threads
+                                   crop_output=args.panel_files) + threads
         fresh.append(_timed(cp.CompletionProcess(command)))
         print(f"fresh process {i + 1}: {fresh[-1]:.2f} s", flush=True)
     worker = cp.CompletionWorker(cp.build_worker_command(args.checkpoint, args.device) + threads)
     warm = []
     try:
         for i in range(args.repeats + 1):
-            warm.append(_timed(worker.submit(cp.build_request(source_path, folder / f"warm{i}.nrrd", crop_output=args.crop_output))))
+            warm.append(_timed(worker.submit(cp.build_request(source_path, folder / f"warm{i}.nrrd", crop_output=args.panel_files))))
             print(f"worker request {i + 1}{' (starts the worker)' if i == 0 else ''}: {warm[-1]:.2f} s", flush=True)
     finally:
         worker.close()
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
         deadline = time.monotonic() + 300
         while not ahead.ready and ahead.alive and time.monotonic() < deadline:
             time.sleep(0.05)
-        warmed = _timed(ahead.submit(cp.build_request(source_path, folder / "ahead.nrrd", crop_output=args.crop_output)))
+        warmed = _timed(ahead.submit(cp.build_request(source_path, folder / "ahead.nrrd", crop_output=args.panel_files)))
         print(f"first request to a worker started ahead: {warmed:.2f} s", flush=True)
     finally:
         ahead.close()
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
     outputs = [folder / f"fresh{i}.nrrd" for i in range(args.repeats)] + [folder / f"warm{i}.nrrd" for i in range(args.repeats + 1)] + [folder / "ahead.nrrd"]
     same = all(np.array_equal(read_label_map(path).labels, reference) for path in outputs)
     print(f"\n{'CT grid' if args.ct else f'{args.spacing:g} mm'} {source.shape}, {args.checkpoint}, {args.device}, "
-          f"{args.threads} threads{', results cropped to their labels' if args.crop_output else ''}: "
+          f"{args.threads} threads{', files as the panel hands them over' if args.panel_files else ''}: "
           f"fresh process {min(fresh):.2f} s (best of {args.repeats}), warm worker {min(warm[1:]):.2f} s "
           f"(best of {args.repeats}; its first request {warm[0]:.2f} s, {warmed:.2f} s when started ahead); "
           f"outputs identical: {same}")

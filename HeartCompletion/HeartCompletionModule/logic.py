@@ -325,7 +325,10 @@ class HeartCompletionLogic:
         self.cleanupTemporaryFiles()
         self.workDir = tempfile.mkdtemp(prefix="HeartCompletion-")
         labelMap = segmentation_to_label_map(segmentationNode, segment_mapping.segment_labels(mappings), referenceVolume)
-        inputPath = write_label_map(labelMap, os.path.join(self.workDir, "input.nrrd"), table=self.table)
+        # the box around the given structures, with the grid it belongs to: the process reads the same
+        # label map, from a file written and read in a third of the time at CT size
+        inputPath = write_label_map(labelMap, os.path.join(self.workDir, "input.nrrd"), table=self.table,
+                                    box_only=True)
         tablePath = os.path.join(self.workDir, "structures.json")
         with open(tablePath, "w", encoding="utf-8") as f:
             json.dump(self.table.to_dict(), f)

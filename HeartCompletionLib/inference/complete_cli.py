@@ -436,10 +436,10 @@ class _LineOutput:
 
 def _complete_one(src: Path, dst: Path, checkpoint, args, output) -> tuple[str, dict]:
     """Complete one file; returns ``(message for the user, HC-RESULT payload)``."""
+    from HeartCompletionLib.io.labelmap import crop_to_labels
     from HeartCompletionLib.io.labelmap_files import case_name, read_label_map, write_label_map
 
     from .completion import complete
-    from .output_grid import crop_to_labels
 
     table = checkpoint.table
     output.reading(src)

@@ -50,7 +50,7 @@ import numpy as np
 
 from HeartCompletionLib.errors import HeartCompletionError
 from HeartCompletionLib.geometry.affine import direction_of, ijk_to_ras_points, spacing_of, validate_ijk_to_ras
-from HeartCompletionLib.io.labelmap import LabelMap, present_values
+from HeartCompletionLib.io.labelmap import LabelMap, cropped, labelled_box, present_values
 from HeartCompletionLib.model.encoder_input import encoder_arrays, encoder_centre_mm, select_encoder_points
 
 from .decode_grid import (
@@ -71,7 +71,7 @@ from .latent_fit import (
     resolve_fit_batch,
     resolve_fit_steps,
 )
-from .output_grid import box_on_grid, cropped, given_box, resample_nearest
+from .output_grid import box_on_grid, resample_nearest
 
 #: Surface samples drawn from the given structures to place the heart (centre) and pick encoder
 #: points; the floor per structure keeps heart-prepare's ratio (1,000 of 120,000).
@@ -409,7 +409,7 @@ def _prepare_input(source, ijk_to_ras, table, request: CompletionRequest) -> _In
     except KeyError as exc:
         raise CompletionError(f"structures to complete: {exc.args[0]}") from exc
     geometry = sample_map.ijk_to_ras
-    given_lo, given_hi = given_box(sample_map.labels)
+    given_lo, given_hi = labelled_box(sample_map.labels)
     region_lo, region_hi = given_lo, given_hi  # the given box on the grid the result is written on
     if request.output_grid is not None:
         out_shape, out_matrix = request.output_grid

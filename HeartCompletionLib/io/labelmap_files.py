@@ -57,7 +57,7 @@ from HeartCompletionLib.structures.conventions import apply_convention, load_con
 from HeartCompletionLib.structures.segment_mapping import match_segment, terminology_entry
 from HeartCompletionLib.structures.table import Structure, StructureTable
 
-from .labelmap import LabelMap, present_values
+from .labelmap import LabelMap, crop_to_labels, present_values
 from .metaimage import METAIMAGE_SUFFIXES
 
 SUPPORTED_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".seg.nrrd", ".mha", ".mhd")
@@ -524,7 +524,44 @@ def _read_nrrd(path: Path, table, convention, max_voxels=None):
         meta["reference_extent_offset"] = header.get("Segmentation_ReferenceImageExtentOffset")
     else:
         labels = _plain_labels(path, data, table, convention)
+        grid = _box_grid(path, header, labels.shape, max_voxels)
+        if grid is not None:  # a box of a larger grid (write_label_map(box_only=True)): back on that grid
+            sizes, offset = grid
+            full = np.zeros(sizes, dtype=labels.dtype)
+            full[tuple(slice(int(o), int(o) + n) for o, n in zip(offset, labels.shape))] = _c_order(labels)
+            labels = full
+            ijk_to_ras = ijk_to_ras.copy()
+            ijk_to_ras[:3, 3] -= ijk_to_ras[:3, :3] @ offset.astype(np.float64)
     return labels, ijk_to_ras, meta
+
+
+#: NRRD key-value fields of a label map written as the box around its labels
+#: (``write_label_map(box_only=True)``): the sizes of the grid it belongs to, and the grid index of
+#: the box's first voxel.
+GRID_SIZES_FIELD = "HeartCompletion_GridSizes"
+GRID_OFFSET_FIELD = "HeartCompletion_GridOffset"
+
+
+def _box_grid(path: Path, header: dict, box_shape, max_voxels):
+    """``(grid sizes, box offset)`` int64 arrays from :data:`GRID_SIZES_FIELD` and
+    :data:`GRID_OFFSET_FIELD`, checked (the box inside the grid, the grid within the voxel limit);
+    None when the header has neither."""
+    fields = [header.get(GRID_SIZES_FIELD), header.get(GRID_OFFSET_FIELD)]
+    if fields == [None, None]:
+        return None
+    try:
+        sizes, offset = (np.array([int(v) for v in str(f).split()], dtype=np.int64) for f in fields)
+    except ValueError:
+        sizes = offset = np.zeros(0, dtype=np.int64)
+    box = np.asarray(box_shape, dtype=np.int64)
+    if len(sizes) != 3 or len(offset) != 3 or np.any(sizes < 1) or np.any(offset < 0) or np.any(offset + box > sizes):
+        raise LabelMapError(path, f"the fields {GRID_SIZES_FIELD} {fields[0]!r} and {GRID_OFFSET_FIELD} {fields[1]!r} "
+                                  f"do not place this {tuple(int(n) for n in box)} box inside a 3-D grid")
+    limit, where = voxel_limit(max_voxels)
+    if int(np.prod(sizes)) > limit:
+        raise LabelMapError(path, f"the grid of {GRID_SIZES_FIELD} ({' x '.join(str(int(n)) for n in sizes)}) has "
+                                  f"more voxels than the limit {limit:,} ({where})")
+    return sizes, offset
 
 
 def _segment_fields(header: dict) -> list[dict]:
@@ -584,7 +621,7 @@ def _segmentation_labels(path, data, header, table, convention):
 
 
 # --- writing -------------------------------------------------------------------------------
-def write_label_map(label_map: LabelMap, path, table=None) -> Path:
+def write_label_map(label_map: LabelMap, path, table=None, box_only: bool = False) -> Path:
     """Write ``label_map`` by extension, atomically; returns the path.
 
     NIfTI: uint8 (int16 above 255), sform and qform = ``ijk_to_ras`` with code 1, units mm.
@@ -593,10 +630,25 @@ def write_label_map(label_map: LabelMap, path, table=None) -> Path:
     ``<name>.zraw`` beside it (:func:`sitk_io.write_metaimage`).
     ``.seg.nrrd``: a 3-D labelmap with one segment per structure present, carrying the table's
     name, colour (0..1), label value and SNOMED CT terminology, readable by Slicer and slicerio.
+    ``box_only`` (``.nrrd`` only): the box around the labelled voxels, in place, with the grid it
+    belongs to in two header fields (:data:`GRID_SIZES_FIELD`, :data:`GRID_OFFSET_FIELD`);
+    :func:`read_label_map` puts it back on that grid, other readers see the box where it lies.
+    A CT label map's hand-over (the Slicer panel's input) in a third of the time.
     """
     path = Path(path)
     suffix = suffix_of(path)
     table = StructureTable.from_spec(table)
+    grid_fields = None
+    if box_only:
+        if suffix != ".nrrd":
+            raise LabelMapError(path, f"only a .nrrd file can hold a box of its grid, not {suffix}")
+        box = crop_to_labels(label_map)
+        if box is not label_map:
+            offset = np.rint(np.linalg.solve(np.asarray(label_map.ijk_to_ras, dtype=np.float64)[:3, :3],
+                                             box.ijk_to_ras[:3, 3] - np.asarray(label_map.ijk_to_ras)[:3, 3]))
+            grid_fields = {GRID_SIZES_FIELD: " ".join(str(int(n)) for n in label_map.shape),
+                           GRID_OFFSET_FIELD: " ".join(str(int(o)) for o in offset)}
+            label_map = box
     labels = np.asarray(label_map.labels)
     if labels.size and labels.min() < 0:
         raise LabelMapError(path, f"cannot write negative label values (min {int(labels.min())})")
@@ -622,7 +674,7 @@ def write_label_map(label_map: LabelMap, path, table=None) -> Path:
             if suffix in (".nii", ".nii.gz"):
                 _write_nifti(handle, data, label_map.ijk_to_ras, compress=suffix == ".nii.gz")
             else:
-                _write_nrrd(handle, data, label_map.ijk_to_ras, table if suffix == ".seg.nrrd" else None)
+                _write_nrrd(handle, data, label_map.ijk_to_ras, table if suffix == ".seg.nrrd" else None, grid_fields)
     except Exception as exc:
         if isinstance(exc, LabelMapError):
             raise
@@ -687,7 +739,8 @@ def _c_order(data: np.ndarray, dtype=None) -> np.ndarray:
     return np.ascontiguousarray(data, dtype=dtype)
 
 
-def _write_nrrd(handle, data: np.ndarray, ijk_to_ras: np.ndarray, table: StructureTable | None) -> None:
+def _write_nrrd(handle, data: np.ndarray, ijk_to_ras: np.ndarray, table: StructureTable | None,
+                extra: dict | None = None) -> None:
     import nrrd
 
     ijk_to_lps = LPS_TO_RAS @ np.asarray(ijk_to_ras, dtype=np.float64)
@@ -701,6 +754,7 @@ def _write_nrrd(handle, data: np.ndarray, ijk_to_ras: np.ndarray, table: Structu
         "encoding": "gzip",
         "space origin": ijk_to_lps[:3, 3],
     }
+    header.update(extra or {})
     if table is not None:
         header.update(_segmentation_header(data, ijk_to_ras, table))
         broken = [k for k, v in header.items() if isinstance(v, str) and any(c in v for c in "\r\n\0")]

@@ -192,6 +192,16 @@ def test_fit_batch_study_refuses_bad_options_before_any_work(args, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+def test_handover_files_times_the_panels_four_file_steps_both_ways():
+    text = run_benchmark("handover_files.py", "--repeats", "1")
+    lines = text.strip().splitlines()
+    assert lines[0] == "command: python benchmarks/handover_files.py --repeats 1"
+    assert [line.split(":")[0] for line in lines[1:3]] == ["whole grid", "boxes"]
+    assert all("panel writes the input" in line and "panel reads it" in line for line in lines[1:3])
+    assert lines[-1].startswith("1 mm (163, 158, 174): the result's box (")
+    assert lines[-1].endswith("inputs read back the same: True")
+
+
 def test_worker_latency_compares_fresh_processes_with_the_warm_worker():
     text = run_benchmark("worker_latency.py", "--spacing", "3", "--repeats", "1", "--threads", "1", "--panel_files")
     lines = text.strip().splitlines()
@@ -206,6 +216,7 @@ def test_worker_latency_compares_fresh_processes_with_the_warm_worker():
 
 @pytest.mark.parametrize("name, args, message", [
     ("worker_latency.py", ["--repeats", "0"], "--repeats and --threads must be at least 1"),
+    ("handover_files.py", ["--repeats", "0"], "--repeats must be at least 1"),
     ("panel_steps.py", ["--spacing", "0"], "--spacing must be a voxel size above 0 mm"),
 ])
 def test_panel_benchmarks_refuse_bad_options_before_any_work(name, args, message):

@@ -472,6 +472,7 @@ def test_a_box_only_nrrd_reads_back_as_the_whole_grid(tmp_path):
 @pytest.mark.parametrize("sizes, offset, problem", [
     ("40 36", "10 8 5", "do not place"), ("40 36 30", "30 8 5", "do not place"), ("40 x 30", "10 8 5", "do not place"),
     ("40 36 30", "-1 8 5", "do not place"), ("4000 4000 4000", "0 0 0", "more voxels than the limit"),
+    (" ".join(["99999999999999999999"] * 3), "0 0 0", "more voxels than the limit"), ("40 36 30", "", "do not place"),
 ])
 def test_bad_grid_fields_are_refused_with_the_file_named(tmp_path, sizes, offset, problem):
     path = tmp_path / "bad.nrrd"

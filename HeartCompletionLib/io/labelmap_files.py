@@ -44,6 +44,7 @@ without it) and :func:`find_label_maps` (the label maps in a folder, sorted).
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import warnings
 from pathlib import Path
@@ -57,7 +58,7 @@ from HeartCompletionLib.structures.conventions import apply_convention, load_con
 from HeartCompletionLib.structures.segment_mapping import match_segment, terminology_entry
 from HeartCompletionLib.structures.table import Structure, StructureTable
 
-from .labelmap import LabelMap, crop_to_labels, present_values
+from .labelmap import LabelMap, cropped, labelled_box, present_values
 from .metaimage import METAIMAGE_SUFFIXES
 
 SUPPORTED_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".seg.nrrd", ".mha", ".mhd")
@@ -543,25 +544,26 @@ GRID_OFFSET_FIELD = "HeartCompletion_GridOffset"
 
 
 def _box_grid(path: Path, header: dict, box_shape, max_voxels):
-    """``(grid sizes, box offset)`` int64 arrays from :data:`GRID_SIZES_FIELD` and
+    """``(grid sizes, box offset)`` (int64 arrays) from :data:`GRID_SIZES_FIELD` and
     :data:`GRID_OFFSET_FIELD`, checked (the box inside the grid, the grid within the voxel limit);
     None when the header has neither."""
     fields = [header.get(GRID_SIZES_FIELD), header.get(GRID_OFFSET_FIELD)]
     if fields == [None, None]:
         return None
     try:
-        sizes, offset = (np.array([int(v) for v in str(f).split()], dtype=np.int64) for f in fields)
+        sizes, offset = ([int(v) for v in str(f).split()] for f in fields)
     except ValueError:
-        sizes = offset = np.zeros(0, dtype=np.int64)
-    box = np.asarray(box_shape, dtype=np.int64)
-    if len(sizes) != 3 or len(offset) != 3 or np.any(sizes < 1) or np.any(offset < 0) or np.any(offset + box > sizes):
+        sizes = offset = []
+    box = [int(n) for n in box_shape]
+    if (len(sizes) != 3 or len(offset) != 3 or min(sizes) < 1 or min(offset) < 0
+            or any(o + n > s for o, n, s in zip(offset, box, sizes))):
         raise LabelMapError(path, f"the fields {GRID_SIZES_FIELD} {fields[0]!r} and {GRID_OFFSET_FIELD} {fields[1]!r} "
-                                  f"do not place this {tuple(int(n) for n in box)} box inside a 3-D grid")
+                                  f"do not place this {tuple(box)} box inside a 3-D grid")
     limit, where = voxel_limit(max_voxels)
-    if int(np.prod(sizes)) > limit:
+    if math.prod(sizes) > limit:  # Python integers: no overflow, whatever the header says
         raise LabelMapError(path, f"the grid of {GRID_SIZES_FIELD} ({' x '.join(str(int(n)) for n in sizes)}) has "
                                   f"more voxels than the limit {limit:,} ({where})")
-    return sizes, offset
+    return np.asarray(sizes, dtype=np.int64), np.asarray(offset, dtype=np.int64)
 
 
 def _segment_fields(header: dict) -> list[dict]:
@@ -642,13 +644,11 @@ def write_label_map(label_map: LabelMap, path, table=None, box_only: bool = Fals
     if box_only:
         if suffix != ".nrrd":
             raise LabelMapError(path, f"only a .nrrd file can hold a box of its grid, not {suffix}")
-        box = crop_to_labels(label_map)
-        if box is not label_map:
-            offset = np.rint(np.linalg.solve(np.asarray(label_map.ijk_to_ras, dtype=np.float64)[:3, :3],
-                                             box.ijk_to_ras[:3, 3] - np.asarray(label_map.ijk_to_ras)[:3, 3]))
+        box = labelled_box(label_map.labels)
+        if box is not None:  # (an empty map is written whole)
             grid_fields = {GRID_SIZES_FIELD: " ".join(str(int(n)) for n in label_map.shape),
-                           GRID_OFFSET_FIELD: " ".join(str(int(o)) for o in offset)}
-            label_map = box
+                           GRID_OFFSET_FIELD: " ".join(str(int(o)) for o in box[0])}
+            label_map = cropped(label_map, *box)
     labels = np.asarray(label_map.labels)
     if labels.size and labels.min() < 0:
         raise LabelMapError(path, f"cannot write negative label values (min {int(labels.min())})")

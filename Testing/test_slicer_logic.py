@@ -129,6 +129,25 @@ def test_label_map_round_trip_exact_geometry(scene, spacing, angle):
         np.testing.assert_array_equal(back.labels, labels)
 
 
+def test_overlapping_segments_later_wins_and_the_overlap_is_counted(scene):
+    """Two overlapping segments (Slicer keeps them in separate layers, each a crop of the grid):
+    the later one wins where they overlap, as in Slicer's own export, and the overlap is counted."""
+    ijk_to_ras = make_ijk_to_ras((0.8, 1.1, 1.6), (5.0, -12.0, 3.0), rotation_matrix((1, 0, 1), 0.3))
+    first = np.zeros((30, 26, 22), np.int16)
+    first[4:18, 5:20, 3:15] = 3
+    second = np.zeros_like(first)
+    second[12:27, 10:24, 8:20] = 2
+    volume = add_volume(scene, LabelMap(np.zeros_like(first), ijk_to_ras))
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    results.add_result_segments(node, LabelMap(first, ijk_to_ras), [3], TABLE, show_surfaces=False)
+    results.add_result_segments(node, LabelMap(second, ijk_to_ras), [2], TABLE, show_surfaces=False)
+    mapping = segment_labels(map_segments(segments.segment_infos(node), TABLE))
+    back = segments.segmentation_to_label_map(node, mapping, volume)
+    np.testing.assert_array_equal(back.labels, np.where(second > 0, second, first))
+    assert back.metadata["overlap_voxels"] == np.count_nonzero((first > 0) & (second > 0)) > 0
+
+
 def test_padded_geometry_without_reference(scene, heart):
     """No reference geometry: the grid is the segments' box padded by the margin, in mm."""
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")

@@ -184,15 +184,35 @@ def segment_mask(segmentation_node, segment_id: str, shape, ijk_to_ras, layers: 
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
     if segment is None:
         raise KeyError(f"segmentation {segmentation_node.GetName()!r} has no segment {segment_id!r}")
+    box, mask = _segment_mask_in_box(segmentation_node, segment, segment_id, shape, ijk_to_ras, layers)
+    if box is None:
+        return mask
+    out = np.zeros(tuple(int(n) for n in shape), dtype=bool)
+    out[box] = mask
+    return out
+
+
+def _segment_mask_in_box(segmentation_node, segment, segment_id: str, shape, ijk_to_ras, layers):
+    """``(grid slices, mask there)`` of one segment on the grid ``(shape, ijk_to_ras)``: only the
+    part of the grid its layer covers when the layer shares the grid's lattice (a crop or pad of
+    it, what importing a label map makes), else ``(None, whole-grid mask)``."""
     layer = segmentation_node.GetBinaryLabelmapInternalRepresentation(segment_id)
     if layer is None:
-        return np.zeros(shape, dtype=bool)
+        return None, np.zeros(shape, dtype=bool)
     layers = {} if layers is None else layers
     key = layer.GetAddressAsString("vtkOrientedImageData")
     if key not in layers:
         layers[key] = array_from_oriented_image(layer)
     values, layer_ijk_to_ras = layers[key]
-    return resample_mask(values == segment.GetLabelValue(), layer_ijk_to_ras, shape, ijk_to_ras)
+    offset = lattice_offset(layer_ijk_to_ras, ijk_to_ras)
+    if offset is not None:
+        overlap = lattice_overlap(offset, values.shape, shape)
+        if overlap is None:
+            return None, np.zeros(shape, dtype=bool)
+        # C order, as the grid's label map (the layer's voxels are seen as [i, j, k] in VTK's order:
+        # a boolean assignment through a mask in the other order is several times slower)
+        return overlap[0], np.ascontiguousarray(values[overlap[1]] == segment.GetLabelValue())
+    return None, resample_mask(values == segment.GetLabelValue(), layer_ijk_to_ras, shape, ijk_to_ras)
 
 
 def lattice_offset(mask_ijk_to_ras: np.ndarray, ijk_to_ras: np.ndarray, atol: float = 1e-4):
@@ -282,14 +302,21 @@ def segmentation_to_label_map(
     written = np.zeros(shape, dtype=bool)
     overlap = 0
     layers: dict = {}  # a shared layer's voxels are read once for all its segments
+    segmentation_node.CreateBinaryLabelmapRepresentation()
+    segmentation = segmentation_node.GetSegmentation()
     for info in segment_infos(segmentation_node):
         label = segment_labels.get(info.segment_id)
         if not label:
             continue
-        mask = segment_mask(segmentation_node, info.segment_id, shape, ijk_to_ras, layers)
-        overlap += int(np.count_nonzero(mask & written))
-        labels[mask] = label
-        written |= mask
+        # within the part of the grid the segment's layer covers (a CT grid: about a third of it
+        # for a heart), not over the whole grid once per segment
+        box, mask = _segment_mask_in_box(segmentation_node, segmentation.GetSegment(info.segment_id),
+                                         info.segment_id, shape, ijk_to_ras, layers)
+        box = box or (slice(None),) * 3
+        done = written[box]
+        overlap += int(np.count_nonzero(mask & done))
+        labels[box][mask] = label
+        done |= mask
     return LabelMap(
         labels,
         ijk_to_ras,

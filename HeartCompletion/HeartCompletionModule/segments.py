@@ -184,35 +184,41 @@ def segment_mask(segmentation_node, segment_id: str, shape, ijk_to_ras, layers: 
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
     if segment is None:
         raise KeyError(f"segmentation {segmentation_node.GetName()!r} has no segment {segment_id!r}")
-    box, mask = _segment_mask_in_box(segmentation_node, segment, segment_id, shape, ijk_to_ras, layers)
-    if box is None:
-        return mask
-    out = np.zeros(tuple(int(n) for n in shape), dtype=bool)
-    out[box] = mask
-    return out
+    layer = _layer_voxels(segmentation_node, segment_id, layers)
+    if layer is None:
+        return np.zeros(shape, dtype=bool)
+    values, layer_ijk_to_ras = layer
+    return resample_mask(values == segment.GetLabelValue(), layer_ijk_to_ras, shape, ijk_to_ras)
+
+
+def _layer_voxels(segmentation_node, segment_id: str, layers: dict | None):
+    """``(voxels [i, j, k], ijk_to_ras)`` of the layer holding a segment, read once per layer into
+    ``layers``; None when the segment has no binary labelmap."""
+    layer = segmentation_node.GetBinaryLabelmapInternalRepresentation(segment_id)
+    if layer is None:
+        return None
+    layers = {} if layers is None else layers
+    key = layer.GetAddressAsString("vtkOrientedImageData")
+    if key not in layers:
+        layers[key] = array_from_oriented_image(layer)
+    return layers[key]
 
 
 def _segment_mask_in_box(segmentation_node, segment, segment_id: str, shape, ijk_to_ras, layers):
     """``(grid slices, mask there)`` of one segment on the grid ``(shape, ijk_to_ras)``: only the
     part of the grid its layer covers when the layer shares the grid's lattice (a crop or pad of
-    it, what importing a label map makes), else ``(None, whole-grid mask)``."""
-    layer = segmentation_node.GetBinaryLabelmapInternalRepresentation(segment_id)
+    it, what importing a label map makes), else ``(None, whole-grid mask)`` (:func:`resample_mask`)."""
+    layer = _layer_voxels(segmentation_node, segment_id, layers)
     if layer is None:
         return None, np.zeros(shape, dtype=bool)
-    layers = {} if layers is None else layers
-    key = layer.GetAddressAsString("vtkOrientedImageData")
-    if key not in layers:
-        layers[key] = array_from_oriented_image(layer)
-    values, layer_ijk_to_ras = layers[key]
+    values, layer_ijk_to_ras = layer
     offset = lattice_offset(layer_ijk_to_ras, ijk_to_ras)
-    if offset is not None:
-        overlap = lattice_overlap(offset, values.shape, shape)
-        if overlap is None:
-            return None, np.zeros(shape, dtype=bool)
-        # C order, as the grid's label map (the layer's voxels are seen as [i, j, k] in VTK's order:
-        # a boolean assignment through a mask in the other order is several times slower)
-        return overlap[0], np.ascontiguousarray(values[overlap[1]] == segment.GetLabelValue())
-    return None, resample_mask(values == segment.GetLabelValue(), layer_ijk_to_ras, shape, ijk_to_ras)
+    overlap = None if offset is None else lattice_overlap(offset, values.shape, shape)
+    if overlap is None:  # another lattice (resampled), or a layer outside the grid (all False)
+        return None, resample_mask(values == segment.GetLabelValue(), layer_ijk_to_ras, shape, ijk_to_ras)
+    # C order, as the grid's label map (the layer's voxels are seen as [i, j, k] in VTK's order: a
+    # boolean assignment through a mask in the other order was three times slower)
+    return overlap[0], np.ascontiguousarray(values[overlap[1]] == segment.GetLabelValue())
 
 
 def lattice_offset(mask_ijk_to_ras: np.ndarray, ijk_to_ras: np.ndarray, atol: float = 1e-4):

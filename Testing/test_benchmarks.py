@@ -234,6 +234,7 @@ def test_panel_steps_times_the_panels_own_work_around_a_completion():
                   "result -> segments (finishCompletion): "):
         assert any(line.startswith(start) for line in lines), start
     assert lines[-1].startswith("3 mm (") and "5 structures added" in lines[-1] and "with surfaces" in lines[-1]
+    assert "with the given ones' shown before" in lines[-1]
 
 
 def test_complete_speed_completes_a_label_map_file_in_its_own_numbering(tmp_path):

@@ -253,6 +253,52 @@ def test_a_result_cropped_to_its_labels_lands_as_the_whole_one(scene, heart):
         slicer.mrmlScene.Clear(0)
 
 
+def test_new_segments_share_one_new_layer_and_the_given_keep_their_surfaces(scene, heart):
+    """On the segmentation's lattice the new structures go into one new layer covering their box:
+    the given segments' layer is not written and their 3D surfaces stay as they were, the new
+    segments hold exactly the result's voxels (a negative value in the result becomes none) and get
+    surfaces, a structure without voxels still gets its (empty) styled segment, the next Apply
+    reads both layers, and undo takes the new layer away."""
+    from HeartCompletionLib.io.labelmap import crop_to_labels
+
+    aorta, laa, coronary = (TABLE.by_name(n).label for n in ("Aorta", "LAA", "Coronary"))
+    given = np.where(np.isin(heart.labels, [aorta, laa, coronary]), 0, heart.labels).astype(np.int16)
+    node, _volume = segments.segmentation_from_label_map(LabelMap(given, heart.ijk_to_ras), table=TABLE)
+    segmentation = node.GetSegmentation()
+    node.CreateClosedSurfaceRepresentation()
+    given_ids = [i.segment_id for i in segments.segment_infos(node)]
+    surface_of = {sid: segmentation.GetSegment(sid).GetRepresentation(segments.CLOSED_SURFACE) for sid in given_ids}
+    made = {sid: (surface.GetAddressAsString("vtkPolyData"), surface.GetMTime()) for sid, surface in surface_of.items()}
+    assert segmentation.GetNumberOfLayers() == 1
+    result = np.where(np.isin(heart.labels, [aorta, laa]), heart.labels, 0).astype(np.int16)
+    result[tuple(np.argwhere(result == aorta)[0])] = -1  # not a structure: no voxel of any segment
+    undo = results.add_result_segments(node, crop_to_labels(LabelMap(result, heart.ijk_to_ras)),
+                                       [aorta, laa, coronary], TABLE, show_surfaces=True)
+
+    assert [segmentation.GetSegment(s).GetName() for s in undo.added] == ["Aorta", "LAA", "Coronary"]
+    assert segmentation.GetNumberOfLayers() == 2
+    new_layers = {segmentation.GetLayerIndex(s) for s in undo.added}
+    assert len(new_layers) == 1 and new_layers != {segmentation.GetLayerIndex(given_ids[0])}
+    for sid in given_ids:  # the given segments' surfaces were left as they were
+        surface = segmentation.GetSegment(sid).GetRepresentation(segments.CLOSED_SURFACE)
+        assert (surface.GetAddressAsString("vtkPolyData"), surface.GetMTime()) == made[sid]
+    for sid, label in zip(undo.added, (aorta, laa, coronary)):
+        mask = segments.segment_mask(node, sid, heart.shape, heart.ijk_to_ras)
+        np.testing.assert_array_equal(mask, result == label)
+        segment = segmentation.GetSegment(sid)
+        assert parse_terminology_entry(segment.GetTerminology()) == parse_terminology_entry(
+            terminology_entry(TABLE.by_label(label)))
+        surface = segment.GetRepresentation(segments.CLOSED_SURFACE)
+        assert (surface is not None and surface.GetNumberOfPolys() > 0) == (label != coronary)
+    mapping = segment_labels(map_segments(segments.segment_infos(node), TABLE))
+    back = segments.segmentation_to_label_map(node, mapping)  # the next Apply reads both layers
+    np.testing.assert_array_equal(back.labels, np.where(result > 0, result, given))
+
+    undo.undo()
+    assert segmentation.GetNumberOfLayers() == 1
+    assert [i.segment_id for i in segments.segment_infos(node)] == given_ids
+
+
 # --- mapping -----------------------------------------------------------------------------------
 
 

@@ -28,8 +28,7 @@ import vtk
 from vtk.util import numpy_support
 
 from HeartCompletionLib.atomic_io import atomic_path
-from HeartCompletionLib.geometry.surface import structure_boxes
-from HeartCompletionLib.io.labelmap import LabelMap
+from HeartCompletionLib.io.labelmap import LabelMap, labelled_box
 from HeartCompletionLib.io.meshes import MESH_FORMATS, write_mesh
 from HeartCompletionLib.structures.segment_mapping import terminology_entry
 from HeartCompletionLib.structures.table import Structure, StructureTable
@@ -102,23 +101,41 @@ def _segment_binary_image(segmentation_node, segment_id: str):
     return oriented_image_from_array(values == segment.GetLabelValue(), layer_ijk_to_ras)
 
 
-def _new_segment_image(label_map: LabelMap, label: int, target, offset, box):
-    """``(oriented image, extent or None)`` of a new segment: ``label`` of ``label_map`` on the
-    grid ``target`` (``(shape, ijk_to_ras)``). When the grids share a lattice (``offset``,
-    :func:`.segments.lattice_offset`) only its bounding box ``box`` (``(box mask, first voxel)`` in
-    the label map's indices), with that extent of the grid to write; else the whole grid,
-    resampled. A whole CT-sized grid per structure cost about 1 s to copy and 1-1.5 s for Slicer
-    to merge; a box with its extent 0.2 s."""
-    shape, ijk_to_ras = target
-    if offset is not None and box is not None:
-        box_mask, first = box
-        overlap = lattice_overlap(np.asarray(first) + offset, box_mask.shape, shape)  # clipped to the grid
-        if overlap is not None:
-            on_grid, in_box = overlap
-            extent = [bound for s in on_grid for bound in (s.start, s.stop - 1)]
-            return oriented_image_from_array(box_mask[in_box], ijk_to_ras, first=[s.start for s in on_grid]), extent
-    mask = resample_mask(label_map.labels == label, label_map.ijk_to_ras, shape, ijk_to_ras)
-    return oriented_image_from_array(mask, ijk_to_ras), None
+def _layer_values(labels: np.ndarray, order: Sequence[int]) -> np.ndarray:
+    """``labels`` with the structures of ``order`` as 1, 2, ... (their place in it) and every other
+    value 0 (uint8): one lookup per voxel (a table over the whole range of an 8- or 16-bit map, so
+    that any value, negative too, has an entry), else a pass per structure."""
+    labels = np.asarray(labels)
+    out_of = np.arange(1, len(order) + 1, dtype=np.uint8)
+    if labels.dtype.kind in "iu" and labels.dtype.itemsize <= 2:
+        lut = np.zeros(1 << (8 * labels.dtype.itemsize), dtype=np.uint8)
+        unsigned = labels.view(labels.dtype.str.replace("i", "u"))  # negative values: entries above the labels
+        for value, label in zip(out_of, order):
+            if 0 <= label < len(lut):
+                lut[label] = value
+        return lut[unsigned]
+    out = np.zeros(labels.shape, dtype=np.uint8)
+    for value, label in zip(out_of, order):
+        out[labels == label] = value
+    return out
+
+
+def _new_segments_layer(label_map: LabelMap, labels: Sequence[int], shape, offset):
+    """``(values [i, j, k], first grid index)`` of the layer that holds the new structures
+    ``labels``: each as 1, 2, ... (their order) in the box around all of them, on a grid of
+    ``shape`` whose lattice the label map shares (``offset``, :func:`.segments.lattice_offset`),
+    clipped to it; None when none of them has a voxel there."""
+    values = _layer_values(label_map.labels, labels)
+    box = labelled_box(values)
+    if box is None:
+        return None
+    lo, hi = box
+    overlap = lattice_overlap(lo + np.asarray(offset), hi - lo, shape)
+    if overlap is None:
+        return None
+    on_grid, in_box = overlap
+    crop = values[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))][in_box]
+    return crop, [s.start for s in on_grid]
 
 
 def add_result_segments(
@@ -135,6 +152,13 @@ def add_result_segments(
     New segments get the table's name, colour and terminology. ``replace_segments`` maps a
     label to an existing segment ID whose voxels are overwritten instead (the user ticked
     "replace"); every other existing segment is left untouched. Returns the undo record.
+
+    When the label map shares the grid's voxel lattice (the panel's case: a crop of it), the new
+    segments share one new labelmap layer that covers only the box around them, added as it is;
+    the existing layers are not written. Merging each new structure into the given segments'
+    layer cost Slicer 0.1-0.2 s per structure at CT size, and each new segment's 3D surface was
+    then made from that whole layer (docs/benchmarks.md, session 18). On another lattice each new
+    segment is resampled onto the whole grid and merged.
     """
     ensure_segmentation_converters()
     replace_segments = dict(replace_segments or {})
@@ -145,30 +169,35 @@ def add_result_segments(
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     # Results go into the segmentation's own geometry when it has one (the completion may
     # have run on another reference volume's grid).
-    own = segmentation_geometry(segmentation_node)
-    target = own or (label_map.shape, label_map.ijk_to_ras)
-    # on the segmentation's own grid and lattice, a new segment is written as its bounding box
-    # with that extent (the boxes found in one pass)
-    offset = lattice_offset(label_map.ijk_to_ras, target[1]) if own is not None else None
-    boxes = structure_boxes(label_map.labels, [int(v) for v in labels]) if offset is not None else {}
+    target = segmentation_geometry(segmentation_node) or (label_map.shape, label_map.ijk_to_ras)
+    structures = [table.by_label(int(label)) for label in labels]
+    replaced = {s.label: replace_segments[s.label] for s in structures
+                if replace_segments.get(s.label) and segmentation.GetSegment(replace_segments[s.label]) is not None}
+    new = [s for s in structures if s.label not in replaced]
+    offset = lattice_offset(label_map.ijk_to_ras, target[1])
+    layer = None  # the new segments' layer, when the label map shares the grid's lattice
+    if new and offset is not None:
+        found = _new_segments_layer(label_map, [s.label for s in new], target[0], offset)
+        layer = None if found is None else oriented_image_from_array(found[0], target[1], first=found[1])
     was_modifying = segmentation_node.StartModify()
     try:
-        for label in labels:
-            structure = table.by_label(int(label))
-            segment_id = replace_segments.get(structure.label)
-            if segment_id and segmentation.GetSegment(segment_id) is not None:
+        for structure in structures:
+            segment_id = replaced.get(structure.label)
+            if segment_id is not None:
                 mask = resample_mask(label_map.labels == structure.label, label_map.ijk_to_ras, *target)
-                image, extent = oriented_image_from_array(mask, target[1]), None  # the whole grid: old voxels go
                 undo.replaced[segment_id] = _segment_binary_image(segmentation_node, segment_id)
+                image = oriented_image_from_array(mask, target[1])  # the whole grid: old voxels go
+            elif offset is None:  # another lattice: this structure resampled onto the whole grid
+                mask = resample_mask(label_map.labels == structure.label, label_map.ijk_to_ras, *target)
+                image = oriented_image_from_array(mask, target[1])
             else:
-                image, extent = _new_segment_image(label_map, structure.label, target, offset, boxes.get(structure.label))
+                undo.added.append(_add_layer_segment(segmentation, structure, layer, 1 + new.index(structure)))
+                continue
+            if segment_id is None:
                 segment_id = segmentation.AddEmptySegment("", structure.name, list(structure.color_float))
                 undo.added.append(segment_id)
                 apply_structure_style(segmentation.GetSegment(segment_id), structure)
-            written = (logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_REPLACE)
-                       if extent is None else
-                       logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_REPLACE, extent))
-            if not written:
+            if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_REPLACE):
                 raise RuntimeError(f"could not write {structure.name!r} into segmentation {segmentation_node.GetName()!r}")
     except BaseException:
         segmentation_node.EndModify(was_modifying)
@@ -181,6 +210,23 @@ def add_result_segments(
         if display is not None:
             display.SetPreferredDisplayRepresentationName3D(CLOSED_SURFACE)
     return undo
+
+
+def _add_layer_segment(segmentation, structure: Structure, layer, value: int) -> str:
+    """A new segment for ``structure`` holding the voxels of ``value`` in the labelmap ``layer``
+    (shared by every segment given the same image), or an empty one when ``layer`` is None;
+    returns its ID."""
+    if layer is None:  # no new structure has a voxel on the grid
+        segment_id = segmentation.AddEmptySegment("", structure.name, list(structure.color_float))
+        apply_structure_style(segmentation.GetSegment(segment_id), structure)
+        return segment_id
+    segment = slicer.vtkSegment()
+    apply_structure_style(segment, structure)
+    segment.SetLabelValue(value)
+    segment.AddRepresentation(BINARY_LABELMAP, layer)
+    if not segmentation.AddSegment(segment):
+        raise RuntimeError(f"could not add segment {structure.name!r}")
+    return segmentation.GetSegmentIdBySegment(segment)
 
 
 # --- export ----------------------------------------------------------------------------------

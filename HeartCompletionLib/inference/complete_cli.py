@@ -439,7 +439,7 @@ def _complete_one(src: Path, dst: Path, checkpoint, args, output) -> tuple[str, 
     from HeartCompletionLib.io.labelmap import crop_to_labels
     from HeartCompletionLib.io.labelmap_files import case_name, read_label_map, write_label_map
 
-    from .completion import complete
+    from .completion import NoGivenStructureError, complete
 
     table = checkpoint.table
     output.reading(src)
@@ -447,11 +447,11 @@ def _complete_one(src: Path, dst: Path, checkpoint, args, output) -> tuple[str, 
         warnings.simplefilter("always")
         label_map = read_label_map(src, table=table, convention=args.label_map)
     notes = [f"{src}: {w.message}" if str(src) not in str(w.message) else str(w.message) for w in caught]
-    if not label_map.present_labels():
+    try:  # the structures present are counted once, by the completion (a CT map: 0.17 s a count)
+        result = complete(label_map, checkpoint, _request(args, _output_grid(label_map, args)), progress=output.progress)
+    except NoGivenStructureError:
         hint = "" if args.label_map else " (use --label_map if it uses another numbering)"
-        raise CliError(f"{src}: no recognised structure of {table.names} in this label map{hint}")
-
-    result = complete(label_map, checkpoint, _request(args, _output_grid(label_map, args)), progress=output.progress)
+        raise CliError(f"{src}: no recognised structure of {table.names} in this label map{hint}") from None
     write_label_map(crop_to_labels(result.label_map) if args.crop_output else result.label_map, dst, table=table)
     if args.meshes:
         from HeartCompletionLib.io.meshes import write_structure_meshes

@@ -111,6 +111,10 @@ class CompletionError(HeartCompletionError, ValueError):
     """An input that cannot be completed (the message names its source and the problem)."""
 
 
+class NoGivenStructureError(CompletionError):
+    """The input holds none of the table's structures: nothing to complete from."""
+
+
 @dataclass
 class CompletionResult:
     """Output of :func:`complete_label_map`.
@@ -383,7 +387,7 @@ def _given_input(source, ijk_to_ras, table, structures, replace):
     else:
         label_map, given, masks = _masks_given(source, ijk_to_ras, table)
     if not given:
-        raise CompletionError(f"{label_map.source}: no structure of the table {table.names} in the input")
+        raise NoGivenStructureError(f"{label_map.source}: no structure of the table {table.names} in the input")
     requested = sorted(set(table.labels) - set(given)) if structures is None else resolve_structures(table, structures)
     replaced = [lab for lab in requested if lab in given] if replace else []
     kept = [lab for lab in given if lab not in replaced]

@@ -399,15 +399,15 @@ def test_nifti_bytes_are_nibabels(tmp_path):
 def test_fortran_order_voxels_become_c_order_in_tiles():
     """What nibabel and pynrrd return (Fortran order) is made C-contiguous tile by tile, cast on the
     way; the values are numpy's own conversion's, on sizes that are not whole tiles."""
-    from HeartCompletionLib.io.labelmap_files import _c_order
+    from HeartCompletionLib.io.labelmap_files import c_order
 
     rng = np.random.default_rng(4)
     fortran = np.asfortranarray(rng.integers(0, 11, size=(45, 33, 7)).astype(np.uint8))
-    out = _c_order(fortran, np.int16)
+    out = c_order(fortran, np.int16)
     assert out.flags.c_contiguous and out.dtype == np.int16 and np.array_equal(out, fortran)
     already = rng.integers(0, 5, size=(4, 5, 6)).astype(np.int16)
-    assert _c_order(already) is already  # already C order: no copy
-    assert np.array_equal(_c_order(np.asfortranarray(already[..., 0])), already[..., 0])  # 2-D: numpy's copy
+    assert c_order(already) is already  # already C order: no copy
+    assert np.array_equal(c_order(np.asfortranarray(already[..., 0])), already[..., 0])  # 2-D: numpy's copy
 
 
 def test_present_values_match_numpy_unique():
@@ -467,6 +467,47 @@ def test_a_box_only_nrrd_reads_back_as_the_whole_grid(tmp_path):
     with pytest.raises(LabelMapError, match=r"only a \.nrrd"):
         write_label_map(lm, tmp_path / "box.nii.gz", box_only=True)
     assert not (tmp_path / "box.nii.gz").exists()
+
+
+@pytest.mark.parametrize("name", ["a.nii.gz", "a.nii", "a.nrrd", "a.seg.nrrd", "box.nrrd"])
+def test_a_label_map_laid_out_i_fastest_writes_the_same_file(tmp_path, name):
+    """Labels in VTK's order (a transposed view, what the Slicer panel hands over) and crops of
+    them: the same bytes as the C-ordered map, the same box and value counts."""
+    from HeartCompletionLib.io.labelmap import labelled_box, value_counts
+
+    m = make_ijk_to_ras((0.7, 0.8, 1.3), (-20.0, 14.0, 3.0), rotation_matrix((1.0, 2.0, 0.5), 0.4))
+    labels = np.zeros((40, 36, 30), np.int16)
+    labels[10:25, 8:20, 5:12] = 3
+    labels[30, 30, 20] = 7
+    vtk_order = np.ascontiguousarray(labels.T).T  # [i, j, k] with i fastest
+    assert vtk_order.flags.f_contiguous and not vtk_order.flags.c_contiguous
+    box_only = name == "box.nrrd"
+    files = []
+    for order, data in (("c", labels), ("i_fastest", vtk_order)):
+        folder = tmp_path / order
+        files.append(write_label_map(LabelMap(data, m, "heart"), folder / name, box_only=box_only).read_bytes())
+    assert files[0] == files[1]
+    for part in (vtk_order, vtk_order[3:38, 2:30, 4:29]):
+        c_part = np.ascontiguousarray(part)
+        assert [b.tolist() for b in labelled_box(part)] == [b.tolist() for b in labelled_box(c_part)]
+        assert value_counts(part).tolist() == value_counts(c_part).tolist()
+
+
+def test_value_lookup_maps_listed_values_and_clears_the_rest():
+    from HeartCompletionLib.io.labelmap import value_lookup
+
+    rng = np.random.default_rng(3)
+    for dtype in (np.uint8, np.int16, np.uint16, np.int32):
+        values = rng.integers(-3 if np.dtype(dtype).kind == "i" else 0, 12, size=(9, 8, 7)).astype(dtype)
+        table = {1: 5, 4: 2, 11: 9, **({-3: 7} if np.dtype(dtype).kind == "i" else {})}
+        expected = np.zeros(values.shape, np.int16)
+        for key, value in table.items():
+            expected[values == key] = value
+        out = value_lookup(values, table)
+        assert out.dtype == np.int16 and np.array_equal(out, expected), dtype
+        fortran = value_lookup(np.asfortranarray(values), table, np.uint8)
+        assert fortran.flags.f_contiguous and np.array_equal(fortran, expected), dtype  # the input's order
+    assert not value_lookup(np.arange(4, dtype=np.uint8).reshape(1, 1, 4), {300: 1, -1: 2}).any()  # out of range
 
 
 @pytest.mark.parametrize("sizes, offset, problem", [

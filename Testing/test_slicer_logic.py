@@ -148,6 +148,42 @@ def test_overlapping_segments_later_wins_and_the_overlap_is_counted(scene):
     assert back.metadata["overlap_voxels"] == np.count_nonzero((first > 0) & (second > 0)) > 0
 
 
+def test_segments_sharing_a_layer_and_overlapping_another_keep_the_later_wins_rule(scene):
+    """Segments A and C share a layer, B (between them in the segmentation's order) has its own
+    and overlaps both: B wins over A, C over B, however the layers are read; the overlaps are
+    counted; the same labels laid out in VTK's order (``vtk_order``, what the panel writes)."""
+    ijk_to_ras = make_ijk_to_ras((0.9, 1.2, 1.5), (4.0, -8.0, 2.0), rotation_matrix((0, 1, 1), 0.4))
+    shape = (30, 26, 22)
+    volume = add_volume(scene, LabelMap(np.zeros(shape, np.int16), ijk_to_ras))
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    shared = np.zeros(shape, np.uint8)
+    shared[2:12, 3:20, 2:18] = 1  # A
+    shared[18:28, 3:20, 2:18] = 2  # C
+    own = np.zeros(shape, np.uint8)
+    own[8:22, 6:16, 5:15] = 1  # B: over A's and C's edges
+    segmentation = node.GetSegmentation()
+    images = [segments.oriented_image_from_array(values, ijk_to_ras) for values in (shared, own)]
+    for name, image, value in (("LV", images[0], 1), ("RV", images[1], 1), ("LA", images[0], 2)):  # A, B, C
+        segment = slicer.vtkSegment()
+        segment.SetName(name)
+        segment.SetLabelValue(value)
+        segment.AddRepresentation(segments.BINARY_LABELMAP, image)
+        assert segmentation.AddSegment(segment)
+    assert segmentation.GetNumberOfLayers() == 2
+    a, b, c = (TABLE.by_name(n).label for n in ("LV", "RV", "LA"))
+    expected = np.zeros(shape, np.int16)
+    expected[shared == 1] = a
+    expected[own == 1] = b
+    expected[shared == 2] = c
+    mapping = segment_labels(map_segments(segments.segment_infos(node), TABLE))
+    for vtk_order in (False, True):
+        back = segments.segmentation_to_label_map(node, mapping, volume, vtk_order=vtk_order)
+        np.testing.assert_array_equal(back.labels, expected)
+        assert back.labels.flags.c_contiguous != vtk_order
+        assert back.metadata["overlap_voxels"] == np.count_nonzero((own == 1) & (shared > 0)) > 0
+
+
 def test_padded_geometry_without_reference(scene, heart):
     """No reference geometry: the grid is the segments' box padded by the margin, in mm."""
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")

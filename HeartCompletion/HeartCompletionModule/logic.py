@@ -324,7 +324,8 @@ class HeartCompletionLogic:
             raise ValueError(_("Tick at least one structure to complete."))
         self.cleanupTemporaryFiles()
         self.workDir = tempfile.mkdtemp(prefix="HeartCompletion-")
-        labelMap = segmentation_to_label_map(segmentationNode, segment_mapping.segment_labels(mappings), referenceVolume)
+        labelMap = segmentation_to_label_map(segmentationNode, segment_mapping.segment_labels(mappings), referenceVolume,
+                                             vtk_order=True)  # only written to the file
         # the box around the given structures, with the grid it belongs to: the process reads the same
         # label map, from a file written and read in a third of the time at CT size
         inputPath = write_label_map(labelMap, os.path.join(self.workDir, "input.nrrd"), table=self.table,

@@ -28,7 +28,7 @@ import vtk
 from vtk.util import numpy_support
 
 from HeartCompletionLib.atomic_io import atomic_path
-from HeartCompletionLib.io.labelmap import LabelMap, labelled_box
+from HeartCompletionLib.io.labelmap import LabelMap, labelled_box, value_lookup
 from HeartCompletionLib.io.meshes import MESH_FORMATS, write_mesh
 from HeartCompletionLib.structures.segment_mapping import terminology_entry
 from HeartCompletionLib.structures.table import Structure, StructureTable
@@ -101,31 +101,12 @@ def _segment_binary_image(segmentation_node, segment_id: str):
     return oriented_image_from_array(values == segment.GetLabelValue(), layer_ijk_to_ras)
 
 
-def _layer_values(labels: np.ndarray, order: Sequence[int]) -> np.ndarray:
-    """``labels`` with the structures of ``order`` as 1, 2, ... (their place in it) and every other
-    value 0 (uint8): one lookup per voxel (a table over the whole range of an 8- or 16-bit map, so
-    that any value, negative too, has an entry), else a pass per structure."""
-    labels = np.asarray(labels)
-    out_of = np.arange(1, len(order) + 1, dtype=np.uint8)
-    if labels.dtype.kind in "iu" and labels.dtype.itemsize <= 2:
-        lut = np.zeros(1 << (8 * labels.dtype.itemsize), dtype=np.uint8)
-        unsigned = labels.view(labels.dtype.str.replace("i", "u"))  # negative values: entries above the labels
-        for value, label in zip(out_of, order):
-            if 0 <= label < len(lut):
-                lut[label] = value
-        return lut[unsigned]
-    out = np.zeros(labels.shape, dtype=np.uint8)
-    for value, label in zip(out_of, order):
-        out[labels == label] = value
-    return out
-
-
 def _new_segments_layer(label_map: LabelMap, labels: Sequence[int], shape, offset):
     """``(values [i, j, k], first grid index)`` of the layer that holds the new structures
     ``labels``: each as 1, 2, ... (their order) in the box around all of them, on a grid of
     ``shape`` whose lattice the label map shares (``offset``, :func:`.segments.lattice_offset`),
     clipped to it; None when none of them has a voxel there."""
-    values = _layer_values(label_map.labels, labels)
+    values = value_lookup(label_map.labels, {label: i + 1 for i, label in enumerate(labels)}, np.uint8)
     box = labelled_box(values)
     if box is None:
         return None
@@ -377,7 +358,8 @@ def export_label_map(
     from HeartCompletionLib.structures.segment_mapping import map_segments, segment_labels
 
     mappings = mappings if mappings is not None else map_segments(segment_infos(segmentation_node), table)
-    label_map = segmentation_to_label_map(segmentation_node, segment_labels(mappings), reference_volume_node)
+    label_map = segmentation_to_label_map(segmentation_node, segment_labels(mappings), reference_volume_node,
+                                          vtk_order=True)  # only written to the file
     return write_label_map(label_map, path, table)
 
 

@@ -29,7 +29,8 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from HeartCompletionLib.io.labelmap import LabelMap
+from HeartCompletionLib.io.labelmap import LabelMap, value_lookup
+from HeartCompletionLib.io.labelmap_files import c_order
 from HeartCompletionLib.structures.segment_mapping import SegmentInfo
 
 BINARY_LABELMAP = "Binary labelmap"
@@ -204,23 +205,6 @@ def _layer_voxels(segmentation_node, segment_id: str, layers: dict | None):
     return layers[key]
 
 
-def _segment_mask_in_box(segmentation_node, segment, segment_id: str, shape, ijk_to_ras, layers):
-    """``(grid slices, mask there)`` of one segment on the grid ``(shape, ijk_to_ras)``: only the
-    part of the grid its layer covers when the layer shares the grid's lattice (a crop or pad of
-    it, what importing a label map makes), else ``(None, whole-grid mask)`` (:func:`resample_mask`)."""
-    layer = _layer_voxels(segmentation_node, segment_id, layers)
-    if layer is None:
-        return None, np.zeros(shape, dtype=bool)
-    values, layer_ijk_to_ras = layer
-    offset = lattice_offset(layer_ijk_to_ras, ijk_to_ras)
-    overlap = None if offset is None else lattice_overlap(offset, values.shape, shape)
-    if overlap is None:  # another lattice (resampled), or a layer outside the grid (all False)
-        return None, resample_mask(values == segment.GetLabelValue(), layer_ijk_to_ras, shape, ijk_to_ras)
-    # C order, as the grid's label map (the layer's voxels are seen as [i, j, k] in VTK's order: a
-    # boolean assignment through a mask in the other order was three times slower)
-    return overlap[0], np.ascontiguousarray(values[overlap[1]] == segment.GetLabelValue())
-
-
 def lattice_offset(mask_ijk_to_ras: np.ndarray, ijk_to_ras: np.ndarray, atol: float = 1e-4):
     """The integer voxel offset ``o`` with ``mask index = grid index - o`` when the two grids share
     orientation, spacing and voxel lattice (one is a crop or pad of the other), else None."""
@@ -296,36 +280,75 @@ def segmentation_from_label_map(label_map: LabelMap, name: str = "heart", table=
 
 
 def segmentation_to_label_map(
-    segmentation_node, segment_labels: dict[str, int], reference_volume_node=None, margin_mm: float = 40.0
+    segmentation_node, segment_labels: dict[str, int], reference_volume_node=None, margin_mm: float = 40.0,
+    vtk_order: bool = False,
 ) -> LabelMap:
     """A label map of the mapped segments (``{segment ID: table label}``) on the reference grid.
 
     Where segments overlap, the one later in the segmentation wins (as in Slicer's own
     label-map export); the number of overlapping voxels is kept in ``metadata["overlap_voxels"]``.
+    ``vtk_order``: the labels ``[i, j, k]`` laid out with i fastest (a transposed view of VTK's
+    order, what the NIfTI and NRRD writers store) instead of C order (one transpose of the grid
+    less, for a label map that is only written to a file).
     """
     shape, ijk_to_ras = reference_geometry(segmentation_node, reference_volume_node, margin_mm)
-    labels = np.zeros(shape, dtype=np.int16)
-    written = np.zeros(shape, dtype=bool)
-    overlap = 0
-    layers: dict = {}  # a shared layer's voxels are read once for all its segments
     segmentation_node.CreateBinaryLabelmapRepresentation()
     segmentation = segmentation_node.GetSegmentation()
-    for info in segment_infos(segmentation_node):
+    # the mapped segments by layer (a shared layer holds several, one label value each), with their
+    # rank in the segmentation's order: a later segment wins where layers overlap
+    layers: dict = {}
+    members: dict = {}
+    for rank, info in enumerate(segment_infos(segmentation_node), start=1):
         label = segment_labels.get(info.segment_id)
-        if not label:
+        layer = _layer_voxels(segmentation_node, info.segment_id, layers) if label else None
+        if layer is not None:
+            value = segmentation.GetSegment(info.segment_id).GetLabelValue()
+            members.setdefault(id(layer), (layer, []))[1].append((rank, value, label))
+    # built in VTK's order (k, j, i): each layer on the grid's lattice is read in the order it is
+    # stored, through one table lookup of its values (not a mask, a transpose and a merge per segment)
+    labels = np.zeros(tuple(shape)[::-1], dtype=np.int16)
+    ranks = None if len(members) < 2 else np.zeros(labels.shape, dtype=np.int16)
+    overlap = 0
+    for (values, layer_ijk_to_ras), segments_here in members.values():
+        placed = _layer_on_grid(values, layer_ijk_to_ras, segments_here, shape, ijk_to_ras, ranks is not None)
+        if placed is None:
             continue
-        # within the part of the grid the segment's layer covers (a CT grid: about a third of it
-        # for a heart), not over the whole grid once per segment
-        box, mask = _segment_mask_in_box(segmentation_node, segmentation.GetSegment(info.segment_id),
-                                         info.segment_id, shape, ijk_to_ras, layers)
-        box = box or (slice(None),) * 3
-        done = written[box]
-        overlap += int(np.count_nonzero(mask & done))
-        labels[box][mask] = label
-        done |= mask
+        box, layer_labels, layer_ranks = placed
+        if ranks is None:
+            labels[box] = layer_labels
+            continue
+        done = ranks[box]
+        overlap += int(np.count_nonzero((layer_ranks > 0) & (done > 0)))
+        later = layer_ranks > done
+        labels[box][later] = layer_labels[later]
+        done[later] = layer_ranks[later]
     return LabelMap(
-        labels,
+        labels.T if vtk_order else c_order(labels.T),
         ijk_to_ras,
         source=f"segmentation {segmentation_node.GetName()!r}",
         metadata={"overlap_voxels": overlap, "segment_labels": dict(segment_labels)},
     )
+
+
+def _layer_on_grid(values, layer_ijk_to_ras, segments_here, shape, ijk_to_ras, with_ranks: bool):
+    """``(box, labels, ranks)`` of one layer's mapped segments (``(rank, label value, table label)``)
+    on the grid ``(shape, ijk_to_ras)``, all in VTK's order (k, j, i): the part of the grid the
+    layer covers when it shares the grid's lattice (a crop or pad of it, what importing a label
+    map makes), else the whole grid with each segment resampled (:func:`resample_mask`); None
+    when the layer lies outside the grid. ``ranks`` only ``with_ranks`` (else None)."""
+    offset = lattice_offset(layer_ijk_to_ras, ijk_to_ras)
+    if offset is not None:
+        overlap = lattice_overlap(offset, values.shape, shape)
+        if overlap is None:
+            return None
+        on_grid, in_layer = overlap
+        stored = values.T[in_layer[::-1]]  # the layer as VTK stores it: (k, j, i), C order
+        labels = value_lookup(stored, {value: label for _, value, label in segments_here})
+        ranks = value_lookup(stored, {value: rank for rank, value, _ in segments_here}) if with_ranks else None
+        return on_grid[::-1], labels, ranks
+    labels = np.zeros(tuple(shape)[::-1], dtype=np.int16)
+    ranks = np.zeros_like(labels)
+    for rank, value, label in segments_here:
+        mask = resample_mask(values == value, layer_ijk_to_ras, shape, ijk_to_ras).T
+        labels[mask], ranks[mask] = label, rank
+    return (slice(None),) * 3, labels, ranks

@@ -90,6 +90,8 @@ def value_counts(labels: np.ndarray, minlength: int = 0) -> np.ndarray:
 def _counts(labels: np.ndarray, length: int) -> np.ndarray:
     """:func:`value_counts` with the number of entries known (at least the largest value + 1)."""
     counts = np.zeros(length, dtype=np.int64)
+    if labels.ndim == 3 and labels.strides[0] < labels.strides[2]:  # i fastest: count in that order
+        labels = labels.T
     # a view of a contiguous volume, else one slab at a time (a cropped view is never copied whole)
     parts = [labels.reshape(-1)] if labels.flags.c_contiguous or labels.ndim < 2 else labels
     for part in parts:
@@ -117,9 +119,35 @@ def present_values(labels: np.ndarray) -> np.ndarray:
     return np.flatnonzero(_counts(labels, high + 1)).astype(labels.dtype)
 
 
+def value_lookup(values: np.ndarray, table: dict, dtype=np.int16) -> np.ndarray:
+    """``values`` with each key of ``table`` replaced by its value and every other value by 0, as
+    ``dtype``, in the memory order of ``values``: one table lookup per voxel for 8- and 16-bit
+    integers (the table spans the type's range, so any value, negative too, has an entry), else a
+    pass per key.
+
+    >>> value_lookup(np.array([[[3, 0], [-1, 7]]], dtype=np.int16), {3: 1, 7: 2, -1: 9}, np.uint8).tolist()
+    [[[1, 0], [9, 2]]]
+    """
+    values = np.asarray(values)
+    if values.dtype.kind in "iu" and values.dtype.itemsize <= 2:
+        unsigned = values.view(values.dtype.str.replace("i", "u"))  # a negative key: its two's complement
+        lut = np.zeros(1 << (8 * values.dtype.itemsize), dtype=dtype)
+        for key, value in table.items():
+            if np.iinfo(values.dtype).min <= key <= np.iinfo(values.dtype).max:
+                lut[np.array(key, dtype=values.dtype).view(unsigned.dtype)] = value
+        return lut[unsigned]
+    out = np.zeros_like(values, dtype=dtype)
+    for key, value in table.items():
+        out[values == key] = value
+    return out
+
+
 def labelled_box(labels: np.ndarray):
     """``(lo, hi)`` voxel box (half-open) of the non-zero voxels, found slab by slab (no full-size
-    temporary); ``None`` when no voxel is set."""
+    temporary) along the slowest axis in memory; ``None`` when no voxel is set."""
+    if labels.ndim == 3 and labels.strides[0] < labels.strides[2]:  # i fastest (VTK's and NIfTI's order)
+        box = labelled_box(labels.T)
+        return None if box is None else (box[0][::-1].copy(), box[1][::-1].copy())
     seen = [np.zeros(n, dtype=bool) for n in labels.shape]
     for i, plane in enumerate(labels):
         m = plane > 0

@@ -221,7 +221,7 @@ def read_label_map(path, table=None, convention=None, max_voxels=None) -> LabelM
             labels, ijk_to_ras, meta = _read_nrrd(path, table, convention, max_voxels)
         meta["format"] = suffix
         # C order whatever the file's layout, so downstream ravel/reshape never copy by surprise
-        return LabelMap(_c_order(labels), ijk_to_ras, source=str(path), metadata=meta)
+        return LabelMap(c_order(labels), ijk_to_ras, source=str(path), metadata=meta)
     except LabelMapError:
         raise
     except MemoryError as exc:
@@ -322,7 +322,7 @@ def _integer_values(path: Path, data: np.ndarray) -> np.ndarray:
 def _plain_labels(path, data, table, convention) -> np.ndarray:
     data = _integer_values(path, data)
     if convention in (None, "", "default") and (data.size == 0 or int(data.max()) <= len(table)):
-        return _c_order(data, np.int16)  # already table values: skip the lookup (a CT-sized map is 70M voxels)
+        return c_order(data, np.int16)  # already table values: skip the lookup (a CT-sized map is 70M voxels)
     _refuse_intensity_image(path, data, table, convention)
     return apply_convention(data, table, convention, source=str(path)).astype(np.int16, copy=False)
 
@@ -529,7 +529,7 @@ def _read_nrrd(path: Path, table, convention, max_voxels=None):
         if grid is not None:  # a box of a larger grid (write_label_map(box_only=True)): back on that grid
             sizes, offset = grid
             full = np.zeros(sizes, dtype=labels.dtype)
-            full[tuple(slice(int(o), int(o) + n) for o, n in zip(offset, labels.shape))] = _c_order(labels)
+            full[tuple(slice(int(o), int(o) + n) for o, n in zip(offset, labels.shape))] = c_order(labels)
             labels = full
             ijk_to_ras = ijk_to_ras.copy()
             ijk_to_ras[:3, 3] -= ijk_to_ras[:3, :3] @ offset.astype(np.float64)
@@ -709,7 +709,7 @@ def _write_nifti(handle, data: np.ndarray, ijk_to_ras: np.ndarray, compress: boo
     header.set_data_offset(_NIFTI_VOX_OFFSET)
     header.set_slope_inter(1.0, 0.0)  # what nibabel writes for unscaled integer voxels
     head = header.binaryblock + b"\0" * (_NIFTI_VOX_OFFSET - len(header.binaryblock))
-    voxels = _axes_reversed(data)
+    voxels = _fortran_voxels(data)
     if compress:  # no file name or time stamp in the gzip header: same data, same bytes
         with gzip.GzipFile(filename="", mode="wb", fileobj=handle, compresslevel=GZIP_LEVEL, mtime=0) as stream:
             stream.write(head)
@@ -731,7 +731,16 @@ def _axes_reversed(data: np.ndarray, dtype=None, tile: int = 32) -> np.ndarray:
     return out
 
 
-def _c_order(data: np.ndarray, dtype=None) -> np.ndarray:
+def _fortran_voxels(data: np.ndarray) -> np.ndarray:
+    """The voxels of ``data`` (I, J, K) in Fortran order (i fastest, what NIfTI and NRRD store) as
+    a C-contiguous (K, J, I) array: ``data.T`` itself, or a plain copy of it, when ``data`` is laid
+    out that way already (e.g. a crop of a label map in VTK's order), else the tiled transpose."""
+    if data.ndim == 3 and data.strides[0] < data.strides[2]:
+        return np.ascontiguousarray(data.T)
+    return _axes_reversed(data)
+
+
+def c_order(data: np.ndarray, dtype=None) -> np.ndarray:
     """``data`` C-contiguous (and of ``dtype``); a 3-D Fortran-order array (what nibabel and pynrrd
     return) goes through :func:`_axes_reversed` (a CT label map to int16: 0.3 s instead of 1.9 s)."""
     if data.ndim == 3 and data.flags.f_contiguous and not data.flags.c_contiguous:
@@ -761,7 +770,7 @@ def _write_nrrd(handle, data: np.ndarray, ijk_to_ras: np.ndarray, table: Structu
         if broken:  # a line break would end the field and garble the header (names come from checkpoints)
             raise ValueError(f"segment fields {broken} contain line breaks")
     # pynrrd writes ``tobytes(order="F")``: a Fortran-contiguous array makes that a plain copy
-    nrrd.write(handle, _axes_reversed(data).T, header, index_order="F", compression_level=GZIP_LEVEL)
+    nrrd.write(handle, _fortran_voxels(data).T, header, index_order="F", compression_level=GZIP_LEVEL)
 
 
 def _segmentation_header(data: np.ndarray, ijk_to_ras: np.ndarray, table: StructureTable) -> dict:

@@ -335,6 +335,36 @@ def test_new_segments_share_one_new_layer_and_the_given_keep_their_surfaces(scen
     assert [i.segment_id for i in segments.segment_infos(node)] == given_ids
 
 
+def test_replacing_a_segment_of_an_earlier_completions_layer(scene, heart):
+    """A second completion that replaces a segment the first one added (it lives in that
+    completion's own layer, shared with another new segment): only that segment changes, and
+    undo brings it back."""
+    from HeartCompletionLib.io.labelmap import crop_to_labels
+
+    aorta, laa = TABLE.by_name("Aorta").label, TABLE.by_name("LAA").label
+    given = np.where(np.isin(heart.labels, [aorta, laa]), 0, heart.labels).astype(np.int16)
+    node, _volume = segments.segmentation_from_label_map(LabelMap(given, heart.ijk_to_ras), table=TABLE)
+    first = np.where(np.isin(heart.labels, [aorta, laa]), heart.labels, 0).astype(np.int16)
+    aorta_id = results.add_result_segments(node, crop_to_labels(LabelMap(first, heart.ijk_to_ras)), [aorta, laa],
+                                           TABLE, show_surfaces=False).added[0]
+    grid = (heart.shape, heart.ijk_to_ras)
+    before = {i.name: segments.segment_mask(node, i.segment_id, *grid) for i in segments.segment_infos(node)}
+    second = np.where(np.roll(first == aorta, 2, axis=0), aorta, 0).astype(np.int16)  # a moved aorta
+    undo = results.add_result_segments(node, crop_to_labels(LabelMap(second, heart.ijk_to_ras)), [aorta], TABLE,
+                                       {aorta: aorta_id}, show_surfaces=False)
+    after = {i.name: segments.segment_mask(node, i.segment_id, *grid) for i in segments.segment_infos(node)}
+    assert not undo.added and list(undo.replaced) == [aorta_id]
+    np.testing.assert_array_equal(after["Aorta"], second == aorta)
+    assert not np.array_equal(after["Aorta"], before["Aorta"])
+    for name, mask in before.items():
+        if name != "Aorta":
+            np.testing.assert_array_equal(after[name], mask, err_msg=name)
+    undo.undo()
+    for info in segments.segment_infos(node):
+        np.testing.assert_array_equal(segments.segment_mask(node, info.segment_id, *grid), before[info.name],
+                                      err_msg=info.name)
+
+
 # --- mapping -----------------------------------------------------------------------------------
 
 

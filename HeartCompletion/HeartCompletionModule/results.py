@@ -154,11 +154,11 @@ def add_result_segments(
     structures = [table.by_label(int(label)) for label in labels]
     replaced = {s.label: replace_segments[s.label] for s in structures
                 if replace_segments.get(s.label) and segmentation.GetSegment(replace_segments[s.label]) is not None}
-    new = [s for s in structures if s.label not in replaced]
+    new = [s.label for s in structures if s.label not in replaced]
     offset = lattice_offset(label_map.ijk_to_ras, target[1])
-    layer = None  # the new segments' layer, when the label map shares the grid's lattice
+    layer = None  # the new segments' layer (structure new[i] as value i + 1), when the lattices agree
     if new and offset is not None:
-        found = _new_segments_layer(label_map, [s.label for s in new], target[0], offset)
+        found = _new_segments_layer(label_map, new, target[0], offset)
         layer = None if found is None else oriented_image_from_array(found[0], target[1], first=found[1])
     was_modifying = segmentation_node.StartModify()
     try:
@@ -172,7 +172,7 @@ def add_result_segments(
                 mask = resample_mask(label_map.labels == structure.label, label_map.ijk_to_ras, *target)
                 image = oriented_image_from_array(mask, target[1])
             else:
-                undo.added.append(_add_layer_segment(segmentation, structure, layer, 1 + new.index(structure)))
+                undo.added.append(_add_layer_segment(segmentation, structure, layer, 1 + new.index(structure.label)))
                 continue
             if segment_id is None:
                 segment_id = segmentation.AddEmptySegment("", structure.name, list(structure.color_float))

@@ -164,17 +164,15 @@ def add_result_segments(
     try:
         for structure in structures:
             segment_id = replaced.get(structure.label)
-            if segment_id is not None:
-                mask = resample_mask(label_map.labels == structure.label, label_map.ijk_to_ras, *target)
-                undo.replaced[segment_id] = _segment_binary_image(segmentation_node, segment_id)
-                image = oriented_image_from_array(mask, target[1])  # the whole grid: old voxels go
-            elif offset is None:  # another lattice: this structure resampled onto the whole grid
-                mask = resample_mask(label_map.labels == structure.label, label_map.ijk_to_ras, *target)
-                image = oriented_image_from_array(mask, target[1])
-            else:
+            if segment_id is None and offset is not None:
                 undo.added.append(_add_layer_segment(segmentation, structure, layer, 1 + new.index(structure.label)))
                 continue
-            if segment_id is None:
+            # a replaced segment (the whole grid: its old voxels go), or another lattice (resampled)
+            mask = resample_mask(label_map.labels == structure.label, label_map.ijk_to_ras, *target)
+            image = oriented_image_from_array(mask, target[1])
+            if segment_id is not None:
+                undo.replaced[segment_id] = _segment_binary_image(segmentation_node, segment_id)
+            else:
                 segment_id = segmentation.AddEmptySegment("", structure.name, list(structure.color_float))
                 undo.added.append(segment_id)
                 apply_structure_style(segmentation.GetSegment(segment_id), structure)

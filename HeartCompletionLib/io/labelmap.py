@@ -87,10 +87,20 @@ def value_counts(labels: np.ndarray, minlength: int = 0) -> np.ndarray:
     return _counts(labels, max(high + 1, int(minlength)))
 
 
+def i_fastest(array: np.ndarray) -> bool:
+    """Whether a 3-D ``array[i, j, k]`` is laid out with i fastest in memory (Fortran order, as VTK,
+    NIfTI and NRRD store voxels; a transposed view or a crop of one), not C order.
+
+    >>> i_fastest(np.zeros((2, 3, 4)).T), i_fastest(np.zeros((2, 3, 4))), i_fastest(np.zeros((4, 4)))
+    (True, False, False)
+    """
+    return array.ndim == 3 and array.strides[0] < array.strides[2]
+
+
 def _counts(labels: np.ndarray, length: int) -> np.ndarray:
     """:func:`value_counts` with the number of entries known (at least the largest value + 1)."""
     counts = np.zeros(length, dtype=np.int64)
-    if labels.ndim == 3 and labels.strides[0] < labels.strides[2]:  # i fastest: count in that order
+    if i_fastest(labels):  # count in the order of memory
         labels = labels.T
     # a view of a contiguous volume, else one slab at a time (a cropped view is never copied whole)
     parts = [labels.reshape(-1)] if labels.flags.c_contiguous or labels.ndim < 2 else labels
@@ -145,7 +155,7 @@ def value_lookup(values: np.ndarray, table: dict, dtype=np.int16) -> np.ndarray:
 def labelled_box(labels: np.ndarray):
     """``(lo, hi)`` voxel box (half-open) of the non-zero voxels, found slab by slab (no full-size
     temporary) along the slowest axis in memory; ``None`` when no voxel is set."""
-    if labels.ndim == 3 and labels.strides[0] < labels.strides[2]:  # i fastest (VTK's and NIfTI's order)
+    if i_fastest(labels):
         box = labelled_box(labels.T)
         return None if box is None else (box[0][::-1].copy(), box[1][::-1].copy())
     seen = [np.zeros(n, dtype=bool) for n in labels.shape]

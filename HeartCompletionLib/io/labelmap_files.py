@@ -58,7 +58,7 @@ from HeartCompletionLib.structures.conventions import apply_convention, load_con
 from HeartCompletionLib.structures.segment_mapping import match_segment, terminology_entry
 from HeartCompletionLib.structures.table import Structure, StructureTable
 
-from .labelmap import LabelMap, cropped, labelled_box, present_values
+from .labelmap import LabelMap, cropped, i_fastest, labelled_box, present_values
 from .metaimage import METAIMAGE_SUFFIXES
 
 SUPPORTED_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".seg.nrrd", ".mha", ".mhd")
@@ -735,15 +735,14 @@ def _fortran_voxels(data: np.ndarray) -> np.ndarray:
     """The voxels of ``data`` (I, J, K) in Fortran order (i fastest, what NIfTI and NRRD store) as
     a C-contiguous (K, J, I) array: ``data.T`` itself, or a plain copy of it, when ``data`` is laid
     out that way already (e.g. a crop of a label map in VTK's order), else the tiled transpose."""
-    if data.ndim == 3 and data.strides[0] < data.strides[2]:
-        return np.ascontiguousarray(data.T)
-    return _axes_reversed(data)
+    return np.ascontiguousarray(data.T) if i_fastest(data) else _axes_reversed(data)
 
 
 def c_order(data: np.ndarray, dtype=None) -> np.ndarray:
-    """``data`` C-contiguous (and of ``dtype``); a 3-D Fortran-order array (what nibabel and pynrrd
-    return) goes through :func:`_axes_reversed` (a CT label map to int16: 0.3 s instead of 1.9 s)."""
-    if data.ndim == 3 and data.flags.f_contiguous and not data.flags.c_contiguous:
+    """``data`` C-contiguous (and of ``dtype``); a 3-D array laid out i fastest (:func:`.labelmap.i_fastest`:
+    what nibabel and pynrrd return, VTK's order) goes through :func:`_axes_reversed` (a CT label map
+    to int16: 0.3 s instead of 1.9 s)."""
+    if i_fastest(data):
         return _axes_reversed(data.T, dtype)
     return np.ascontiguousarray(data, dtype=dtype)
 

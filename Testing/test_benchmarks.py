@@ -218,6 +218,8 @@ def test_worker_latency_compares_fresh_processes_with_the_warm_worker():
     ("worker_latency.py", ["--repeats", "0"], "--repeats and --threads must be at least 1"),
     ("handover_files.py", ["--repeats", "0"], "--repeats must be at least 1"),
     ("panel_steps.py", ["--spacing", "0"], "--spacing must be a voxel size above 0 mm"),
+    ("first_lattice.py", ["--spacings", "8"], "--spacings needs at least two spacings above 0 mm"),
+    ("first_lattice.py", ["--real", "no/such/folder"], "--real: no such folder: no/such/folder"),
 ])
 def test_panel_benchmarks_refuse_bad_options_before_any_work(name, args, message):
     proc = subprocess.run([sys.executable, str(BENCH / name), *args], cwd=ROOT, capture_output=True, text=True,
@@ -235,6 +237,33 @@ def test_panel_steps_times_the_panels_own_work_around_a_completion():
         assert any(line.startswith(start) for line in lines), start
     assert lines[-1].startswith("3 mm (") and "5 structures added" in lines[-1] and "with surfaces" in lines[-1]
     assert "with the given ones' shown before" in lines[-1]
+
+
+def test_first_lattice_completes_each_heart_from_each_first_spacing(tmp_path):
+    """Per label map file: queries, decode seconds and differing voxels per first lattice, the
+    first spacing's labels as the reference; a file with no structure of the table is skipped."""
+    sys.path.insert(0, str(BENCH))
+    from complete_speed import B_SUBSET, partial_heart
+
+    from HeartCompletionLib.io.labelmap import LabelMap
+    from HeartCompletionLib.io.labelmap_files import write_label_map
+
+    folder = tmp_path / "real"
+    folder.mkdir()
+    _, heart = partial_heart(0, 3.0, list(B_SUBSET))
+    write_label_map(heart, folder / "heart_label.nii.gz")
+    write_label_map(LabelMap(np.zeros((6, 6, 6), dtype=np.int16), heart.ijk_to_ras), folder / "empty_label.nii.gz")
+    (folder / "heart_envelope.nii.gz").write_bytes(b"not a label map: never read")
+    text = run_benchmark("first_lattice.py", "--real", str(folder), "--spacings", "8", "16", "--threads", "1")
+    lines = text.strip().splitlines()
+    assert lines[0] == f"command: python benchmarks/first_lattice.py --real {folder} --spacings 8 16 --threads 1"
+    assert any(line.startswith("empty_label.nii.gz: skipped (") for line in lines), lines
+    row = next(line for line in lines if line.startswith("heart_label.nii.gz "))
+    assert row.count("voxels differ") == 2 and "8 mm " in row and "16 mm " in row, row
+    first = int(row.split("8 mm ")[1].split(" queries")[0].replace(",", ""))
+    assert first > 0 and row.split("8 mm ")[1].split(";")[0].endswith(", 0 voxels differ"), row
+    assert lines[-1].startswith("1 hearts, fast decode: queries 8 mm ") and "hearts with a differing voxel: " in lines[-1]
+    assert not any("heart_envelope" in line for line in lines)
 
 
 def test_complete_speed_completes_a_label_map_file_in_its_own_numbering(tmp_path):

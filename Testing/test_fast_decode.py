@@ -213,6 +213,34 @@ def test_settled_voxels_are_left_undecoded_and_change_nothing_else():
     assert [level["queries"] for level in everything["levels"]][1:] == [0] * (len(everything["levels"]) - 1)
 
 
+def test_a_coarser_first_lattice_changes_the_queries_not_the_labels():
+    """For a distance field (1-Lipschitz) the refinement test holds for any cell size, so the first
+    lattice's spacing (default 16 mm, 8 mm before) only spares the nodes far from every surface:
+    the same labels voxel for voxel from 8, 16 and 32 mm, a 3 mm ball far from the others included,
+    and fewer queries from 16 mm than from 8 (32 mm pads this small region's lattice far beyond it)."""
+    from HeartCompletionLib.inference.completion import DEFAULT_GRID_SPACING_MM, _coarse_strides
+    from HeartCompletionLib.inference.decode_grid import fast_hierarchical_labels
+
+    spacing = np.array([0.5, 0.5, 0.6])
+    centres = np.array([[14.0, 15.0, 15.0], [17.0, 15.0, 15.0], [38.0, 36.0, 30.0]])
+    radii = np.array([7.0, 5.0, 1.5])
+
+    def decode(points, report):
+        return (np.linalg.norm(points[:, None] - centres[None], axis=-1) - radii).astype(np.float32)
+
+    labels, queries = [], []
+    for mm in (8.0, DEFAULT_GRID_SPACING_MM, 32.0):
+        out, stats = fast_hierarchical_labels(decode, np.array([6, 7, 8]), [0, 0, 0], np.array([96, 90, 62]),
+                                              np.diag([*spacing, 1.0]), _coarse_strides(spacing, mm), 1.0,
+                                              lambda f: None)
+        labels.append(out)
+        queries.append(sum(level["queries"] for level in stats["levels"]))
+    assert DEFAULT_GRID_SPACING_MM == 16.0
+    assert (labels[0] == 8).sum() > 50  # the small ball is there
+    assert np.array_equal(labels[0], labels[1]) and np.array_equal(labels[0], labels[2])
+    assert queries[1] < queries[0], queries
+
+
 def _rippled_balls(amplitude: float, wavelength: float):
     """Two overlapping analytic balls (labels 6, 7) on a 0.4 x 0.4 x 0.5 mm grid, plus a ripple of
     ``amplitude`` mm and ``wavelength`` mm (like an under-trained network's field): the

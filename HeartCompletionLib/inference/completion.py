@@ -80,8 +80,9 @@ SURFACE_FLOOR_FRACTION = 1_000 / 120_000
 #: Default coarse lattice spacing (mm) and region margin around the given structures (mm). The
 #: refinement test is sound for any cell size (a 1-Lipschitz field crossing a cell has a corner
 #: within half its diagonal), so a coarse first lattice only saves queries far from every surface:
-#: 16 mm instead of 8 gave the same labels, voxel for voxel, on the CT and 1 mm benchmark hearts and
-#: ten real label maps, with 1-35 % fewer queries (docs/benchmarks.md, session 19).
+#: 16 mm instead of 8 gave the bundled model's labels voxel for voxel on the CT and 1 mm benchmark
+#: hearts and 112 real label maps, from 5 % fewer queries (21 % on thick-slice MRI); a rough field,
+#: not 1-Lipschitz, may differ in a few voxels (docs/benchmarks.md, session 19).
 DEFAULT_GRID_SPACING_MM = 16.0
 DEFAULT_MARGIN_MM = 60.0
 #: A cell is refined when a corner's |signed distance| < factor x half its diagonal (1 is exact

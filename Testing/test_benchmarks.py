@@ -220,6 +220,7 @@ def test_worker_latency_compares_fresh_processes_with_the_warm_worker():
     ("panel_steps.py", ["--spacing", "0"], "--spacing must be a voxel size above 0 mm"),
     ("first_lattice.py", ["--spacings", "8"], "--spacings needs at least two spacings above 0 mm"),
     ("first_lattice.py", ["--real", "no/such/folder"], "--real: no such folder: no/such/folder"),
+    ("first_lattice.py", ["--checkpoint", "no-such-model"], "--checkpoint: 'no-such-model' is neither a checkpoint"),
 ])
 def test_panel_benchmarks_refuse_bad_options_before_any_work(name, args, message):
     proc = subprocess.run([sys.executable, str(BENCH / name), *args], cwd=ROOT, capture_output=True, text=True,

@@ -81,7 +81,10 @@ def main(argv=None) -> int:
     from HeartCompletionLib.model.registry import load_model
 
     torch.set_num_threads(args.threads)
-    checkpoint, _ = load_model(args.checkpoint)
+    try:  # a missing file or an unknown name: a usage error naming it
+        checkpoint, _ = load_model(args.checkpoint)
+    except HeartCompletionError as exc:
+        p.error(f"--checkpoint: {exc}")
     if args.real:
         hearts = [(f.name, lambda f=f, c=c: read_label_map(f, table=checkpoint.table, convention=c))
                   for f, c in _real_files(args.real)]

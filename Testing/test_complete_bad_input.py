@@ -290,7 +290,7 @@ def test_help_states_the_ranges():
     with redirect_stdout(buffer), pytest.raises(SystemExit):
         main(["--help"])
     text = " ".join(buffer.getvalue().split())
-    assert "> 0 (default 8)" in text and ">= 0 (default 60)" in text
+    assert "> 0 (default 16)" in text and ">= 0 (default 60)" in text
 
 
 

@@ -219,6 +219,7 @@ def test_worker_latency_compares_fresh_processes_with_the_warm_worker():
     ("handover_files.py", ["--repeats", "0"], "--repeats must be at least 1"),
     ("panel_steps.py", ["--spacing", "0"], "--spacing must be a voxel size above 0 mm"),
     ("first_lattice.py", ["--spacings", "8"], "--spacings needs at least two spacings above 0 mm"),
+    ("first_lattice.py", ["--spacings", "8", "nan"], "--spacings needs at least two spacings above 0 mm"),
     ("first_lattice.py", ["--real", "no/such/folder"], "--real: no such folder: no/such/folder"),
     ("first_lattice.py", ["--checkpoint", "no-such-model"], "--checkpoint: 'no-such-model' is neither a checkpoint"),
 ])
@@ -240,10 +241,10 @@ def test_panel_steps_times_the_panels_own_work_around_a_completion():
     assert "with the given ones' shown before" in lines[-1]
 
 
-def test_first_lattice_completes_each_heart_from_each_first_spacing(tmp_path):
+def test_first_lattice_completes_each_heart_from_each_first_spacing(tmp_path, monkeypatch):
     """Per label map file: queries, decode seconds and differing voxels per first lattice, the
     first spacing's labels as the reference; a file with no structure of the table is skipped."""
-    sys.path.insert(0, str(BENCH))
+    monkeypatch.syspath_prepend(str(BENCH))
     from complete_speed import B_SUBSET, partial_heart
 
     from HeartCompletionLib.io.labelmap import LabelMap
@@ -258,8 +259,8 @@ def test_first_lattice_completes_each_heart_from_each_first_spacing(tmp_path):
     text = run_benchmark("first_lattice.py", "--real", str(folder), "--spacings", "8", "16", "--threads", "1")
     lines = text.strip().splitlines()
     assert lines[0] == f"command: python benchmarks/first_lattice.py --real {folder} --spacings 8 16 --threads 1"
-    assert any(line.startswith("empty_label.nii.gz: skipped (") for line in lines), lines
-    row = next(line for line in lines if line.startswith("heart_label.nii.gz "))
+    assert any(line.startswith("[1/2] empty_label.nii.gz: skipped (") for line in lines), lines
+    row = next(line for line in lines if line.startswith("[2/2] heart_label.nii.gz "))
     assert row.count("voxels differ") == 2 and "8 mm " in row and "16 mm " in row, row
     first = int(row.split("8 mm ")[1].split(" queries")[0].replace(",", ""))
     assert first > 0 and row.split("8 mm ")[1].split(";")[0].endswith(", 0 voxels differ"), row

@@ -22,6 +22,7 @@ are listed and skipped). Run::
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--decode", choices=("fast", "exact"), default="fast", help="decode mode (default fast)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = p.parse_args(argv)
-    if min(args.spacings) <= 0 or len(args.spacings) < 2:
+    if len(args.spacings) < 2 or not all(math.isfinite(mm) and mm > 0 for mm in args.spacings):
         p.error("--spacings needs at least two spacings above 0 mm")
     if args.spacing <= 0:
         p.error(f"--spacing must be a voxel size above 0 mm, got {args.spacing:g}")
@@ -97,7 +98,8 @@ def main(argv=None) -> int:
 
     totals = np.zeros(len(args.spacings), dtype=np.int64)
     compared = differing = 0
-    for name, load in hearts:
+    for n, (name, load) in enumerate(hearts, 1):
+        name = f"[{n}/{len(hearts)}] {name}"  # a line per heart: the progress of a long --real run
         try:
             source = load()
         except HeartCompletionError as exc:
